@@ -1,0 +1,124 @@
+"""Checkpoints: training state for resume (DeepSpeed engine + our client state + per-rank RNG), written to a
+temporary directory and renamed into place only when every rank has finished; and the user-facing `best/` and
+`final/` weights (LoRA adapters gathered under ZeRO-3, full models consolidated to 16-bit safetensors)."""
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.engine import barrier
+from train.fsutil import atomic_write_json, atomic_write_text, fresh_tmp_dir, replace_dir
+
+LATEST = "latest"
+
+
+# ---------------------------------------------------------------- training state (resume)
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(engine, root, step, client_state, rank, keep, adapters_only):
+    """Write checkpoints/step-N atomically (all ranks call), then point `latest` at it and prune old ones."""
+    root = Path(root)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(tmp), tag="state", client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=adapters_only)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        prune_checkpoints(root, keep)
+    barrier()
+    return final
+
+
+def list_checkpoints(root):
+    root = Path(root)
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(root, keep):
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root):
+    """The checkpoint `latest` points at, or None. A half-written .tmp directory is never returned."""
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_training_state(engine, path, rank, adapters_only):
+    _, client_state = engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
+                                             load_lr_scheduler_states=False,
+                                             load_module_strict=not adapters_only)
+    rng_file = Path(path) / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+# ---------------------------------------------------------------- best/ and final/ weights
+
+def _zero3(engine):
+    return engine.zero_optimization_stage() == 3
+
+
+def gathered_adapter_state(model, engine):
+    """The LoRA weights as full tensors on every rank (ZeRO-3 holds only a shard, shape [0], otherwise)."""
+    from peft import get_peft_model_state_dict
+
+    if not _zero3(engine):
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def save_weights(engine, model, tokenizer, out_dir, mode, rank, info):
+    """Write `out_dir` (best/ or final/) atomically: adapters for LoRA/QLoRA, the whole model for full.
+    All ranks must call it (ZeRO-3 gathers are collective)."""
+    out_dir = Path(out_dir)
+    if mode in ("lora", "qlora"):
+        state = gathered_adapter_state(model, engine)
+    elif _zero3(engine):
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
+    if rank == 0:
+        tmp = fresh_tmp_dir(out_dir)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "training_info.json", info)
+        replace_dir(tmp, out_dir)
+    barrier()
+    return out_dir

@@ -1,0 +1,364 @@
+"""Training data: read records (JSONL or hub), detect the format, tokenise with response-only labels,
+pack several examples into one row (padding-free: position ids restart per example), shard and batch.
+
+Formats: dolly (instruction/context/response), alpaca (instruction/input/output), chat (messages with role and
+content; loss on assistant turns only), text (plain language modelling, cut into fixed blocks).
+"""
+import bisect
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from train.prompts import render_instruction_prompt
+
+IGNORE_INDEX = -100
+FORMAT_FIELDS = {
+    "dolly": (("instruction", "response"), ("context",)),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "chat": (("messages",), ()),
+    "text": (("text",), ()),
+}
+
+
+class DataError(ValueError):
+    """A data problem a user can fix; the message names the file, line and fields."""
+
+
+@dataclass
+class Example:
+    input_ids: list
+    labels: list
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    truncated: int = 0          # examples whose response lost tokens to max_length
+    dropped_no_response: int = 0  # examples with no supervised token left (dropped)
+    train_examples: int = 0
+    eval_examples: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+    supervised_tokens: int = 0
+    nonpad_fraction: float = 1.0
+    format: str = ""
+    notes: list = field(default_factory=list)
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------- reading
+
+def read_jsonl(path):
+    """Yield (line_number, record) from a JSONL file, with errors that name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"dataset file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                                f"each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
+def load_records(source, split="train"):
+    """Return (records, line_numbers, source_name). Local .jsonl is read line by line (exact error locations);
+    other local files and hub names go through `datasets`."""
+    path = Path(source)
+    if path.suffix == ".jsonl" or (path.exists() and path.suffix == ".json" and _looks_like_jsonl(path)):
+        numbered = list(read_jsonl(path))
+        return [r for _, r in numbered], [n for n, _ in numbered], str(path)
+    import datasets
+
+    datasets.disable_progress_bars()
+    if path.exists():
+        kind = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}.get(path.suffix)
+        if kind is None:
+            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv, .parquet or .txt")
+        loaded = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:
+        name, _, config_name = str(source).partition(":")
+        try:
+            loaded = datasets.load_dataset(name, config_name or None, split=split)
+        except Exception as exc:  # offline, wrong name, ...: say what was tried
+            raise DataError(f"dataset '{source}' is neither a local file nor a loadable hub dataset "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    records = list(loaded)
+    return records, list(range(1, len(records) + 1)), str(source)
+
+
+def _looks_like_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        first = f.read(1)
+    return first == "{"
+
+
+def detect_format(record, source):
+    keys = set(record)
+    for name, (required, _) in FORMAT_FIELDS.items():
+        if set(required) <= keys:
+            return name
+    expected = "; ".join(f"{n}: {', '.join(r + o)}" for n, (r, o) in FORMAT_FIELDS.items())
+    raise DataError(f"{source}: line 1 has fields {sorted(keys)}, which match no known format. "
+                    f"Expected one of -- {expected}. Rename the fields or set dataset_format")
+
+
+def check_fields(records, line_numbers, fmt, source):
+    required, optional = FORMAT_FIELDS[fmt]
+    for record, number in zip(records, line_numbers):
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise DataError(f"{source}:{number}: missing field(s) {missing} for format '{fmt}' "
+                            f"(expected {list(required)} and optionally {list(optional)}; found {sorted(record)})")
+        for key in required + optional:
+            value = record.get(key)
+            if fmt == "chat" and key == "messages":
+                _check_messages(value, f"{source}:{number}")
+            elif value is not None and not isinstance(value, str):
+                raise DataError(f"{source}:{number}: field '{key}' must be a string, got {type(value).__name__}")
+
+
+def _check_messages(messages, where):
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise DataError(f"{where}: messages[{i}] must have 'role' and 'content'")
+        if message["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: messages[{i}].role is '{message['role']}'; use system, user or assistant")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message, so nothing to learn from this conversation")
+
+
+# ---------------------------------------------------------------- tokenising
+
+def instruction_pair(record, fmt):
+    if fmt == "dolly":
+        return render_instruction_prompt(record["instruction"], record.get("context") or ""), record["response"]
+    return render_instruction_prompt(record["instruction"], record.get("input") or ""), record["output"]
+
+
+def tokenize_instructions(records, fmt, tokenizer):
+    pairs = [instruction_pair(r, fmt) for r in records]
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id else []
+    examples = []
+    for prompt, response in zip(prompts, responses):
+        prompt = bos + prompt
+        response = response + eos
+        examples.append(Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response))
+    return examples
+
+
+def tokenize_chat(record, tokenizer):
+    """Loss on assistant contents only: each message's tokens are the difference between successive renders."""
+    messages = record["messages"]
+    input_ids, labels, rendered = [], [], ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            head_ids = tokenizer(header[len(rendered):], add_special_tokens=False)["input_ids"]
+            body_ids = tokenizer(full[len(header):], add_special_tokens=False)["input_ids"]
+            input_ids += head_ids + body_ids
+            labels += [IGNORE_INDEX] * len(head_ids) + body_ids
+        else:
+            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            ids = tokenizer(full[len(rendered):], add_special_tokens=False)["input_ids"]
+            input_ids += ids
+            labels += [IGNORE_INDEX] * len(ids)
+        rendered = full
+    return Example(input_ids, labels)
+
+
+def tokenize_text_blocks(records, tokenizer, block_size):
+    """Language modelling: concatenate documents (EOS between) and cut into full blocks."""
+    texts = [r["text"] for r in records if r["text"] and r["text"].strip()]
+    stream = []
+    eos = tokenizer.eos_token_id
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids + ([eos] if eos is not None else []))
+    blocks = [stream[i: i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    return [Example(b, list(b)) for b in blocks]
+
+
+def truncate(examples, max_length, stats):
+    kept = []
+    for example in examples:
+        if len(example.input_ids) > max_length:
+            supervised_before = sum(1 for t in example.labels if t != IGNORE_INDEX)
+            example = Example(example.input_ids[:max_length], example.labels[:max_length])
+            if sum(1 for t in example.labels if t != IGNORE_INDEX) < supervised_before:
+                stats.truncated += 1
+        if sum(1 for t in example.labels[1:] if t != IGNORE_INDEX) == 0:
+            stats.dropped_no_response += 1
+            continue
+        kept.append(example)
+    return kept
+
+
+# ---------------------------------------------------------------- packing and batching
+
+def pack_examples(examples, capacity):
+    """Best-fit-decreasing bin packing: a list of rows, each a list of examples with total length <= capacity."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    free, bins = [], []  # free: sorted list of (remaining capacity, bin index)
+    for i in order:
+        length = len(examples[i].input_ids)
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot < len(free):
+            remaining, b = free.pop(slot)
+        else:
+            remaining, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(examples[i])
+        if remaining - length > 0:
+            bisect.insort(free, (remaining - length, b))
+    return bins
+
+
+def row_from_examples(examples):
+    """One packed row: concatenated ids, labels with each example's first token unsupervised, restarting positions."""
+    input_ids, labels, position_ids = [], [], []
+    for example in examples:
+        input_ids += example.input_ids
+        labels += [IGNORE_INDEX] + example.labels[1:]
+        position_ids += list(range(len(example.input_ids)))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def make_rows(examples, max_length, packing):
+    groups = pack_examples(examples, max_length) if packing else [[e] for e in examples]
+    return [row_from_examples(g) for g in groups]
+
+
+def collate(rows, pad_id, packed, pad_to_multiple=8):
+    """Right-pad rows into tensors. Packed rows carry position_ids (no attention mask: transformers derives the
+    block-diagonal mask from the restarting positions); padded rows carry an attention mask."""
+    width = max(len(r["input_ids"]) for r in rows)
+    width = -(-width // pad_to_multiple) * pad_to_multiple
+    ids, labels, positions, mask = [], [], [], []
+    for r in rows:
+        n = len(r["input_ids"])
+        pad = width - n
+        ids.append(r["input_ids"] + [pad_id] * pad)
+        labels.append(r["labels"] + [IGNORE_INDEX] * pad)
+        positions.append(r["position_ids"] + list(range(pad)))
+        mask.append([1] * n + [0] * pad)
+    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if packed:
+        batch["position_ids"] = torch.tensor(positions)
+    else:
+        batch["attention_mask"] = torch.tensor(mask)
+    return batch
+
+
+def supervised_tokens(batch):
+    """Tokens that contribute to the loss (labels are shifted inside the model: position 0 never counts)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def nonpad_fraction(rows, width):
+    return sum(len(r["input_ids"]) for r in rows) / max(1, width * len(rows))
+
+
+# ---------------------------------------------------------------- the dataset a run trains on
+
+@dataclass
+class PreparedData:
+    train_rows: list
+    eval_rows: list
+    stats: DataStats
+    packed: bool
+    pad_id: int
+
+
+def prepare_data(config, tokenizer):
+    """Read, check, tokenise, truncate, split and pack, following the run config. Raises DataError with the
+    cause when nothing trainable is left."""
+    stats = DataStats()
+    records, lines, source = load_records(config["dataset"], config["dataset_split"])
+    if not records:
+        raise DataError(f"{source}: no records")
+    if config["max_examples"]:
+        records, lines = records[: config["max_examples"]], lines[: config["max_examples"]]
+    fmt = config["dataset_format"]
+    if fmt == "auto":
+        fmt = detect_format(records[0], source)
+    check_fields(records, lines, fmt, source)
+    stats.format, stats.examples = fmt, len(records)
+
+    eval_records = None
+    if config["eval_dataset"]:
+        eval_records, eval_lines, eval_source = load_records(config["eval_dataset"])
+        check_fields(eval_records, eval_lines, fmt, eval_source)
+    elif config["eval_fraction"] > 0:
+        order = list(range(len(records)))
+        random.Random(config["seed"]).shuffle(order)
+        n_eval = max(1, int(len(records) * config["eval_fraction"]))
+        eval_records = [records[i] for i in sorted(order[:n_eval])]
+        records = [records[i] for i in sorted(order[n_eval:])]
+
+    packed = config["packing"] and fmt != "text"
+    train = _tokenize(records, fmt, tokenizer, config["max_length"], stats)
+    evals = _tokenize(eval_records, fmt, tokenizer, config["max_length"], stats) if eval_records else []
+    if not train:
+        raise DataError(
+            f"{source}: no example has a supervised token left after tokenisation ({stats.examples} read, "
+            f"{stats.dropped_no_response} dropped because the response was empty or cut off). Likely causes: "
+            f"prompts longer than max_length={config['max_length']} (raise max_length), empty responses, or the "
+            f"wrong field names for format '{fmt}'")
+    stats.train_examples, stats.eval_examples = len(train), len(evals)
+    train_rows = make_rows(train, config["max_length"], packed)
+    eval_rows = make_rows(evals, config["max_length"], packed)
+    stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
+    stats.supervised_tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in train_rows)
+    stats.nonpad_fraction = nonpad_fraction(train_rows, config["max_length"]) if packed else 1.0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return PreparedData(train_rows, eval_rows, stats, packed, pad_id)
+
+
+def _tokenize(records, fmt, tokenizer, max_length, stats):
+    if fmt == "text":
+        return tokenize_text_blocks(records, tokenizer, max_length)
+    if fmt == "chat":
+        examples = [tokenize_chat(r, tokenizer) for r in records]
+    else:
+        examples = tokenize_instructions(records, fmt, tokenizer)
+    return truncate(examples, max_length, stats)
+
+
+class RowSampler:
+    """Deterministic per-epoch shuffling and sharding of rows: the batch of (epoch, step) is a pure function of
+    the seed, so resume only needs the step counter."""
+
+    def __init__(self, rows, rank, world_size, micro_batch_size, grad_accum, seed, pad_id, packed):
+        self.rows, self.rank, self.world = rows, rank, world_size
+        self.micro, self.accum, self.seed = micro_batch_size, grad_accum, seed
+        self.pad_id, self.packed = pad_id, packed
+        self.rows_per_rank = len(rows) // world_size
+        self.steps_per_epoch = self.rows_per_rank // (micro_batch_size * grad_accum)
+
+    def micro_batches(self, epoch, step_in_epoch):
+        """(micro-batches as tensors, count of real tokens in them) for this rank's share of one optimizer step."""
+        order = list(range(len(self.rows)))
+        random.Random(self.seed * 100003 + epoch).shuffle(order)
+        mine = order[self.rank::self.world][: self.rows_per_rank]
+        per_step = self.micro * self.accum
+        start = step_in_epoch * per_step
+        chunk = [self.rows[i] for i in mine[start: start + per_step]]
+        batches = [collate(chunk[i: i + self.micro], self.pad_id, self.packed) for i in range(0, per_step, self.micro)]
+        return batches, sum(len(r["input_ids"]) for r in chunk)

@@ -1,0 +1,89 @@
+"""Tokenizer and model loading for full, LoRA and QLoRA fine-tunes, including the ZeRO-3 init context."""
+import torch
+
+from train.engine import torch_dtype
+from train.tiny import resolve_model_path
+
+
+def load_tokenizer(config):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config["tokenizer"] or config["model"])
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config["trust_remote_code"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_config(config):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(config["model"]), trust_remote_code=config["trust_remote_code"])
+
+
+def hidden_size_of(model_cfg):
+    text_cfg = getattr(model_cfg, "text_config", None) or model_cfg
+    return int(getattr(text_cfg, "hidden_size", 1024))
+
+
+def quantization_config(config, precision):
+    from transformers import BitsAndBytesConfig
+
+    compute = torch_dtype(precision)
+    storage = config["bnb_4bit_quant_storage"]
+    if storage == "auto":
+        # ZeRO-3 shards parameters by dtype: the 4-bit storage must match the compute dtype to be sharded.
+        storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[compute] \
+            if config["zero_stage"] == 3 else "uint8"
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=getattr(torch, storage))
+
+
+def lora_config(config):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+                      target_modules=config["lora_target_modules"], bias="none", task_type="CAUSAL_LM")
+
+
+def load_model(config, precision, ds_config, device):
+    """Return (model, keepalive). `keepalive` holds the HfDeepSpeedConfig that makes transformers build the model
+    inside `zero.Init` under ZeRO-3 (partitioned as it loads); it must live as long as the model."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keepalive = HfDeepSpeedConfig(ds_config) if config["zero_stage"] == 3 else None
+    kwargs = dict(dtype=torch_dtype(precision), attn_implementation=config["attn_implementation"],
+                  trust_remote_code=config["trust_remote_code"])
+    if config["mode"] == "qlora":
+        kwargs["quantization_config"] = quantization_config(config, precision)
+        if config["zero_stage"] == 2:
+            kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config["model"]), **kwargs)
+    model.config.use_cache = False
+    checkpointing = {"use_reentrant": False}
+    if config["mode"] == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config["gradient_checkpointing"],
+                                                gradient_checkpointing_kwargs=checkpointing)
+    elif config["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if config["mode"] in ("lora", "qlora"):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(config))
+    return model, keepalive
+
+
+def count_parameters(model):
+    """(trainable, total) parameter counts; ZeRO-3 partitioned parameters report their full size (ds_numel)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit weights per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
