@@ -202,6 +202,7 @@ def load_config(path=None, overrides=None, base=None):
     _coerce_values(raw)
     _validate_schema(raw, source)
     config = {**DEFAULTS, **raw}
+    config["_explicit"] = sorted(raw)  # keys the user set: a DeepSpeed file may fill the others
     if config["run_name"] is None:
         config["run_name"] = Path(path).stem if path else f"{config['mode']}-run"
     if path:

@@ -12,6 +12,9 @@ def make_console_safe():
             stream.reconfigure(errors="backslashreplace", line_buffering=True)
         except (AttributeError, ValueError):
             pass
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not about the run
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -123,12 +123,16 @@ def _offload_device(section):
     return isinstance(section, dict) and section.get("device", "none") not in ("none", None)
 
 
-def _fill(section, key, value, run_key, source, problems):
-    """Set an "auto" value; report a concrete value that differs from the run config."""
+def _fill(section, key, value, run_key, source, problems, config=None):
+    """Set an "auto" value. A concrete value that differs from the run config is adopted when the user left that
+    run-config key at its default (pass `config`), and reported as a contradiction otherwise."""
     current = section.get(key, "auto")
     if current == "auto":
         section[key] = value
     elif _differs(current, value):
+        if config is not None and run_key not in config["_explicit"]:
+            config[run_key] = current
+            return
         problems.append(f"'{key}' is {current!r} in {source} but the run config gives {value!r} ({run_key}); "
                         f"set it to \"auto\" in the JSON or change {run_key}")
 
@@ -146,23 +150,28 @@ def resolve_ds_config(config, world_size, hidden_size, precision, on_gpu=None):
     source = str(path)
     problems = []
     micro, accum = config["micro_batch_size"], config["gradient_accumulation_steps"]
-    _fill(data, "train_micro_batch_size_per_gpu", micro, "micro_batch_size", source, problems)
-    _fill(data, "gradient_accumulation_steps", accum, "gradient_accumulation_steps", source, problems)
+    _fill(data, "train_micro_batch_size_per_gpu", micro, "micro_batch_size", source, problems, config)
+    _fill(data, "gradient_accumulation_steps", accum, "gradient_accumulation_steps", source, problems, config)
+    micro, accum = config["micro_batch_size"], config["gradient_accumulation_steps"]
     _fill(data, "train_batch_size", micro * accum * world_size,
           "micro_batch_size x gradient_accumulation_steps x world size", source, problems)
-    _fill(data, "gradient_clipping", config["max_grad_norm"], "max_grad_norm", source, problems)
+    _fill(data, "gradient_clipping", config["max_grad_norm"], "max_grad_norm", source, problems, config)
     for name in ("bf16", "fp16"):
         section = data.setdefault(name, {})
         _fill(section, "enabled", precision == name, "precision", source, problems)
     zero = data.setdefault("zero_optimization", {})
     stage, offload = file_zero_settings(data)
+    if config["deepspeed_config"]:  # the file decides what the user did not set
+        for key, value in (("zero_stage", stage), ("offload", offload)):
+            if key not in config["_explicit"]:
+                config[key] = value
     if stage != config["zero_stage"]:
         problems.append(f"'zero_optimization.stage' is {stage} in {source} but the run config gives zero_stage "
                         f"{config['zero_stage']}; make them agree")
     if offload != config["offload"]:
         problems.append(f"{source} {'offloads' if offload else 'does not offload'} to CPU but the run config has "
                         f"offload: {str(config['offload']).lower()}; make them agree")
-    _fill(zero, "overlap_comm", config["overlap_comm"], "overlap_comm", source, problems)
+    _fill(zero, "overlap_comm", config["overlap_comm"], "overlap_comm", source, problems, config)
     _fill(zero, "reduce_bucket_size", hidden_size * hidden_size, "model hidden size^2", source, problems)
     if stage == 3:
         _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size), "0.9 x hidden^2", source,

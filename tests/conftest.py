@@ -1,0 +1,58 @@
+"""Shared fixtures: the built tiny model, and runs of the real launchers (2 CPU processes) shared across tests."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path():
+    from train.tiny import resolve_model_path
+
+    return resolve_model_path("builtin:tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def launcher_env(**extra):
+    env = dict(os.environ)
+    env.setdefault("FTL_PYTHON", sys.executable)
+    env["PYTHONPATH"] = str(REPO)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_launcher(script, *args, env=None, timeout=900):
+    """Run launch/<script> exactly as a user would; returns CompletedProcess with output captured."""
+    cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+
+
+def read_history(run_dir):
+    return json.loads((Path(run_dir) / "training_history.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def default_lora_run(tmp_path_factory):
+    """The embedded default, unchanged, through launch/train_lora.sh, on an ASCII-only console."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_launcher("train_lora.sh", "--output_dir", out,
+                        env=launcher_env(PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C"))
+    return proc, out / "tiny_lora"
