@@ -91,17 +91,25 @@ def _zero3(engine):
     return engine.zero_optimization_stage() == 3
 
 
-def gathered_adapter_state(model, engine):
-    """The LoRA weights as full tensors on every rank (ZeRO-3 holds only a shard, shape [0], otherwise)."""
+def adapter_state(model):
+    """The LoRA weights by peft's names. Built from the trainable parameters rather than `model.state_dict()`, which
+    would also serialise every 4-bit base weight (and fails on bitsandbytes' CPU layout)."""
     from peft import get_peft_model_state_dict
 
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, state_dict=trainable).items()}
+
+
+def gathered_adapter_state(model, engine):
+    """The LoRA weights as full tensors on every rank (ZeRO-3 holds only a shard, shape [0], otherwise)."""
     if not _zero3(engine):
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        return adapter_state(model)
     import deepspeed
 
+    engine.empty_partition_cache()  # parameters still prefetched by the last forward cannot be gathered
     params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        return adapter_state(model)
 
 
 def save_weights(engine, model, tokenizer, out_dir, mode, rank, info):
@@ -111,6 +119,7 @@ def save_weights(engine, model, tokenizer, out_dir, mode, rank, info):
     if mode in ("lora", "qlora"):
         state = gathered_adapter_state(model, engine)
     elif _zero3(engine):
+        engine.empty_partition_cache()
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None

@@ -61,6 +61,8 @@ def load_model(config, precision, ds_config, device):
             kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config["model"]), **kwargs)
     model.config.use_cache = False
+    if config["mode"] == "qlora":
+        disable_cpu_weight_repacking(model)
     checkpointing = {"use_reentrant": False}
     if config["mode"] == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -76,13 +78,23 @@ def load_model(config, precision, ds_config, device):
     return model, keepalive
 
 
+def disable_cpu_weight_repacking(model):
+    """bitsandbytes repacks 4-bit weights in place for its CPU inference kernel on the first no-grad forward (our
+    evals). The repacked layout breaks saving (state_dict asserts uint8 storage) and ZeRO-3 sharding; training
+    never needs it."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def count_parameters(model):
     """(trainable, total) parameter counts; ZeRO-3 partitioned parameters report their full size (ds_numel)."""
     trainable = total = 0
     for p in model.parameters():
         n = getattr(p, "ds_numel", p.numel())
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit weights per stored byte
+        quant_state = getattr(p, "quant_state", None)
+        if quant_state is not None:  # 4-bit: count the weights, not the packed storage elements
+            n = int(torch.Size(quant_state.shape).numel())
         total += n
         if p.requires_grad:
             trainable += n
