@@ -1,0 +1,439 @@
+"""Loading what a run produced, for the tools after training: a LoRA/QLoRA adapter (best/, final/) on its base, or a
+full / merged / base model. The base is read from the adapter's training_info.json (the run's `model`, e.g.
+`builtin:tiny-llama`) or adapter_config.json, and an adapter that does not fit the given base is refused with a
+message naming the base it was trained on, before any weight is loaded."""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from train.tiny import resolve_model_path
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+TRAINING_INFO = "training_info.json"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_LISTED_MISMATCHES = 3
+
+
+class AdapterError(ValueError):
+    """A problem with a model or adapter the user named; the message says which path and what to pass instead."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation or generation. `name` labels it in tables; `info` is its training_info.json
+    (empty for a plain base model), which carries the dataset format and max_length the run trained with."""
+    name: str
+    model: object
+    tokenizer: object
+    info: dict = field(default_factory=dict)
+    source: str = ""
+
+
+# ---------------------------------------------------------------- reading what a run wrote
+
+def read_json_file(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); the file is damaged, "
+                           f"re-save the weights or pass the base with --base") from None
+
+
+def read_training_info(directory):
+    path = Path(directory) / TRAINING_INFO
+    return read_json_file(path) if path.is_file() else {}
+
+
+def is_adapter_dir(path):
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def check_adapter_dir(adapter_dir):
+    """Raise AdapterError unless `adapter_dir` holds a peft adapter (config and weights)."""
+    path = Path(adapter_dir)
+    if not path.exists():
+        raise AdapterError(f"adapter directory not found: {path}. Pass the best/ or final/ directory of a LoRA or "
+                           f"QLoRA run, e.g. outputs/tiny_lora/best")
+    if not path.is_dir():
+        raise AdapterError(f"{path} is a file; --adapter takes the directory that holds {ADAPTER_CONFIG}")
+    if not is_adapter_dir(path):
+        if (path / "config.json").is_file():
+            raise AdapterError(f"{path} holds a full model (config.json), not an adapter; pass it with --model")
+        raise AdapterError(f"{path} has no {ADAPTER_CONFIG}; pass the best/ or final/ directory of a LoRA or "
+                           f"QLoRA run")
+    if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise AdapterError(f"{path} has {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}); "
+                           f"the save was interrupted, use the other of best/ and final/")
+    return path
+
+
+def recorded_base(adapter_dir):
+    """The base the adapter was trained on: the run's `model` from training_info.json (keeps `builtin:` names),
+    else peft's base_model_name_or_path."""
+    info = read_training_info(adapter_dir)
+    config = read_json_file(Path(adapter_dir) / ADAPTER_CONFIG)
+    base = info.get("base_model") or config.get("base_model_name_or_path")
+    if not base:
+        raise AdapterError(f"{adapter_dir}: neither {TRAINING_INFO} nor {ADAPTER_CONFIG} names the base model; "
+                           f"pass it with --base")
+    return base
+
+
+def resolve_base(adapter_dir, base=None):
+    """(reference as given or recorded, local path or hub id to load)."""
+    reference = base or recorded_base(adapter_dir)
+    path = resolve_model_path(reference)
+    if _looks_like_local_path(path) and not Path(path).exists():
+        origin = "given with --base" if base else f"recorded in {adapter_dir}"
+        raise AdapterError(f"base model '{reference}' ({origin}) does not exist at {path}; pass the base the "
+                           f"adapter was trained on with --base")
+    return reference, path
+
+
+def _looks_like_local_path(ref):
+    text = str(ref)
+    return text.startswith(("/", "./", "../", "~")) or Path(text).exists()
+
+
+def same_base(first, second):
+    try:
+        return Path(resolve_model_path(first)).resolve() == Path(resolve_model_path(second)).resolve()
+    except (OSError, ValueError):
+        return first == second
+
+
+# ---------------------------------------------------------------- does the adapter fit the base?
+
+def adapter_layer_shapes(adapter_dir):
+    """{module name in the base: (in_features, out_features)} from the adapter's lora_A/lora_B weights."""
+    shapes = {}
+    for key, shape in _adapter_tensor_shapes(adapter_dir).items():
+        for part, axis in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part in key and len(shape) == 2:
+                module = key.split(part)[0].removeprefix("base_model.model.")
+                entry = shapes.setdefault(module, [None, None])
+                entry[0 if part == ".lora_A." else 1] = shape[axis]
+    return {name: tuple(dims) for name, dims in shapes.items()}
+
+
+def _adapter_tensor_shapes(adapter_dir):
+    path = Path(adapter_dir)
+    safetensors_file = path / ADAPTER_WEIGHTS[0]
+    if safetensors_file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(safetensors_file), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    import torch
+
+    state = torch.load(path / ADAPTER_WEIGHTS[1], map_location="meta", weights_only=True)
+    return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def base_layer_shapes(base_path, module_names, trust_remote_code=False):
+    """{module name: (in_features, out_features) or None if absent} for an un-materialised (meta) base model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    shapes = {}
+    for name in module_names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            shapes[name] = None
+            continue
+        weight = getattr(module, "weight", None)
+        shapes[name] = (weight.shape[1], weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+    return shapes
+
+
+def check_adapter_fits_base(adapter_dir, base_reference, base_path, trust_remote_code=False):
+    """Raise AdapterError, naming the adapter's own base, when a LoRA layer's shape differs from the base's."""
+    expected = adapter_layer_shapes(adapter_dir)
+    actual = base_layer_shapes(base_path, expected, trust_remote_code)
+    problems = [_describe_mismatch(name, want, actual[name]) for name, want in sorted(expected.items())
+                if actual[name] != want]
+    if not problems:
+        return
+    trained_on = recorded_base(adapter_dir)
+    listed = "; ".join(problems[:MAX_LISTED_MISMATCHES])
+    more = f" (and {len(problems) - MAX_LISTED_MISMATCHES} more)" if len(problems) > MAX_LISTED_MISMATCHES else ""
+    raise AdapterError(
+        f"adapter {adapter_dir} was trained on base '{trained_on}' and does not fit base '{base_reference}': "
+        f"{listed}{more}. Drop --base to use '{trained_on}', or pass the base the adapter was trained on")
+
+
+def _describe_mismatch(name, want, got):
+    if got is None:
+        return f"layer {name} does not exist in the base"
+    return f"layer {name} is {got[0]}->{got[1]} in the base, the adapter expects {want[0]}->{want[1]}"
+
+
+# ---------------------------------------------------------------- loading
+
+def pick_device(requested="auto"):
+    import torch
+
+    if requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype_for(name, device):
+    """'auto': float32 on the CPU (bf16 matmuls are slow there), the checkpoint's own dtype on a GPU."""
+    import torch
+
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else "auto"
+    return getattr(torch, name)
+
+
+def load_tokenizer_from(path, trust_remote_code=False):
+    """The tokenizer saved next to the weights (the one training used), with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def has_tokenizer(directory):
+    return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer.model",
+                                                                "tokenizer_config.json"))
+
+
+def load_causal_lm(path, dtype, device, trust_remote_code=False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
+
+
+def load_model(reference, dtype="auto", device=None, trust_remote_code=False, name=None):
+    """A base, full or merged model (a `builtin:` name, hub id or directory) and its tokenizer."""
+    if is_adapter_dir(reference):
+        raise AdapterError(f"{reference} is a LoRA adapter, not a model; pass it with --adapter")
+    path = resolve_model_path(str(reference))
+    if _looks_like_local_path(path) and not (Path(path) / "config.json").is_file():
+        raise AdapterError(f"model not found: {reference} (no config.json at {path}); pass a base model, a "
+                           f"merged model directory (tools/merge_lora.py --out) or a hub id")
+    device = device or pick_device()
+    model = load_causal_lm(path, torch_dtype_for(dtype, device), device, trust_remote_code)
+    tokenizer = load_tokenizer_from(path, trust_remote_code)
+    info = read_training_info(path) if Path(path).is_dir() else {}
+    return LoadedModel(name or str(reference), model, tokenizer, info, str(reference))
+
+
+def prepare_adapters(adapter_dirs, base=None, trust_remote_code=False):
+    """Check every adapter directory and that they share one base that fits them. Returns (base reference,
+    base path). Cheap: nothing but configs is loaded."""
+    adapter_dirs = [check_adapter_dir(d) for d in adapter_dirs]
+    reference, path = resolve_base(adapter_dirs[0], base)
+    for adapter_dir in adapter_dirs[1:]:
+        other = recorded_base(adapter_dir)
+        if base is None and not same_base(other, reference):
+            raise AdapterError(f"adapters have different bases: {adapter_dirs[0]} was trained on '{reference}', "
+                               f"{adapter_dir} on '{other}'; evaluate them in separate runs")
+    for adapter_dir in adapter_dirs:
+        check_adapter_fits_base(adapter_dir, reference, path, trust_remote_code)
+    return reference, path
+
+
+def is_qlora(adapter_dir):
+    return read_training_info(adapter_dir).get("mode") == "qlora"
+
+
+def load_adapters(adapter_dirs, base=None, dtype="auto", device=None, trust_remote_code=False):
+    """Load the base once and every adapter onto it. Returns (peft model, tokenizer, base reference,
+    {label: peft adapter name}); switch with model.set_adapter(name), or `with model.disable_adapter():` for the
+    base. A QLoRA adapter is applied to the full-precision (de-quantized) base."""
+    from peft import PeftModel
+
+    reference, path = prepare_adapters(adapter_dirs, base, trust_remote_code)
+    device = device or pick_device()
+    # peft uses adapter names as module keys, so labels such as "run/best" cannot be used directly
+    peft_names = [f"adapter{i}" for i in range(len(adapter_dirs))]
+    model = load_causal_lm(path, torch_dtype_for(dtype, device), device, trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=peft_names[0])
+    for name, adapter_dir in zip(peft_names[1:], adapter_dirs[1:]):
+        model.load_adapter(str(adapter_dir), adapter_name=name)
+    model.to(device).eval()
+    first = Path(adapter_dirs[0])
+    tokenizer = load_tokenizer_from(first if has_tokenizer(first) else path, trust_remote_code)
+    return model, tokenizer, reference, dict(zip(adapter_labels(adapter_dirs), peft_names))
+
+
+def load_adapter(adapter_dir, base=None, dtype="auto", device=None, trust_remote_code=False):
+    """One adapter on its base, as a LoadedModel."""
+    model, tokenizer, reference, _ = load_adapters([adapter_dir], base, dtype, device, trust_remote_code)
+    return LoadedModel(Path(adapter_dir).name, model, tokenizer, read_training_info(adapter_dir), str(adapter_dir))
+
+
+def adapter_labels(adapter_dirs):
+    """Short unique labels: `best`, `final`; `run/best` when two runs' best/ are compared."""
+    paths = [Path(d).resolve() for d in adapter_dirs]
+    short = [p.name for p in paths]
+    if len(set(short)) == len(short):
+        return short
+    long = [f"{p.parent.name}/{p.name}" for p in paths]
+    return long if len(set(long)) == len(long) else [str(p) for p in paths]
+
+
+# ---------------------------------------------------------------- merging
+
+MERGE_TOLERANCE = {"float32": (1e-4, 1e-5), "16-bit": (1e-2, 1e-2)}  # (absolute, relative to the largest logit)
+SAMPLE_TEXT = ("Sort the numbers from smallest to largest.", "92 99 36 86 87", "36 86 87 92 99")
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    base_reference: str
+    dtype: str
+    files: list
+    max_abs_diff: float
+    tolerance: float
+
+
+def check_merge_target(out_dir, adapter_dir, base_path, overwrite):
+    """Refuse to write over anything but an earlier merge (or an empty directory), and never over the inputs."""
+    out = Path(out_dir).resolve()
+    for name, protected in (("adapter", adapter_dir), ("base model", base_path)):
+        protected = Path(protected).resolve()
+        if protected.exists() and (out == protected or out in protected.parents):
+            raise AdapterError(f"--out {out_dir} would overwrite the {name} at {protected}; choose another --out")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise AdapterError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another --out")
+    if any(out.iterdir()) and not (out / "config.json").is_file():
+        raise AdapterError(f"{out_dir} exists and is not a model directory (no config.json); refusing to delete it "
+                           f"even with --overwrite. Choose another --out")
+
+
+def merge_dtype(name):
+    """'auto': the base checkpoint's own dtype, so the merged model is stored like the base."""
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def verification_samples(tokenizer, vocab_size):
+    """A templated instruction example (the kind of text the adapter was trained on) and random token ids."""
+    import torch
+
+    from train.prompts import render_instruction_prompt
+
+    instruction, context, response = SAMPLE_TEXT
+    text = render_instruction_prompt(instruction, context) + response
+    real = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    generator = torch.Generator().manual_seed(0)
+    random_ids = torch.randint(0, vocab_size, (1, 48), generator=generator)
+    return [real, random_ids]
+
+
+def sample_logits(model, samples):
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in samples]
+
+
+def logits_difference(reference, merged, dtype):
+    """(max |difference| over all samples, tolerance for the dtype)."""
+    diff = max(float((a - b).abs().max()) for a, b in zip(reference, merged))
+    scale = max(float(a.abs().max()) for a in reference)
+    absolute, relative = MERGE_TOLERANCE["float32" if str(dtype) == "torch.float32" else "16-bit"]
+    return diff, absolute + relative * scale
+
+
+def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size="5GB", overwrite=False,
+                  device="cpu", trust_remote_code=False, log=print):
+    """Merge a LoRA/QLoRA adapter into its full-precision base, save sharded safetensors + tokenizer to `out_dir`,
+    then reload what was saved and check its logits against base+adapter. `out_dir` appears only if the check
+    passes."""
+    adapter_dir = check_adapter_dir(adapter_dir)
+    reference, base_path = resolve_base(adapter_dir, base)
+    check_merge_target(out_dir, adapter_dir, base_path, overwrite)
+    prepare_adapters([adapter_dir], base, trust_remote_code)
+    import shutil
+
+    from peft import PeftModel
+
+    from train.fsutil import atomic_write_json, fresh_tmp_dir, replace_dir
+
+    if is_qlora(adapter_dir):
+        log("QLoRA adapter: merging into the de-quantized base (loaded in full precision, not 4-bit); the merged "
+            "model is base + adapter without the 4-bit rounding the adapter was trained against")
+    device = pick_device(device)
+    model = load_causal_lm(base_path, merge_dtype(dtype), device, trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
+    tokenizer = load_tokenizer_from(adapter_dir if has_tokenizer(adapter_dir) else base_path, trust_remote_code)
+    samples = verification_samples(tokenizer, model.get_input_embeddings().weight.shape[0])
+    expected = sample_logits(model, samples)
+    merged = model.merge_and_unload()
+    saved_dtype = next(merged.parameters()).dtype
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_tmp_dir(out_dir)
+    log(f"merged {adapter_dir} into {reference} ({str(saved_dtype).replace('torch.', '')}); saving to {out_dir}")
+    merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    del model, merged
+    try:
+        reloaded = load_causal_lm(tmp, saved_dtype, device, trust_remote_code)
+        diff, tolerance = logits_difference(expected, sample_logits(reloaded, samples), saved_dtype)
+        if diff > tolerance:
+            raise AdapterError(f"the merged model's logits differ from base + adapter by up to {diff:.3g} (tolerance "
+                               f"{tolerance:.3g}); nothing was written to {out_dir}. Merge in float32 (--dtype "
+                               f"float32) or check that --base is the model the adapter was trained on")
+        info = {**read_training_info(adapter_dir), "merged": {
+            "adapter": str(adapter_dir.resolve()), "base_model": reference, "dtype": str(saved_dtype),
+            "max_abs_logit_diff": diff}}
+        atomic_write_json(tmp / TRAINING_INFO, info)
+        apply_umask(tmp)
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(p.name for p in out_dir.glob("*.safetensors"))
+    return MergeResult(out_dir, reference, str(saved_dtype).replace("torch.", ""), files, diff, tolerance)
+
+
+def apply_umask(directory):
+    """Give the saved files the usual permissions: some are written through mkstemp, which makes them private
+    (0600), and a merged model is meant to be shared."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in Path(directory).iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+
+
+# ---------------------------------------------------------------- command-line glue for tools/
+
+def run_tool(main):
+    """Run a tool's main(); errors a user can fix print one ASCII line `error: ...` and exit 2."""
+    import sys
+
+    from train.console import ascii_safe, make_console_safe
+    from train.data import DataError
+
+    make_console_safe()
+    try:
+        code = main()
+    except (AdapterError, DataError, FileNotFoundError) as error:
+        print(ascii_safe(f"error: {error}"), file=sys.stderr, flush=True)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code or 0)
