@@ -1,0 +1,88 @@
+"""Eval loss and perplexity on a held-out file for the base model, best/ and final/ (and merged models), side by
+side, as a table and JSON.
+
+    python tools/evaluate.py --adapter outputs/tiny_lora/best --adapter outputs/tiny_lora/final --data held_out.jsonl
+    python tools/evaluate.py --adapter outputs/tiny_lora/best --data held_out.jsonl --json          # JSON on stdout
+    python tools/evaluate.py --adapter outputs/tiny_lora/best --data held_out.jsonl --json r.json --save-examples 5
+
+The base is read from the adapters (they must share it) unless --base is given; --no-base skips it. The file may be
+in any training format (dolly, alpaca, chat, text); examples are tokenised and masked as in training, with the
+run's max_length. With --json and no file name the JSON goes to stdout and the table to stderr.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.adapters import DTYPES, run_tool  # noqa: E402
+from train.console import ascii_safe  # noqa: E402
+
+EXAMPLES_FILE = "eval_examples.jsonl"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", dest="adapters", action="append", default=[],
+                        help="adapter directory (repeat: --adapter run/best --adapter run/final)")
+    parser.add_argument("--model", dest="models", action="append", default=[],
+                        help="also evaluate a full or merged model (repeatable)")
+    parser.add_argument("--data", required=True, help="held-out file (.jsonl, or any file the trainer reads)")
+    parser.add_argument("--base", help="base model for the adapters (default: the one they were trained on)")
+    parser.add_argument("--no-base", action="store_true", help="do not evaluate the base model")
+    parser.add_argument("--format", default="auto", choices=("auto", "dolly", "alpaca", "chat", "text"))
+    parser.add_argument("--max-length", type=int, default=0, help="default: the run's max_length")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="write the results as JSON to FILE, or to stdout when no FILE is given")
+    parser.add_argument("--save-examples", type=int, default=0, metavar="N",
+                        help="generate for the first N examples and write them beside the references")
+    parser.add_argument("--examples-out", help=f"where --save-examples writes (default: {EXAMPLES_FILE} in the "
+                                               f"run directory of the first adapter, or beside --json FILE)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="for --save-examples (greedy decoding)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    return parser.parse_args()
+
+
+def examples_path(args):
+    if args.examples_out:
+        return Path(args.examples_out)
+    if args.json and args.json != "-":
+        return Path(args.json).with_name(EXAMPLES_FILE)
+    if args.adapters:
+        return Path(args.adapters[0]).resolve().parent / EXAMPLES_FILE
+    return Path(EXAMPLES_FILE)
+
+
+def main():
+    args = parse_args()
+    from train.evaluation import evaluate_all, format_table, write_examples
+    from train.generation import GenerationSettings
+
+    args.generation = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    json_to_stdout = args.json == "-"
+    table_stream = sys.stderr if json_to_stdout else sys.stdout
+
+    def log(message):
+        print(ascii_safe(message), file=sys.stderr, flush=True)
+
+    report = evaluate_all(args, log)
+    result = report.as_dict()
+    if args.save_examples:
+        path = write_examples(report, examples_path(args))
+        result["examples_file"] = str(path)
+        log(f"wrote {len(report.examples)} examples with generations beside the references to {path}")
+    print(ascii_safe(format_table(report)), file=table_stream, flush=True)
+    if json_to_stdout:
+        print(json.dumps(result, indent=2))
+    elif args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_tool(main)

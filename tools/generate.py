@@ -1,0 +1,124 @@
+"""Generate text from a base model, an adapter (best/ or final/) or a merged model, with the prompt template the
+model was trained with applied exactly as in training.
+
+    python tools/generate.py text --adapter outputs/tiny_lora/best --prompt "What color is the fox?"
+    python tools/generate.py text --model outputs/tiny_lora/merged --prompt "Sort the numbers." --context "3 1 2"
+    python tools/generate.py demo --adapter outputs/tiny_lora/best [--prompts tools/demo_prompts.jsonl]
+    python tools/generate.py interactive --adapter outputs/tiny_lora/best
+
+`text` prints only the generated text on stdout (notes go to stderr), so it can be used in scripts. Decoding is
+greedy unless --temperature > 0. The template is the run's dataset format from training_info.json; a model without
+one gets the instruction template of train/prompts.py (override with --format).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.adapters import DTYPES, AdapterError, run_tool  # noqa: E402
+from train.console import ascii_safe  # noqa: E402
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "demo_prompts.jsonl"
+QUIT_WORDS = ("exit", "quit", ":q")
+
+
+def model_options():
+    common = argparse.ArgumentParser(add_help=False)
+    source = common.add_argument_group("model (one of)")
+    source.add_argument("--adapter", help="adapter directory (a run's best/ or final/); the base comes from it")
+    source.add_argument("--model", help="base or merged model: builtin:NAME, hub id or directory")
+    common.add_argument("--base", help="with --adapter: base model to apply it to (default: the adapter's own)")
+    common.add_argument("--format", default="auto", choices=("auto", "dolly", "alpaca", "chat", "text"),
+                        help="prompt template; auto = the format the model was trained on")
+    common.add_argument("--max-new-tokens", type=int, default=128)
+    common.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    common.add_argument("--top-p", type=float, default=1.0)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, checkpoint's on GPU")
+    common.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1")
+    common.add_argument("--trust-remote-code", action="store_true")
+    return common
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    common = model_options()
+    text = modes.add_parser("text", parents=[common], help="one generation, printed alone on stdout")
+    text.add_argument("--prompt", required=True, help="the instruction (or user message)")
+    text.add_argument("--context", default="", help="optional context/input for the instruction")
+    demo = modes.add_parser("demo", parents=[common], help="generate for a fixed set of prompts from a file")
+    demo.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
+                      help="JSONL ({prompt, context, reference} or dataset records) or .txt, one prompt a line")
+    demo.add_argument("--limit", type=int, default=0, help="only the first N prompts")
+    modes.add_parser("interactive", parents=[common], help="a prompt loop; empty line or 'exit' to stop")
+    return parser.parse_args()
+
+
+def note(message):
+    print(ascii_safe(message), file=sys.stderr, flush=True)
+
+
+def load(args):
+    from train.adapters import load_adapter, load_model, pick_device
+
+    if bool(args.adapter) == bool(args.model):
+        raise AdapterError("pass exactly one of --adapter DIR (an adapter on its base) and --model REF (a base or "
+                           "merged model)")
+    if args.base and not args.adapter:
+        raise AdapterError("--base goes with --adapter; to generate from a base model pass it with --model")
+    device = pick_device(args.device)
+    if args.adapter:
+        return load_adapter(args.adapter, args.base, args.dtype, device, args.trust_remote_code)
+    return load_model(args.model, args.dtype, device, args.trust_remote_code)
+
+
+def main():
+    args = parse_args()
+    from train.generation import (GenerationSettings, PromptCase, generate_for_case, read_prompt_file,
+                                  resolve_prompt_format)
+
+    cases = read_prompt_file(args.prompts) if args.mode == "demo" else None
+    loaded = load(args)
+    fmt = resolve_prompt_format(args.format, loaded.info)
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    note(f"model: {loaded.source}; prompt template: {fmt}; "
+         f"{'greedy' if settings.temperature <= 0 else f'sampling at temperature {settings.temperature}'}")
+
+    def answer(case):
+        return generate_for_case(loaded.model, loaded.tokenizer, case, fmt, settings)
+
+    if args.mode == "text":
+        print(ascii_safe(answer(PromptCase(args.prompt, args.context))))
+    elif args.mode == "demo":
+        run_demo(cases[:args.limit] if args.limit else cases, answer)
+    else:
+        run_interactive(answer, PromptCase)
+    return 0
+
+
+def run_demo(cases, answer):
+    for number, case in enumerate(cases, start=1):
+        context = f" [{case.context}]" if case.context else ""
+        print(ascii_safe(f"[{number}/{len(cases)}] {case.instruction}{context}"))
+        print(ascii_safe(f"  -> {answer(case)}"))
+        if case.reference:
+            print(ascii_safe(f"  reference: {case.reference}"))
+
+
+def run_interactive(answer, make_case):
+    note("type a prompt and press Enter; an empty line, 'exit' or Ctrl-D ends. Each prompt is answered on its own.")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if not line.strip() or line.strip().lower() in QUIT_WORDS:
+            return
+        print(ascii_safe(answer(make_case(line.strip()))), flush=True)
+
+
+if __name__ == "__main__":
+    run_tool(main)
