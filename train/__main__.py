@@ -57,5 +57,16 @@ def fail(error, code):
     return code
 
 
+def record_exit_code(code):
+    """torchrun reports any failed worker as exit 1; the launcher reads the trainer's own code from this file."""
+    import os
+
+    path = os.environ.get("FTL_EXIT_CODE_FILE")
+    if path and is_main_process():
+        with open(path, "w") as f:
+            f.write(f"{code}\n")
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record_exit_code(main()))

@@ -146,8 +146,22 @@ def main(argv=None):
     print(ascii_safe("+ " + " ".join(shlex.quote(c) for c in cmd)), flush=True)
     if options.get("--dry-run"):
         return 0
-    completed = subprocess.run(cmd, env=launch_env(nproc))
-    return completed.returncode
+    return run_and_report(cmd, launch_env(nproc))
+
+
+def run_and_report(cmd, env):
+    """Run the launcher command; return the trainer's own exit code (torchrun turns every failure into 1)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ftl-") as scratch:
+        code_file = Path(scratch) / "exit_code"
+        env = dict(env, FTL_EXIT_CODE_FILE=str(code_file))
+        returncode = subprocess.run(cmd, env=env).returncode
+        if returncode != 0 and code_file.exists():
+            text = code_file.read_text().strip()
+            if text.isdigit() and int(text) != 0:
+                return int(text)
+        return returncode
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""A broken run stops loudly and keeps its last good checkpoint; a killed run resumes exactly where it stopped; the
+loss is normalised over the whole optimizer step across ranks and accumulation."""
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import REPO, assert_ok, launcher_env, read_history, run_launcher
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("script", ["train_full.sh", "train_lora.sh", "train_qlora.sh"])
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, script):
+    proc = run_launcher(script, "--max_steps", "8", "--save_steps", "2", "--eval_steps", "100",
+                        "--debug_nan_at_step", "5", "--output_dir", tmp_path, "--run_name", "nan")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "step 5: loss is nan (not finite)" in proc.stderr
+    assert "all labels masked" in proc.stderr and "fp16 overflow" in proc.stderr
+    checkpoints = tmp_path / "nan" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-4"
+    assert (checkpoints / "step-4" / "state").is_dir()
+    history = read_history(tmp_path / "nan")
+    assert history["status"] == "failed" and "step 5" in history["stop_reason"]
+    assert all(r["step"] < 5 for r in history["records"]), "no record of the broken step may look normal"
+
+
+def kill_tree(pid):
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [parent, *parent.children(recursive=True)]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _run_args(out, name):
+    return ["--max_steps", "36", "--save_steps", "12", "--eval_steps", "18", "--logging_steps", "1",
+            "--lora_dropout", "0.1", "--output_dir", str(out), "--run_name", name]
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_history(run_dir)["records"]}
+
+
+def test_sigkilled_run_resumes_and_repeats_the_same_losses(tmp_path):
+    reference = run_launcher("train_lora.sh", *_run_args(tmp_path, "reference"))
+    assert_ok(reference)
+
+    cmd = ["bash", str(REPO / "launch" / "train_lora.sh"), *_run_args(tmp_path, "killed")]
+    victim = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    history_file = tmp_path / "killed" / "training_history.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        try:
+            if max(r["step"] for r in json.loads(history_file.read_text())["records"]) >= 28:
+                break
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    kill_tree(victim.pid)  # launcher, torchrun and both workers at once, like a node failure
+    victim.wait()
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-24"
+    assert not list(checkpoints.glob(".tmp-*")) or (checkpoints / "step-24").is_dir()
+
+    resumed = run_launcher("train_lora.sh", *_run_args(tmp_path, "killed"))
+    assert_ok(resumed)
+    assert "resumed from" in resumed.stdout and "step 24" in resumed.stdout
+    expected, got = _losses(tmp_path / "reference"), _losses(tmp_path / "killed")
+    assert sorted(got) == list(range(1, 37)), "every step exactly once in the history"
+    for step in range(25, 37):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+    assert read_history(tmp_path / "killed")["metadata"]["resumed_at_steps"] == [24]
+
+
+def test_two_ranks_with_accumulation_follow_one_rank_with_the_whole_batch(tmp_path):
+    common = ["--max_steps", "6", "--logging_steps", "1", "--eval_fraction", "0", "--lr_scheduler", "constant"]
+    one = run_launcher("train_full.sh", *common, "--micro_batch_size", "8", "--gradient_accumulation_steps", "1",
+                       "--output_dir", tmp_path, "--run_name", "one", env=launcher_env(FTL_CPU_PROCS=1))
+    two = run_launcher("train_full.sh", *common, "--micro_batch_size", "2", "--gradient_accumulation_steps", "2",
+                       "--output_dir", tmp_path, "--run_name", "two")
+    assert_ok(one)
+    assert_ok(two)
+    assert read_history(tmp_path / "two")["metadata"]["world_size"] == 2
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-4), (step, a[step], b[step])
