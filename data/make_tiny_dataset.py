@@ -1,8 +1,9 @@
 """Generate the embedded default dataset: a deterministic synthetic instruction task.
 
-Writes data/tiny_instruct.jsonl with Dolly fields (instruction, context, response). The tasks are small
-enough for a ~2M-parameter model to learn in a few hundred CPU steps, so the default run shows a real
-loss drop. Run: python data/make_tiny_dataset.py [--out PATH] [--n N] [--seed S]
+Writes data/tiny_instruct.jsonl with Dolly fields (instruction, context, response), data/tiny_chat.jsonl
+(the same tasks as `messages` conversations) and data/tiny_text.jsonl (plain `text` documents for language
+modelling). The tasks are small enough for a ~2M-parameter model to learn in a few hundred CPU steps, so the
+default run shows a real loss drop. Run: python data/make_tiny_dataset.py [--n N] [--seed S]
 """
 import argparse
 import json
@@ -49,16 +50,40 @@ def make_examples(n, seed):
     return examples
 
 
+def as_chat(example):
+    user = example["instruction"] + (f"\n{example['context']}" if example["context"] else "")
+    return {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": user},
+                         {"role": "assistant", "content": example["response"]}]}
+
+
+def as_text(examples):
+    """Paragraph-like documents, a few facts each, for plain language modelling."""
+    for i in range(0, len(examples), 4):
+        facts = [f"{e['instruction']} {e['context']} The answer is {e['response']}".replace("  ", " ")
+                 for e in examples[i: i + 4]]
+        yield {"text": " ".join(facts)}
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        count = 0
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+            count += 1
+    print(f"wrote {count} records to {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).with_name("tiny_instruct.jsonl")))
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent))
     parser.add_argument("--n", type=int, default=2400)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    with open(args.out, "w", encoding="utf-8") as f:
-        for example in make_examples(args.n, args.seed):
-            f.write(json.dumps(example) + "\n")
-    print(f"wrote {args.n} examples to {args.out}")
+    out = Path(args.out_dir)
+    examples = make_examples(args.n, args.seed)
+    write_jsonl(out / "tiny_instruct.jsonl", examples)
+    write_jsonl(out / "tiny_chat.jsonl", (as_chat(e) for e in examples[:800]))
+    write_jsonl(out / "tiny_text.jsonl", as_text(examples[:1600]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """training_history.json (the source of truth), tensorboard and wandb sinks, and the curves picture."""
 import json
 import math
+import os
 from pathlib import Path
 
 from train.fsutil import atomic_write_json
@@ -74,7 +75,9 @@ class MetricSinks:
         if "wandb" in report_to:
             import wandb
 
-            run = wandb.init(project="finetune-launcher", name=run_name, config=config, dir=str(log_dir))
+            wandb_dir = Path(log_dir).parent  # outputs/<run>/wandb/
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "finetune-launcher"), name=run_name,
+                             config=config, dir=str(wandb_dir))
             self.writers.append(("wandb", run))
 
     def log(self, step, metrics):
@@ -92,6 +95,17 @@ class MetricSinks:
                 writer.close()
             else:
                 writer.finish()
+
+
+def check_sinks_available(report_to):
+    """Fail before any model is loaded when a requested sink is not installed."""
+    import importlib.util
+
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+        from train.config import ConfigError
+
+        raise ConfigError("report_to includes wandb but wandb is not installed: pip install wandb "
+                          "(or remove wandb from report_to)")
 
 
 def load_history(path):

@@ -15,7 +15,7 @@ from train.console import Progress, say, warn
 from train.data import IGNORE_INDEX, RowSampler, collate, prepare_data, supervised_tokens
 from train.engine import (all_reduce_sum, barrier, device_for, init_distributed, resolve_ds_config,
                           resolve_precision)
-from train.history import History, MetricSinks, plot_history
+from train.history import History, MetricSinks, check_sinks_available, plot_history
 from train.model import count_parameters, hidden_size_of, load_model, load_tokenizer, model_config
 from train.schedule import EvalTracker, LRSchedule
 
@@ -31,6 +31,7 @@ class StopRequested(Exception):
 
 
 def run(config):
+    check_sinks_available(config["report_to"])
     rank, world, local_rank = init_distributed()
     device = device_for(local_rank)
     torch.manual_seed(config["seed"] + rank)
@@ -210,7 +211,7 @@ class Trainer:
         loss_sum = 0.0
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = engine(**batch, num_items_in_batch=normaliser).loss
+            loss = engine(**batch, num_items_in_batch=normaliser, use_cache=False).loss
             if c["debug_nan_at_step"] == step:
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -263,7 +264,7 @@ class Trainer:
                 batch = collate(chunk, self.data.pad_id, self.data.packed)
                 n = supervised_tokens(batch)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                loss = self.engine(**batch, num_items_in_batch=1.0).loss
+                loss = self.engine(**batch, num_items_in_batch=1.0, use_cache=False).loss
                 loss_sum += float(loss) if n else 0.0
                 tokens += n
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.device)

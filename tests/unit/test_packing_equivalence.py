@@ -1,0 +1,51 @@
+"""Padding-free packing must not change the maths: a packed row (restarting position ids, no attention mask) gives
+the same loss and gradients as the same examples padded one per row."""
+import torch
+
+from train.data import Example, IGNORE_INDEX, collate, make_rows
+
+
+def _examples(tokenizer):
+    texts = [("### Instruction:\nSort.\n\n### Response:\n", "1 2 3"), ("### Instruction:\nSay hi.\n\n### Response:\n", "hi"),
+             ("### Instruction:\nReverse the words.\n\n### Context:\nred blue\n\n### Response:\n", "blue red")]
+    examples = []
+    for prompt, response in texts:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append(Example(p + r, [IGNORE_INDEX] * len(p) + r))
+    return examples
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    loss = model(**batch, num_items_in_batch=tokens, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_model_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="sdpa", dtype=torch.float32)
+    examples = _examples(tiny_tokenizer)
+    packed_rows = make_rows(examples, 512, packing=True)
+    padded_rows = make_rows(examples, 512, packing=False)
+    assert len(packed_rows) == 1 and len(padded_rows) == 3
+    packed_loss, packed_grads = _loss_and_grads(model, collate(packed_rows, tiny_tokenizer.pad_token_id, True))
+    padded_loss, padded_grads = _loss_and_grads(model, collate(padded_rows, tiny_tokenizer.pad_token_id, False))
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_without_restarting_positions_packing_would_leak_across_examples(tiny_model_path, tiny_tokenizer):
+    """Guards the test above: it must be able to fail."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="sdpa", dtype=torch.float32)
+    examples = _examples(tiny_tokenizer)
+    packed = collate(make_rows(examples, 512, packing=True), tiny_tokenizer.pad_token_id, True)
+    leaky = {k: v for k, v in packed.items() if k != "position_ids"}
+    padded = collate(make_rows(examples, 512, packing=False), tiny_tokenizer.pad_token_id, False)
+    assert not torch.allclose(_loss_and_grads(model, leaky)[0], _loss_and_grads(model, padded)[0], rtol=1e-5)
