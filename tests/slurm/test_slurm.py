@@ -1,0 +1,256 @@
+"""The Slurm submission path against a real Slurm (tests/slurm/conftest.py starts one: two nodes on this host).
+
+Three jobs of the embedded default (2 nodes x 1 CPU process, gloo) run side by side: one trains to the end, one is
+requeued by `scontrol requeue` while training, one gets the pre-timeout USR1 in its batch shell (what
+`--signal=B:USR1@N` sends), whose trap makes the training checkpoint and requeues the job. The tests check the
+training's own outputs (history, weights, logs), not only exit codes: a Slurm step can fail and still exit 0.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = "configs/tiny_lora.yaml"
+PLAIN_STEPS, PREEMPT_STEPS, ACT_AT_STEP = 20, 30, 5
+JOB_TIMEOUT_S = 360
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+def job_env(base):
+    env = dict(base)
+    env.update(FTL_PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONIOENCODING="ascii")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return env
+
+
+def submit_cmd(*extra):
+    return [sys.executable, "-m", "train.submit", "--config", CONFIG, *extra]
+
+
+def submit(env, out_dir, max_steps):
+    proc = subprocess.run(submit_cmd("--nodes", "2", "--gpus-per-node", "0", "--time", "00:15:00",
+                                     "--max_steps", str(max_steps), "--output_dir", str(out_dir)),
+                          cwd=REPO, env=job_env(env), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = re.search(r"submitted job (\d+)", proc.stdout)
+    assert match, proc.stdout
+    return match.group(1)
+
+
+def scontrol(env, *args):
+    return subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True, timeout=30)
+
+
+def job_info(env, job_id):
+    out = scontrol(env, "show", "job", "-o", job_id).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def read_history(run_dir):
+    try:
+        return json.loads((run_dir / "training_history.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def last_step(run_dir):
+    history = read_history(run_dir)
+    return max((r["step"] for r in history["records"]), default=0) if history else 0
+
+
+class Job:
+    def __init__(self, name, job_id, out_dir, max_steps, action=None):
+        self.name, self.id, self.max_steps, self.action = name, job_id, max_steps, action
+        self.run_dir = out_dir / "tiny_lora"
+        self.log_dir = self.run_dir / "slurm"
+        self.acted_at_step = None
+        self.info = {}
+        self.seconds = None
+
+    def logs(self):
+        parts = []
+        for path in sorted(self.log_dir.glob("*")) if self.log_dir.exists() else []:
+            if path.suffix in (".out", ".log"):
+                parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
+
+    def batch_log(self):
+        path = self.log_dir / f"job-{self.id}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def node_logs(self):
+        return sorted(self.log_dir.glob(f"*-{self.id}-node*.log"))
+
+    def describe(self):
+        return f"job {self.name} ({self.id}): {self.info}\n{self.logs()}"
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
+    """Submit the three jobs at once, requeue / signal two of them once they have trained a few steps, and wait
+    for all three to finish (a requeued job is started again at once instead of after Slurm's usual delay)."""
+    _, env = slurm_cluster
+    t0 = time.time()
+    made = {}
+    for name, steps, action in (("requeue", PREEMPT_STEPS, "requeue"), ("signal", PREEMPT_STEPS, "usr1"),
+                                ("plain", PLAIN_STEPS, None)):
+        out = tmp_path_factory.mktemp(f"slurm-{name}")
+        made[name] = Job(name, submit(env, out, steps), out, steps, action)
+    deadline = time.time() + JOB_TIMEOUT_S
+    pending = set(made)
+    while pending and time.time() < deadline:
+        for name in sorted(pending):
+            job = made[name]
+            info = job_info(env, job.id)
+            state = info.get("JobState", "")
+            if job.action and job.acted_at_step is None and state == "RUNNING":
+                step = last_step(job.run_dir)
+                if step >= ACT_AT_STEP:
+                    if job.action == "requeue":
+                        proc = scontrol(env, "requeue", job.id)
+                    else:  # what --signal=B:USR1@N delivers before the time limit: USR1 to the batch shell only
+                        proc = subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], env=env,
+                                              capture_output=True, text=True, timeout=30)
+                    assert proc.returncode == 0, proc.stderr
+                    job.acted_at_step = step
+            if state == "PENDING" and int(info.get("Restarts", "0")) > 0:
+                scontrol(env, "update", f"JobId={job.id}", "StartTime=now")
+            if state in FINAL_STATES:
+                job.info, job.seconds = info, round(time.time() - t0, 1)
+                pending.discard(name)
+        time.sleep(0.5)
+    for name in pending:
+        made[name].info = dict(job_info(env, made[name].id), timed_out=f"not finished after {JOB_TIMEOUT_S} s")
+    print("slurm jobs finished after (s): " + ", ".join(f"{j.name} {j.seconds}" for j in made.values()))
+    return made
+
+
+def assert_trained_to_the_end(job):
+    assert job.info.get("JobState") == "COMPLETED" and job.info.get("ExitCode") == "0:0", job.describe()
+    history = read_history(job.run_dir)
+    assert history is not None, job.describe()
+    assert history["status"] == "completed", (history["status"], history["stop_reason"], job.describe())
+    steps = [r["step"] for r in history["records"]]
+    assert len(steps) == len(set(steps)) and steps == sorted(steps), f"steps repeated or out of order: {steps}"
+    assert steps[-1] == job.max_steps, steps
+    assert history["metadata"]["world_size"] == 2, "2 nodes x 1 process must form one world of 2"
+    evals = history["evals"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == job.max_steps
+    assert evals[-1]["eval_loss"] < 0.8 * evals[0]["eval_loss"], evals
+    for which in ("best", "final"):
+        assert (job.run_dir / which / "adapter_model.safetensors").stat().st_size > 0, which
+    return history
+
+
+# ---------------------------------------------------------------- rendering (no cluster needed)
+
+def test_dry_run_prints_the_job_script(tmp_path):
+    proc = subprocess.run(submit_cmd("--nodes", "2", "--gpus-per-node", "8", "--time", "01:00:00", "--partition",
+                                     "gpu", "--account", "proj", "--mode", "lora", "--max_steps", "7",
+                                     "--output_dir", str(tmp_path), "--dry-run"),
+                          cwd=REPO, env=job_env(os.environ), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=01:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --open-mode=append",
+                 "FTL_NPROC_PER_NODE=8"):
+        assert line in script.splitlines(), line
+    assert f"FTL_ARGS=(--mode lora {REPO / CONFIG} --max_steps 7 --output_dir {tmp_path})" in script
+    for text in ("--rdzv-endpoint", "--rdzv-id \"$SLURM_JOB_ID\"", "scontrol requeue", "NCCL_NVLS_ENABLE",
+                 "TORCH_NCCL_ASYNC_ERROR_HANDLING", "--head-address", "trap on_usr1 USR1"):
+        assert text in script, text
+    assert not (tmp_path / "tiny_lora").exists(), "a dry run writes nothing"
+    body = script.split("\n# would write")[0]
+    assert subprocess.run(["bash", "-n"], input=body, text=True).returncode == 0
+    assert script.isascii()
+
+
+def test_submit_refuses_a_mode_the_config_does_not_have():
+    proc = subprocess.run(submit_cmd("--mode", "full", "--dry-run"), cwd=REPO, env=job_env(os.environ),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "mode" in proc.stderr, proc.stderr
+
+
+def test_head_address_outside_a_job_is_a_clear_error():
+    env = {k: v for k, v in job_env(os.environ).items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([sys.executable, "-m", "train.submit", "--head-address"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and proc.stdout == ""
+    assert "SLURM_JOB_NODELIST" in proc.stderr and "localhost" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- against the local Slurm
+
+def test_head_address_comes_from_scontrol(slurm_cluster):
+    _, env = slurm_cluster
+    cmd = [sys.executable, "-m", "train.submit", "--head-address"]
+    ok = subprocess.run(cmd, cwd=REPO, env=job_env(dict(env, SLURM_JOB_NODELIST="n[1-2]")),
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "127.0.0.1", ok.stdout + ok.stderr
+    bad = subprocess.run(cmd, cwd=REPO, env=job_env(dict(env, SLURM_JOB_NODELIST="nosuchnode")),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 3 and bad.stdout == "" and "nosuchnode" in bad.stderr, bad.stdout + bad.stderr
+
+
+def test_submitted_job_trains_and_writes_its_outputs(jobs):
+    job = jobs["plain"]
+    history = assert_trained_to_the_end(job)
+    assert not history["metadata"].get("resumed_at_steps"), "nothing interrupted this job"
+    assert history["records"][0]["step"] == 1
+    node_logs = job.node_logs()
+    assert len(node_logs) == 2, f"one log per node: {node_logs}\n{job.describe()}"
+    for path in node_logs:
+        text = path.read_text(errors="replace")
+        assert "torch.distributed.run" in text and "--rdzv_backend c10d" in text and "--nnodes 2" in text, text
+    assert f"--rdzv_id {job.id}" in node_logs[0].read_text()
+    assert "training exit code 0" in job.batch_log(), job.batch_log()
+    assert (job.run_dir / "training_curves.png").exists() and list((job.run_dir / "tensorboard").iterdir())
+
+
+def assert_resumed_from_its_checkpoint(job):
+    assert job.acted_at_step is not None, f"the job finished before it could be interrupted\n{job.describe()}"
+    history = assert_trained_to_the_end(job)
+    resumed = history["metadata"].get("resumed_at_steps")
+    assert resumed, f"no resume recorded\n{job.describe()}"
+    assert int(job.info.get("Restarts", "0")) >= 1, job.info
+    step = resumed[0]
+    assert job.acted_at_step <= step < job.max_steps, (job.acted_at_step, resumed)
+    text = "\n".join(p.read_text(errors="replace") for p in job.node_logs())
+    assert f"preempted: checkpoint saved at step {step}" in text, job.describe()
+    assert f"resumed from {job.run_dir / 'checkpoints' / f'step-{step}'} at step {step}" in text, job.describe()
+    assert "restart 1" in job.batch_log(), job.batch_log()
+    return history
+
+
+def test_requeued_job_resumes_from_its_checkpoint(jobs):
+    assert_resumed_from_its_checkpoint(jobs["requeue"])
+
+
+def test_usr1_before_the_time_limit_checkpoints_and_requeues(jobs):
+    job = jobs["signal"]
+    assert_resumed_from_its_checkpoint(job)
+    log = job.batch_log()
+    assert "USR1: time limit near" in log and f"requeueing job {job.id}" in log, log
+
+
+def test_resumed_runs_match_each_other_step_for_step(jobs):
+    """Both interrupted jobs train the same 30 steps, stopped at different steps: resuming must not change the
+    result."""
+    a, b = (read_history(jobs[n].run_dir) for n in ("requeue", "signal"))
+    assert a and b
+    losses_a = {r["step"]: r["loss"] for r in a["records"]}
+    losses_b = {r["step"]: r["loss"] for r in b["records"]}
+    assert losses_a.keys() == losses_b.keys()
+    for step in losses_a:
+        assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-4), step
+    assert a["evals"][-1]["eval_loss"] == pytest.approx(b["evals"][-1]["eval_loss"], rel=1e-4)

@@ -1,0 +1,222 @@
+"""Submit a training run to Slurm: render launch/slurm/train.sbatch for a run config and a few flags, then sbatch it.
+
+usage: python -m train.submit --config CONFIG.yaml [--nodes N] [--gpus-per-node G] [--time HH:MM:SS]
+                              [--partition P] [--account A] [--mode lora|qlora|full] [--dry-run] [--key value ...]
+  --nodes N            nodes (default 1); one task per node runs torchrun with G processes
+  --gpus-per-node G    GPUs (= training processes) per node (default 8); 0 on a CPU cluster: --nproc-per-node
+                       processes per node (default 1) over gloo
+  --nproc-per-node P   processes per node when it should differ from G
+  --cpus-per-task C    CPUs for each node's task (sbatch --cpus-per-task)
+  --time T             time limit (default 04:00:00)
+  --partition P / --account A / --job-name NAME / --qos Q
+  --signal-secs S      Slurm sends USR1 S seconds before the time limit (default 300): the training checkpoints
+                       and the job requeues itself, then resumes from the checkpoint
+  --mode M             lora, qlora or full; defaults to the config's mode and must agree with it
+  --sbatch-arg ARG     any other sbatch option, repeatable (--sbatch-arg=--exclusive)
+  --dry-run            print the script (and the sbatch command) instead of submitting
+Anything else is a run-config override passed to the trainer (--max_steps 100, --lora_r 8, ...).
+The script is written to outputs/<run>/slurm/job.sbatch; Slurm's logs go next to it: job-<id>.out for the batch
+script, <name>-<id>-node<i>.log for each node (appended to across requeues).
+
+python -m train.submit --head-address   (used inside the job) prints the first node's address, or exits 3.
+"""
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from train import REPO_ROOT
+
+TEMPLATE = REPO_ROOT / "launch" / "slurm" / "train.sbatch"
+EXIT_NO_HEAD = 3
+
+
+class SubmitError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- inside the job: the rendezvous host
+
+def run_scontrol(*args):
+    try:
+        proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SubmitError("scontrol is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise SubmitError(f"scontrol {' '.join(args)} did not answer in 60 s") from None
+    if proc.returncode != 0:
+        raise SubmitError(f"scontrol {' '.join(args)} failed (exit {proc.returncode}): "
+                          f"{(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def head_address(env=None):
+    """The first node of the allocation (`scontrol show hostnames`) and its NodeAddr (`scontrol show node`)."""
+    env = os.environ if env is None else env
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise SubmitError("SLURM_JOB_NODELIST is not set: this must run inside a Slurm job")
+    hosts = run_scontrol("show", "hostnames", nodelist).split()
+    if not hosts:
+        raise SubmitError(f"scontrol show hostnames {nodelist} printed no host")
+    head = hosts[0]
+    match = re.search(r"\bNodeAddr=(\S+)", run_scontrol("show", "node", head))
+    if not match or match.group(1) in ("(null)", ""):
+        raise SubmitError(f"scontrol show node {head} gives no NodeAddr")
+    return match.group(1)
+
+
+def print_head_address():
+    try:
+        print(head_address())
+    except SubmitError as error:
+        print(f"error: cannot find the head node's address for the rendezvous: {error}. Stopping rather than "
+              f"falling back to localhost, where every node would form a world of its own and hang.",
+              file=sys.stderr)
+        return EXIT_NO_HEAD
+    return 0
+
+
+# ---------------------------------------------------------------- rendering
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m train.submit", add_help=False, allow_abbrev=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--config")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--nproc-per-node", type=int)
+    parser.add_argument("--cpus-per-task", type=int)
+    parser.add_argument("--time", default="04:00:00")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--job-name")
+    parser.add_argument("--mode", choices=("lora", "qlora", "full"))
+    parser.add_argument("--signal-secs", type=int, default=300)
+    parser.add_argument("--sbatch-arg", action="append", default=[])
+    parser.add_argument("--dry-run", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    if args.help:
+        print(__doc__)
+        sys.exit(0)
+    if not args.config:
+        raise SubmitError("--config is required (a run config, e.g. configs/tiny_lora.yaml)")
+    if args.nodes < 1:
+        raise SubmitError("--nodes must be at least 1")
+    if args.gpus_per_node < 0 or (args.nproc_per_node is not None and args.nproc_per_node < 1):
+        raise SubmitError("--gpus-per-node must be >= 0 and --nproc-per-node >= 1")
+    if args.signal_secs < 30:
+        raise SubmitError("--signal-secs must leave the training at least 30 s to checkpoint")
+    return args, overrides
+
+
+def sbatch_options(args, job_name, log_dir, workdir):
+    opts = [f"--job-name={job_name}", f"--nodes={args.nodes}", "--ntasks-per-node=1"]
+    if args.gpus_per_node > 0:
+        opts.append(f"--gpus-per-node={args.gpus_per_node}")
+    if args.cpus_per_task:
+        opts.append(f"--cpus-per-task={args.cpus_per_task}")
+    opts.append(f"--time={args.time}")
+    for name in ("partition", "account", "qos"):
+        if getattr(args, name):
+            opts.append(f"--{name}={getattr(args, name)}")
+    opts += ["--requeue", f"--signal=B:USR1@{args.signal_secs}", "--open-mode=append",
+             f"--output={log_dir}/job-%j.out", f"--chdir={workdir}"]
+    return opts + list(args.sbatch_arg)
+
+
+def render(template, sbatch_opts, values):
+    """The template with its #SBATCH block replaced by `sbatch_opts` and each `NAME=...` line of `values` set."""
+    out, placed = [], False
+    for line in template.splitlines():
+        if line.startswith("#SBATCH"):
+            if not placed:
+                out += [f"#SBATCH {opt}" for opt in sbatch_opts]
+                placed = True
+            continue
+        name = line.split("=", 1)[0]
+        if name in values and "=" in line:
+            out.append(f"{name}={values[name]}")
+            continue
+        out.append(line)
+    missing = [n for n in values if not any(l.startswith(n + "=") for l in out)]
+    if missing or not placed:
+        raise SubmitError(f"{TEMPLATE} lacks the lines to render: {', '.join(missing) or '#SBATCH'}")
+    return "\n".join(out) + "\n"
+
+
+def build_job(args, overrides, cwd=None):
+    """(script text, script path, log dir, run config) for these arguments."""
+    from train.config import load_config, parse_overrides
+
+    cwd = Path(cwd or os.getcwd()).resolve()
+    config_path = Path(args.config)
+    config_path = (config_path if config_path.is_absolute() else cwd / config_path).resolve()
+    config = load_config(config_path, parse_overrides(overrides))
+    mode = args.mode or config["mode"]
+    if mode != config["mode"]:
+        raise SubmitError(f"--mode {mode} but {args.config} has mode: {config['mode']}")
+    out_dir = Path(config["output_dir"])
+    run_dir = (out_dir if out_dir.is_absolute() else cwd / out_dir) / config["run_name"]
+    log_dir = run_dir / "slurm"
+    nproc = args.nproc_per_node or (args.gpus_per_node if args.gpus_per_node > 0 else 1)
+    launch_args = ["--mode", mode, str(config_path), *overrides]
+    values = {
+        "FTL_ROOT": shlex.quote(str(REPO_ROOT)),
+        "FTL_PYTHON": shlex.quote(os.environ.get("FTL_PYTHON") or sys.executable),
+        "FTL_NPROC_PER_NODE": str(nproc),
+        "FTL_LOG_DIR": shlex.quote(str(log_dir)),
+        "FTL_ARGS": "(" + " ".join(shlex.quote(a) for a in launch_args) + ")",
+    }
+    template = TEMPLATE.read_text()
+    shutdown = max(30, args.signal_secs - 60)
+    template = template.replace('TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240', f'TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{shutdown}')
+    job_name = args.job_name or config["run_name"]
+    script = render(template, sbatch_options(args, job_name, log_dir, cwd), values)
+    return script, log_dir / "job.sbatch", log_dir, config
+
+
+def submit(argv):
+    from train.config import ConfigError
+
+    try:
+        args, overrides = parse_args(argv)
+        script, script_path, log_dir, config = build_job(args, overrides)
+    except (SubmitError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(script, end="")
+        print(f"# would write {script_path} and run: sbatch --parsable {script_path}")
+        return 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script_path.write_text(script)
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        print("error: sbatch is not on PATH (run this on a Slurm login node)", file=sys.stderr)
+        return 2
+    if proc.returncode != 0:
+        print(f"error: sbatch failed (exit {proc.returncode}): {proc.stderr.strip()}", file=sys.stderr)
+        return proc.returncode
+    job_id = proc.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}: {args.nodes} node(s), script {script_path}")
+    print(f"  logs: {log_dir}/job-{job_id}.out and {log_dir}/*-{job_id}-node*.log")
+    print(f"  outputs: {script_path.parent.parent}")
+    print(job_id)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--head-address"]:
+        return print_head_address()
+    return submit(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
