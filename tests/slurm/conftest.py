@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import local_slurm  # noqa: E402
+from tests.slurm import local_slurm
 
 
 def unavailable_reason():

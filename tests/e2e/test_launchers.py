@@ -1,0 +1,104 @@
+"""`--launcher torchrun|accelerate|deepspeed`: the same trainer through three launchers gives the same run.
+
+The embedded default with a short --max_steps, 2 processes each (gloo on CPU); the three runs go side by side.
+"""
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, launcher_env, read_history
+
+pytestmark = pytest.mark.slow
+
+LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
+MAX_STEPS = 20
+EXPECTED_COMMAND = {"torchrun": "-m torch.distributed.run", "accelerate": "-m accelerate.commands.launch",
+                    "deepspeed": "-m deepspeed.launcher.runner"}
+
+
+def printed_command(stdout):
+    """The command the launcher printed (`+ ...`) before running it."""
+    lines = [line for line in stdout.splitlines() if line.startswith("+ ")]
+    assert lines, "the launcher must print the exact command it runs:\n" + stdout[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def launcher_runs(tiny_model_path, tmp_path_factory):
+    """{launcher: (returncode, stdout, stderr, run_dir)}; the model is built first so the runs do not race."""
+    procs = {}
+    for name in LAUNCHERS:
+        out = tmp_path_factory.mktemp(f"launcher-{name}")
+        cmd = ["bash", str(REPO / "launch" / "train_lora.sh"), "--launcher", name, "--max_steps", str(MAX_STEPS),
+               "--output_dir", str(out)]
+        env = launcher_env(OMP_NUM_THREADS=1, PYTHONIOENCODING="ascii")
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True), out / "tiny_lora")
+    results = {}
+    for name, (proc, run_dir) in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        results[name] = (proc.returncode, stdout, stderr, run_dir)
+    return results
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launcher_trains_with_two_processes(launcher_runs, launcher):
+    code, stdout, stderr, run_dir = launcher_runs[launcher]
+    assert code == 0, f"exit {code}\nSTDOUT:\n{stdout[-3000:]}\nSTDERR:\n{stderr[-5000:]}"
+    command = printed_command(stdout)
+    assert EXPECTED_COMMAND[launcher] in command, command
+    history = read_history(run_dir)
+    assert history["status"] == "completed" and history["metadata"]["world_size"] == 2
+    assert history["records"][-1]["step"] == MAX_STEPS
+    for which in ("best", "final"):
+        for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_info.json"):
+            assert (run_dir / which / name).exists(), f"{launcher}: {which}/{name}"
+
+
+def test_accelerate_config_points_at_our_deepspeed_file(launcher_runs):
+    import yaml
+
+    run_dir = launcher_runs["accelerate"][3]
+    config = yaml.safe_load((run_dir / "launch" / "accelerate_config.yaml").read_text())
+    assert config["distributed_type"] == "DEEPSPEED" and config["num_processes"] == 2
+    assert config["use_cpu"] is False, "use_cpu makes accelerate start a single process"
+    assert config["deepspeed_config"]["deepspeed_config_file"] == str(REPO / "ds_configs" / "zero2.json")
+
+
+def test_deepspeed_runner_gets_a_hostfile(launcher_runs):
+    code, stdout, _, run_dir = launcher_runs["deepspeed"]
+    hostfile = run_dir / "launch" / "hostfile"
+    assert hostfile.read_text().split() == ["localhost", "slots=2"]
+    assert f"--hostfile {hostfile}" in printed_command(stdout)
+
+
+def test_all_launchers_give_the_same_run(launcher_runs):
+    histories = {name: read_history(launcher_runs[name][3]) for name in LAUNCHERS}
+    reference = histories["torchrun"]
+    for name in ("accelerate", "deepspeed"):
+        other = histories[name]
+        assert [r["step"] for r in other["records"]] == [r["step"] for r in reference["records"]]
+        for mine, theirs in zip(other["records"], reference["records"]):
+            assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-6), (name, mine["step"])
+            assert mine["learning_rate"] == pytest.approx(theirs["learning_rate"], rel=1e-9)
+        assert [e["step"] for e in other["evals"]] == [e["step"] for e in reference["evals"]]
+        for mine, theirs in zip(other["evals"], reference["evals"]):
+            assert mine["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-4), (name, mine["step"])
+        assert other["best"]["step"] == reference["best"]["step"]
+    evals = reference["evals"]
+    assert evals[-1]["eval_loss"] < 0.7 * evals[0]["eval_loss"], "the runs must really train"
+
+
+def test_the_same_adapter_weights(launcher_runs):
+    from safetensors.torch import load_file
+
+    tensors = {name: load_file(launcher_runs[name][3] / "final" / "adapter_model.safetensors") for name in LAUNCHERS}
+    reference = tensors["torchrun"]
+    for name in ("accelerate", "deepspeed"):
+        assert tensors[name].keys() == reference.keys()
+        for key, value in reference.items():
+            assert (tensors[name][key] - value).abs().max().item() < 1e-4, (name, key)
