@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.adapters import DTYPES, run_tool  # noqa: E402
+from train.adapters import DTYPES, check_adapter_dir, run_tool  # noqa: E402
 from train.console import ascii_safe  # noqa: E402
 
 EXAMPLES_FILE = "eval_examples.jsonl"
@@ -58,6 +58,8 @@ def examples_path(args):
 
 def main():
     args = parse_args()
+    for adapter in args.adapters:
+        check_adapter_dir(adapter)  # a wrong path fails before the slow imports
     from train.evaluation import evaluate_all, format_table, write_examples
     from train.generation import GenerationSettings
 

@@ -60,22 +60,33 @@ def note(message):
     print(ascii_safe(message), file=sys.stderr, flush=True)
 
 
-def load(args):
-    from train.adapters import load_adapter, load_model, pick_device
+def check_source(args):
+    """Fail on a wrong model choice or adapter path before the slow imports."""
+    from train.adapters import check_adapter_dir
 
     if bool(args.adapter) == bool(args.model):
         raise AdapterError("pass exactly one of --adapter DIR (an adapter on its base) and --model REF (a base or "
                            "merged model)")
     if args.base and not args.adapter:
         raise AdapterError("--base goes with --adapter; to generate from a base model pass it with --model")
+    if args.adapter:
+        check_adapter_dir(args.adapter)
+
+
+def load(args):
+    from train.adapters import load_adapter, load_model, pick_device, qlora_note
+
     device = pick_device(args.device)
     if args.adapter:
+        if qlora_note([args.adapter]):
+            note(qlora_note([args.adapter]))
         return load_adapter(args.adapter, args.base, args.dtype, device, args.trust_remote_code)
     return load_model(args.model, args.dtype, device, args.trust_remote_code)
 
 
 def main():
     args = parse_args()
+    check_source(args)
     from train.generation import (GenerationSettings, PromptCase, generate_for_case, read_prompt_file,
                                   resolve_prompt_format)
 

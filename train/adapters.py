@@ -248,6 +248,15 @@ def is_qlora(adapter_dir):
     return read_training_info(adapter_dir).get("mode") == "qlora"
 
 
+def qlora_note(adapter_dirs):
+    """A line telling that QLoRA adapters run on the full-precision base here, or None."""
+    qlora = [str(d) for d in adapter_dirs if is_qlora(d)]
+    if not qlora:
+        return None
+    return (f"note: QLoRA adapter(s) {', '.join(qlora)} run on the full-precision (de-quantized) base here, so "
+            f"losses and outputs differ slightly from the 4-bit model they were trained with")
+
+
 def load_adapters(adapter_dirs, base=None, dtype="auto", device=None, trust_remote_code=False):
     """Load the base once and every adapter onto it. Returns (peft model, tokenizer, base reference,
     {label: peft adapter name}); switch with model.set_adapter(name), or `with model.disable_adapter():` for the
@@ -426,14 +435,24 @@ def run_tool(main):
     import sys
 
     from train.console import ascii_safe, make_console_safe
-    from train.data import DataError
 
     make_console_safe()
     try:
         code = main()
-    except (AdapterError, DataError, FileNotFoundError) as error:
+    except Exception as error:  # noqa: BLE001 -- only user errors are turned into a one-line message
+        if not isinstance(error, user_error_types()):
+            raise
         print(ascii_safe(f"error: {error}"), file=sys.stderr, flush=True)
         code = 2
     except KeyboardInterrupt:
         code = 130
     sys.exit(code or 0)
+
+
+def user_error_types():
+    """AdapterError, FileNotFoundError and, once train.data is loaded, DataError. Looked up lazily so that a tool
+    can fail on a wrong path without importing torch first."""
+    import sys
+
+    data = sys.modules.get("train.data")
+    return (AdapterError, FileNotFoundError) + ((data.DataError,) if data else ())

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.adapters import AdapterError, load_adapters, load_model, read_training_info
+from train.adapters import AdapterError, load_adapters, load_model, qlora_note, read_training_info
 from train.data import (DataError, DataStats, _tokenize, check_fields, collate, detect_format, load_records,
                         make_rows, supervised_tokens)
 from train.generation import case_from_record, generate_for_case
@@ -128,6 +128,8 @@ def evaluate_adapters(options, data, log):
     log(f"loading base and {len(options.adapters)} adapter(s)")
     model, tokenizer, base_reference, names = load_adapters(options.adapters, options.base, options.dtype,
                                                             trust_remote_code=options.trust_remote_code)
+    if qlora_note(options.adapters):
+        log(qlora_note(options.adapters))
     info = read_training_info(options.adapters[0])
     report = new_report(options, data, info)
     if not options.no_base:
