@@ -80,25 +80,32 @@ def perplexity(loss):
 
 # ---------------------------------------------------------------- one model, then all of them
 
-def measure(label, source, model, tokenizer, data, max_length, options, report, info=None):
-    """Evaluate the active model and, with options.save_examples, generate for the first examples."""
-    rows = eval_rows(data, tokenizer, max_length)
+def measure(label, source, model, tokenizer, rows, data, options, report, info=None):
+    """Evaluate the active model on `rows` and, with options.save_examples, generate for the first examples."""
     loss, tokens = eval_loss(model, rows, tokenizer.pad_token_id, options.batch_size)
     result = {"model": source, "eval_loss": loss, "perplexity": perplexity(loss), "tokens": tokens,
               "examples": len(rows)}
     if info and info.get("eval_loss") is not None:
         result["training_eval_loss"] = info["eval_loss"]
+    label = unique_label(label, source, report.results)
     report.results[label] = result
     if options.save_examples:
         add_generations(label, model, tokenizer, data, options, report)
 
 
-def add_generations(label, model, tokenizer, data, options, report):
+def unique_label(label, source, taken):
+    return label if label not in taken else source
+
+
+def prompt_cases(data, count):
     if data.fmt == "text":
         raise DataError(f"{data.source}: --save-examples needs instruction or chat data (a prompt and a reference); "
                         f"this file is plain text")
-    cases = [case_from_record(r, f"{data.source} record {i + 1}")
-             for i, r in enumerate(data.records[:options.save_examples])]
+    return [case_from_record(r, f"{data.source} record {i + 1}") for i, r in enumerate(data.records[:count])]
+
+
+def add_generations(label, model, tokenizer, data, options, report):
+    cases = prompt_cases(data, options.save_examples)
     if not report.examples:
         report.examples = [{"instruction": c.instruction, "context": c.context, "reference": c.reference,
                             "generations": {}} for c in cases]
@@ -108,38 +115,40 @@ def add_generations(label, model, tokenizer, data, options, report):
 
 def evaluate_all(options, log=print):
     """Evaluate the base (unless options.no_base), each adapter and each --model on options.data."""
+    if not options.adapters and not options.models:
+        raise AdapterError("nothing to evaluate: pass --adapter DIR and/or --model REF")
     data = read_eval_data(options.data, options.format)
-    report = None
-    if options.adapters:
-        report = evaluate_adapters(options, data, log)
+    if options.save_examples:
+        prompt_cases(data, options.save_examples)  # fail before loading any model
+    report = evaluate_adapters(options, data, log) if options.adapters else None
     for reference in options.models:
         log(f"loading model {reference}")
         loaded = load_model(reference, options.dtype, trust_remote_code=options.trust_remote_code)
         report = report or new_report(options, data, loaded.info)
-        measure(Path(str(reference)).name or str(reference), str(reference), loaded.model, loaded.tokenizer, data,
-                report.max_length, options, report, loaded.info)
+        rows = eval_rows(data, loaded.tokenizer, report.max_length)
+        measure(Path(str(reference)).name or str(reference), str(reference), loaded.model, loaded.tokenizer, rows,
+                data, options, report, loaded.info)
         del loaded
-    if report is None:
-        raise AdapterError("nothing to evaluate: pass --adapter DIR and/or --model REF")
     return report
 
 
 def evaluate_adapters(options, data, log):
+    """The base once, each adapter switched on in turn; all share the first adapter's tokenizer and rows."""
     log(f"loading base and {len(options.adapters)} adapter(s)")
     model, tokenizer, base_reference, names = load_adapters(options.adapters, options.base, options.dtype,
                                                             trust_remote_code=options.trust_remote_code)
     if qlora_note(options.adapters):
         log(qlora_note(options.adapters))
-    info = read_training_info(options.adapters[0])
-    report = new_report(options, data, info)
+    report = new_report(options, data, read_training_info(options.adapters[0]))
+    rows = eval_rows(data, tokenizer, report.max_length)
     if not options.no_base:
         log(f"evaluating base {base_reference}")
         with model.disable_adapter():
-            measure("base", str(base_reference), model, tokenizer, data, report.max_length, options, report)
+            measure("base", str(base_reference), model, tokenizer, rows, data, options, report)
     for (label, peft_name), adapter_dir in zip(names.items(), options.adapters):
         log(f"evaluating {label} ({adapter_dir})")
         model.set_adapter(peft_name)
-        measure(label, str(adapter_dir), model, tokenizer, data, report.max_length, options, report,
+        measure(label, str(adapter_dir), model, tokenizer, rows, data, options, report,
                 read_training_info(adapter_dir))
     return report
 
