@@ -367,20 +367,45 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
     """Merge a LoRA/QLoRA adapter into its full-precision base, save sharded safetensors + tokenizer to `out_dir`,
     then reload what was saved and check its logits against base+adapter. `out_dir` appears only if the check
     passes."""
-    adapter_dir = check_adapter_dir(adapter_dir)
+    import shutil
+
+    from train.fsutil import fresh_tmp_dir
+
+    adapter_dir, out_dir = check_adapter_dir(adapter_dir), Path(out_dir)
     reference, base_path = resolve_base(adapter_dir, base)
     check_merge_target(out_dir, adapter_dir, base_path, overwrite)
     prepare_adapters([adapter_dir], base, trust_remote_code)
-    import shutil
-
-    from peft import PeftModel
-
-    from train.fsutil import atomic_write_json, fresh_tmp_dir, replace_dir
-
     if is_qlora(adapter_dir):
         log("QLoRA adapter: merging into the de-quantized base (loaded in full precision, not 4-bit); the merged "
             "model is base + adapter without the 4-bit rounding the adapter was trained against")
     device = pick_device(device)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_tmp_dir(out_dir)
+    try:
+        samples, expected, saved_dtype = save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device,
+                                                     trust_remote_code)
+        log(f"merged {adapter_dir} into {reference} ({dtype_name(saved_dtype)}); checking the saved model")
+        reloaded = load_causal_lm(tmp, saved_dtype, device, trust_remote_code)
+        diff, tolerance = logits_difference(expected, sample_logits(reloaded, samples), saved_dtype)
+        del reloaded
+        if diff > tolerance:
+            raise AdapterError(f"the merged model's logits differ from base + adapter by up to {diff:.3g} (tolerance "
+                               f"{tolerance:.3g}); nothing was written to {out_dir}. Merge in float32 (--dtype "
+                               f"float32) or check that --base is the model the adapter was trained on")
+        publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(p.name for p in out_dir.glob("*.safetensors"))
+    return MergeResult(out_dir, reference, dtype_name(saved_dtype), files, diff, tolerance)
+
+
+def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trust_remote_code):
+    """Load base + adapter, record logits on the samples, merge, save model and tokenizer into `tmp`. Returns
+    (samples, logits before merging, dtype saved). Frees the model before returning, so that the check which
+    reloads the saved copy never holds two models."""
+    from peft import PeftModel
+
     model = load_causal_lm(base_path, merge_dtype(dtype), device, trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
     tokenizer = load_tokenizer_from(adapter_dir if has_tokenizer(adapter_dir) else base_path, trust_remote_code)
@@ -388,31 +413,26 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
     expected = sample_logits(model, samples)
     merged = model.merge_and_unload()
     saved_dtype = next(merged.parameters()).dtype
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_tmp_dir(out_dir)
-    log(f"merged {adapter_dir} into {reference} ({str(saved_dtype).replace('torch.', '')}); saving to {out_dir}")
     merged.save_pretrained(tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
-    del model, merged
-    try:
-        reloaded = load_causal_lm(tmp, saved_dtype, device, trust_remote_code)
-        diff, tolerance = logits_difference(expected, sample_logits(reloaded, samples), saved_dtype)
-        if diff > tolerance:
-            raise AdapterError(f"the merged model's logits differ from base + adapter by up to {diff:.3g} (tolerance "
-                               f"{tolerance:.3g}); nothing was written to {out_dir}. Merge in float32 (--dtype "
-                               f"float32) or check that --base is the model the adapter was trained on")
-        info = {**read_training_info(adapter_dir), "merged": {
-            "adapter": str(adapter_dir.resolve()), "base_model": reference, "dtype": str(saved_dtype),
-            "max_abs_logit_diff": diff}}
-        atomic_write_json(tmp / TRAINING_INFO, info)
-        apply_umask(tmp)
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    files = sorted(p.name for p in out_dir.glob("*.safetensors"))
-    return MergeResult(out_dir, reference, str(saved_dtype).replace("torch.", ""), files, diff, tolerance)
+    return samples, expected, saved_dtype
+
+
+def publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff):
+    """Record where the model came from (training_info.json keeps the run's dataset format for the tools), then
+    move it into place."""
+    from train.fsutil import atomic_write_json, replace_dir
+
+    info = {**read_training_info(adapter_dir), "merged": {
+        "adapter": str(Path(adapter_dir).resolve()), "base_model": reference, "dtype": dtype_name(saved_dtype),
+        "max_abs_logit_diff": diff}}
+    atomic_write_json(Path(tmp) / TRAINING_INFO, info)
+    apply_umask(tmp)
+    replace_dir(tmp, out_dir)
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
 
 
 def apply_umask(directory):

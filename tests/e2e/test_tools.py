@@ -107,6 +107,26 @@ def test_merge_refuses_to_overwrite_without_the_flag(merged, run_dir):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+def test_merge_never_writes_over_its_inputs_or_a_non_model_directory(run_dir, tmp_path, tiny_model_path):
+    from train.adapters import AdapterError, check_merge_target
+
+    adapter = run_dir / "best"
+    for out in (adapter, run_dir, tiny_model_path):
+        with pytest.raises(AdapterError, match="would overwrite the"):
+            check_merge_target(out, adapter, tiny_model_path, overwrite=True)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(AdapterError, match="not a model directory"):
+        check_merge_target(tmp_path, adapter, tiny_model_path, overwrite=True)
+
+
+def test_merge_check_fails_on_logits_beyond_tolerance():
+    from train.adapters import logits_difference
+
+    reference = [torch.zeros(1, 4, 8)]
+    diff, tolerance = logits_difference(reference, [torch.full((1, 4, 8), 0.01)], torch.float32)
+    assert diff == pytest.approx(0.01) and diff > tolerance
+
+
 # ---------------------------------------------------------------- generate
 
 def test_adapter_and_merged_model_generate_the_same_greedy_text(merged, run_dir):
