@@ -1091,7 +1091,7 @@ def spec_from_config(config, nproc, nnodes, gpu=None):
 
 
 def _with_dataset_size(spec, config):
-    """Count examples and estimate tokens of a local JSONL (sampled, fast); hub datasets stay unknown."""
+    """Count examples and estimate tokens of a local JSONL (a sample of 200, fast); hub datasets stay unknown."""
     path = Path(config["dataset"])
     if not path.is_file() or path.suffix not in (".jsonl", ".json"):
         return spec
@@ -1100,29 +1100,42 @@ def _with_dataset_size(spec, config):
     if config["max_examples"]:
         examples = min(examples, config["max_examples"])
     examples = int(examples * (1 - config["eval_fraction"])) if not config["eval_dataset"] else examples
-    sample = lines[:: max(1, len(lines) // 200)][:200]
-    chars = sum(len(" ".join(str(v) for v in json.loads(line).values())) for line in sample) / max(1, len(sample))
-    tokens = chars / _chars_per_token(config) + 12  # + prompt template and EOS
-    return replace(spec, examples=examples, avg_tokens_per_example=tokens)
+    sample = [_example_text(json.loads(line)) for line in lines[:: max(1, len(lines) // 200)][:200]]
+    return replace(spec, examples=examples, avg_tokens_per_example=_average_tokens(sample, config))
 
 
-def _chars_per_token(config):
-    """From the model's own tokenizer.json when it is local (the builtin models have one), else 4."""
+def _example_text(record):
+    """The text an example trains on: its string fields with the instruction template around them."""
+    from train.prompts import render_instruction_prompt
+
+    if isinstance(record.get("messages"), list):
+        return "\n".join(f"<|{m.get('role')}|>\n{m.get('content')}" for m in record["messages"])
+    if "instruction" in record:
+        answer = record.get("response") or record.get("output") or ""
+        return render_instruction_prompt(record["instruction"], record.get("context") or record.get("input") or "") \
+            + str(answer)
+    return " ".join(str(v) for v in record.values() if isinstance(v, str))
+
+
+def _average_tokens(texts, config):
+    """With the model's own tokenizer.json when it is local (the builtin models have one), else 4 characters per
+    token; plus one EOS."""
     from train.tiny import is_builtin, resolve_model_path
 
     ref = config["tokenizer"] or config["model"]
-    path = Path(resolve_model_path(ref)) if is_builtin(ref) else Path(ref)
-    tokenizer_file = path / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        return 4.0
-    try:
-        from tokenizers import Tokenizer
+    tokenizer_file = (Path(resolve_model_path(ref)) if is_builtin(ref) else Path(ref)) / "tokenizer.json"
+    count = None
+    if tokenizer_file.is_file():
+        try:
+            from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        text = Path(config["dataset"]).read_text(encoding="utf-8")[:20000]
-        return max(1.0, len(text) / max(1, len(tokenizer.encode(text).ids)))
-    except Exception:  # a tokenizer we cannot read: the generic ratio
-        return 4.0
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            count = sum(len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts)
+        except Exception:  # a tokenizer we cannot read: the generic ratio
+            count = None
+    if count is None:
+        count = sum(len(text) for text in texts) / 4.0
+    return count / max(1, len(texts)) + 1
 
 
 def _with_ds_file_settings(spec, config):
@@ -1140,8 +1153,35 @@ def _with_ds_file_settings(spec, config):
                    zero.get("overlap_comm") != "auto" else spec.overlap_comm)
 
 
+def _nvidia_smi_device():
+    """The first GPU from nvidia-smi (fast, no torch import), or None."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out:
+        return None
+    name, _, mib = out[0].rpartition(",")
+    device = device_from_cuda_name(name.strip(), float(mib) * 1024 ** 2 if mib.strip().isdigit() else None)
+    if device is None:
+        raise EstimateError(f"GPU '{name.strip()}' is not in train/gpu_table.json; pass --gpu "
+                            f"(known: {', '.join(known_gpus())})")
+    return device
+
+
 def detect_device(nproc):
-    """(table device, name) for the GPU of this machine, or the CPU when there is none."""
+    """The table entry for this machine's GPU, or the CPU when there is none (no torch import when possible)."""
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        return cpu_device(nproc)
+    device = _nvidia_smi_device()
+    if device is not None:
+        return device
     try:
         import torch
 
@@ -1215,8 +1255,10 @@ def render_table(result):
     lines = [f"{k:<12} {v}" for k, v in rows]
     lines += ["", f"memory per rank (GiB)       peak phase: {result.peak_phase}"]
     for key, value in result.memory.items():
+        if key == "weights_at_load" and not value:
+            continue
         indent = "    " if "." in key else "  "
-        lines.append(f"{indent}{key:<38} {value / GIB:10.3f}")
+        lines.append(f"{indent}{MEMORY_LABELS.get(key, key):<38} {value / GIB:10.3f}")
     margin = (result.breakdown["other"] - _other_without_margin(result)) / GIB
     lines.append(f"  {'margin (%d%%)' % round(100 * result.spec.margin):<38} {margin:10.3f}")
     lines.append(f"  {'PEAK':<38} {result.peak_bytes / GIB:10.3f}  of {result.device.memory_gib:.1f}"
@@ -1243,9 +1285,83 @@ def render_table(result):
     return "\n".join(lines)
 
 
+MEMORY_LABELS = {"gradients": "gradients (backward)", "gradients_at_step": "gradients (optimizer step)",
+                 "activations": "activations (saved for backward)", "weights_at_load": "weights while loading"}
+
+
 def _other_without_margin(result):
     transients = sum(v for k, v in result.memory.items() if k.startswith("transient."))
     return (transients if result.peak_phase == "backward" else 0.0) + result.memory["runtime"]
+
+
+# ================================================================ calibration runs
+
+def measurement_overrides(steps, out_dir, run_name="estimate-measure"):
+    """Run-config overrides for a short measuring run: every step logged, no eval, no checkpoints."""
+    return ["--max_steps", str(steps + WARMUP_STEPS), "--logging_steps", "1", "--eval_fraction", "0",
+            "--lr_scheduler", "constant", "--warmup_steps", "0", "--warmup_ratio", "0", "--save_steps", "1000000",
+            "--eval_steps", "1000000", "--report_to", "[]", "--output_dir", str(out_dir), "--run_name", run_name,
+            "--resume", "never"]
+
+
+def run_measurement(config_path, mode, steps, nproc, overrides=(), out_dir=None, nnodes=1, timeout=None):
+    """Train `steps` (+ warm-up) real steps of the run through the launcher and the trainer; return the run's
+    training_history.json as a dict. Raises EstimateError with the trainer's output tail when it fails."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from train import REPO_ROOT
+
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="ftl-measure-"))
+    cmd = [sys.executable, "-m", "train.launch", "--mode", mode, str(config_path), "--no-preflight",
+           "--nproc-per-node", str(nproc), *map(str, overrides), *measurement_overrides(steps, out_dir)]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    history_file = out_dir / "estimate-measure" / "training_history.json"
+    if proc.returncode != 0 or not history_file.exists():
+        tail = (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()
+        raise EstimateError(f"the measuring run failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return json.loads(history_file.read_text())
+
+
+def spec_from_history(history, gpu=None):
+    """(RunSpec, Device) of a run from its training_history.json metadata."""
+    meta = history.get("metadata") or {}
+    if "config" not in meta:
+        raise EstimateError("this training_history.json has no metadata.config; it was not written by this trainer")
+    config = dict(meta["config"])
+    world = int(meta.get("world_size", 1))
+    nnodes = int((meta.get("estimate") or {}).get("nnodes", 1))
+    device_name = str(meta.get("device", "cpu"))
+    if gpu:
+        device = resolve_device(gpu, world // nnodes)
+    elif device_name.startswith("cpu"):
+        device = cpu_device(world // nnodes)
+    else:
+        device = device_from_cuda_name(device_name)
+        if device is None:
+            raise EstimateError(f"the run's device '{device_name}' is not in train/gpu_table.json; pass --gpu "
+                                f"(known: {', '.join(known_gpus())})")
+    config.setdefault("precision", meta.get("precision", "auto"))
+    if meta.get("precision"):
+        config["precision"] = meta["precision"]
+    spec = spec_from_config(config, world // nnodes, nnodes, gpu=device.name)
+    if meta.get("total_steps"):
+        spec = replace(spec, max_steps=int(meta["total_steps"]))
+    return spec, device
+
+
+def calibrate_from_history(history, gpu=None, path=None, save=True):
+    """(cold estimate, calibration entry, calibrated estimate) from a finished or running job's history."""
+    spec, device = spec_from_history(history, gpu)
+    cold = estimate(spec, calibration={}, device=device, with_alternatives=False)
+    measured = measured_step_time(history.get("records", []))
+    entry = fit_calibration(cold, measured, source=str(history.get("metadata", {}).get("run_name", "history")))
+    if save:
+        save_calibration(entry, path)
+    calibrated = estimate(spec, calibration={entry["key"]: entry}, device=device)
+    return cold, entry, calibrated
 
 
 # ================================================================ the trainer's log line
@@ -1268,7 +1384,7 @@ class EstimateLog:
                   f"{self.result.step_time_s:.3f} s/step "
                   f"({'calibrated' if self.result.timing['calibration_factor'] else 'cold'}, "
                   f"{self.result.device.name})")
-        self._record({"predicted_step_time_s": self.result.step_time_s,
+        self._record({"nnodes": nnodes, "predicted_step_time_s": self.result.step_time_s,
                       "predicted_peak_gib": self.result.peak_bytes / GIB,
                       "cold_step_time_s": self.result.timing["cold_s"]})
 
