@@ -46,6 +46,8 @@ def parse_args():
     p.add_argument("--nproc", type=int, help="processes per node (default: GPUs, or 2 on a CPU)")
     p.add_argument("--steps", type=int, default=4, help="measured steps per case (after 2 warm-up steps)")
     p.add_argument("--cases", help="comma list of case numbers to run (default: all)")
+    p.add_argument("--max-load", type=float, help="on a shared machine: before each case wait (up to 3 min) until "
+                                                   "the 1-minute load average is below this")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--reuse", metavar="FILE", help="take measured step times from an earlier --json instead of "
                                                     "running (re-predicts with the current model)")
@@ -98,9 +100,11 @@ def run(args):
         for index in chosen:
             label, change = CASES[index]
             config = case_config(args, change)
+            load = None
             if reused:
                 measured = next(c["measured_s"] for c in reused if c["label"] == label)
             else:
+                load = wait_for_quiet(args.max_load)
                 t0 = time.time()
                 measured, _ = measure_case(args, config, write_yaml(config, tmp, index), nproc, index)
                 print(ascii_safe(f"  measured {label}: {measured:.4f} s/step ({time.time() - t0:.0f} s)"),
@@ -111,8 +115,19 @@ def run(args):
                 calibration = {entry["key"]: entry}
             calibrated = predict(config, nproc, device, calibration)
             rows.append({"label": label, "change": change, "measured_s": measured, "cold_s": cold.step_time_s,
-                         "calibrated_s": calibrated.step_time_s, "calibration_factor": entry["factor"]})
+                         "calibrated_s": calibrated.step_time_s, "calibration_factor": entry["factor"],
+                         "load_average_before": load})
     return rows, device
+
+
+def wait_for_quiet(max_load, limit_s=180):
+    """The 1-minute load average when the case starts, after waiting for it to drop below `max_load`."""
+    import os
+
+    start = time.time()
+    while max_load and os.getloadavg()[0] > max_load and time.time() - start < limit_s:
+        time.sleep(5)
+    return round(os.getloadavg()[0], 2)
 
 
 def _default_nproc():

@@ -39,16 +39,18 @@ MASTER_BYTES = 4
 DEFAULT_MARGIN = 0.10
 GPU_RUNTIME_GIB = 1.0  # CUDA context, cuBLAS workspace, NCCL buffers
 CPU_RUNTIME_GIB = 0.6  # python + torch + deepspeed per process (RSS of an idle rank here)
-CPU_PEAK_GFLOPS_PER_CORE = 50.0  # fp32 GEMM, AVX2/AVX-512 class core, one thread per rank
-CPU_MEMORY_GBPS_PER_RANK = 10.0
-CPU_GLOO_BUSBW_GBPS = 2.0
+CPU_PEAK_GFLOPS_PER_CORE = 100.0  # fp32 GEMM on one AVX-512 core (about 97 measured here; AVX2 cores: half)
+CPU_MFU = 0.85
+CPU_MEMORY_GBPS_PER_RANK = 20.0
+CPU_GLOO_BUSBW_GBPS = 0.5  # DeepSpeed collectives over gloo between processes of one machine (measured)
+OPTIMIZER_BYTES_PER_PARAM = 60  # DeepSpeed step: gradient flatten, norm, clip, AdamW, copy back to 16-bit
 PACKED_FILL = 0.95  # fraction of a packed row holding real tokens (best-fit packing of instruction data)
 UNPACKED_FILL = 0.6
 WARMUP_STEPS = 2  # steps excluded from measured step times (first-step allocation, lazy init)
 # Per transformer layer and pass (forward, backward, recompute): python dispatch, kernel launches, hooks. Priors
 # until calibration; CPU measured on the 2-core machine of docs/estimation.md.
-LAYER_OVERHEAD_S = {"gpu": 0.0015, "cpu": 0.004}
-STEP_OVERHEAD_S = {"gpu": 0.02, "cpu": 0.05}
+LAYER_OVERHEAD_S = {"gpu": 0.0015, "cpu": 0.002}
+STEP_OVERHEAD_S = {"gpu": 0.02, "cpu": 0.02}
 CALIBRATION_PATH_ENV = "FTL_ESTIMATE_CALIBRATION"
 
 
@@ -287,7 +289,7 @@ def cpu_device(procs_per_node=1):
     return Device(name="cpu", memory_gib=ram / max(1, procs_per_node),
                   tflops={"fp32": gflops / 1e3, "bf16": gflops / 1e3, "fp16": None},
                   hbm_tbps=CPU_MEMORY_GBPS_PER_RANK * per_rank_cores / 1e3, intra_busbw_gbps=CPU_GLOO_BUSBW_GBPS,
-                  mfu={"full": 0.5, "lora": 0.5}, link="gloo (shared memory)", kind="cpu")
+                  mfu={"full": CPU_MFU, "lora": CPU_MFU}, link="gloo", kind="cpu")
 
 
 def resolve_device(name, procs_per_node=1):
@@ -695,15 +697,16 @@ def step_time(arch, spec, device, counts, precision, activations_per_layer, cali
         "elementwise_s": 3 * activations_per_layer * arch.num_hidden_layers * spec.grad_accum *
         (passes / 2) / bandwidth,
         "dequant_s": (counts.quantized * 2.5 * passes * spec.grad_accum / bandwidth) if spec.mode == "qlora" else 0,
-        "optimizer_s": counts.trainable / spec.world * 30 / (bandwidth if not spec.offload else
-                                                             CPU_MEMORY_GBPS_PER_RANK * 1e9),
+        "optimizer_s": counts.trainable / spec.world * OPTIMIZER_BYTES_PER_PARAM /
+        (bandwidth if not spec.offload else CPU_MEMORY_GBPS_PER_RANK * 1e9),
     }
     compute_bound = terms["matmul_s"] + terms["elementwise_s"] + terms["dequant_s"] + terms["optimizer_s"]
     terms["overhead_s"] = overhead_seconds(arch, spec, device, passes, compute_bound)
     comm, comm_detail = comm_seconds(spec, device, counts, e, interconnect)
-    # ZeRO-3 prefetches parameters on a side stream: gathers hide behind compute; the rest overlaps only with
-    # overlap_comm.
-    gather_exposed = max(0.0, comm_detail.get("zero3_gather_s", 0.0) - compute_bound)
+    # On GPUs ZeRO-3 prefetches parameters on a side stream: gathers hide behind compute; the rest overlaps only
+    # with overlap_comm. gloo on the CPU shares the cores with compute: nothing overlaps.
+    gather = comm_detail.get("zero3_gather_s", 0.0)
+    gather_exposed = gather if device.kind == "cpu" else max(0.0, gather - compute_bound)
     others = comm - comm_detail.get("zero3_gather_s", 0.0)
     terms["comm_s"] = gather_exposed + (max(0.0, others - compute_bound) if spec.overlap_comm else others)
     cold = compute_bound + terms["overhead_s"] + terms["comm_s"]
@@ -1314,6 +1317,7 @@ def run_measurement(config_path, mode, steps, nproc, overrides=(), out_dir=None,
     from train import REPO_ROOT
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="ftl-measure-"))
+    config_path = _config_with_mode(config_path, mode, out_dir)
     cmd = [sys.executable, "-m", "train.launch", "--mode", mode, str(config_path), "--no-preflight",
            "--nproc-per-node", str(nproc), *map(str, overrides), *measurement_overrides(steps, out_dir)]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -1323,6 +1327,20 @@ def run_measurement(config_path, mode, steps, nproc, overrides=(), out_dir=None,
         tail = (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()
         raise EstimateError(f"the measuring run failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
     return json.loads(history_file.read_text())
+
+
+def _config_with_mode(config_path, mode, out_dir):
+    """The launcher insists that a config's mode matches the launcher's: write a copy when measuring another mode."""
+    import yaml
+
+    data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    if data.get("mode") == mode:
+        return config_path
+    data["mode"] = mode
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy = out_dir / f"{Path(config_path).stem}-{mode}.yaml"
+    copy.write_text(yaml.safe_dump(data))
+    return copy
 
 
 def spec_from_history(history, gpu=None):
