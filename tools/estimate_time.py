@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.console import ascii_safe, make_console_safe  # noqa: E402
-from train.estimate import (EstimateError, RunSpec, calibrate_from_history, detect_device, estimate,  # noqa: E402
-                            known_gpus, load_calibration, render_table, resolve_device, run_measurement,
-                            spec_from_config)
+from train.estimate import (EstimateError, RunSpec, calibrate_from_history, calibration_path,  # noqa: E402
+                            detect_device, estimate, known_gpus, load_calibration, render_table, resolve_device,
+                            run_measurement, spec_from_config)
 
 # flag -> RunSpec field
 FLAG_FIELDS = {"model": "model", "mode": "mode", "gpus_per_node": "gpus_per_node", "nodes": "nodes", "gpu": "gpu",
@@ -90,7 +90,8 @@ def explicit_fields(args):
 
 def build_spec(args):
     fields = explicit_fields(args)
-    gpus = fields.get("gpus_per_node", 1)
+    gpus = fields.get("gpus_per_node") or (1 if "gpu" in fields else local_processes())
+    fields["gpus_per_node"] = gpus
     device = resolve_device(fields["gpu"], gpus) if "gpu" in fields else detect_device(gpus)
     fields["gpu"] = device.name
     if args.config:
@@ -104,6 +105,14 @@ def build_spec(args):
     return RunSpec(**fields), device
 
 
+def local_processes():
+    """What the launcher would start here: one process per GPU, or FTL_CPU_PROCS (2) on a CPU machine."""
+    import os
+
+    gpus = len(list(Path("/dev").glob("nvidia[0-9]*")))
+    return gpus or int(os.environ.get("FTL_CPU_PROCS", "2"))
+
+
 def calibration_for(args):
     if args.no_calibration:
         return {}
@@ -111,11 +120,13 @@ def calibration_for(args):
 
 
 def measure(args, spec, device):
+    """Run the configured training for N steps, refit, and re-predict the configured run with the new factor."""
     if not args.config:
         raise EstimateError("--measure needs --config: the run whose steps are measured")
     history = run_measurement(args.config, spec.mode, args.measure, spec.gpus_per_node,
                               overrides=config_overrides(args))
-    return calibrate(history, device.name, args)
+    _, note = calibrate(history, device.name, args)
+    return estimate(spec, load_calibration(args.calibration), device=device), note
 
 
 def config_overrides(args):
@@ -137,7 +148,7 @@ def calibrate(history, gpu, args):
     cold, entry, calibrated = calibrate_from_history(history, gpu=gpu, path=args.calibration)
     return calibrated, {"measured_step_time_s": entry["measured_step_time_s"], "factor": entry["factor"],
                         "cold_step_time_s": cold.step_time_s, "calibrated_step_time_s": calibrated.step_time_s,
-                        "key": entry["key"], "saved_to": str(args.calibration or "default calibration file")}
+                        "key": entry["key"], "saved_to": str(args.calibration or calibration_path())}
 
 
 def main(argv=None):

@@ -1093,18 +1093,54 @@ def spec_from_config(config, nproc, nnodes, gpu=None):
     return _with_ds_file_settings(spec, config)
 
 
+EXACT_COUNT_BYTES = 256 * 1024 ** 2  # count lines of files up to this size; extrapolate beyond (stays fast)
+
+
 def _with_dataset_size(spec, config):
-    """Count examples and estimate tokens of a local JSONL (a sample of 200, fast); hub datasets stay unknown."""
+    """Count the examples of a local JSONL and estimate their tokens from the first 200; hub datasets stay
+    unknown (give --examples)."""
     path = Path(config["dataset"])
     if not path.is_file() or path.suffix not in (".jsonl", ".json"):
         return spec
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    examples = len(lines)
+    head = _first_lines(path, 200)
+    if not head:
+        return spec
+    examples = _count_lines(path)
     if config["max_examples"]:
         examples = min(examples, config["max_examples"])
     examples = int(examples * (1 - config["eval_fraction"])) if not config["eval_dataset"] else examples
-    sample = [_example_text(json.loads(line)) for line in lines[:: max(1, len(lines) // 200)][:200]]
+    try:
+        sample = [_example_text(json.loads(line)) for line in head]
+    except (json.JSONDecodeError, AttributeError):
+        return replace(spec, examples=examples)
     return replace(spec, examples=examples, avg_tokens_per_example=_average_tokens(sample, config))
+
+
+def _first_lines(path, n):
+    lines = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+            if len(lines) >= n:
+                break
+    return lines
+
+
+def _count_lines(path):
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= EXACT_COUNT_BYTES:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) + \
+                (0 if size == 0 else 1) - _ends_with_newline(path)
+        head = f.read(4 << 20)
+    return int(size / max(1, len(head)) * head.count(b"\n"))
+
+
+def _ends_with_newline(path):
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return 1 if f.read(1) == b"\n" else 0
 
 
 def _example_text(record):
@@ -1386,10 +1422,12 @@ def calibrate_from_history(history, gpu=None, path=None, save=True):
 
 class EstimateLog:
     """Logs the estimate when training starts and the measured step time after warm-up (once), and records both
-    in the history metadata. Never raises: an estimate problem must not stop a run."""
+    in the history metadata. Rank 0 only. Never raises: an estimate problem must not stop a run."""
 
-    def __init__(self, config, world, history=None, measure_after=WARMUP_STEPS + 3):
-        self.history, self.measure_after, self.times, self.result = history, measure_after, [], None
+    def __init__(self, config, world, history=None, measured_steps=3):
+        self.history, self.measured_steps, self.seen, self.times, self.result = history, measured_steps, 0, [], None
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
         try:
             nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
             self.result = estimate_from_config(config, world // nnodes, nnodes)
@@ -1407,10 +1445,14 @@ class EstimateLog:
                       "cold_step_time_s": self.result.timing["cold_s"]})
 
     def observe(self, step, record):
-        if self.result is None or step <= WARMUP_STEPS or self.times is None:
+        """Call after every optimizer step; the first WARMUP_STEPS after a (re)start are not measured."""
+        if self.result is None or self.times is None:
+            return
+        self.seen += 1
+        if self.seen <= WARMUP_STEPS:
             return
         self.times.append(record["step_time_s"])
-        if step < self.measure_after:
+        if len(self.times) < self.measured_steps:
             return
         measured = sorted(self.times)[len(self.times) // 2]
         predicted = self.result.step_time_s
