@@ -111,7 +111,26 @@ def parse_args(argv):
         raise SubmitError("--gpus-per-node must be >= 0 and --nproc-per-node >= 1")
     if args.signal_secs < 30:
         raise SubmitError("--signal-secs must leave the training at least 30 s to checkpoint")
+    limit = time_limit_seconds(args.time)
+    if limit is not None and args.signal_secs >= limit:
+        raise SubmitError(f"--time {args.time} is not longer than --signal-secs {args.signal_secs}: the job would be "
+                          f"told to checkpoint and requeue at once; raise --time or lower --signal-secs")
     return args, overrides
+
+
+def time_limit_seconds(text):
+    """Slurm's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds; None for UNLIMITED or unknown."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        return None
+    days, a, b, c = (int(g) if g else None for g in match.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    if c is not None:  # H:M:S
+        return (a * 60 + b) * 60 + c
+    if b is not None:  # M:S
+        return a * 60 + b
+    return a * 60  # M
 
 
 def sbatch_options(args, job_name, log_dir, workdir):

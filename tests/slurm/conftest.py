@@ -25,7 +25,7 @@ def unavailable_reason():
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """(root, env): env has SLURM_CONF set; the cluster has nodes n1 and n2 (4 CPUs each) in partition debug."""
+    """(root, env): env has SLURM_CONF set; the cluster has nodes n1 and n2 (8 CPUs each) in partition debug."""
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"no local Slurm: {reason}")

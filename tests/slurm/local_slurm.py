@@ -131,7 +131,7 @@ def wait_for_file(path, what, timeout=20):
     raise SlurmUnavailable(f"{what} did not write {path} within {timeout} s")
 
 
-def start(root, cpus_per_node=4, timeout=60):
+def start(root, cpus_per_node=8, timeout=60):
     """Start munged, slurmctld, slurmd n1 and n2 under `root`; return the slurm.conf path once both nodes are idle.
     Each node claims `cpus_per_node` CPUs (more than the host has is fine: jobs of one CPU per node then run side by
     side)."""

@@ -1,8 +1,9 @@
 """The Slurm submission path against a real Slurm (tests/slurm/conftest.py starts one: two nodes on this host).
 
-Three jobs of the embedded default (2 nodes x 1 CPU process, gloo) run side by side: one trains to the end, one is
+Jobs of the embedded default (2 nodes x 1 CPU process, gloo) run side by side: one trains to the end, one is
 requeued by `scontrol requeue` while training, one gets the pre-timeout USR1 in its batch shell (what
-`--signal=B:USR1@N` sends), whose trap makes the training checkpoint and requeues the job. The tests check the
+`--signal=B:USR1@N` sends), whose trap makes the training checkpoint and requeues the job; one stops on a NaN loss
+(the job must fail), and one cannot learn its head node's address (it must stop before training). The tests check the
 training's own outputs (history, weights, logs), not only exit codes: a Slurm step can fail and still exit 0.
 """
 import json
@@ -36,9 +37,9 @@ def submit_cmd(*extra):
     return [sys.executable, "-m", "train.submit", "--config", CONFIG, *extra]
 
 
-def submit(env, out_dir, max_steps):
+def submit(env, out_dir, max_steps, *overrides):
     proc = subprocess.run(submit_cmd("--nodes", "2", "--gpus-per-node", "0", "--time", "00:15:00",
-                                     "--max_steps", str(max_steps), "--output_dir", str(out_dir)),
+                                     "--max_steps", str(max_steps), "--output_dir", str(out_dir), *overrides),
                           cwd=REPO, env=job_env(env), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     match = re.search(r"submitted job (\d+)", proc.stdout)
@@ -101,10 +102,18 @@ def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
     _, env = slurm_cluster
     t0 = time.time()
     made = {}
-    for name, steps, action in (("requeue", PREEMPT_STEPS, "requeue"), ("signal", PREEMPT_STEPS, "usr1"),
-                                ("plain", PLAIN_STEPS, None)):
+    for name, steps, action, overrides in (
+            ("requeue", PREEMPT_STEPS, "requeue", ()), ("signal", PREEMPT_STEPS, "usr1", ()),
+            ("plain", PLAIN_STEPS, None, ()), ("broken", PLAIN_STEPS, None, ("--debug_nan_at_step", "3"))):
         out = tmp_path_factory.mktemp(f"slurm-{name}")
-        made[name] = Job(name, submit(env, out, steps), out, steps, action)
+        made[name] = Job(name, submit(env, out, steps, *overrides), out, steps, action)
+    # A job whose scontrol cannot name the head node's address (a stand-in scontrol first on its PATH).
+    fake_bin = tmp_path_factory.mktemp("fake-scontrol")
+    (fake_bin / "scontrol").write_text("#!/bin/sh\necho 'scontrol: error: Invalid node name specified' >&2\nexit 1\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    out = tmp_path_factory.mktemp("slurm-nohead")
+    made["nohead"] = Job("nohead", submit(dict(env, PATH=f"{fake_bin}:{env['PATH']}"), out, PLAIN_STEPS), out,
+                         PLAIN_STEPS)
     deadline = time.time() + JOB_TIMEOUT_S
     pending = set(made)
     while pending and time.time() < deadline:
@@ -181,6 +190,12 @@ def test_submit_refuses_a_mode_the_config_does_not_have():
     assert proc.returncode == 2 and "mode" in proc.stderr, proc.stderr
 
 
+def test_submit_refuses_a_time_limit_shorter_than_the_checkpoint_warning():
+    proc = subprocess.run(submit_cmd("--time", "4", "--dry-run"), cwd=REPO, env=job_env(os.environ),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--signal-secs" in proc.stderr, proc.stderr
+
+
 def test_head_address_outside_a_job_is_a_clear_error():
     env = {k: v for k, v in job_env(os.environ).items() if not k.startswith("SLURM_")}
     proc = subprocess.run([sys.executable, "-m", "train.submit", "--head-address"], cwd=REPO, env=env,
@@ -215,6 +230,24 @@ def test_submitted_job_trains_and_writes_its_outputs(jobs):
     assert f"--rdzv_id {job.id}" in node_logs[0].read_text()
     assert "training exit code 0" in job.batch_log(), job.batch_log()
     assert (job.run_dir / "training_curves.png").exists() and list((job.run_dir / "tensorboard").iterdir())
+
+
+def test_the_job_exit_code_is_the_trainings(jobs):
+    """A run that stops on a non-finite loss (exit 3) fails the job, on every node, with its logs."""
+    job = jobs["broken"]
+    assert job.info.get("JobState") == "FAILED" and job.info.get("ExitCode") != "0:0", job.describe()
+    history = read_history(job.run_dir)
+    assert history and history["status"] == "failed" and "step 3" in history["stop_reason"], job.describe()
+    code = re.search(r"training exit code (\d+)", job.batch_log())
+    assert code and code.group(1) != "0" and job.info["ExitCode"].startswith(code.group(1) + ":"), job.describe()
+
+
+def test_no_head_node_address_stops_the_job_before_training(jobs):
+    job = jobs["nohead"]
+    assert job.info.get("JobState") == "FAILED" and job.info.get("ExitCode") == "3:0", job.describe()
+    log = job.batch_log()
+    assert "cannot find the head node's address" in log and "localhost" in log, log
+    assert not job.node_logs() and read_history(job.run_dir) is None, "no training may start"
 
 
 def assert_resumed_from_its_checkpoint(job):
