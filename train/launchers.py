@@ -116,8 +116,8 @@ def hostfile_lines(nproc, nnodes):
     if len(hosts) != nnodes:
         hosts = os.environ.get("FTL_HOSTS", "").replace(",", " ").split()
     if len(hosts) != nnodes:
-        raise ValueError(f"--launcher deepspeed with --nnodes {nnodes} needs the node names: run inside a Slurm "
-                         f"allocation of {nnodes} nodes or set FTL_HOSTS=host1,host2,...")
+        raise SystemExit(f"error: --launcher deepspeed with --nnodes {nnodes} needs the node names: run inside a "
+                         f"Slurm allocation of {nnodes} nodes or set FTL_HOSTS=host1,host2,...")
     return [f"{host} slots={nproc}" for host in hosts]
 
 

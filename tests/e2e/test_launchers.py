@@ -1,14 +1,14 @@
 """`--launcher torchrun|accelerate|deepspeed`: the same trainer through three launchers gives the same run.
 
 The embedded default with a short --max_steps, 2 processes each (gloo on CPU); the three runs go side by side.
+The multi-node commands are checked as built (no process started).
 """
 import subprocess
+import sys
 
 import pytest
 
 from tests.conftest import REPO, launcher_env, read_history
-
-pytestmark = pytest.mark.slow
 
 LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
 MAX_STEPS = 20
@@ -21,6 +21,9 @@ def printed_command(stdout):
     lines = [line for line in stdout.splitlines() if line.startswith("+ ")]
     assert lines, "the launcher must print the exact command it runs:\n" + stdout[-2000:]
     return lines[0]
+
+
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,7 @@ def launcher_runs(tiny_model_path, tmp_path_factory):
     return results
 
 
+@slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_launcher_trains_with_two_processes(launcher_runs, launcher):
     code, stdout, stderr, run_dir = launcher_runs[launcher]
@@ -59,6 +63,7 @@ def test_launcher_trains_with_two_processes(launcher_runs, launcher):
             assert (run_dir / which / name).exists(), f"{launcher}: {which}/{name}"
 
 
+@slow
 def test_accelerate_config_points_at_our_deepspeed_file(launcher_runs):
     import yaml
 
@@ -69,6 +74,7 @@ def test_accelerate_config_points_at_our_deepspeed_file(launcher_runs):
     assert config["deepspeed_config"]["deepspeed_config_file"] == str(REPO / "ds_configs" / "zero2.json")
 
 
+@slow
 def test_deepspeed_runner_gets_a_hostfile(launcher_runs):
     code, stdout, _, run_dir = launcher_runs["deepspeed"]
     hostfile = run_dir / "launch" / "hostfile"
@@ -76,6 +82,7 @@ def test_deepspeed_runner_gets_a_hostfile(launcher_runs):
     assert f"--hostfile {hostfile}" in printed_command(stdout)
 
 
+@slow
 def test_all_launchers_give_the_same_run(launcher_runs):
     histories = {name: read_history(launcher_runs[name][3]) for name in LAUNCHERS}
     reference = histories["torchrun"]
@@ -93,6 +100,7 @@ def test_all_launchers_give_the_same_run(launcher_runs):
     assert evals[-1]["eval_loss"] < 0.7 * evals[0]["eval_loss"], "the runs must really train"
 
 
+@slow
 def test_the_same_adapter_weights(launcher_runs):
     from safetensors.torch import load_file
 
@@ -102,3 +110,41 @@ def test_the_same_adapter_weights(launcher_runs):
         assert tensors[name].keys() == reference.keys()
         for key, value in reference.items():
             assert (tensors[name][key] - value).abs().max().item() < 1e-4, (name, key)
+
+
+# ---------------------------------------------------------------- multi-node commands (built, not run)
+
+def test_accelerate_multi_node_config_per_node(tmp_path, monkeypatch):
+    import yaml
+
+    from train import launchers
+
+    monkeypatch.delenv("SLURM_NODEID", raising=False)
+    options = {"--nnodes": "2", "--node-rank": "1", "--rdzv-endpoint": "10.1.2.3:29400", "--rdzv-id": "77"}
+    cmd = launchers.accelerate_command(sys.executable, 4, options, str(REPO / "configs" / "tiny_lora.yaml"),
+                                       ["--zero", "3"], tmp_path)
+    path = tmp_path / "launch" / "accelerate_config_node1.yaml"
+    assert cmd[cmd.index("--config_file") + 1] == str(path)
+    config = yaml.safe_load(path.read_text())
+    assert (config["num_machines"], config["num_processes"], config["machine_rank"]) == (2, 8, 1)
+    assert (config["main_process_ip"], config["main_process_port"], config["rdzv_backend"]) == \
+        ("10.1.2.3", 29400, "c10d")
+    assert config["deepspeed_config"]["deepspeed_config_file"] == str(REPO / "ds_configs" / "zero3.json")
+    assert config["deepspeed_config"]["zero3_init_flag"] is True
+    assert cmd[-4:] == ["--config", str(REPO / "configs" / "tiny_lora.yaml"), "--zero", "3"]
+
+
+def test_deepspeed_multi_node_runs_its_part_without_ssh(tmp_path, monkeypatch):
+    from train import launchers
+
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.setenv("FTL_HOSTS", "gpu-a,gpu-b")
+    options = {"--nnodes": "2", "--node-rank": "1", "--master-addr": "gpu-a", "--master-port": "29500"}
+    cmd = launchers.deepspeed_command(sys.executable, 8, options, "configs/tiny_lora.yaml", [], tmp_path)
+    assert (tmp_path / "launch" / "hostfile").read_text() == "gpu-a slots=8\ngpu-b slots=8\n"
+    joined = " ".join(cmd)
+    assert "--no_ssh --node_rank 1" in joined and "--master_addr gpu-a --master_port 29500" in joined
+    assert "--no_local_rank --module train --config configs/tiny_lora.yaml" in joined
+    monkeypatch.delenv("FTL_HOSTS")
+    with pytest.raises(SystemExit, match="FTL_HOSTS"):
+        launchers.deepspeed_command(sys.executable, 8, options, "configs/tiny_lora.yaml", [], tmp_path)
