@@ -91,7 +91,6 @@ class RunSpec:
     reduce_bucket_size: int = None  # elements; None: hidden^2 as our ds_configs fill "auto"
     prefetch_bucket_size: int = None
     fill: float = None
-    trust_remote_code: bool = False
 
     @property
     def world(self):
@@ -351,7 +350,6 @@ class ParamCounts:
     quantized: int           # NF4 weights (QLoRA)
     matmul_per_token: int    # weights multiplied per token (active experts only), lm_head included
     largest_module: int
-    lora_tensors: list = field(default_factory=list)
 
 
 def layer_linears(arch):
@@ -361,6 +359,11 @@ def layer_linears(arch):
     if arch.is_moe:
         return linears + [("gate", h, arch.num_experts)]  # the router
     return linears + [("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)]
+
+
+def quantized_linears(arch):
+    """What bitsandbytes turns into NF4: every nn.Linear of a layer (an MoE router is a plain parameter)."""
+    return [linear for linear in layer_linears(arch) if not (arch.is_moe and linear[0] == "gate")]
 
 
 def lora_target_names(arch, targets):
@@ -402,13 +405,11 @@ def count_params(arch, spec):
     lora = layers * sum(lora_sizes)
     active_mlp = 3 * arch.num_experts_per_tok * h * arch.moe_intermediate_size
     matmul = layers * (linear + active_mlp) + arch.vocab_size * h
-    quantized = layers * sum(i * o for n, i, o in layer_linears(arch) if n != "gate" or not arch.is_moe) \
-        if spec.mode == "qlora" else 0
+    quantized = layers * sum(i * o for _, i, o in quantized_linears(arch)) if spec.mode == "qlora" else 0
     largest = max([embedding, lm_head, experts // 3 * 2] + [i * o for _, i, o in layer_linears(arch)])
     return ParamCounts(total=total + lora, trainable=(total if spec.mode == "full" else lora), lora=lora,
                        embedding=embedding, lm_head=lm_head, layer_linear=linear, layer_experts=experts,
-                       layer_small=small, quantized=quantized, matmul_per_token=matmul, largest_module=largest,
-                       lora_tensors=lora_sizes)
+                       layer_small=small, quantized=quantized, matmul_per_token=matmul, largest_module=largest)
 
 
 # ================================================================ precision
@@ -444,7 +445,7 @@ def zero3_partitions_at_load(spec):
 
 def quantized_bytes(counts, arch):
     """NF4 storage of the quantised weights plus their quant_state (absmax, nested absmax, the two code books)."""
-    tensors = arch.num_hidden_layers * len([n for n, _, _ in layer_linears(arch) if n != "gate" or not arch.is_moe])
+    tensors = arch.num_hidden_layers * len(quantized_linears(arch))
     packed = counts.quantized * QUANT_BYTES_PER_PARAM
     state = counts.quantized * QUANT_STATE_BYTES_PER_PARAM + tensors * QUANT_STATE_BYTES_PER_TENSOR
     return packed, state
@@ -710,7 +711,7 @@ def step_time(arch, spec, device, counts, precision, activations_per_layer, cali
     others = comm - comm_detail.get("zero3_gather_s", 0.0)
     terms["comm_s"] = gather_exposed + (max(0.0, others - compute_bound) if spec.overlap_comm else others)
     cold = compute_bound + terms["overhead_s"] + terms["comm_s"]
-    factor = calibration_factor(calibration, device, precision, spec.mode)
+    factor = calibration_factor(calibration, device, precision)
     calibrated = compute_bound * factor + terms["overhead_s"] + terms["comm_s"] if factor else None
     return {"terms": terms, "comm": comm_detail, "flops_per_token": flops, "mfu_assumed": mfu,
             "tokens_per_rank_step": tokens, "cold_s": cold, "calibrated_s": calibrated,
@@ -764,7 +765,7 @@ def save_calibration(entry, path=None):
     return path
 
 
-def calibration_factor(calibration, device, precision, mode):
+def calibration_factor(calibration, device, precision):
     """Multiplier on the device-bound terms fitted on this device and precision, or None."""
     if not calibration:
         return None
@@ -906,7 +907,7 @@ def estimate(spec, calibration=None, device=None, with_alternatives=True):
     memory, one_layer = memory_terms(arch, spec, device, counts, precision)
     peak, phase, breakdown = peak_memory(memory, device, spec.margin)
     timing = step_time(arch, spec, device, counts, precision, one_layer, calibration, interconnect)
-    total_steps, steps_note = total_optimizer_steps(spec, arch)
+    total_steps, steps_note = total_optimizer_steps(spec)
     result = Estimate(spec=spec, arch=arch, device=device, precision=precision, counts=counts, memory=memory,
                       peak_bytes=peak, peak_phase=phase, breakdown=breakdown, timing=timing,
                       total_steps=total_steps, steps_note=steps_note, interconnect=interconnect,
@@ -959,7 +960,7 @@ def peak_memory(memory, device, margin):
     return peak, phase, breakdown
 
 
-def total_optimizer_steps(spec, arch):
+def total_optimizer_steps(spec):
     """Steps of the run, as the trainer counts them: rows // world // (micro x accum) per epoch."""
     if spec.max_steps:
         return spec.max_steps, "max_steps"
@@ -1087,8 +1088,7 @@ def spec_from_config(config, nproc, nnodes, gpu=None):
         gradient_checkpointing=config["gradient_checkpointing"], packing=config["packing"],
         gpus_per_node=nproc, nodes=nnodes, gpu=gpu or "cpu", precision=config["precision"],
         attn_implementation=config["attn_implementation"], overlap_comm=config["overlap_comm"],
-        epochs=config["num_epochs"], max_steps=config["max_steps"],
-        trust_remote_code=config["trust_remote_code"])
+        epochs=config["num_epochs"], max_steps=config["max_steps"])
     spec = _with_dataset_size(spec, config)
     return _with_ds_file_settings(spec, config)
 
@@ -1343,7 +1343,7 @@ def measurement_overrides(steps, out_dir, run_name="estimate-measure"):
             "--resume", "never"]
 
 
-def run_measurement(config_path, mode, steps, nproc, overrides=(), out_dir=None, nnodes=1, timeout=None):
+def run_measurement(config_path, mode, steps, nproc, overrides=(), out_dir=None, timeout=None):
     """Train `steps` (+ warm-up) real steps of the run through the launcher and the trainer; return the run's
     training_history.json as a dict. Raises EstimateError with the trainer's output tail when it fails."""
     import subprocess
