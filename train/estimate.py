@@ -484,16 +484,6 @@ def optimizer_bytes(spec, counts):
     return counts.trainable / spec.world * (MASTER_BYTES + ADAM_STATE_BYTES)
 
 
-def cpu_offload_bytes_per_node(spec, counts, e):
-    """Host memory the offloaded states need on each node."""
-    if not spec.offload:
-        return 0.0
-    per_rank = counts.trainable / spec.world * (MASTER_BYTES + ADAM_STATE_BYTES + 4)
-    if spec.zero == 3:
-        per_rank += counts.total * e / spec.world
-    return per_rank * spec.gpus_per_node
-
-
 # ================================================================ memory: activations
 
 @dataclass
@@ -816,7 +806,7 @@ class Estimate:
     steps_note: str
     interconnect: str
     assumptions: list
-    cpu_offload_bytes: float = 0.0
+    host_bytes: float = 0.0
     alternatives: list = field(default_factory=list)
 
     @property
@@ -873,7 +863,7 @@ class Estimate:
             "memory_peak_phase": self.peak_phase,
             "memory_terms_gib": {k: round(v / GIB, 4) for k, v in self.memory.items()},
             "device_memory_gib": round(self.device.memory_gib, 2),
-            "cpu_offload_memory_per_node_gib": round(self.cpu_offload_bytes / GIB, 3),
+            "host_memory_per_node_gib": round(self.host_bytes / GIB, 3),
             "fits": self.fits, "refusal": self.refusal,
             "step_time_s": round(self.step_time_s, 4),
             "step_time_cold_s": round(self.timing["cold_s"], 4),
@@ -911,7 +901,7 @@ def estimate(spec, calibration=None, device=None, with_alternatives=True):
     result = Estimate(spec=spec, arch=arch, device=device, precision=precision, counts=counts, memory=memory,
                       peak_bytes=peak, peak_phase=phase, breakdown=breakdown, timing=timing,
                       total_steps=total_steps, steps_note=steps_note, interconnect=interconnect,
-                      assumptions=[], cpu_offload_bytes=cpu_offload_bytes_per_node(spec, counts, e))
+                      assumptions=[], host_bytes=host_bytes_per_node(spec, arch, counts, e))
     result.assumptions = assumptions_for(result)
     if with_alternatives:
         result.alternatives = rank_alternatives(result, calibration, device)
@@ -929,16 +919,20 @@ def memory_terms(arch, spec, device, counts, precision):
     for key, value in transient_terms(arch, spec, counts, precision, one_layer).items():
         memory[f"transient.{key}"] = value
     memory["runtime"] = (CPU_RUNTIME_GIB if device.kind == "cpu" else GPU_RUNTIME_GIB) * GIB
-    memory["weights_at_load"] = load_weight_bytes(spec, arch, counts, e)
     return memory, one_layer
 
 
-def load_weight_bytes(spec, arch, counts, e):
-    """Parameters on one rank while the model loads: QLoRA under ZeRO-3 loads the whole 4-bit model on every
-    rank and DeepSpeed partitions it only at initialize."""
+def host_bytes_per_node(spec, arch, counts, e):
+    """Host (CPU) memory per node beyond the processes themselves: offloaded states, and for QLoRA under ZeRO-3
+    the whole model each rank loads (not built inside zero.Init) before DeepSpeed partitions it."""
+    per_rank = 0.0
+    if spec.offload:
+        per_rank += counts.trainable / spec.world * (MASTER_BYTES + ADAM_STATE_BYTES + 4)
+        if spec.zero == 3:
+            per_rank += counts.total * e / spec.world
     if spec.zero == 3 and not zero3_partitions_at_load(spec):
-        return weight_bytes(replace(spec, zero=2), arch, counts, e)
-    return 0.0
+        per_rank += weight_bytes(replace(spec, zero=2), arch, counts, e)
+    return per_rank * spec.gpus_per_node
 
 
 def peak_memory(memory, device, margin):
@@ -947,14 +941,13 @@ def peak_memory(memory, device, margin):
     transients = sum(v for k, v in memory.items() if k.startswith("transient."))
     backward = memory["weights"] + memory["optimizer"] + memory["gradients"] + memory["activations"] + transients
     step = memory["weights"] + memory["optimizer"] + memory["gradients_at_step"]
-    load = memory["weights_at_load"]
-    phase = max((backward, "backward"), (step, "optimizer step"), (load, "model load"))[1]
-    held = max(backward, step, load) + memory["runtime"]
+    phase = "backward" if backward >= step else "optimizer step"
+    held = max(backward, step) + memory["runtime"]
     peak = held * (1 + margin)
-    in_backward, loading = phase == "backward", phase == "model load"
-    breakdown = {"weights": load if loading else memory["weights"],
-                 "gradients": 0.0 if loading else memory["gradients"] if in_backward else memory["gradients_at_step"],
-                 "optimizer": 0.0 if loading else memory["optimizer"],
+    in_backward = phase == "backward"
+    breakdown = {"weights": memory["weights"],
+                 "gradients": memory["gradients"] if in_backward else memory["gradients_at_step"],
+                 "optimizer": memory["optimizer"],
                  "activations": memory["activations"] if in_backward else 0.0,
                  "other": (transients if in_backward else 0.0) + memory["runtime"] + held * margin}
     return peak, phase, breakdown
@@ -1294,16 +1287,14 @@ def render_table(result):
     lines = [f"{k:<12} {v}" for k, v in rows]
     lines += ["", f"memory per rank (GiB)       peak phase: {result.peak_phase}"]
     for key, value in result.memory.items():
-        if key == "weights_at_load" and not value:
-            continue
         indent = "    " if "." in key else "  "
         lines.append(f"{indent}{MEMORY_LABELS.get(key, key):<38} {value / GIB:10.3f}")
     margin = (result.breakdown["other"] - _other_without_margin(result)) / GIB
     lines.append(f"  {'margin (%d%%)' % round(100 * result.spec.margin):<38} {margin:10.3f}")
     lines.append(f"  {'PEAK':<38} {result.peak_bytes / GIB:10.3f}  of {result.device.memory_gib:.1f}"
                  f"  -> {'fits' if result.fits else 'DOES NOT FIT'}")
-    if result.cpu_offload_bytes:
-        lines.append(f"  {'CPU memory per node (offload)':<38} {result.cpu_offload_bytes / GIB:10.3f}")
+    if result.host_bytes:
+        lines.append(f"  {'host memory per node (offload, loading)':<38} {result.host_bytes / GIB:10.3f}")
     t = result.timing
     lines += ["", "time per optimizer step (s)"]
     for key, value in t["terms"].items():
@@ -1325,7 +1316,7 @@ def render_table(result):
 
 
 MEMORY_LABELS = {"gradients": "gradients (backward)", "gradients_at_step": "gradients (optimizer step)",
-                 "activations": "activations (saved for backward)", "weights_at_load": "weights while loading"}
+                 "activations": "activations (saved for backward)"}
 
 
 def _other_without_margin(result):

@@ -112,7 +112,7 @@ def test_zero2_offload_keeps_only_16bit_weights_on_the_gpu_like_deepspeed():
     r = estimate(spec(offload=True))
     _, deepspeed_gpu = estimate_zero2_model_states_mem_needs(r.counts.total, num_gpus_per_node=8, cpu_offload=True)
     assert r.memory["weights"] == deepspeed_gpu and r.memory["optimizer"] == 0
-    assert r.cpu_offload_bytes == pytest.approx(16 * r.counts.total / 8 * 8)
+    assert r.host_bytes == pytest.approx(16 * r.counts.total / 8 * 8)
 
 
 def test_zero3_full_model_states_by_hand():
