@@ -1287,8 +1287,9 @@ def render_table(result):
     lines = [f"{k:<12} {v}" for k, v in rows]
     lines += ["", f"memory per rank (GiB)       peak phase: {result.peak_phase}"]
     for key, value in result.memory.items():
-        indent = "    " if "." in key else "  "
-        lines.append(f"{indent}{MEMORY_LABELS.get(key, key):<38} {value / GIB:10.3f}")
+        indent = "    " if key.startswith("activations.") else "  "
+        label = MEMORY_LABELS.get(key, key.replace("transient.", "transient (other): "))
+        lines.append(f"{indent}{label:<38} {value / GIB:10.3f}")
     margin = (result.breakdown["other"] - _other_without_margin(result)) / GIB
     lines.append(f"  {'margin (%d%%)' % round(100 * result.spec.margin):<38} {margin:10.3f}")
     lines.append(f"  {'PEAK':<38} {result.peak_bytes / GIB:10.3f}  of {result.device.memory_gib:.1f}"
