@@ -2,7 +2,7 @@
 import torch
 
 from train.engine import torch_dtype
-from train.tiny import resolve_model_path
+from train.tiny import is_random, materialize_random_weights, resolve_model_path
 
 
 def load_tokenizer(config):
@@ -55,11 +55,17 @@ def load_model(config, precision, ds_config, device):
     keepalive = HfDeepSpeedConfig(ds_config) if config["zero_stage"] == 3 else None
     kwargs = dict(dtype=torch_dtype(precision), attn_implementation=config["attn_implementation"],
                   trust_remote_code=config["trust_remote_code"])
+    path = resolve_model_path(config["model"])
     if config["mode"] == "qlora":
         kwargs["quantization_config"] = quantization_config(config, precision)
         if config["zero_stage"] == 2:
             kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config["model"]), **kwargs)
+        if is_random(config["model"]):
+            materialize_random_weights(path, torch_dtype(precision))
+    if is_random(config["model"]) and config["mode"] != "qlora":
+        model = random_model(path, kwargs, device, config["zero_stage"])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     if config["mode"] == "qlora":
         disable_cpu_weight_repacking(model)
@@ -76,6 +82,18 @@ def load_model(config, precision, ds_config, device):
 
         model = get_peft_model(model, lora_config(config))
     return model, keepalive
+
+
+def random_model(path, kwargs, device, zero_stage):
+    """A random-init model of a real shape, built where it trains: under zero.Init (ZeRO-3) it is partitioned as it
+    is created; otherwise it is created directly on this rank's device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_cfg = AutoConfig.from_pretrained(path)
+    if zero_stage == 3:
+        return AutoModelForCausalLM.from_config(model_cfg, **kwargs)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(model_cfg, **kwargs)
 
 
 def disable_cpu_weight_repacking(model):

@@ -1,8 +1,12 @@
-"""Build the embedded default model: a tiny Llama-architecture causal LM and a BPE tokenizer trained on the
-shipped data, saved like any hub checkpoint (config.json, safetensors, tokenizer files) so that the real
-`from_pretrained` path loads it.
+"""Models the project makes itself, so nothing is downloaded:
 
-Model references of the form `builtin:tiny-llama` resolve to a cache directory that is built once.
+- `builtin:tiny-llama` (and `builtin:small-llama`): a tiny Llama-architecture causal LM with random weights and a BPE
+  tokenizer trained on the shipped data, saved like any hub checkpoint (config.json, safetensors, tokenizer files)
+  so the real `from_pretrained` path loads it.
+- `random:<architecture>` (e.g. `random:qwen2.5-1.5b`, `random:llama-3-8b`, `random:qwen2.5-32b`): the exact shape of
+  a real model from train/arch_table.py, randomly initialised where it is trained (on the GPUs, under zero.Init for
+  ZeRO-3), for benchmarks; only config.json and the tiny tokenizer are written. QLoRA needs weights on disk to
+  quantise while loading: `materialize_random_weights` writes them once.
 """
 import json
 import os
@@ -14,6 +18,9 @@ from train import REPO_ROOT
 from train.prompts import TINY_CHAT_TEMPLATE, render_instruction_prompt
 
 BUILTIN_PREFIX = "builtin:"
+RANDOM_PREFIX = "random:"
+MODEL_TYPES = (("qwen3-30b-a3b", "qwen3_moe"), ("qwen2.5", "qwen2"), ("qwen3", "qwen3"), ("llama", "llama"),
+               ("gemma-2", "gemma2"), ("mistral", "mistral"))
 TINY_SPECS = {
     # ~2M parameters: big enough to learn the synthetic task, small enough for 2 CPU processes.
     "tiny-llama": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -35,8 +42,15 @@ def is_builtin(model_ref):
     return isinstance(model_ref, str) and model_ref.startswith(BUILTIN_PREFIX)
 
 
+def is_random(model_ref):
+    return isinstance(model_ref, str) and model_ref.startswith(RANDOM_PREFIX)
+
+
 def resolve_model_path(model_ref):
-    """Map `builtin:NAME` to its built directory (building it if needed); return anything else unchanged."""
+    """Map `builtin:NAME` and `random:ARCH` to their built directories (building them if needed); return anything
+    else unchanged."""
+    if is_random(model_ref):
+        return str(build_random_shape(model_ref[len(RANDOM_PREFIX):]))
     if not is_builtin(model_ref):
         return model_ref
     name = model_ref[len(BUILTIN_PREFIX):]
@@ -107,3 +121,73 @@ def build_tiny_model(name, target):
         if tmp.exists() and tmp != target:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _locked(path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.parent / f".{path.name}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def random_shape_config(arch_key):
+    """A transformers config of the exact shape of a real architecture (from the estimator's offline table)."""
+    from transformers import AutoConfig
+
+    from train.arch_table import ARCHITECTURES
+
+    if arch_key not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture '{arch_key}' for random:; known: {', '.join(sorted(ARCHITECTURES))}")
+    spec = dict(ARCHITECTURES[arch_key])
+    model_type = next(t for prefix, t in MODEL_TYPES if arch_key.startswith(prefix))
+    fields = {k: spec[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads", "vocab_size", "tie_word_embeddings") if k in spec}
+    if "head_dim" in spec:
+        fields["head_dim"] = spec["head_dim"]
+    if "num_experts" in spec:
+        fields.update(num_experts=spec["num_experts"], num_experts_per_tok=spec["num_experts_per_tok"],
+                      moe_intermediate_size=spec["moe_intermediate_size"])
+    return AutoConfig.for_model(model_type, **fields, max_position_embeddings=32768, eos_token_id=0,
+                                pad_token_id=0, bos_token_id=None, use_cache=False)
+
+
+def build_random_shape(arch_key):
+    """config.json + the tiny tokenizer (ids < 1024 are valid in every real vocabulary); no weights."""
+    target = cache_root() / "models" / f"random-{arch_key}-{BUILD_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    with _locked(target):
+        if not (target / "config.json").exists():
+            tiny = Path(resolve_model_path("builtin:tiny-llama"))
+            tmp = Path(tempfile.mkdtemp(prefix=f".random-{arch_key}-", dir=target.parent))
+            random_shape_config(arch_key).save_pretrained(tmp)
+            for name in os.listdir(tiny):
+                if name.startswith(("tokenizer", "chat_template")):
+                    shutil.copy(tiny / name, tmp / name)
+            os.rename(tmp, target)
+    return target
+
+
+def has_weights(path):
+    return any(Path(path).glob("*.safetensors"))
+
+
+def materialize_random_weights(path, dtype):
+    """Write random bf16/fp16 weights next to a random shape's config (once), for paths that need a checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if has_weights(path):
+        return path
+    with _locked(path / "weights"):
+        if not has_weights(path):
+            torch.manual_seed(1234)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+            model.save_pretrained(path, safe_serialization=True, max_shard_size="5GB")
+            del model
+    return path
