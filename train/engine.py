@@ -58,6 +58,16 @@ def all_reduce_sum(values, device):
     return tensor.tolist()
 
 
+def all_reduce_max(values, device):
+    """Maximum of a list of floats over all ranks."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def barrier():
     import torch.distributed as dist
 

@@ -221,10 +221,12 @@ def _hub_cache_config(model_ref):
 
 
 def load_architecture(model_ref):
-    """The sizes of `model_ref`: builtin:NAME, a local directory with config.json, a hub id in the offline table,
+    """The sizes of `model_ref`: builtin:NAME, random:ARCH, a local directory with config.json, a hub id in the offline table,
     or a hub id already in the local Hugging Face cache. Never loads weights, never downloads."""
-    from train.tiny import is_builtin, resolve_model_path
+    from train.tiny import RANDOM_PREFIX, is_builtin, is_random, resolve_model_path
 
+    if is_random(model_ref):
+        return architecture_from_table(model_ref[len(RANDOM_PREFIX):], source=f"offline table ({model_ref})")
     path = Path(resolve_model_path(model_ref)) if is_builtin(model_ref) else Path(os.path.expanduser(model_ref))
     if path.is_dir():
         config_file = path / "config.json"

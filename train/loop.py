@@ -13,8 +13,9 @@ from train.checkpoint import latest_checkpoint, load_training_state, save_traini
 from train.config import public_config
 from train.console import Progress, say, warn
 from train.data import IGNORE_INDEX, RowSampler, collate, prepare_data, supervised_tokens
-from train.engine import (all_reduce_sum, barrier, device_for, init_distributed, resolve_ds_config,
+from train.engine import (all_reduce_max, all_reduce_sum, barrier, device_for, init_distributed, resolve_ds_config,
                           resolve_precision)
+from train.estimate import log_estimate_vs_measured
 from train.history import History, MetricSinks, check_sinks_available, plot_history
 from train.model import count_parameters, hidden_size_of, load_model, load_tokenizer, model_config
 from train.schedule import EvalTracker, LRSchedule
@@ -26,12 +27,30 @@ class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what to check."""
 
 
-class StopRequested(Exception):
-    pass
+class StopSignal:
+    """Remembers a SIGTERM / SIGUSR1 (Slurm preemption, `kill`); the loop checkpoints and exits 0 at the next step."""
+
+    def __init__(self):
+        self.received = None
+
+    @classmethod
+    def install(cls):
+        stop = cls()
+
+        def handler(signum, _frame):
+            stop.received = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):  # not the main thread (e.g. called from a notebook helper)
+                pass
+        return stop
 
 
 def run(config):
     check_sinks_available(config["report_to"])
+    stop = StopSignal.install()  # before the (long) model load: a preemption then still ends in a clean exit
     rank, world, local_rank = init_distributed()
     device = device_for(local_rank)
     torch.manual_seed(config["seed"] + rank)
@@ -67,7 +86,7 @@ def run(config):
     sinks = MetricSinks(out_dir / "tensorboard", config["report_to"], config["run_name"], public_config(config),
                         enabled=rank == 0)
     trainer = Trainer(config, engine, model, tokenizer, data, sampler, schedule, tracker, history, sinks,
-                      out_dir, rank, world, device, total_steps)
+                      out_dir, rank, world, device, total_steps, stop)
     try:
         return trainer.train(start_step)
     finally:
@@ -143,19 +162,19 @@ def maybe_resume(engine, config, out_dir, rank, schedule, tracker, history):
 
 class Trainer:
     def __init__(self, config, engine, model, tokenizer, data, sampler, schedule, tracker, history, sinks,
-                 out_dir, rank, world, device, total_steps):
+                 out_dir, rank, world, device, total_steps, stop):
         self.c, self.engine, self.model, self.tokenizer = config, engine, model, tokenizer
         self.data, self.sampler, self.schedule, self.tracker = data, sampler, schedule, tracker
         self.history, self.sinks, self.out_dir = history, sinks, out_dir
         self.rank, self.world, self.device, self.total_steps = rank, world, device, total_steps
-        self.stop_signal = None
+        self.stop = stop
 
     # ------------------------------------------------------------ the loop
 
     def train(self, start_step):
-        self.install_signal_handlers()
         progress = Progress(self.total_steps, start_step, every=self.c["logging_steps"])
         say(f"training {self.total_steps - start_step} steps ({self.sampler.steps_per_epoch} per epoch) -> {self.out_dir}")
+        estimate_log = log_estimate_vs_measured(self.c, self.world, self.history)
         stop_reason, step = None, start_step
         if start_step == 0 and self.data.eval_rows:
             baseline = self.evaluate()
@@ -164,6 +183,7 @@ class Trainer:
         try:
             for step in range(start_step + 1, self.total_steps + 1):
                 record = self.train_step(step)
+                estimate_log.observe(step, record)
                 progress.update(step, {"loss": f"{record['loss']:.4f}", "lr": f"{record['learning_rate']:.2e}",
                                        "s/step": f"{record['step_time_s']:.2f}"})
                 if step % self.c["logging_steps"] == 0 or step == 1 or step == self.total_steps:
@@ -231,7 +251,15 @@ class Trainer:
         return {"step": step, "epoch": round(step / self.sampler.steps_per_epoch, 4), "loss": mean_loss,
                 "learning_rate": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / step_time,
                 "step_time_s": step_time, "supervised_tokens": int(global_tokens),
-                "nonpad_fraction": tokens / padded}
+                "nonpad_fraction": tokens / padded, **self.peak_memory()}
+
+    def peak_memory(self):
+        """The largest GPU memory peak over the ranks since the run started (GiB), on CUDA."""
+        if self.device.type != "cuda":
+            return {}
+        allocated, reserved = all_reduce_max([torch.cuda.max_memory_allocated(self.device) / 2**30,
+                                              torch.cuda.max_memory_reserved(self.device) / 2**30], self.device)
+        return {"peak_memory_allocated_gib": round(allocated, 3), "peak_memory_reserved_gib": round(reserved, 3)}
 
     def fp16_skipped_step(self):
         """With fp16 loss scaling an overflow skips the step and lowers the scale: expected, not fatal."""
@@ -322,19 +350,9 @@ class Trainer:
 
     # ------------------------------------------------------------ preemption (SIGTERM / SIGUSR1)
 
-    def install_signal_handlers(self):
-        def handler(signum, _frame):
-            self.stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, handler)
-            except (ValueError, OSError):
-                pass
-
     def stop_requested(self):
         """Every rank must agree to stop at the same step (a signal may reach one rank first)."""
-        flag, = all_reduce_sum([1.0 if self.stop_signal else 0.0], self.device)
+        flag, = all_reduce_sum([1.0 if self.stop.received else 0.0], self.device)
         return flag > 0
 
     def finish_preempted(self, step, progress):

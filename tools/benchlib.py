@@ -1,0 +1,120 @@
+"""Shared by the GPU benchmark scripts (tools/gpu_matrix.py, tools/bench.py): a synthetic corpus that fills every
+row, running a case through `bash launch/train_<mode>.sh`, reading what the trainer measured, and the estimator's
+prediction for the same run."""
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from train.console import ascii_safe  # noqa: E402
+
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega red green blue cat dog bird fish "
+         "river mountain cloud stone tree leaf wind rain north south east west one two three four five six seven "
+         "eight nine ten run jump swim read write sing open close").split()
+
+
+def write_text_corpus(path, words, seed=0, words_per_doc=2000):
+    """A JSONL `text` dataset of random words: with dataset_format text every training row is a full block."""
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for _ in range(max(1, words // words_per_doc)):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(words_per_doc))}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_config(config, path):
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_launcher(config, out_dir, nproc, extra=(), timeout=600, log_name="train.log"):
+    """Run one case through the shell launcher the users type; return (exit code, history or None, wall s, log)."""
+    out_dir = Path(out_dir)
+    config = dict(config, output_dir=str(out_dir), run_name="run")
+    path = write_config(config, out_dir / "config.yaml")
+    cmd = ["bash", str(REPO / "launch" / f"train_{config['mode']}.sh"), str(path), "--nproc-per-node", str(nproc),
+           "--no-preflight", *map(str, extra)]
+    log = out_dir / log_name
+    t0 = time.time()
+    with open(log, "w", encoding="utf-8") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        try:
+            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    history_file = out_dir / "run" / "training_history.json"
+    history = json.loads(history_file.read_text()) if history_file.exists() else None
+    return code, history, time.time() - t0, log
+
+
+def log_tail(log, chars=1500):
+    text = Path(log).read_text(encoding="utf-8", errors="replace")
+    return ascii_safe(text[-chars:])
+
+
+def measured(history, warmup):
+    """Median step time, tokens/s and the peak memory of the steps after `warmup`."""
+    records = [r for r in history.get("records", []) if r.get("step", 0) > warmup and "step_time_s" in r]
+    if not records:
+        return None
+    times = sorted(r["step_time_s"] for r in records)
+    rates = sorted(r["tokens_per_s"] for r in records)
+    last = records[-1]
+    return {"step_time_s": times[len(times) // 2], "tokens_per_s": rates[len(rates) // 2],
+            "peak_allocated_gib": last.get("peak_memory_allocated_gib"),
+            "peak_reserved_gib": last.get("peak_memory_reserved_gib"),
+            "first_loss": history["records"][0]["loss"], "last_loss": last["loss"], "measured_steps": len(records)}
+
+
+def predict(config, nproc, device, calibration, margin=0.0):
+    """The estimator's figures for this run config (no memory margin: compared with what the GPU held)."""
+    from train.config import load_config
+    from train.estimate import estimate, spec_from_config
+
+    spec = spec_from_config(load_config(None, config), nproc, 1, gpu=device.name)
+    spec = replace(spec, max_steps=1, margin=margin)
+    return estimate(spec, calibration=calibration, device=device, with_alternatives=False)
+
+
+def versions():
+    import torch
+    import transformers
+
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "transformers": transformers.__version__}
+    for name in ("peft", "deepspeed", "bitsandbytes", "liger_kernel", "accelerate"):
+        try:
+            module = __import__(name)
+            found[name] = getattr(module, "__version__", "?")
+        except Exception:  # noqa: BLE001 - report what is there
+            found[name] = None
+    if torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name(0)
+        found["cuda"] = torch.version.cuda
+    return found
+
+
+def write_json(data, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path

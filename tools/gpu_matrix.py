@@ -1,0 +1,179 @@
+"""Every mode and ZeRO stage through the real launchers on this machine's GPUs, with the estimator's cold and
+calibrated predictions beside what was measured (a benchmark, not a test).
+
+    python tools/gpu_matrix.py --json docs/benchmarks/gpu_matrix_h200.json          # one device call
+    python tools/gpu_matrix.py --model builtin:small-llama --seq-len 256 --steps 6   # the same on a CPU
+
+Cases (1 GPU): LoRA, QLoRA and full fine-tune under ZeRO-2 and ZeRO-3, and LoRA ZeRO-2 in fp16 with dynamic loss
+scaling; with 2 or more GPUs also LoRA ZeRO-2 and full ZeRO-3 on 2. Each case runs `bash launch/train_<mode>.sh`
+for --steps steps on a random-init model of a real shape (random:ARCH builds it on the GPU: nothing downloaded),
+with a synthetic text corpus that fills every row. Measured: the median step time and tokens/s after the warm-up
+steps, and the largest peak of allocated and reserved GPU memory over the ranks. Predicted: the estimator cold
+(no calibration) and calibrated leave-one-out (the factor is the mean of the factors fitted on the other cases of
+the same precision, so no case predicts itself); memory without the margin.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.benchlib import (log_tail, measured, predict, run_launcher, versions, write_json,  # noqa: E402
+                            write_text_corpus)
+from train.console import ascii_safe, make_console_safe  # noqa: E402
+
+WARMUP = 3
+# name -> (processes, run-config changes)
+CASES = {
+    "lora-z2": (1, {"mode": "lora", "zero_stage": 2}),
+    "lora-z3": (1, {"mode": "lora", "zero_stage": 3}),
+    "qlora-z2": (1, {"mode": "qlora", "zero_stage": 2, "gradient_checkpointing": True}),
+    "qlora-z3": (1, {"mode": "qlora", "zero_stage": 3, "gradient_checkpointing": True}),
+    "full-z2": (1, {"mode": "full", "zero_stage": 2}),
+    "full-z3": (1, {"mode": "full", "zero_stage": 3}),
+    "lora-z2-fp16": (1, {"mode": "lora", "zero_stage": 2, "precision": "fp16"}),
+    "lora-z2-2gpu": (2, {"mode": "lora", "zero_stage": 2}),
+    "full-z3-2gpu": (2, {"mode": "full", "zero_stage": 3}),
+}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:qwen2.5-1.5b")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cases", help=f"comma list of {', '.join(CASES)} (default: all that fit the GPU count)")
+    p.add_argument("--work-dir", default=".cache/gpu_matrix")
+    p.add_argument("--case-timeout", type=int, default=300)
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--reuse", metavar="FILE", help="re-predict from an earlier --json's measurements (no runs)")
+    return p.parse_args()
+
+
+def base_config(args, corpus):
+    return {"model": args.model, "dataset": str(corpus), "dataset_format": "text", "max_length": args.seq_len,
+            "micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1, "lora_r": 16, "lora_alpha": 32,
+            "lora_dropout": 0.0, "lora_target_modules": "all-linear", "gradient_checkpointing": False,
+            "packing": True, "eval_fraction": 0.0, "max_steps": args.steps, "num_epochs": 1,
+            "learning_rate": 1e-4, "lr_scheduler": "constant", "warmup_steps": 0, "logging_steps": 1,
+            "save_steps": 100000, "save_total_limit": 1, "precision": "auto", "seed": 0}
+
+
+def available_gpus():
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def chosen_cases(args):
+    if args.cases:
+        unknown = [c for c in args.cases.split(",") if c not in CASES]
+        if unknown:
+            sys.exit(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+        return args.cases.split(",")
+    gpus = available_gpus()
+    return [name for name, (procs, _) in CASES.items() if procs <= max(gpus, 1) and not (gpus == 0 and procs > 1)]
+
+
+def run_cases(args, names, on_case=lambda rows: None):
+    work = Path(args.work_dir)
+    tokens_needed = (args.steps + 2) * args.seq_len * args.micro_batch * 2
+    corpus = write_text_corpus(work / "corpus.jsonl", words=tokens_needed)  # >= 1 token per word
+    results = []
+    for name in names:
+        procs, change = CASES[name]
+        config = {**base_config(args, corpus), **change}
+        t0 = time.time()
+        code, history, wall, log = run_launcher(config, work / name, procs, timeout=args.case_timeout)
+        row = {"case": name, "processes": procs, "config": config, "exit_code": code, "wall_s": round(wall, 1)}
+        got = measured(history, WARMUP) if history and code == 0 else None
+        if got is None:
+            row["error"] = log_tail(log)
+            print(ascii_safe(f"{name}: FAILED (exit {code}) after {time.time() - t0:.0f} s\n{row['error']}"),
+                  flush=True)
+        else:
+            row.update(got, precision=history["metadata"]["precision"])
+            print(ascii_safe(f"{name}: {got['step_time_s']:.3f} s/step, {got['tokens_per_s']:,.0f} tokens/s, "
+                             f"peak {got['peak_reserved_gib']} GiB reserved ({wall:.0f} s)"), flush=True)
+        results.append(row)
+        on_case(results)
+    return results
+
+
+def add_predictions(rows):
+    from train.estimate import detect_device, fit_calibration
+
+    for row in rows:
+        if "step_time_s" not in row:
+            continue
+        device = detect_device(row["processes"])
+        cold = predict(row["config"], row["processes"], device, {})
+        row["device"] = device.name
+        row["cold_step_time_s"] = cold.step_time_s
+        row["predicted_peak_gib"] = cold.peak_bytes / 2**30
+        row["factor"] = fit_calibration(cold, row["step_time_s"], row["case"])["factor"]
+        row["_cold"] = cold
+    for row in rows:
+        if "_cold" not in row:
+            continue
+        others = [r["factor"] for r in rows if "_cold" in r and r is not row and r["precision"] == row["precision"]]
+        if not others:
+            continue
+        cold = row["_cold"]
+        key = f"{cold.device.name}/{cold.precision}"
+        calibrated = predict(row["config"], row["processes"], cold.device, {key: {"factor": sum(others) / len(others)}})
+        row["calibrated_step_time_s"] = calibrated.step_time_s
+    for row in rows:
+        row.pop("_cold", None)
+    return rows
+
+
+def render(rows, args):
+    head = (f"{'case':<14} {'GPUs':>4} {'s/step':>7} {'tok/s':>8} {'cold s':>7} {'err':>6} {'calib s':>7} "
+            f"{'err':>6} {'alloc':>6} {'resv':>6} {'pred':>6} {'err':>6}")
+    lines = [head]
+    for r in rows:
+        if "step_time_s" not in r:
+            lines.append(f"{r['case']:<14} {r['processes']:>4} FAILED (exit {r['exit_code']})")
+            continue
+        m = r["step_time_s"]
+        cal = r.get("calibrated_step_time_s")
+        resv = r.get("peak_reserved_gib")
+        pred = r["predicted_peak_gib"]
+        lines.append(
+            f"{r['case']:<14} {r['processes']:>4} {m:7.3f} {r['tokens_per_s']:8,.0f} {r['cold_step_time_s']:7.3f} "
+            f"{r['cold_step_time_s'] / m - 1:+6.0%} {cal if cal else float('nan'):7.3f} "
+            f"{(cal / m - 1) if cal else float('nan'):+6.0%} {r.get('peak_allocated_gib') or float('nan'):6.1f} "
+            f"{resv or float('nan'):6.1f} {pred:6.1f} {(pred / resv - 1) if resv else float('nan'):+6.0%}")
+    lines.append(f"model {args.model}, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} steps "
+                 f"({WARMUP} warm-up); memory in GiB (alloc/resv: measured peak, pred: estimator without margin; "
+                 f"err vs reserved)")
+    return "\n".join(lines)
+
+
+def save(args, rows):
+    """Written after every case too, so a run cut short still leaves its measurements."""
+    if args.json:
+        write_json({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "versions": versions(),
+                    "gpus": available_gpus(), "cases": rows}, args.json)
+
+
+def main():
+    make_console_safe()
+    args = parse_args()
+    if args.reuse:
+        import json
+
+        rows = [r for r in json.loads(Path(args.reuse).read_text())["cases"]]
+    else:
+        rows = run_cases(args, chosen_cases(args), on_case=lambda done: save(args, done))
+    rows = add_predictions(rows)
+    print(ascii_safe(render(rows, args)))
+    save(args, rows)
+    return 0 if all("step_time_s" in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
