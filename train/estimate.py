@@ -51,6 +51,10 @@ WARMUP_STEPS = 2  # steps excluded from measured step times (first-step allocati
 # until calibration; CPU measured on the 2-core machine of docs/estimation.md.
 LAYER_OVERHEAD_S = {"gpu": 0.0015, "cpu": 0.002}
 STEP_OVERHEAD_S = {"gpu": 0.02, "cpu": 0.02}
+# ZeRO-3 on GPUs: each partitioned module is gathered and released by Python hooks on every pass, time the GPU
+# waits for; measured 0.54-0.75 ms per module and pass on one H200 (docs/benchmarks.md, gpu_matrix). On the CPU the
+# gloo gather term already holds it (calibrated in docs/estimation.md).
+ZERO3_FETCH_S = 0.00065
 CALIBRATION_PATH_ENV = "FTL_ESTIMATE_CALIBRATION"
 
 
@@ -694,7 +698,8 @@ def step_time(arch, spec, device, counts, precision, activations_per_layer, cali
         (bandwidth if not spec.offload else CPU_MEMORY_GBPS_PER_RANK * 1e9),
     }
     compute_bound = terms["matmul_s"] + terms["elementwise_s"] + terms["dequant_s"] + terms["optimizer_s"]
-    terms["overhead_s"] = overhead_seconds(arch, spec, device, passes, compute_bound)
+    terms["overhead_s"] = overhead_seconds(arch, spec, device, passes, compute_bound) + \
+        zero3_fetch_seconds(arch, spec, device, passes)
     comm, comm_detail = comm_seconds(spec, device, counts, e, interconnect)
     # On GPUs ZeRO-3 prefetches parameters on a side stream: gathers hide behind compute; the rest overlaps only
     # with overlap_comm. gloo on the CPU shares the cores with compute: nothing overlaps.
@@ -718,6 +723,15 @@ def overhead_seconds(arch, spec, device, passes, compute_bound):
     if kind == "cpu":
         return STEP_OVERHEAD_S[kind] + launches
     return STEP_OVERHEAD_S[kind] + max(0.0, launches - compute_bound)
+
+
+def zero3_fetch_seconds(arch, spec, device, passes):
+    """Hook time of ZeRO-3's per-module gathers: the layer's linears (norms and LoRA matrices stay whole: below the
+    persistence threshold), the embedding and the output head, on every pass of every micro-batch."""
+    if spec.zero != 3 or device.kind == "cpu":
+        return 0.0
+    modules = len(layer_linears(arch)) * arch.num_hidden_layers + 2
+    return ZERO3_FETCH_S * modules * passes * spec.grad_accum
 
 
 def default_mfu(device, mode):
@@ -1075,6 +1089,8 @@ def rank_alternatives(result, calibration, device):
 
 def spec_from_config(config, nproc, nnodes, gpu=None):
     """A RunSpec for a validated run config (train.config.load_config) and the launcher's process counts."""
+    if config["gradient_checkpointing"] == "auto":
+        config = dict(config, gradient_checkpointing=resolve_gradient_checkpointing(config, nproc, nnodes, gpu)[0])
     spec = RunSpec(
         model=config["model"], mode=config["mode"], lora_rank=config["lora_r"],
         lora_targets=config["lora_target_modules"], lora_dropout=config["lora_dropout"],
@@ -1086,6 +1102,24 @@ def spec_from_config(config, nproc, nnodes, gpu=None):
         epochs=config["num_epochs"], max_steps=config["max_steps"])
     spec = _with_dataset_size(spec, config)
     return _with_ds_file_settings(spec, config)
+
+
+def resolve_gradient_checkpointing(config, nproc, nnodes, gpu=None):
+    """(on?, why) for `gradient_checkpointing: auto`: off when the run is predicted to fit without it (a third less
+    compute per step), on otherwise or when no estimate can be made."""
+    setting = config["gradient_checkpointing"]
+    if setting != "auto":
+        return setting, "set in the run config"
+    try:
+        device = resolve_device(gpu, nproc) if gpu else detect_device(nproc)
+        spec = spec_from_config(dict(config, gradient_checkpointing=False), nproc, nnodes, gpu=device.name)
+        result = estimate(spec, calibration={}, device=device, with_alternatives=False)
+    except EstimateError as error:
+        return True, f"auto: on (no memory estimate: {error})"
+    need, have = result.peak_bytes / GIB, device.memory_gib
+    if result.fits:
+        return False, f"auto: off (predicted {need:.1f} GiB of {have:.1f} GiB per {device.name} without it)"
+    return True, f"auto: on (without it {need:.1f} GiB > {have:.1f} GiB per {device.name})"
 
 
 EXACT_COUNT_BYTES = 256 * 1024 ** 2  # count lines of files up to this size; extrapolate beyond (stays fast)

@@ -17,7 +17,8 @@ from train.engine import (all_reduce_max, all_reduce_sum, barrier, device_for, i
                           resolve_precision)
 from train.estimate import log_estimate_vs_measured
 from train.history import History, MetricSinks, check_sinks_available, plot_history
-from train.model import count_parameters, hidden_size_of, load_model, load_tokenizer, model_config
+from train.model import (count_parameters, hidden_size_of, largest_adapter_tensor, load_model, load_tokenizer,
+                         model_config)
 from train.schedule import EvalTracker, LRSchedule
 
 EXIT_OK, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 3, 0
@@ -61,7 +62,10 @@ def run(config):
     data = prepare_data(config, tokenizer)
     report_data(data.stats, config)
 
-    ds_config = resolve_ds_config(config, world, hidden_size_of(model_config(config)), precision)
+    architecture = model_config(config)
+    decide_gradient_checkpointing(config, world)
+    ds_config = resolve_ds_config(config, world, hidden_size_of(architecture), precision,
+                                  largest_adapter=largest_adapter_tensor(config, architecture))
     model, keepalive = load_model(config, precision, ds_config, device)
     trainable, total = count_parameters(model)
     say(f"model {config['model']}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
@@ -92,6 +96,17 @@ def run(config):
     finally:
         sinks.close()
         del keepalive
+
+
+def decide_gradient_checkpointing(config, world):
+    """Resolve `gradient_checkpointing: auto` from the memory estimate (the same on every rank: same inputs)."""
+    import os
+
+    from train.estimate import resolve_gradient_checkpointing
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    config["gradient_checkpointing"], why = resolve_gradient_checkpointing(config, per_node, max(1, world // per_node))
+    say(f"gradient checkpointing: {why}")
 
 
 def report_data(stats, config):

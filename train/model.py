@@ -69,6 +69,7 @@ def load_model(config, precision, ds_config, device):
     model.config.use_cache = False
     if config["mode"] == "qlora":
         disable_cpu_weight_repacking(model)
+    apply_liger_kernels(model, config, device)
     checkpointing = {"use_reentrant": False}
     if config["mode"] == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -82,6 +83,50 @@ def load_model(config, precision, ds_config, device):
 
         model = get_peft_model(model, lora_config(config))
     return model, keepalive
+
+
+def liger_kernels_wanted(config, device, model_type):
+    """Whether to apply Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy): `auto` uses them
+    on a CUDA GPU when liger-kernel is installed and knows the architecture; `true` insists."""
+    import importlib.util
+
+    setting = config["liger_kernel"]
+    if setting is False:
+        return False
+    problem = None
+    if device.type != "cuda":
+        problem = "Liger's kernels are Triton kernels and need a CUDA GPU"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        problem = "liger-kernel is not installed (pip install -e '.[gpu]')"
+    else:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            problem = f"liger-kernel has no kernels for model type '{model_type}'"
+    if problem and setting is True:
+        raise ValueError(f"liger_kernel: true but {problem}; set liger_kernel: auto (use them where they work) "
+                         f"or false")
+    return problem is None
+
+
+def apply_liger_kernels(model, config, device):
+    if not liger_kernels_wanted(config, device, model.config.model_type):
+        return False
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    # The fused linear cross-entropy reads lm_head.weight directly, outside the module's forward, so under ZeRO-3
+    # it would see an empty partition: there only the norm, MLP and RoPE kernels are used.
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=config["zero_stage"] != 3)
+    return True
+
+
+def largest_adapter_tensor(config, model_cfg):
+    """Elements of the largest LoRA matrix (rank x the widest projection side); 0 for a full fine-tune."""
+    if config["mode"] == "full":
+        return 0
+    text_cfg = getattr(model_cfg, "text_config", None) or model_cfg
+    widths = [getattr(text_cfg, name, 0) or 0 for name in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
+    return config["lora_r"] * max(widths)
 
 
 def random_model(path, kwargs, device, zero_stage):

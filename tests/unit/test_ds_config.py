@@ -65,3 +65,32 @@ def test_every_shipped_ds_config_is_named_for_its_stage():
     for path in DS_CONFIG_DIR.glob("*.json"):
         data = json.loads(path.read_text())
         assert f"zero{data['zero_optimization']['stage']}" in path.name
+
+
+def test_zero3_keeps_lora_matrices_whole_on_every_rank():
+    """Partitioned LoRA matrices are gathered and released on every pass; the persistence threshold keeps them."""
+    from types import SimpleNamespace
+
+    from train.model import largest_adapter_tensor
+
+    arch = SimpleNamespace(hidden_size=64, intermediate_size=512)
+    lora = cfg(zero_stage=3, lora_r=16)
+    resolved = resolve_ds_config(lora, 2, 64, "bf16", on_gpu=True, largest_adapter=largest_adapter_tensor(lora, arch))
+    assert resolved["zero_optimization"]["stage3_param_persistence_threshold"] == 16 * 512
+    full = cfg(zero_stage=3, mode="full")
+    resolved = resolve_ds_config(full, 2, 64, "bf16", on_gpu=True, largest_adapter=largest_adapter_tensor(full, arch))
+    assert resolved["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * 64
+
+
+def test_liger_kernels_are_refused_clearly_where_they_cannot_run():
+    import torch
+
+    from train.model import liger_kernels_wanted
+
+    cpu = torch.device("cpu")
+    assert liger_kernels_wanted(cfg(), cpu, "llama") is False  # auto: silently off on a CPU
+    assert liger_kernels_wanted(cfg(liger_kernel=False), cpu, "llama") is False
+    with pytest.raises(ValueError, match="liger_kernel: true but .*CUDA GPU.*liger_kernel: auto"):
+        liger_kernels_wanted(cfg(liger_kernel=True), cpu, "llama")
+    with pytest.raises(ConfigError, match="liger_kernel"):
+        cfg(liger_kernel="yes")

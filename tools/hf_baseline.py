@@ -1,0 +1,117 @@
+"""The stack our users run today, as the baseline of tools/bench.py: Hugging Face Trainer + PEFT LoRA + SDPA (+ gradient
+checkpointing), one process, same random-init model shape, same data, same tokens per optimizer step.
+
+    python tools/hf_baseline.py --model random:llama-3-8b --data corpus.jsonl --seq-len 2048 --micro-batch 2 \\
+        --grad-accum 2 --steps 12 --gradient-checkpointing --json out.json
+
+Prints and writes: median step time after the warm-up, tokens/s, peak GPU memory and the loss of every step.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:llama-3-8b")
+    p.add_argument("--data", required=True, help="JSONL with a `text` field")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--json", metavar="FILE")
+    return p.parse_args()
+
+
+def build_model(model_ref):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from train.tiny import is_builtin, resolve_model_path
+
+    path = resolve_model_path(model_ref)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        if is_builtin(model_ref):  # the same weights our trainer starts from
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        else:  # random:ARCH, built on the GPU like our trainer does
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                     attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model
+
+
+def build_dataset(path, model_ref, seq_len, rows_needed):
+    import torch
+
+    from train.data import tokenize_text_blocks
+    from train.tiny import resolve_model_path
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
+    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = tokenize_text_blocks(records, tokenizer, seq_len)
+    if len(rows) < rows_needed:
+        sys.exit(f"{path}: {len(rows)} rows of {seq_len} tokens, need {rows_needed}; make the corpus bigger")
+    return [{"input_ids": torch.tensor(r.input_ids), "labels": torch.tensor(r.labels)} for r in rows[:rows_needed]]
+
+
+def main():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    args = parse_args()
+    model = build_model(args.model)
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    data = build_dataset(args.data, args.model, args.seq_len, args.steps * args.micro_batch * args.grad_accum)
+
+    step_ends = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *_args, **_kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_ends.append(time.perf_counter())
+
+    training_args = TrainingArguments(
+        output_dir="/tmp/hf_baseline", per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=1e-4,
+        lr_scheduler_type="constant", warmup_steps=0, bf16=torch.cuda.is_available(), logging_steps=1,
+        save_strategy="no", report_to=[], gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0, seed=0,
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=default_data_collator,
+                      callbacks=[Timer()])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    times = [b - a for a, b in zip([start] + step_ends[:-1], step_ends)][args.warmup:]
+    median = sorted(times)[len(times) // 2]
+    tokens = args.micro_batch * args.grad_accum * args.seq_len
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = {"stack": "HF Trainer + PEFT", "gradient_checkpointing": args.gradient_checkpointing,
+              "step_time_s": median, "tokens_per_s": tokens / median, "tokens_per_step": tokens,
+              "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+              "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+              "losses": losses, "optimizer": training_args.optim if isinstance(training_args.optim, str)
+              else training_args.optim.value}
+    print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
