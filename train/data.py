@@ -313,8 +313,8 @@ def prepare_data(config, tokenizer):
         records = [records[i] for i in sorted(order[n_eval:])]
 
     packed = config["packing"] and fmt != "text"
-    train = _tokenize(records, fmt, tokenizer, config["max_length"], stats)
-    evals = _tokenize(eval_records, fmt, tokenizer, config["max_length"], stats) if eval_records else []
+    train = tokenize_records(records, fmt, tokenizer, config["max_length"], stats)
+    evals = tokenize_records(eval_records, fmt, tokenizer, config["max_length"], stats) if eval_records else []
     if not train:
         raise DataError(
             f"{source}: no example has a supervised token left after tokenisation ({stats.examples} read, "
@@ -331,7 +331,10 @@ def prepare_data(config, tokenizer):
     return PreparedData(train_rows, eval_rows, stats, packed, pad_id)
 
 
-def _tokenize(records, fmt, tokenizer, max_length, stats):
+def tokenize_records(records, fmt, tokenizer, max_length, stats):
+    """Records of format `fmt` -> Examples, as training tokenises them: instruction and chat records with the prompt
+    masked out of the labels, truncated to `max_length` (truncated and dropped examples counted in `stats`, a
+    DataStats); text records concatenated and cut into `max_length` blocks."""
     if fmt == "text":
         return tokenize_text_blocks(records, tokenizer, max_length)
     if fmt == "chat":

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.adapters import AdapterError, load_adapters, load_model, qlora_note, read_training_info
-from train.data import (DataError, DataStats, _tokenize, check_fields, collate, detect_format, load_records,
-                        make_rows, supervised_tokens)
+from train.data import (DataError, DataStats, check_fields, collate, detect_format, load_records, make_rows,
+                        supervised_tokens, tokenize_records)
 from train.generation import case_from_record, generate_for_case
 
 DEFAULT_MAX_LENGTH = 1024
@@ -47,7 +47,7 @@ def read_eval_data(path, fmt="auto"):
 def eval_rows(data, tokenizer, max_length):
     """Tokenised, masked, unpacked rows; raises DataError when no example keeps a supervised token."""
     stats = DataStats()
-    examples = _tokenize(data.records, data.fmt, tokenizer, max_length, stats)
+    examples = tokenize_records(data.records, data.fmt, tokenizer, max_length, stats)
     if not examples:
         raise DataError(f"{data.source}: no example has a supervised token left after tokenisation with "
                         f"max_length={max_length} ({stats.dropped_no_response} dropped); raise --max-length or "
