@@ -3,7 +3,7 @@
 Writes data/tiny_instruct.jsonl with Dolly fields (instruction, context, response), data/tiny_chat.jsonl
 (the same tasks as `messages` conversations) and data/tiny_text.jsonl (plain `text` documents for language
 modelling). The tasks are small enough for a ~2M-parameter model to learn in a few hundred CPU steps, so the
-default run shows a real loss drop. Run: python data/make_tiny_dataset.py [--n N] [--seed S]
+default run shows a real loss drop. Run: python data/make_tiny_dataset.py [--out-dir DIR] [--n N] [--seed S]
 """
 import argparse
 import json
@@ -75,11 +75,13 @@ def write_jsonl(path, records):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=str(Path(__file__).parent))
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent),
+                        help="where to write the three files (created, with its parents, when missing)")
     parser.add_argument("--n", type=int, default=2400)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     examples = make_examples(args.n, args.seed)
     write_jsonl(out / "tiny_instruct.jsonl", examples)
     write_jsonl(out / "tiny_chat.jsonl", (as_chat(e) for e in examples[:800]))
