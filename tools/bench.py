@@ -10,8 +10,10 @@ Cases:
   hf          baseline without gradient checkpointing
   ours        our defaults: gradient_checkpointing auto (off where it fits), liger_kernel auto (on a GPU)
   ours-gc     ours with gradient checkpointing forced on (compare with hf-gc at equal memory)
+  ours-mb2x   ours with twice the micro-batch and half the accumulation (same tokens per optimizer step)
   ours-qlora  QLoRA (NF4, double quant) with our defaults: step time against `ours`
   ours-full   full fine-tune of --full-model (a shape that fits one GPU with ZeRO-2): MFU
+  ours-full-bucket5e8   the same with DeepSpeed's reduce_bucket_size at 5e8 elements (DeepSpeed's own default)
 FLOP accounting (MFU = model FLOPs per second / the GPU's dense bf16 peak from train/gpu_table.json): per token
 6N (full) or 4N (LoRA: forward 2N, input gradients 2N; frozen weights get no weight gradient) with N all
 parameters, plus attention 12 x layers x seq x hidden (PaLM's convention, no causal discount); recomputation by
@@ -31,7 +33,7 @@ from tools.benchlib import (REPO, log_tail, measured, run_launcher, versions, wr
 from train.console import ascii_safe, make_console_safe  # noqa: E402
 
 WARMUP = 3
-CASES = ("hf-gc", "hf", "ours", "ours-gc", "ours-qlora", "ours-full")
+CASES = ("hf-gc", "hf", "ours", "ours-gc", "ours-mb2x", "ours-qlora", "ours-full", "ours-full-bucket5e8")
 
 
 def parse_args():
@@ -97,6 +99,16 @@ def run_hf(args, corpus, name, checkpointing):
     if code != 0 or not (out / "result.json").exists():
         return dict(row, error=log_tail(out / "train.log"))
     return dict(row, **json.loads((out / "result.json").read_text()))
+
+
+def ds_file_with(args, **zero_settings):
+    """A copy of ds_configs/zero2.json with some zero_optimization values set (as a user's --deepspeed file)."""
+    data = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    data["zero_optimization"].update(zero_settings)
+    path = Path(args.work_dir) / ("zero2_" + "_".join(f"{k}{v:g}" for k, v in zero_settings.items()) + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path.resolve()
 
 
 def model_flops_per_token(model_ref, mode, seq_len):
@@ -166,7 +178,12 @@ def main():
                "ours": lambda: run_ours(args, corpus, "ours"),
                "ours-gc": lambda: run_ours(args, corpus, "ours-gc", gradient_checkpointing=True),
                "ours-qlora": lambda: run_ours(args, corpus, "ours-qlora", mode="qlora"),
-               "ours-full": lambda: run_ours(args, corpus, "ours-full", mode="full", model=args.full_model)}
+               "ours-mb2x": lambda: run_ours(args, corpus, "ours-mb2x", micro_batch_size=2 * args.micro_batch,
+                                             gradient_accumulation_steps=max(1, args.grad_accum // 2)),
+               "ours-full": lambda: run_ours(args, corpus, "ours-full", mode="full", model=args.full_model),
+               "ours-full-bucket5e8": lambda: run_ours(args, corpus, "ours-full-bucket5e8", mode="full",
+                                                       model=args.full_model,
+                                                       deepspeed_config=str(ds_file_with(args, reduce_bucket_size=5e8)))}
     rows = []
     for name in cases:
         row = runners[name]()

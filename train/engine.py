@@ -31,9 +31,22 @@ def init_distributed():
     if "MASTER_ADDR" not in os.environ:  # plain `python -m train`: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
+    if torch.cuda.is_available():
+        import torch.distributed as dist
+
+        # Binding the rank to its GPU up front: NCCL otherwise guesses it from the global rank (a hang risk when
+        # nodes map ranks to GPUs differently) and barrier() warns on every call.
+        dist.init_process_group("nccl", device_id=torch.device("cuda", dist_env()[2]))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                verbose=False)
     return dist_env()
+
+
+def shutdown_distributed():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def free_port():
@@ -147,6 +160,13 @@ def _fill(section, key, value, run_key, source, problems, config=None):
                         f"set it to \"auto\" in the JSON or change {run_key}")
 
 
+def _fill_tuning(section, key, value):
+    """A DeepSpeed tuning value with no run-config key (bucket sizes, thresholds): "auto" gets our default, a
+    concrete value in the file is the user's choice and stays."""
+    if section.get(key, "auto") == "auto":
+        section[key] = value
+
+
 def _differs(a, b):
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return abs(float(a) - float(b)) > 1e-12 * max(1.0, abs(float(b)))
@@ -182,14 +202,12 @@ def resolve_ds_config(config, world_size, hidden_size, precision, on_gpu=None, l
         problems.append(f"{source} {'offloads' if offload else 'does not offload'} to CPU but the run config has "
                         f"offload: {str(config['offload']).lower()}; make them agree")
     _fill(zero, "overlap_comm", config["overlap_comm"], "overlap_comm", source, problems, config)
-    _fill(zero, "reduce_bucket_size", hidden_size * hidden_size, "model hidden size^2", source, problems)
+    _fill_tuning(zero, "reduce_bucket_size", hidden_size * hidden_size)
     if stage == 3:
-        _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size), "0.9 x hidden^2", source,
-              problems)
+        _fill_tuning(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
         # LoRA matrices stay whole on every rank: partitioned, each would be gathered and released on every pass
         # (14 extra fetches per layer for all-linear), which measured 2x the step time on one H200.
-        _fill(zero, "stage3_param_persistence_threshold", max(10 * hidden_size, largest_adapter),
-              "10 x hidden or the largest LoRA matrix", source, problems)
+        _fill_tuning(zero, "stage3_param_persistence_threshold", max(10 * hidden_size, largest_adapter))
     _check_optimizer_section(data, config, source, problems)
     if problems:
         raise ConfigError("DeepSpeed config contradicts the run config:\n  - " + "\n  - ".join(problems))

@@ -14,7 +14,7 @@ from train.config import public_config
 from train.console import Progress, say, warn
 from train.data import IGNORE_INDEX, RowSampler, collate, prepare_data, supervised_tokens
 from train.engine import (all_reduce_max, all_reduce_sum, barrier, device_for, init_distributed, resolve_ds_config,
-                          resolve_precision)
+                          resolve_precision, shutdown_distributed)
 from train.estimate import log_estimate_vs_measured
 from train.history import History, MetricSinks, check_sinks_available, plot_history
 from train.model import (count_parameters, hidden_size_of, largest_adapter_tensor, load_model, load_tokenizer,
@@ -92,10 +92,12 @@ def run(config):
     trainer = Trainer(config, engine, model, tokenizer, data, sampler, schedule, tracker, history, sinks,
                       out_dir, rank, world, device, total_steps, stop)
     try:
-        return trainer.train(start_step)
+        code = trainer.train(start_step)
     finally:
         sinks.close()
         del keepalive
+    shutdown_distributed()
+    return code
 
 
 def decide_gradient_checkpointing(config, world):

@@ -94,3 +94,14 @@ def test_liger_kernels_are_refused_clearly_where_they_cannot_run():
         liger_kernels_wanted(cfg(liger_kernel=True), cpu, "llama")
     with pytest.raises(ConfigError, match="liger_kernel"):
         cfg(liger_kernel="yes")
+
+
+def test_users_bucket_sizes_are_kept(tmp_path):
+    """Tuning values with no run-config key are the user's choice, not a contradiction."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e8,
+                                                      "stage3_param_persistence_threshold": 1e4}}))
+    resolved = resolve_ds_config(cfg(deepspeed_config=str(path), zero_stage=3), 1, 64, "bf16", on_gpu=True)
+    assert resolved["zero_optimization"]["reduce_bucket_size"] == 5e8
+    assert resolved["zero_optimization"]["stage3_param_persistence_threshold"] == 1e4
+    assert resolved["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
