@@ -118,7 +118,9 @@ def add_predictions(rows):
     for row in rows:
         if "_cold" not in row:
             continue
-        others = [r["factor"] for r in rows if "_cold" in r and r is not row and r["precision"] == row["precision"]]
+        fitted = [r for r in rows if "_cold" in r and r is not row]
+        # Same precision where there is one; the fp16 case borrows bf16's (same tensor-core rate on these GPUs).
+        others = [r["factor"] for r in fitted if r["precision"] == row["precision"]] or [r["factor"] for r in fitted]
         if not others:
             continue
         cold = row["_cold"]
