@@ -34,9 +34,12 @@ def launcher_env(**extra):
     return env
 
 
-def run_launcher(script, *args, env=None, timeout=900):
-    """Run launch/<script> exactly as a user would; returns CompletedProcess with output captured."""
+def run_launcher(script, *args, env=None, timeout=900, umask=None):
+    """Run launch/<script> exactly as a user would (under `umask` when given); returns CompletedProcess with output
+    captured."""
     cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]
+    if umask is not None:
+        cmd = ["bash", "-c", f"umask {umask:03o} && exec \"$@\"", "run-launcher", *cmd]
     return subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -51,8 +54,8 @@ def read_history(run_dir):
 
 @pytest.fixture(scope="session")
 def default_lora_run(tmp_path_factory):
-    """The embedded default, unchanged, through launch/train_lora.sh, on an ASCII-only console."""
+    """The embedded default, unchanged, through launch/train_lora.sh, on an ASCII-only console, under umask 022."""
     out = tmp_path_factory.mktemp("runs")
     proc = run_launcher("train_lora.sh", "--output_dir", out,
-                        env=launcher_env(PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C"))
+                        env=launcher_env(PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C"), umask=0o022)
     return proc, out / "tiny_lora"

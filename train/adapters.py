@@ -421,7 +421,7 @@ def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trus
 def publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff):
     """Record where the model came from (training_info.json keeps the run's dataset format for the tools), then
     move it into place."""
-    from train.fsutil import atomic_write_json, replace_dir
+    from train.fsutil import apply_umask, atomic_write_json, replace_dir
 
     info = {**read_training_info(adapter_dir), "merged": {
         "adapter": str(Path(adapter_dir).resolve()), "base_model": reference, "dtype": dtype_name(saved_dtype),
@@ -433,19 +433,6 @@ def publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff):
 
 def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
-
-
-def apply_umask(directory):
-    """Give the saved files the usual permissions: some are written through mkstemp, which makes them private
-    (0600), and a merged model is meant to be shared."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in Path(directory).iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
 
 
 # ---------------------------------------------------------------- command-line glue for tools/

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from train.engine import barrier
-from train.fsutil import atomic_write_json, atomic_write_text, fresh_tmp_dir, replace_dir
+from train.fsutil import apply_umask, atomic_write_json, atomic_write_text, fresh_tmp_dir, replace_dir
 
 LATEST = "latest"
 
@@ -128,6 +128,7 @@ def save_weights(engine, model, tokenizer, out_dir, mode, rank, info):
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "training_info.json", info)
+        apply_umask(tmp)  # safetensors writes 0600 files; best/ and final/ are for sharing
         replace_dir(tmp, out_dir)
     barrier()
     return out_dir

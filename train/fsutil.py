@@ -40,6 +40,18 @@ def atomic_write_text(path, text):
         raise
 
 
+def apply_umask(directory):
+    """Give `directory` and everything in it the modes an ordinary open() / mkdir() would (0666 / 0777 less the
+    umask). Some writers make private 0600 files (mkstemp; safetensors' save_file since 0.8), and the weights in
+    best/, final/ or a merged model are meant to be shared like any other output."""
+    mask = current_umask()
+    directory = Path(directory)
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_json(path, data):
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 

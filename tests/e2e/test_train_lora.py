@@ -56,3 +56,16 @@ def test_saved_adapters_load_with_peft_and_change_logits(default_lora_run, tiny_
     with torch.no_grad():
         tuned_logits = tuned(ids).logits
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-3)
+
+
+def test_saved_files_are_readable_by_group_and_others_under_umask_022(default_lora_run):
+    """best/, final/, checkpoints and the history are meant to be shared: the run (umask 022) must not leave any of
+    them private to its owner, as files written through a temporary file can be (mkstemp makes them 0600)."""
+    _, run_dir = default_lora_run
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    for which in ("best", "final"):
+        assert (run_dir / which / "training_info.json") in files, which
+    assert (run_dir / "checkpoints" / "latest") in files and (run_dir / "training_history.json") in files
+    private = [f"{p.relative_to(run_dir)} {p.stat().st_mode & 0o777:o}" for p in files
+               if p.stat().st_mode & 0o044 != 0o044]
+    assert not private, "files not readable by group and others: " + ", ".join(private)
