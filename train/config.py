@@ -57,7 +57,6 @@ DEFAULTS = {
     "deepspeed_config": None,
     "overlap_comm": False,
     "liger_kernel": "auto",
-    "fused_lora": True,
     "output_dir": "outputs",
     "seed": 42,
     "report_to": ["tensorboard"],

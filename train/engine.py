@@ -31,12 +31,6 @@ def init_distributed():
     if "MASTER_ADDR" not in os.environ:  # plain `python -m train`: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
-    if torch.cuda.is_available():
-        import torch.distributed as dist
-
-        # Binding the rank to its GPU up front: NCCL otherwise guesses it from the global rank (a hang risk when
-        # nodes map ranks to GPUs differently) and barrier() warns on every call.
-        dist.init_process_group("nccl", device_id=torch.device("cuda", dist_env()[2]))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                verbose=False)
     return dist_env()

@@ -1,5 +1,7 @@
 """The launcher behind launch/train_*.sh: validate the run config, count GPUs, pick a free port, run the
 pre-flight estimate, then print and run the torchrun (or accelerate / deepspeed) command. Exit code = the trainer's.
+SIGTERM or SIGUSR1 sent to it reach the training ranks, which save a checkpoint at their next step and exit 0; inside
+a Slurm step (srun) it ignores both, since Slurm signals every process of the step itself.
 
 usage: python -m train.launch --mode lora|qlora|full [CONFIG.yaml] [launcher options] [--key value ...]
 launcher options:
@@ -14,6 +16,7 @@ Anything else is a run-config override (--lora_r 8, --zero 3, --offload, --max_s
 """
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,7 @@ LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
 VALUE_OPTIONS = {"--mode", "--launcher", "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
                  "--master-port", "--rdzv-endpoint", "--rdzv-id"}
 FLAG_OPTIONS = {"--force", "--no-preflight", "--dry-run"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class LaunchError(ValueError):
@@ -123,6 +127,8 @@ def main(argv=None):
     from train.config import ConfigError, load_config, parse_overrides
 
     argv = sys.argv[1:] if argv is None else argv
+    if in_slurm_step():
+        ignore_stop_signals()  # from the start: a USR1 during the pre-flight must not kill this task of the step
     try:
         options, config_path, overrides = parse_launch_args(argv)
         config = load_config(config_path, parse_overrides(overrides))
@@ -150,18 +156,137 @@ def main(argv=None):
 
 
 def run_and_report(cmd, env):
-    """Run the launcher command; return the trainer's own exit code (torchrun turns every failure into 1)."""
+    """Run the launcher command; return the trainer's own exit code (torchrun turns every failure into 1).
+    SIGTERM / SIGUSR1 received meanwhile are passed to the training ranks (see StopForwarder)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ftl-") as scratch:
         code_file = Path(scratch) / "exit_code"
         env = dict(env, FTL_EXIT_CODE_FILE=str(code_file))
-        returncode = subprocess.run(cmd, env=env).returncode
+        forwarder = StopForwarder().install()
+        try:
+            returncode = forwarder.run(cmd, env)
+        finally:
+            forwarder.uninstall()
         if returncode != 0 and code_file.exists():
             text = code_file.read_text().strip()
-            if text.isdigit() and int(text) != 0:
+            if text.isdigit() and (int(text) != 0 or forwarder.received):
+                # The trainer's own code; after a stop signal also its 0 (checkpoint saved), when the launcher
+                # tool itself was signalled too (e.g. the whole process group) and reports a failure.
                 return int(text)
         return returncode
+
+
+# ---------------------------------------------------------------- stop signals (preemption, `kill`)
+
+def in_slurm_step(env=None):
+    """Inside an srun step (our sbatch job), where Slurm signals every process of the step, the ranks included."""
+    return bool((os.environ if env is None else env).get("SLURM_STEP_ID"))
+
+
+def ignore_stop_signals():
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class StopForwarder:
+    """Pass SIGTERM / SIGUSR1 received by the launcher (`kill -USR1 <pid>`, a container stop, a scheduler that
+    signals only the first process) to the training ranks: the trainer then saves a checkpoint at its next step and
+    exits 0, and the launcher tool (torchrun, accelerate, DeepSpeed's runner) ends as after a normal finish.
+
+    The signal goes to the ranks, not to the launcher tool: torchrun (accelerate runs it) handles USR1 only when
+    told, and on a signal it kills its workers after its shutdown timeout (30 s by default) and exits 1; DeepSpeed's
+    launcher kills its workers at once on TERM and dies on USR1. A rank is a process under the launcher tool with
+    LOCAL_RANK in its environment whose parent is not one (so not a data loader or compile worker of a rank). Each
+    rank is signalled as soon as it catches the signal (/proc/PID/status SigCgt): the trainer installs its handler
+    after its imports, and before that the signal would kill it. Ranks that start later get it too.
+
+    Inside a Slurm step the launcher ignores both signals instead (the child inherits that; torchrun and the
+    trainer install their own handlers): Slurm has signalled every process of the step already."""
+
+    POLL_S = 0.5
+
+    def __init__(self):
+        self.received = []   # signal numbers, in the order they came
+        self.sent = {}       # signal number -> pids of the ranks it has been passed to
+        self.previous = {}
+
+    def install(self):
+        slurm = in_slurm_step()
+        for sig in STOP_SIGNALS:
+            self.previous[sig] = signal.signal(sig, signal.SIG_IGN if slurm else self._on_signal)
+        return self
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def _on_signal(self, signum, _frame):
+        self.received.append(signum)
+        self.sent[signum] = set()  # (again) to every rank
+
+    def run(self, cmd, env):
+        """Popen + wait (as subprocess.run), passing stop signals on while the command runs; returns its code."""
+        with subprocess.Popen(cmd, env=env) as proc:
+            try:
+                while True:
+                    try:
+                        return proc.wait(timeout=self.POLL_S)
+                    except subprocess.TimeoutExpired:
+                        self.forward(proc.pid)
+            except BaseException:  # KeyboardInterrupt included, as subprocess.run does
+                proc.kill()
+                raise
+
+    def forward(self, root_pid):
+        if not self.sent:
+            return
+        ranks = training_ranks(root_pid)
+        for signum, done in list(self.sent.items()):  # a signal may arrive meanwhile
+            new = [pid for pid in ranks if pid not in done and catches_signal(pid, signum)]
+            for pid in new:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    continue
+                done.add(pid)
+            if new:
+                print(f"[launch] {signal.Signals(signum).name} received: passed to training rank process(es) "
+                      f"{', '.join(map(str, sorted(new)))}; they save a checkpoint at their next step and exit",
+                      flush=True)
+
+
+def training_ranks(root_pid):
+    """PIDs of the training ranks under `root_pid` (see StopForwarder)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    ranks = {}
+    for proc in procs:
+        try:
+            if "LOCAL_RANK" in proc.environ():
+                ranks[proc.pid] = proc.ppid()
+        except psutil.Error:  # gone, a zombie, or not ours to read
+            continue
+    return [pid for pid, parent in ranks.items() if parent not in ranks]
+
+
+def catches_signal(pid, signum):
+    """Whether `pid` has a handler for `signum` installed (Linux: SigCgt in /proc); True where /proc cannot tell."""
+    if not os.path.isdir("/proc/self"):
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

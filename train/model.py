@@ -82,11 +82,6 @@ def load_model(config, precision, ds_config, device):
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(config))
-        # Under ZeRO-3 a LoRA matrix read outside its module's forward could be an empty partition: peft's path.
-        if config["fused_lora"] and config["zero_stage"] != 3:
-            from train.fused_lora import fuse_lora_layers
-
-            fuse_lora_layers(model)
     return model, keepalive
 
 

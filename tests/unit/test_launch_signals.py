@@ -1,0 +1,83 @@
+"""SIGTERM / SIGUSR1 sent to the launcher (train.launch) reach the training ranks, not the launcher tool between
+them; inside a Slurm step the launcher ignores both. Run with a stand-in for torchrun: a tool that starts two
+"ranks" in sessions of their own (as torchrun does), each with a handler installed only after a delay (the trainer's
+imports) and a helper child that handles the signals too (like a forked data loader worker) and must not get them."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+RANK = r"""
+import os, signal, subprocess, sys, time
+out, delay, lifetime = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+HELPER = ("import signal, sys\ngot = []\nfor s in (signal.SIGTERM, signal.SIGUSR1):\n"
+          "    signal.signal(s, lambda *a: got.append(s))\nsys.stdin.read()\nsys.exit(9 if got else 0)")
+helper = subprocess.Popen([sys.executable, "-c", HELPER], stdin=subprocess.PIPE)  # catches the signals too
+time.sleep(delay)  # the trainer's imports: no handler yet, a signal now would kill this rank
+got = []
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, lambda s, f: got.append(signal.Signals(s).name))
+deadline = time.time() + lifetime
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+helper.stdin.close()
+with open(os.path.join(out, "rank" + os.environ["LOCAL_RANK"]), "w") as f:
+    f.write(f"{got[0] if got else 'no signal'}, helper exit {helper.wait()}")
+"""
+
+TOOL = r"""
+import os, subprocess, sys
+out, delay, lifetime = sys.argv[1:4]
+ranks = [subprocess.Popen([sys.executable, "-c", RANK, out, delay, lifetime], start_new_session=True,
+                          env=dict(os.environ, LOCAL_RANK=str(i))) for i in range(2)]
+open(os.path.join(out, "started"), "w").close()
+sys.exit(max(r.wait() for r in ranks))
+"""
+
+LAUNCHER = "import os, sys; from train.launch import run_and_report; sys.exit(run_and_report(sys.argv[1:], dict(os.environ)))"
+
+
+def start(tmp_path, lifetime, **env):
+    tool = tmp_path / "tool.py"
+    tool.write_text(f"RANK = {RANK!r}\n{TOOL}")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environment.update(PYTHONPATH=str(REPO), **env)
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, sys.executable, str(tool), str(tmp_path), "1.5",
+                             str(lifetime)], cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    return proc
+
+
+def ranks_report(tmp_path):
+    return [(tmp_path / f"rank{i}").read_text() for i in range(2)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_to_the_launcher_reaches_every_rank_and_the_launcher_exits_zero(tmp_path, sig):
+    proc = start(tmp_path, lifetime=60)
+    t0 = time.time()
+    proc.send_signal(sig)  # before the ranks have a handler: the launcher must wait for it, not kill them
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert ranks_report(tmp_path) == [f"{sig.name}, helper exit 0"] * 2, out
+    assert time.time() - t0 < 30, "the ranks stopped on the signal, not at the end of their lifetime"
+    assert f"{sig.name} received: passed to training rank" in out
+
+
+def test_inside_a_slurm_step_the_launcher_ignores_stop_signals(tmp_path):
+    """Slurm signals every process of the step itself: the launcher must neither die nor signal the ranks again."""
+    proc = start(tmp_path, lifetime=4, SLURM_STEP_ID="0")
+    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert ranks_report(tmp_path) == ["no signal, helper exit 0"] * 2, out
