@@ -89,6 +89,9 @@ def launch_env(nproc):
     # Never NVLink multicast (NVLS): it hangs or is refused on shared hosts.
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    # torchrun (also under accelerate) passes USR1 on to its workers instead of dying of it and leaving them
+    # running, when it is signalled itself (the whole process group, or Slurm).
+    env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     return env
 
 

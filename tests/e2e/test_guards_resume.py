@@ -79,6 +79,40 @@ def test_sigkilled_run_resumes_and_repeats_the_same_losses(tmp_path):
     assert read_history(tmp_path / "killed")["metadata"]["resumed_at_steps"] == [24]
 
 
+def test_usr1_to_the_launcher_alone_checkpoints_and_exits_zero(tmp_path):
+    """`kill -USR1 <launcher pid>` outside Slurm (the signal reaches neither torchrun nor the ranks by itself): the
+    launcher passes it on, every rank saves a checkpoint at its next step, and the run exits 0 as preempted."""
+    cmd = ["bash", str(REPO / "launch" / "train_lora.sh"), "--max_steps", "200", "--logging_steps", "1",
+           "--save_steps", "1000", "--output_dir", str(tmp_path), "--run_name", "usr1"]
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        launcher = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=out, stderr=err,
+                                    start_new_session=True)  # bash execs the launcher: same pid
+    history_file = tmp_path / "usr1" / "training_history.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and launcher.poll() is None:
+        try:
+            if json.loads(history_file.read_text())["records"]:
+                break
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    assert launcher.poll() is None, "the run ended before it could be signalled"
+    launcher.send_signal(signal.SIGUSR1)
+    try:
+        code = launcher.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        kill_tree(launcher.pid)
+        raise
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert code == 0, f"exit {code}\nSTDOUT:\n{stdout[-4000:]}\nSTDERR:\n{stderr[-6000:]}"
+    assert "SIGUSR1 received: passed to training rank" in stdout, stdout[-4000:]
+    history = read_history(tmp_path / "usr1")
+    assert history["status"] == "preempted", (history["status"], history["stop_reason"])
+    step = max(r["step"] for r in history["records"])
+    assert 1 <= step < 200 and f"checkpoint saved at step {step}" in history["stop_reason"]
+    assert (tmp_path / "usr1" / "checkpoints" / "latest").read_text().strip() == f"step-{step}"
+
+
 def test_two_ranks_with_accumulation_follow_one_rank_with_the_whole_batch(tmp_path):
     common = ["--max_steps", "6", "--logging_steps", "1", "--eval_fraction", "0", "--lr_scheduler", "constant"]
     one = run_launcher("train_full.sh", *common, "--micro_batch_size", "8", "--gradient_accumulation_steps", "1",
