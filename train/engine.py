@@ -59,7 +59,7 @@ def all_reduce_sum(values, device):
     """Sum a list of floats over all ranks (float64, so token counts stay exact)."""
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()

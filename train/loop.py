@@ -245,14 +245,14 @@ class Trainer:
         # DeepSpeed's 1/accumulation and 1/world averaging leave sum(all token losses) / (all supervised tokens).
         normaliser = global_tokens / (self.world * len(batches))
         engine.train()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no sync per micro-batch
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             loss = engine(**batch, num_items_in_batch=normaliser, use_cache=False).loss
             if c["debug_nan_at_step"] == step:
                 loss = loss * float("nan")
             engine.backward(loss)
-            loss_sum += float(loss.detach()) * normaliser
+            loss_sum += loss.detach().double() * normaliser
             if i == len(batches) - 1:
                 total_loss, = all_reduce_sum([loss_sum], self.device)
                 mean_loss = total_loss / global_tokens
