@@ -9,7 +9,7 @@ scaling; with 2 or more GPUs also LoRA ZeRO-2 and full ZeRO-3 on 2. Each case ru
 for --steps steps on a random-init model of a real shape (random:ARCH builds it on the GPU: nothing downloaded),
 with a synthetic text corpus that fills every row. Measured: the median step time and tokens/s after the warm-up
 steps, and the largest peak of allocated and reserved GPU memory over the ranks. Predicted: the estimator cold
-(no calibration) and calibrated leave-one-out (the factor is the mean of the factors fitted on the other cases of
+(no calibration) and calibrated leave-one-out (the factor is the median of the factors fitted on the other cases of
 the same precision, so no case predicts itself); memory without the margin.
 """
 import argparse
@@ -103,12 +103,14 @@ def run_cases(args, names, on_case=lambda rows: None):
 
 
 def add_predictions(rows):
-    from train.estimate import detect_device, fit_calibration
+    from train.estimate import detect_device, fit_calibration, resolve_device
 
     for row in rows:
         if "step_time_s" not in row:
             continue
-        device = detect_device(row["processes"])
+        # --reuse: predict for the device the measurement was made on, not this machine
+        device = resolve_device(row["device"], row["processes"]) if row.get("device") else \
+            detect_device(row["processes"])
         cold = predict(row["config"], row["processes"], device, {})
         row["device"] = device.name
         row["cold_step_time_s"] = cold.step_time_s
@@ -125,7 +127,9 @@ def add_predictions(rows):
             continue
         cold = row["_cold"]
         key = f"{cold.device.name}/{cold.precision}"
-        calibrated = predict(row["config"], row["processes"], cold.device, {key: {"factor": sum(others) / len(others)}})
+        factor = sorted(others)[len(others) // 2] if len(others) % 2 else \
+            sum(sorted(others)[len(others) // 2 - 1:len(others) // 2 + 1]) / 2  # median: one odd case can't skew it
+        calibrated = predict(row["config"], row["processes"], cold.device, {key: {"factor": factor}})
         row["calibrated_step_time_s"] = calibrated.step_time_s
     for row in rows:
         row.pop("_cold", None)
@@ -169,6 +173,8 @@ def main():
         import json
 
         rows = [r for r in json.loads(Path(args.reuse).read_text())["cases"]]
+        for row in rows:  # measured before the trainer had Liger's kernels
+            row["config"].setdefault("liger_kernel", False)
     else:
         rows = run_cases(args, chosen_cases(args), on_case=lambda done: save(args, done))
     rows = add_predictions(rows)

@@ -55,6 +55,9 @@ STEP_OVERHEAD_S = {"gpu": 0.02, "cpu": 0.02}
 # waits for; measured 0.54-0.75 ms per module and pass on one H200 (docs/benchmarks.md, gpu_matrix). On the CPU the
 # gloo gather term already holds it (calibrated in docs/estimation.md).
 ZERO3_FETCH_S = 0.00065
+# Liger's kernels remove memory-bound passes (norms, SwiGLU, RoPE, fp32 logits): Llama-3-8B shape LoRA, no
+# checkpointing, one H200: 0.828 s/step with HF's modules, 0.62-0.72 with Liger's (docs/benchmarks.md).
+LIGER_MFU_GAIN = 1.25
 CALIBRATION_PATH_ENV = "FTL_ESTIMATE_CALIBRATION"
 
 
@@ -95,6 +98,7 @@ class RunSpec:
     reduce_bucket_size: int = None  # elements; None: hidden^2 as our ds_configs fill "auto"
     prefetch_bucket_size: int = None
     fill: float = None
+    liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy outside ZeRO-3)
 
     @property
     def world(self):
@@ -523,9 +527,11 @@ def saved_inputs(arch, spec):
             "lm_head_input": full, "norm_weights": full}
 
 
-def norm_saved_bytes(width, shape, weight_trainable, output_saved):
+def norm_saved_bytes(width, shape, weight_trainable, output_saved, liger=False):
     """transformers' RMSNorm keeps its fp32 input (or the upcast copy) and rsqrt; the normalised tensor when the
-    weight trains; its output when the next linear keeps its input."""
+    weight trains; its output when the next linear keeps its input. Liger's keeps the 16-bit input and rsqrt."""
+    if liger:
+        return shape.e * shape.tokens * width * (2 if output_saved else 1) + 4 * shape.tokens
     per_element = 4 + (shape.e if weight_trainable else 0) + (shape.e if output_saved else 0)
     return per_element * shape.tokens * width + 4 * shape.tokens
 
@@ -558,7 +564,8 @@ def mlp_saved_bytes(arch, spec, shape):
         k, inter = arch.num_experts_per_tok, arch.moe_intermediate_size
         return t * k * (2 * arch.hidden_size + 4 * inter) * e + 4 * t * arch.num_experts
     down = 1 if saved_inputs(arch, spec)["down_input"] else 0
-    return (3 + down) * t * arch.intermediate_size * e  # gate out, act out, up out (, act*up)
+    kept = 2 if spec.liger_kernel else 3  # gate out, (act out: not Liger's SwiGLU, it recomputes), up out
+    return (kept + down) * t * arch.intermediate_size * e  # (+ act*up, down_proj's input)
 
 
 def lora_saved_bytes(arch, spec, shape):
@@ -583,9 +590,10 @@ def layer_activation_terms(arch, spec, shape):
     """Bytes one decoder layer saves for backward (no checkpointing), by component."""
     keeps = saved_inputs(arch, spec)
     h = arch.hidden_size
-    terms = {"norms": norm_saved_bytes(h, shape, keeps["norm_weights"], keeps["attention_input"]) +
-             norm_saved_bytes(h, shape, keeps["norm_weights"], keeps["mlp_input"]) +
-             (arch.norms_per_layer - 2) * norm_saved_bytes(h, shape, keeps["norm_weights"], False)}
+    liger = spec.liger_kernel
+    terms = {"norms": norm_saved_bytes(h, shape, keeps["norm_weights"], keeps["attention_input"], liger) +
+             norm_saved_bytes(h, shape, keeps["norm_weights"], keeps["mlp_input"], liger) +
+             (arch.norms_per_layer - 2) * norm_saved_bytes(h, shape, keeps["norm_weights"], False, liger)}
     terms.update(attention_saved_bytes(arch, spec, shape))
     terms["mlp"] = mlp_saved_bytes(arch, spec, shape)
     terms["lora"] = lora_saved_bytes(arch, spec, shape)
@@ -595,9 +603,13 @@ def layer_activation_terms(arch, spec, shape):
 def model_level_activation_terms(arch, spec, shape):
     t, e = shape.tokens, shape.e
     keeps = saved_inputs(arch, spec)
-    terms = {"final_norm": norm_saved_bytes(arch.hidden_size, shape, keeps["norm_weights"], keeps["lm_head_input"]),
-             "logits_log_softmax_fp32": 4 * t * arch.vocab_size,
+    terms = {"final_norm": norm_saved_bytes(arch.hidden_size, shape, keeps["norm_weights"], keeps["lm_head_input"],
+                                            spec.liger_kernel),
              "labels_and_ids": 8 * t * (2 if spec.mode == "full" else 1)}
+    if fused_cross_entropy(spec):
+        terms["fused_ce_input_gradient"] = t * arch.hidden_size * e  # computed in the forward, kept for backward
+    else:
+        terms["logits_log_softmax_fp32"] = 4 * t * arch.vocab_size
     if arch.final_logit_softcap:
         terms["logit_softcap"] = t * arch.vocab_size * e
     if not spec.gradient_checkpointing:
@@ -617,15 +629,26 @@ def activation_terms(arch, spec, precision, device_kind="gpu"):
     else:
         terms["layers"] = arch.num_hidden_layers * layer
         if spec.mode != "full":  # the frozen embedding's output needs no gradient: layer 0's first norm keeps nothing
-            terms["layers"] -= norm_saved_bytes(arch.hidden_size, shape, False, False)
+            terms["layers"] -= norm_saved_bytes(arch.hidden_size, shape, False, False, spec.liger_kernel)
     return terms, layer
+
+
+def fused_cross_entropy(spec):
+    """Liger's fused linear cross-entropy runs outside ZeRO-3 (it reads lm_head.weight outside the module)."""
+    return spec.liger_kernel and spec.zero != 3
 
 
 def transient_terms(arch, spec, counts, precision, one_layer):
     """Short-lived buffers of the backward phase."""
     shape = activation_shape(spec, precision)
     e = shape.e
-    terms = {"logits_gradients": 8 * shape.tokens * arch.vocab_size}
+    if fused_cross_entropy(spec):
+        # Liger's fused linear cross-entropy: logits and their gradient one chunk of tokens at a time
+        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(shape.tokens / math.ceil(arch.vocab_size /
+                                                                                    arch.hidden_size)))))
+        terms = {"fused_ce_chunk": 8 * chunk * arch.vocab_size}
+    else:
+        terms = {"logits_gradients": 8 * shape.tokens * arch.vocab_size}
     if spec.gradient_checkpointing:
         terms["recomputed_layer"] = one_layer
     if spec.zero == 3:
@@ -685,7 +708,7 @@ def step_time(arch, spec, device, counts, precision, activations_per_layer, cali
     e = shape.e
     tokens = shape.tokens * spec.grad_accum  # per rank per step (padded)
     flops = flops_per_token(arch, spec, counts, shape.masked)
-    mfu = default_mfu(device, spec.mode)
+    mfu = default_mfu(device, spec.mode) * (LIGER_MFU_GAIN if spec.liger_kernel else 1.0)
     peak = device.peak_flops(precision)
     bandwidth = device.hbm_tbps * 1e12
     passes = 3 if spec.gradient_checkpointing else 2
@@ -1099,9 +1122,18 @@ def spec_from_config(config, nproc, nnodes, gpu=None):
         gradient_checkpointing=config["gradient_checkpointing"], packing=config["packing"],
         gpus_per_node=nproc, nodes=nnodes, gpu=gpu or "cpu", precision=config["precision"],
         attn_implementation=config["attn_implementation"], overlap_comm=config["overlap_comm"],
+        liger_kernel=liger_expected(config, gpu),
         epochs=config["num_epochs"], max_steps=config["max_steps"])
     spec = _with_dataset_size(spec, config)
     return _with_ds_file_settings(spec, config)
+
+
+def liger_expected(config, gpu):
+    """Whether the trainer will apply Liger's kernels: `auto` does on GPUs (liger-kernel is in the [gpu] extra)."""
+    setting = config.get("liger_kernel", "auto")
+    if setting == "auto":
+        return bool(gpu) and gpu != "cpu"
+    return bool(setting)
 
 
 def resolve_gradient_checkpointing(config, nproc, nnodes, gpu=None):

@@ -396,3 +396,29 @@ def _load_factor():
 
     load = os.getloadavg()[0] / max(1, os.cpu_count() or 1)
     return max(1.0, load)
+
+
+def test_liger_kernels_drop_the_logits_buffers_and_save_activations():
+    """Measured on an H200 (Llama-3-8B shape LoRA, seq 2048, micro-batch 2, no checkpointing): 33.5 GiB reserved
+    with Liger's kernels, 51.7 GiB with transformers' modules (docs/benchmarks.md)."""
+    from train.estimate import RunSpec, estimate
+
+    base = RunSpec(model="llama-3-8b", mode="lora", seq_len=2048, micro_batch=2, gradient_checkpointing=False,
+                   lora_dropout=0.0, gpu="H200", margin=0.0)
+    plain = estimate(base, calibration={}, with_alternatives=False)
+    liger = estimate(replace(base, liger_kernel=True), calibration={}, with_alternatives=False)
+    assert "activations.logits_log_softmax_fp32" in plain.memory
+    assert "activations.logits_log_softmax_fp32" not in liger.memory and "transient.logits_gradients" not in liger.memory
+    assert liger.memory["activations.layers"] < plain.memory["activations.layers"]
+    assert abs(liger.peak_bytes / 2**30 - 33.5) / 33.5 < 0.10
+    assert liger.step_time_s < plain.step_time_s
+    zero3 = estimate(replace(base, liger_kernel=True, zero=3), calibration={}, with_alternatives=False)
+    assert "activations.logits_log_softmax_fp32" in zero3.memory  # no fused cross-entropy under ZeRO-3
+
+
+def test_liger_is_expected_on_gpus_only_when_auto():
+    from train.estimate import liger_expected
+
+    assert liger_expected({"liger_kernel": "auto"}, "H100-80GB") is True
+    assert liger_expected({"liger_kernel": "auto"}, "cpu") is False
+    assert liger_expected({"liger_kernel": False}, "H100-80GB") is False
