@@ -136,8 +136,9 @@ def add_ratios(rows, args):
         r["mfu"] = r["model_flops_per_token"] * r["tokens_per_s"] / peak
     base = by_name.get("hf-gc", {}).get("tokens_per_s")
     for r in rows:
-        if base and "tokens_per_s" in r and r["case"] != "ours-full":
-            r["vs_hf_gc"] = r["tokens_per_s"] / base
+        r["peak_gib"] = r.get("peak_reserved_gib")
+        if base and "tokens_per_s" in r and r["case"] not in ("ours-full", "ours-full-bucket5e8"):
+            r["vs_hf_gc"] = r["ratio_vs_baseline"] = r["tokens_per_s"] / base
     ours = by_name.get("ours", {}).get("step_time_s")
     if ours and "step_time_s" in by_name.get("ours-qlora", {}):
         by_name["ours-qlora"]["step_time_vs_ours_lora"] = by_name["ours-qlora"]["step_time_s"] / ours

@@ -85,7 +85,7 @@ def load_model(config, precision, ds_config, device):
     return model, keepalive
 
 
-def liger_kernels_wanted(config, device, model_type):
+def liger_kernels_wanted(config, device, model_type, announce=False):
     """Whether to apply Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy): `auto` uses them
     on a CUDA GPU when liger-kernel is installed and knows the architecture; `true` insists."""
     import importlib.util
@@ -106,17 +106,26 @@ def liger_kernels_wanted(config, device, model_type):
     if problem and setting is True:
         raise ValueError(f"liger_kernel: true but {problem}; set liger_kernel: auto (use them where they work) "
                          f"or false")
+    if problem and announce:
+        from train.console import say
+
+        say(f"liger kernels: off ({problem}; liger_kernel: false silences this)")
     return problem is None
 
 
 def apply_liger_kernels(model, config, device):
-    if not liger_kernels_wanted(config, device, model.config.model_type):
+    if not liger_kernels_wanted(config, device, model.config.model_type, announce=True):
         return False
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
+    from train.console import say
+
     # The fused linear cross-entropy reads lm_head.weight directly, outside the module's forward, so under ZeRO-3
     # it would see an empty partition: there only the norm, MLP and RoPE kernels are used.
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=config["zero_stage"] != 3)
+    fused_ce = config["zero_stage"] != 3
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=fused_ce)
+    extra = ", fused linear cross-entropy" if fused_ce else "; no fused cross-entropy under ZeRO-3"
+    say(f"liger kernels: on (RMSNorm, SwiGLU, RoPE{extra})")
     return True
 
 

@@ -14,6 +14,9 @@ def test_default_run_exits_zero_on_an_ascii_console(default_lora_run):
     assert_ok(proc)
     assert "--nproc_per_node 2" in proc.stdout, "the launcher must print the exact command it runs"
     assert "ZeRO-2" in proc.stdout and "2 processes" in proc.stdout
+    # the speed switches say what they decided, in one line each, also where they cannot run
+    assert "liger kernels: off (Liger's kernels are Triton kernels and need a CUDA GPU" in proc.stdout
+    assert "gradient checkpointing: set in the run config" in proc.stdout
 
 
 def test_eval_loss_falls_below_seventy_percent_of_the_first(default_lora_run):
