@@ -61,10 +61,10 @@ def record_exit_code(code):
     """torchrun reports any failed worker as exit 1; the launcher reads the trainer's own code from this file."""
     import os
 
-    path = os.environ.get("FTL_EXIT_CODE_FILE")
-    if path and is_main_process():
-        with open(path, "w") as f:
-            f.write(f"{code}\n")
+    path = os.environ.get("FTL_EXIT_CODE_FILE")  # one per node (each node's launcher has its own)
+    if path and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        with open(path, "w") as f:  # "0 preempted": a clean stop on a signal, checkpoint saved
+            f.write(f"{code}{' preempted' if os.environ.get('FTL_PREEMPTED') else ''}\n")
     return code
 
 

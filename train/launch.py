@@ -172,11 +172,11 @@ def run_and_report(cmd, env):
         finally:
             forwarder.uninstall()
         if returncode != 0 and code_file.exists():
-            text = code_file.read_text().strip()
-            if text.isdigit() and (int(text) != 0 or forwarder.received):
+            words = code_file.read_text().split()
+            if words and words[0].isdigit() and (int(words[0]) != 0 or forwarder.received or "preempted" in words):
                 # The trainer's own code; after a stop signal also its 0 (checkpoint saved), when the launcher
-                # tool itself was signalled too (e.g. the whole process group) and reports a failure.
-                return int(text)
+                # tool itself was signalled too (the whole process group, or Slurm) and reports a failure.
+                return int(words[0])
         return returncode
 
 

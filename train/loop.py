@@ -373,6 +373,9 @@ class Trainer:
         return flag > 0
 
     def finish_preempted(self, step, progress):
+        import os
+
+        os.environ["FTL_PREEMPTED"] = "1"  # the launcher trusts this 0 over torchrun's 1 after a signal
         progress.close()
         self.history.set("status", "preempted")
         self.history.set("stop_reason", f"signal received: checkpoint saved at step {step}; resume continues it")

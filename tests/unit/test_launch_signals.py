@@ -81,3 +81,24 @@ def test_inside_a_slurm_step_the_launcher_ignores_stop_signals(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert ranks_report(tmp_path) == ["no signal, helper exit 0"] * 2, out
+
+
+@pytest.mark.parametrize("recorded,expected", [("0 preempted", 0), ("0", 1), ("3", 3)])
+def test_a_clean_stop_on_a_signal_counts_as_success_even_when_torchrun_says_1(tmp_path, recorded, expected):
+    """Under Slurm, torchrun exits 1 after passing USR1 to its workers; the trainer's own record decides."""
+    tool = tmp_path / "tool.py"
+    tool.write_text(f"import os, sys\nopen(os.environ['FTL_EXIT_CODE_FILE'], 'w').write({recorded!r} + '\\n')\n"
+                    f"sys.exit(1)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), SLURM_STEP_ID="0")
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, str(tool)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == expected, proc.stdout + proc.stderr
+
+
+def test_the_trainer_records_a_preempted_stop(tmp_path, monkeypatch):
+    from train.__main__ import record_exit_code
+
+    monkeypatch.setenv("FTL_EXIT_CODE_FILE", str(tmp_path / "code"))
+    monkeypatch.setenv("FTL_PREEMPTED", "1")
+    assert record_exit_code(0) == 0
+    assert (tmp_path / "code").read_text() == "0 preempted\n"
