@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from train import REPO_ROOT
+from train.fsutil import apply_umask
 from train.prompts import TINY_CHAT_TEMPLATE, render_instruction_prompt
 
 BUILTIN_PREFIX = "builtin:"
@@ -116,6 +117,7 @@ def build_tiny_model(name, target):
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
+        apply_umask(tmp)  # shared cache: not the private modes mkdtemp and safetensors give
         os.rename(tmp, target)
     finally:
         if tmp.exists() and tmp != target:
@@ -166,7 +168,8 @@ def build_random_shape(arch_key):
             for name in os.listdir(tiny):
                 if name.startswith(("tokenizer", "chat_template")):
                     shutil.copy(tiny / name, tmp / name)
-            os.rename(tmp, target)
+            apply_umask(tmp)  # shared cache: not the private modes mkdtemp and safetensors give
+        os.rename(tmp, target)
     return target
 
 
@@ -189,5 +192,6 @@ def materialize_random_weights(path, dtype):
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
             model.save_pretrained(path, safe_serialization=True, max_shard_size="5GB")
+            apply_umask(path)
             del model
     return path
