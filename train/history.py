@@ -17,8 +17,8 @@ class History:
     def __init__(self, path, metadata, enabled=True):
         self.path = Path(path)
         self.enabled = enabled
-        self.data = {"metadata": metadata, "records": [], "evals": [], "best": None, "stop_reason": None,
-                     "status": "running"}
+        self.data = {"metadata": metadata, "records": [], "evals": [], "saves": [], "best": None,
+                     "stop_reason": None, "status": "running"}
 
     def resume_from(self, step):
         """Keep what happened up to `step` (the checkpoint being resumed); later records will be written again."""
@@ -27,9 +27,14 @@ class History:
         previous = json.loads(self.path.read_text())
         self.data["records"] = [r for r in previous.get("records", []) if r["step"] <= step]
         self.data["evals"] = [r for r in previous.get("evals", []) if r["step"] <= step]
+        self.data["saves"] = previous.get("saves", [])  # each save happened, also past the checkpoint
         best = previous.get("best")
         self.data["best"] = best if best and best["step"] <= step else None
         self.data["metadata"]["resumed_at_steps"] = previous["metadata"].get("resumed_at_steps", []) + [step]
+
+    def log_save(self, step, what, seconds):
+        """How long a checkpoint or a best/final save took (a 32B ZeRO-3 gather is minutes, worth knowing)."""
+        self.data.setdefault("saves", []).append({"step": step, "what": what, "seconds": round(seconds, 3)})
 
     def log_step(self, record):
         self.data["records"].append(record)

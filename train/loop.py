@@ -338,12 +338,16 @@ class Trainer:
         info = {"step": step, "eval_loss": eval_loss, "mode": self.c["mode"], "base_model": self.c["model"],
                 "run_name": self.c["run_name"], "max_length": self.c["max_length"],
                 "dataset_format": self.data.stats.format}
+        t0 = time.time()
         save_weights(self.engine, self.model, self.tokenizer, self.out_dir / name, self.c["mode"], self.rank, info)
+        self.history.log_save(step, name, time.time() - t0)
 
     def save_state(self, step):
         client = {"step": step, "schedule": self.schedule.state_dict(), "tracker": self.tracker.state_dict()}
+        t0 = time.time()
         save_training_state(self.engine, self.out_dir / "checkpoints", step, client, self.rank,
                             self.c["save_total_limit"], adapters_only=self.c["mode"] != "full")
+        self.history.log_save(step, "checkpoint", time.time() - t0)
 
     def finish(self, step, stop_reason):
         if self.data.eval_rows and not any(e["step"] == step for e in self.history.data["evals"]):

@@ -38,6 +38,8 @@ def test_history_has_documented_fields(default_lora_run):
         assert math.isfinite(record["loss"]) and record["loss"] > 0
     assert any("eval_loss" in r for r in history["records"])
     assert history["best"]["step"] > 0 and (run_dir / "best").is_dir()
+    saved = {entry["what"] for entry in history["saves"]}
+    assert {"best", "final", "checkpoint"} <= saved and all(e["seconds"] >= 0 for e in history["saves"])
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "training_curves.png").stat().st_size > 1000
 
