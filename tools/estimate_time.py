@@ -34,7 +34,7 @@ FLAG_FIELDS = {"model": "model", "mode": "mode", "gpus_per_node": "gpus_per_node
                "tokens": "tokens", "avg_tokens_per_example": "avg_tokens_per_example", "epochs": "epochs",
                "max_steps": "max_steps", "interconnect": "interconnect", "precision": "precision",
                "attn": "attn_implementation", "packing": "packing", "overlap_comm": "overlap_comm",
-               "margin": "margin", "fill": "fill"}
+               "margin": "margin", "fill": "fill", "liger": "liger_kernel"}
 
 
 def parse_args(argv):
@@ -53,6 +53,9 @@ def parse_args(argv):
     p.add_argument("--offload", action="store_true", default=None)
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--liger", dest="liger", action="store_true", default=None,
+                   help="Liger's kernels (default: on for GPUs, as the trainer's liger_kernel: auto)")
+    p.add_argument("--no-liger", dest="liger", action="store_false")
     p.add_argument("--packing", dest="packing", action="store_true", default=None)
     p.add_argument("--no-packing", dest="packing", action="store_false")
     p.add_argument("--lora-rank", type=int)
@@ -102,7 +105,14 @@ def build_spec(args):
         return replace(spec, **fields), device
     if "model" not in fields:
         raise EstimateError("give --config CONFIG or --model NAME_OR_DIR (with --mode, --gpu, --seq-len, ...)")
-    return RunSpec(**fields), device
+    # the trainer's defaults: liger_kernel auto, gradient_checkpointing auto (off when it fits without)
+    fields.setdefault("liger_kernel", device.kind != "cpu")
+    spec = RunSpec(**fields)
+    if "gradient_checkpointing" not in fields:
+        without = replace(spec, gradient_checkpointing=False)
+        fits = estimate(without, calibration={}, device=device, with_alternatives=False).fits
+        spec = without if fits else replace(spec, gradient_checkpointing=True)
+    return spec, device
 
 
 def local_processes():

@@ -3,6 +3,12 @@ calibrated predictions beside what was measured (a benchmark, not a test).
 
     python tools/gpu_matrix.py --json docs/benchmarks/gpu_matrix_h200.json          # one device call
     python tools/gpu_matrix.py --model builtin:small-llama --seq-len 256 --steps 6   # the same on a CPU
+    python tools/gpu_matrix.py --preset eight-gpu --json docs/benchmarks/eight_gpu_h200x8.json   # the 32B shapes
+
+Preset eight-gpu (every GPU of the machine, or 2 CPU processes): the Qwen2.5-32B shape built under zero.Init on the
+GPUs for ZeRO-3 (no checkpoint on disk; QLoRA writes random bf16 weights once to quantise them while loading):
+LoRA r=64 ZeRO-2 and ZeRO-3, QLoRA r=8, full fine-tune ZeRO-3 with a checkpoint at step 10 and a resumed run from
+it; the consolidated save and the resume are timed from the history's `saves`.
 
 Cases (1 GPU): LoRA, QLoRA and full fine-tune under ZeRO-2 and ZeRO-3, and LoRA ZeRO-2 in fp16 with dynamic loss
 scaling; with 2 or more GPUs also LoRA ZeRO-2 and full ZeRO-3 on 2. Each case runs `bash launch/train_<mode>.sh`
@@ -24,8 +30,9 @@ from tools.benchlib import (log_tail, measured, predict, run_launcher, versions,
 from train.console import ascii_safe, make_console_safe  # noqa: E402
 
 WARMUP = 3
-# name -> (processes, run-config changes)
-CASES = {
+ALL = 0  # every GPU of the machine (2 processes on a CPU)
+# name -> (processes, run-config changes); "_resumes": run again in that case's directory, resuming
+MATRIX = {
     "lora-z2": (1, {"mode": "lora", "zero_stage": 2}),
     "lora-z3": (1, {"mode": "lora", "zero_stage": 3}),
     "qlora-z2": (1, {"mode": "qlora", "zero_stage": 2, "gradient_checkpointing": True}),
@@ -36,20 +43,36 @@ CASES = {
     "lora-z2-2gpu": (2, {"mode": "lora", "zero_stage": 2}),
     "full-z3-2gpu": (2, {"mode": "full", "zero_stage": 3}),
 }
+EIGHT_GPU = {  # gradient checkpointing as the trainer decides by default (off where the estimate fits)
+    "lora-r64-z2": (ALL, {"mode": "lora", "lora_r": 64, "lora_alpha": 128, "zero_stage": 2}),
+    "lora-r64-z3": (ALL, {"mode": "lora", "lora_r": 64, "lora_alpha": 128, "zero_stage": 3}),
+    "qlora-r8-z2": (ALL, {"mode": "qlora", "lora_r": 8, "lora_alpha": 16, "zero_stage": 2}),
+    "full-z3": (ALL, {"mode": "full", "zero_stage": 3, "save_steps": 10}),
+    "full-z3-resume": (ALL, {"mode": "full", "zero_stage": 3, "save_steps": 10, "resume": "always",
+                             "_resumes": "full-z3", "_extra_steps": 5}),
+}
+PRESETS = {"matrix": dict(cases=MATRIX, model="random:qwen2.5-1.5b", micro_batch=4, steps=20),
+           "eight-gpu": dict(cases=EIGHT_GPU, model="random:qwen2.5-32b", micro_batch=1, steps=12)}
+CASES = {**MATRIX, **EIGHT_GPU}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="random:qwen2.5-1.5b")
+    p.add_argument("--preset", choices=list(PRESETS), default="matrix")
+    p.add_argument("--model", help="default: the preset's (random:qwen2.5-1.5b; eight-gpu: random:qwen2.5-32b)")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cases", help=f"comma list of {', '.join(CASES)} (default: all that fit the GPU count)")
+    p.add_argument("--micro-batch", type=int, help="default: the preset's (4; eight-gpu: 1)")
+    p.add_argument("--steps", type=int, help="default: the preset's (20; eight-gpu: 12)")
+    p.add_argument("--cases", help=f"comma list of {', '.join(CASES)} (default: the preset's that fit the GPUs)")
     p.add_argument("--work-dir", default=".cache/gpu_matrix")
     p.add_argument("--case-timeout", type=int, default=300)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--reuse", metavar="FILE", help="re-predict from an earlier --json's measurements (no runs)")
-    return p.parse_args()
+    args = p.parse_args()
+    for key in ("model", "micro_batch", "steps"):
+        if getattr(args, key) is None:
+            setattr(args, key, PRESETS[args.preset][key])
+    return args
 
 
 def base_config(args, corpus):
@@ -74,7 +97,16 @@ def chosen_cases(args):
             sys.exit(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
         return args.cases.split(",")
     gpus = available_gpus()
-    return [name for name, (procs, _) in CASES.items() if procs <= max(gpus, 1) and not (gpus == 0 and procs > 1)]
+    return [name for name, (procs, _) in PRESETS[args.preset]["cases"].items()
+            if procs == ALL or (procs <= max(gpus, 1) and not (gpus == 0 and procs > 1))]
+
+
+def processes(procs):
+    if procs != ALL:
+        return procs
+    import os
+
+    return available_gpus() or int(os.environ.get("FTL_CPU_PROCS", "2"))
 
 
 def run_cases(args, names, on_case=lambda rows: None):
@@ -84,10 +116,19 @@ def run_cases(args, names, on_case=lambda rows: None):
     results = []
     for name in names:
         procs, change = CASES[name]
+        procs = processes(procs)
         config = {**base_config(args, corpus), **change}
+        if name in EIGHT_GPU:
+            config["gradient_checkpointing"] = "auto"
+        resumes, extra = config.pop("_resumes", None), config.pop("_extra_steps", 0)
+        config["max_steps"] += extra
         t0 = time.time()
-        code, history, wall, log = run_launcher(config, work / name, procs, timeout=args.case_timeout)
+        code, history, wall, log = run_launcher(config, work / (resumes or name), procs, timeout=args.case_timeout,
+                                                log_name=f"{name}.log" if resumes else "train.log")
         row = {"case": name, "processes": procs, "config": config, "exit_code": code, "wall_s": round(wall, 1)}
+        if history:
+            row["saves"] = history.get("saves", [])
+            row["resumed_at_steps"] = history["metadata"].get("resumed_at_steps")
         got = measured(history, WARMUP) if history and code == 0 else None
         if got is None:
             row["error"] = log_tail(log)
@@ -153,6 +194,11 @@ def render(rows, args):
             f"{r['cold_step_time_s'] / m - 1:+6.0%} {cal if cal else float('nan'):7.3f} "
             f"{(cal / m - 1) if cal else float('nan'):+6.0%} {r.get('peak_allocated_gib') or float('nan'):6.1f} "
             f"{resv or float('nan'):6.1f} {pred:6.1f} {(pred / resv - 1) if resv else float('nan'):+6.0%}")
+    for r in rows:
+        if r.get("saves"):
+            timed = ", ".join(f"{e['what']} at step {e['step']} {e['seconds']:.1f} s" for e in r["saves"])
+            resumed = f" (resumed at step {r['resumed_at_steps'][-1]})" if r.get("resumed_at_steps") else ""
+            lines.append(f"saves {r['case']}{resumed}: {timed}")
     lines.append(f"model {args.model}, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} steps "
                  f"({WARMUP} warm-up); memory in GiB (alloc/resv: measured peak, pred: estimator without margin; "
                  f"err vs reserved)")

@@ -422,3 +422,16 @@ def test_liger_is_expected_on_gpus_only_when_auto():
     assert liger_expected({"liger_kernel": "auto"}, "H100-80GB") is True
     assert liger_expected({"liger_kernel": "auto"}, "cpu") is False
     assert liger_expected({"liger_kernel": False}, "H100-80GB") is False
+
+
+def test_cli_without_a_config_follows_the_trainers_defaults(capsys):
+    """No --gradient-checkpointing flag: off where the run fits without it, as gradient_checkpointing: auto does;
+    Liger's kernels on GPUs, as liger_kernel: auto does."""
+    common = ["--model", "meta-llama/Meta-Llama-3-8B", "--mode", "lora", "--seq-len", "2048", "--micro-batch", "2",
+              "--json", "--no-calibration"]
+    assert _cli(common + ["--gpu", "H200"]) == 0
+    roomy = json.loads(capsys.readouterr().out)["inputs"]
+    assert roomy["gradient_checkpointing"] is False and roomy["liger_kernel"] is True
+    assert _cli(common + ["--gpu", "A100-40GB", "--no-liger"]) == 0
+    tight = json.loads(capsys.readouterr().out)["inputs"]
+    assert tight["gradient_checkpointing"] is True and tight["liger_kernel"] is False
