@@ -15,14 +15,13 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tools.benchlib import predict  # noqa: E402
 from train.console import ascii_safe, make_console_safe  # noqa: E402
-from train.estimate import (detect_device, estimate, fit_calibration, measured_step_time,  # noqa: E402
-                            run_measurement, spec_from_config)
+from train.estimate import detect_device, fit_calibration, measured_step_time, run_measurement  # noqa: E402
 
 # (label, run-config overrides relative to the base case)
 CASES = [
@@ -80,14 +79,6 @@ def write_yaml(config, directory, index):
 def measure_case(args, config, path, nproc, index):
     history = run_measurement(path, config["mode"], args.steps, nproc, out_dir=Path(path).parent / f"run{index}")
     return measured_step_time(history.get("records", [])), history
-
-
-def predict(config, nproc, device, calibration):
-    from train.config import load_config
-
-    spec = spec_from_config(load_config(None, config), nproc, 1, gpu=device.name)
-    spec = replace(spec, max_steps=1)
-    return estimate(spec, calibration=calibration, device=device, with_alternatives=False)
 
 
 def run(args):
