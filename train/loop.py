@@ -247,7 +247,7 @@ class Trainer:
         engine.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no sync per micro-batch
         for i, batch in enumerate(batches):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = self.to_device(batch)
             loss = engine(**batch, num_items_in_batch=normaliser, use_cache=False).loss
             if c["debug_nan_at_step"] == step:
                 loss = loss * float("nan")
@@ -277,6 +277,13 @@ class Trainer:
         allocated, reserved = all_reduce_max([torch.cuda.max_memory_allocated(self.device) / 2**30,
                                               torch.cuda.max_memory_reserved(self.device) / 2**30], self.device)
         return {"peak_memory_allocated_gib": round(allocated, 3), "peak_memory_reserved_gib": round(reserved, 3)}
+
+    def to_device(self, batch):
+        """A copy from pageable memory blocks the host until the GPU has caught up; from pinned memory it is queued,
+        so the host keeps launching the next micro-batch's kernels meanwhile."""
+        if self.device.type != "cuda":
+            return batch
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def fp16_skipped_step(self):
         """With fp16 loss scaling an overflow skips the step and lowers the scale: expected, not fatal."""
@@ -308,7 +315,7 @@ class Trainer:
                     chunk = [{**rows[0], "labels": [IGNORE_INDEX] * len(rows[0]["labels"])}]
                 batch = collate(chunk, self.data.pad_id, self.data.packed)
                 n = supervised_tokens(batch)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                batch = self.to_device(batch)
                 loss = self.engine(**batch, num_items_in_batch=1.0, use_cache=False).loss
                 loss_sum += float(loss) if n else 0.0
                 tokens += n
