@@ -116,6 +116,11 @@ def liger_kernels_wanted(config, device, model_type, announce=False):
 def apply_liger_kernels(model, config, device):
     if not liger_kernels_wanted(config, device, model.config.model_type, announce=True):
         return False
+    import logging
+
+    # Liger probes optional backends (CuTe DSL, Ascend) and warns on every rank when they are absent; the Triton
+    # kernels we use are unaffected.
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
     from train.console import say
