@@ -1,6 +1,8 @@
 """The training recipe, top to bottom: data -> model -> DeepSpeed engine -> steps with token-normalised loss,
 guards, evaluation, plateau/early-stop rules, checkpoints, history -> best/ and final/."""
+import contextlib
 import math
+import os
 import platform
 import signal
 import time
@@ -102,8 +104,6 @@ def run(config):
 
 def decide_gradient_checkpointing(config, world):
     """Resolve `gradient_checkpointing: auto` from the memory estimate (the same on every rank: same inputs)."""
-    import os
-
     from train.estimate import resolve_gradient_checkpointing
 
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -345,16 +345,21 @@ class Trainer:
         info = {"step": step, "eval_loss": eval_loss, "mode": self.c["mode"], "base_model": self.c["model"],
                 "run_name": self.c["run_name"], "max_length": self.c["max_length"],
                 "dataset_format": self.data.stats.format}
+        with self.timed_save(step, name):
+            save_weights(self.engine, self.model, self.tokenizer, self.out_dir / name, self.c["mode"], self.rank,
+                         info)
+
+    @contextlib.contextmanager
+    def timed_save(self, step, what):
         t0 = time.time()
-        save_weights(self.engine, self.model, self.tokenizer, self.out_dir / name, self.c["mode"], self.rank, info)
-        self.history.log_save(step, name, time.time() - t0)
+        yield
+        self.history.log_save(step, what, time.time() - t0)
 
     def save_state(self, step):
         client = {"step": step, "schedule": self.schedule.state_dict(), "tracker": self.tracker.state_dict()}
-        t0 = time.time()
-        save_training_state(self.engine, self.out_dir / "checkpoints", step, client, self.rank,
-                            self.c["save_total_limit"], adapters_only=self.c["mode"] != "full")
-        self.history.log_save(step, "checkpoint", time.time() - t0)
+        with self.timed_save(step, "checkpoint"):
+            save_training_state(self.engine, self.out_dir / "checkpoints", step, client, self.rank,
+                                self.c["save_total_limit"], adapters_only=self.c["mode"] != "full")
 
     def finish(self, step, stop_reason):
         if self.data.eval_rows and not any(e["step"] == step for e in self.history.data["evals"]):
@@ -384,8 +389,6 @@ class Trainer:
         return flag > 0
 
     def finish_preempted(self, step, progress):
-        import os
-
         os.environ["FTL_PREEMPTED"] = "1"  # the launcher trusts this 0 over torchrun's 1 after a signal
         progress.close()
         self.history.set("status", "preempted")

@@ -59,11 +59,7 @@ def resolve_model_path(model_ref):
         raise ValueError(f"unknown builtin model '{name}'; known: {', '.join(sorted(TINY_SPECS))}")
     target = cache_root() / "models" / f"{name}-{BUILD_VERSION}"
     if not (target / "config.json").exists():
-        import fcntl
-
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / f".{name}.lock", "w") as lock:  # one builder; other ranks wait, then load
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _locked(target):  # one builder; other ranks wait, then load
             if not (target / "config.json").exists():
                 build_tiny_model(name, target)
     return str(target)
@@ -126,6 +122,7 @@ def build_tiny_model(name, target):
 
 
 def _locked(path):
+    """An exclusive lock beside `path` (a file object: use with `with`; closing it releases the lock)."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
