@@ -11,6 +11,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,8 +63,25 @@ def resolve_model_path(model_ref):
     if not (target / "config.json").exists():
         with _locked(target):  # one builder; other ranks wait, then load
             if not (target / "config.json").exists():
-                build_tiny_model(name, target)
+                _build_outside_process_group("build_tiny_model", name, str(target))
     return str(target)
+
+
+def _build_outside_process_group(builder, *args):
+    """Run `builder(*args)` from this module in a fresh Python when torch.distributed is up. Whichever rank holds the
+    cache lock builds, but transformers' save_pretrained silently skips the weights and config.json on every rank
+    but 0 once a process group exists, which left a cache entry with only tokenizer files."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return globals()[builder](*args)
+    code = f"import sys; from train.tiny import {builder}; {builder}(*sys.argv[1:])"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building {args[0]} into the model cache failed:\n{proc.stderr[-4000:]}")
 
 
 def _corpus_lines():
@@ -166,7 +185,7 @@ def build_random_shape(arch_key):
                 if name.startswith(("tokenizer", "chat_template")):
                     shutil.copy(tiny / name, tmp / name)
             apply_umask(tmp)  # shared cache: not the private modes mkdtemp and safetensors give
-        os.rename(tmp, target)
+            os.rename(tmp, target)
     return target
 
 
@@ -176,19 +195,22 @@ def has_weights(path):
 
 def materialize_random_weights(path, dtype):
     """Write random bf16/fp16 weights next to a random shape's config (once), for paths that need a checkpoint."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
     if has_weights(path):
         return path
     with _locked(path / "weights"):
         if not has_weights(path):
-            torch.manual_seed(1234)
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            with torch.device(device):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-            model.save_pretrained(path, safe_serialization=True, max_shard_size="5GB")
-            apply_umask(path)
-            del model
+            _build_outside_process_group("write_random_weights", str(path), str(dtype).removeprefix("torch."))
     return path
+
+
+def write_random_weights(path, dtype_name):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(1234)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype_name))
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="5GB")
+    apply_umask(Path(path))
