@@ -97,8 +97,10 @@ class Job:
 
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
-    """Submit the three jobs at once, requeue / signal two of them once they have trained a few steps, and wait
-    for all three to finish (a requeued job is started again at once instead of after Slurm's usual delay)."""
+    """Submit the jobs at once, requeue / signal two of them once they have trained a few steps, and wait for all to
+    finish. A requeued job waits out Slurm's own delay (cred_expire + 1 s, 11 s with the test cluster's
+    AuthInfo=cred_expire=10) before it restarts: a start forced earlier (StartTime=now) reaches a node that still
+    holds the revoked credential of the job's last run, and the restart fails at once with exit 1."""
     _, env = slurm_cluster
     t0 = time.time()
     made = {}
@@ -131,8 +133,6 @@ def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
                                               capture_output=True, text=True, timeout=30)
                     assert proc.returncode == 0, proc.stderr
                     job.acted_at_step = step
-            if state == "PENDING" and int(info.get("Restarts", "0")) > 0:
-                scontrol(env, "update", f"JobId={job.id}", "StartTime=now")
             if state in FINAL_STATES:
                 job.info, job.seconds = info, round(time.time() - t0, 1)
                 pending.discard(name)
