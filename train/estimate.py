@@ -306,11 +306,32 @@ def resolve_device(name, procs_per_node=1):
     if name.lower() == "cpu":
         return cpu_device(procs_per_node)
     devices = _gpu_table()["devices"]
-    wanted = re.sub(r"[^a-z0-9]", "", name.lower())
-    for key, entry in devices.items():
-        if re.sub(r"[^a-z0-9]", "", key.lower()) == wanted:
-            return Device(name=key, **{k: v for k, v in entry.items() if k != "match"})
-    raise EstimateError(f"unknown GPU type '{name}'. Known: {', '.join(known_gpus())}")
+    key = _device_key(name, devices)
+    if key is None:
+        raise EstimateError(f"unknown GPU type '{name}'. Known: {', '.join(known_gpus())} (also as CUDA names them, "
+                            f"e.g. H100, A100, RTX 4090, and with the memory: RTX4090-24GB)")
+    return Device(name=key, **{k: v for k, v in devices[key].items() if k != "match"})
+
+
+def _device_key(name, devices):
+    """The table entry `name` means: its key, a CUDA name it matches (H100, RTX 4090), or either with the memory
+    size after it (RTX4090-24GB) when that size is the entry's."""
+    def norm(text):
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    wanted = norm(name)
+    for candidates in (lambda k, e: [k], lambda k, e: e["match"]):
+        for key, entry in devices.items():
+            if any(norm(c) == wanted for c in candidates(key, entry)):
+                return key
+    sized = re.fullmatch(r"(.+)[-_ ](\d+) ?gb", name.strip().lower())
+    if sized:
+        base, gib = norm(sized.group(1)), int(sized.group(2))
+        for key, entry in devices.items():
+            same_size = abs(entry["memory_gib"] - gib) <= 0.1 * gib
+            if same_size and any(norm(c) == base for c in [key, *entry["match"]]):
+                return key
+    return None
 
 
 def device_from_cuda_name(cuda_name, memory_bytes=None):

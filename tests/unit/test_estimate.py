@@ -381,21 +381,58 @@ def test_cli_errors_exit_2_and_list_known_names(capsys):
     assert "H100-80GB" in capsys.readouterr().err
 
 
-def test_cli_answers_in_under_two_seconds():
-    start = time.time()
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "estimate_time.py")] + ISSUE_FLAGS + ["--json"],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
-    elapsed = time.time() - start
+def test_cli_answers_without_loading_torch_or_the_training_stack():
+    """Why it answers in well under 2 s (0.6-0.7 s here: `time python tools/estimate_time.py ... --json`): no
+    torch, DeepSpeed, peft or bitsandbytes import, whose start-up alone takes seconds."""
+    probe = ("import runpy, sys; sys.argv = ['estimate_time.py'] + sys.argv[1:]; sys.path.insert(0, 'tools')\n"
+             "try:\n    runpy.run_path('tools/estimate_time.py', run_name='__main__')\n"
+             "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+             "heavy = [m for m in ('torch', 'deepspeed', 'peft', 'bitsandbytes') if m in sys.modules]\n"
+             "print('HEAVY', heavy, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", probe, *ISSUE_FLAGS, "--json"], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert elapsed < 2.0 * _load_factor(), f"{elapsed:.2f} s"
+    assert "HEAVY []" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["fits"] is True
 
 
-def _load_factor():
-    """The machine is shared: allow for other processes' load, never less strict than 2 s on an idle machine."""
-    import os
+def config_header_estimates():
+    """(config, argv) for each `python tools/estimate_time.py ...` line in a shipped config's header comment."""
+    import shlex
 
-    load = os.getloadavg()[0] / max(1, os.cpu_count() or 1)
-    return max(1.0, load)
+    found = []
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            if line.startswith("#") and "python tools/estimate_time.py" in line:
+                words = shlex.split(line.lstrip("# "))
+                found.append((path.name, words[words.index("tools/estimate_time.py") + 1:]))
+    return found
+
+
+def test_every_real_config_header_gives_an_estimate_command():
+    named = {name for name, _ in config_header_estimates()}
+    real = {p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("tiny_")}
+    assert real and real <= named, f"configs whose header has no estimate command: {sorted(real - named)}"
+
+
+@pytest.mark.parametrize("name,argv", config_header_estimates(), ids=lambda v: v if isinstance(v, str) else "")
+def test_each_config_header_estimate_runs_and_fits(name, argv, capsys):
+    """The command a config's header tells users to run works as written and the run fits the GPUs it names."""
+    assert _cli([*argv, "--json", "--no-calibration"]) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is True, (name, data["memory_per_gpu_gib"], data["device_memory_gib"], data["refusal"])
+
+
+@pytest.mark.parametrize("name,key", [("H100", "H100-80GB"), ("h100_80gb", "H100-80GB"), ("A100", "A100-80GB"),
+                                      ("RTX4090-24GB", "RTX-4090"), ("RTX 4090", "RTX-4090"), ("V100", "V100-32GB"),
+                                      ("A100-40GB", "A100-40GB")])
+def test_gpu_names_as_users_write_them(name, key):
+    assert resolve_device(name).name == key
+
+
+def test_a_memory_size_the_gpu_does_not_have_is_unknown():
+    with pytest.raises(EstimateError, match="unknown GPU type 'A100-32GB'"):
+        resolve_device("A100-32GB")
 
 
 def test_liger_kernels_drop_the_logits_buffers_and_save_activations():
