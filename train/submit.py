@@ -12,6 +12,12 @@ usage: python -m train.submit --config CONFIG.yaml [--nodes N] [--gpus-per-node 
   --signal-secs S      Slurm sends USR1 S seconds before the time limit (default 300): the training checkpoints
                        and the job requeues itself, then resumes from the checkpoint
   --mode M             lora, qlora or full; defaults to the config's mode and must agree with it
+  --gpu TYPE           the nodes' GPU type (H100-80GB, A100-80GB, ...: python tools/estimate_time.py --help):
+                       the pre-flight estimate runs here, before the job queues, and refuses (exit 4) a run that
+                       will not fit; it also says how many requeues the predicted time needs within --time
+  --force              submit (and launch) even when the pre-flight says it will not fit
+  --no-preflight       no estimate, here or on the nodes
+  --launcher L         torchrun (default), accelerate or deepspeed, on every node
   --sbatch-arg ARG     any other sbatch option, repeatable (--sbatch-arg=--exclusive)
   --dry-run            print the script (and the sbatch command) instead of submitting
 Anything else is a run-config override passed to the trainer (--max_steps 100, --lora_r 8, ...).
@@ -98,6 +104,10 @@ def parse_args(argv):
     parser.add_argument("--mode", choices=("lora", "qlora", "full"))
     parser.add_argument("--signal-secs", type=int, default=300)
     parser.add_argument("--sbatch-arg", action="append", default=[])
+    parser.add_argument("--gpu")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--no-preflight", action="store_true")
+    parser.add_argument("--launcher", choices=("torchrun", "accelerate", "deepspeed"))
     parser.add_argument("--dry-run", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     if args.help:
@@ -183,7 +193,7 @@ def build_job(args, overrides, cwd=None):
     run_dir = (out_dir if out_dir.is_absolute() else cwd / out_dir) / config["run_name"]
     log_dir = run_dir / "slurm"
     nproc = args.nproc_per_node or (args.gpus_per_node if args.gpus_per_node > 0 else 1)
-    launch_args = ["--mode", mode, str(config_path), *overrides]
+    launch_args = ["--mode", mode, *launcher_options(args), str(config_path), *overrides]
     values = {
         "FTL_ROOT": shlex.quote(str(REPO_ROOT)),
         "FTL_PYTHON": shlex.quote(os.environ.get("FTL_PYTHON") or sys.executable),
@@ -199,15 +209,70 @@ def build_job(args, overrides, cwd=None):
     return script, log_dir / "job.sbatch", log_dir, config
 
 
+def launcher_options(args):
+    """The submit flags that train.launch takes on every node."""
+    options = ["--launcher", args.launcher] if args.launcher else []
+    return options + [flag for flag, on in (("--force", args.force), ("--no-preflight", args.no_preflight)) if on]
+
+
+def preflight_at_submit(args, config):
+    """The launchers' memory and time estimate, for the nodes' GPU type, before anything queues; printed on stderr
+    (stdout carries the job id, or the script of a dry run). Returns an exit code for a refused run, else None."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return _preflight_at_submit(args, config)
+
+
+def _preflight_at_submit(args, config):
+    from train.console import ascii_safe
+    from train.estimate import estimate_from_config
+
+    if args.no_preflight:
+        return None
+    if not args.gpu or args.gpus_per_node == 0:
+        print("pre-flight: pass --gpu TYPE (e.g. H100-80GB) to check memory and time before the job queues; the job "
+              "checks on its nodes when it starts")
+        return None
+    nproc = args.nproc_per_node or args.gpus_per_node
+    verdict = estimate_from_config(config, nproc, args.nodes, announce=True, gpu=args.gpu)
+    if verdict is None:
+        return None
+    if not verdict.fits and not args.force:
+        print(ascii_safe(f"error: {verdict.refusal} (nothing was submitted)"))
+        return 4
+    print(ascii_safe(time_limit_note(verdict.total_time_h, args.time, args.signal_secs)))
+    return None
+
+
+def time_limit_note(total_h, time_limit, signal_secs):
+    limit = time_limit_seconds(time_limit)
+    if total_h is None:
+        return (f"pre-flight: no total time (the dataset's size is not known here; --max_steps N gives one); at "
+                f"--time {time_limit} the job checkpoints and requeues itself as often as it needs")
+    if limit is None:
+        return f"pre-flight: the predicted {total_h:.1f} h run under --time {time_limit}"
+    usable_h = (limit - signal_secs) / 3600
+    runs = max(1, -int(-total_h // usable_h))
+    if runs == 1:
+        return f"pre-flight: the predicted {total_h:.1f} h fit in one job of --time {time_limit}"
+    return (f"pre-flight: the predicted {total_h:.1f} h need {runs} runs of --time {time_limit}: the job checkpoints "
+            f"and requeues itself {runs - 1} time(s) (each waits in the queue again)")
+
+
 def submit(argv):
     from train.config import ConfigError
+    from train.estimate import EstimateError
 
     try:
         args, overrides = parse_args(argv)
         script, script_path, log_dir, config = build_job(args, overrides)
-    except (SubmitError, ConfigError) as error:
+        refused = preflight_at_submit(args, config)
+    except (SubmitError, ConfigError, EstimateError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if refused is not None:
+        return refused
     if args.dry_run:
         print(script, end="")
         print(f"# would write {script_path} and run: sbatch --parsable {script_path}")

@@ -196,6 +196,36 @@ def test_submit_refuses_a_time_limit_shorter_than_the_checkpoint_warning():
     assert proc.returncode == 2 and "--signal-secs" in proc.stderr, proc.stderr
 
 
+def test_preflight_at_submit_refuses_a_run_that_cannot_fit_before_it_queues(tmp_path):
+    """Qwen3-30B full ZeRO-3 on one node of 8 x 80 GB: the model states alone exceed the GPU."""
+    args = ["--config", "configs/qwen3-30b_full_zero3.yaml", "--nodes", "1", "--gpus-per-node", "8", "--gpu",
+            "H100-80GB", "--output_dir", str(tmp_path)]
+    refused = subprocess.run([sys.executable, "-m", "train.submit", *args], cwd=REPO, env=job_env(os.environ),
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "DOES NOT FIT" in refused.stderr and "nothing was submitted" in refused.stderr, refused.stderr
+    assert "suggested fix" in refused.stderr and refused.stdout == ""
+    assert not (tmp_path / "qwen3-30b_full_zero3").exists()
+    forced = subprocess.run([sys.executable, "-m", "train.submit", *args, "--force", "--launcher", "accelerate",
+                             "--dry-run"], cwd=REPO, env=job_env(os.environ), capture_output=True, text=True,
+                            timeout=60)
+    assert forced.returncode == 0, forced.stderr
+    assert "FTL_ARGS=(--mode full --launcher accelerate --force " in forced.stdout, forced.stdout
+    assert forced.stdout.startswith("#!/usr/bin/env bash"), "the pre-flight goes to stderr, the script to stdout"
+
+
+def test_preflight_at_submit_says_how_many_requeues_the_time_needs(tmp_path):
+    proc = subprocess.run(submit_cmd("--nodes", "1", "--gpus-per-node", "8", "--gpu", "H100", "--time", "00:10:00",
+                                     "--signal-secs", "60", "--max_steps", "20000", "--model", "qwen2.5-7b",
+                                     "--output_dir", str(tmp_path), "--dry-run"),
+                          cwd=REPO, env=job_env(os.environ), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "fits" in proc.stderr, proc.stderr
+    runs = re.search(r"need (\d+) runs of --time 00:10:00: the job checkpoints and requeues itself (\d+) time",
+                     proc.stderr)
+    assert runs and int(runs.group(1)) > 1 and int(runs.group(2)) == int(runs.group(1)) - 1, proc.stderr
+
+
 def test_head_address_outside_a_job_is_a_clear_error():
     env = {k: v for k, v in job_env(os.environ).items() if not k.startswith("SLURM_")}
     proc = subprocess.run([sys.executable, "-m", "train.submit", "--head-address"], cwd=REPO, env=env,
