@@ -73,6 +73,11 @@ class ConfigError(ValueError):
     """A config problem a user can fix; the message says where and how."""
 
 
+# The 4-bit storage dtype ZeRO-3 needs for each precision (it shards parameters by dtype).
+QUANT_STORAGE_FOR_PRECISION = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+REPORT_TO_SINKS = ("tensorboard", "wandb")
+
+
 def _schema():
     return json.loads(SCHEMA_PATH.read_text())
 
@@ -119,10 +124,40 @@ def parse_overrides(args):
     return overrides
 
 
-def _coerce_values(config):
+def _coerce_values(config, source):
     if isinstance(config.get("resume"), bool):  # a bare --resume flag
         config["resume"] = "always" if config["resume"] else "never"
+    if "report_to" in config:
+        config["report_to"] = normalize_report_to(config["report_to"], source)
     _coerce_numbers(config)
+
+
+def normalize_report_to(value, source="config"):
+    """`wandb`, `[wandb]`, `tensorboard,wandb`, `none`, `[]` -> the sinks that will log, as a list: tensorboard
+    always (it is a dependency), wandb when named; `none` or an empty list turns logging to both off."""
+    items = [value] if isinstance(value, str) else value
+    fix = "use tensorboard, wandb, a list of them, or none"
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{source}: invalid config:\n  - key 'report_to': expected a name or a list of names, "
+                          f"got {value!r}; {fix}")
+    names = [item.strip().lower() for item in items]
+    unknown = [name for name in names if name not in REPORT_TO_SINKS + ("none",)]
+    if unknown:
+        raise ConfigError(f"{source}: invalid config:\n  - key 'report_to': unknown value {unknown[0]!r}"
+                          f"{_close(unknown[0])}; {fix}")
+    if "none" in names:
+        if len(names) > 1:
+            raise ConfigError(f"{source}: invalid config:\n  - key 'report_to': 'none' cannot be combined with "
+                              f"other values (got {value!r}); use none alone or list the sinks")
+        return []
+    if not names:
+        return []
+    return ["tensorboard"] + (["wandb"] if "wandb" in names else [])
+
+
+def _close(word):
+    close = difflib.get_close_matches(word, REPORT_TO_SINKS + ("none",), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _coerce_numbers(config):
@@ -162,11 +197,14 @@ def _check_cross_fields(config, source):
     problems = []
     if config["mode"] == "qlora" and config["zero_stage"] == 3:
         storage = config["bnb_4bit_quant_storage"]
-        if storage not in ("auto", "bfloat16", "float16", "float32"):
+        wanted = QUANT_STORAGE_FOR_PRECISION.get(config["precision"])  # None for precision auto: checked at load
+        if storage != "auto" and (storage != wanted if wanted else storage == "uint8"):
+            computes = (f"precision {config['precision']} computes in {wanted}" if wanted else
+                        "the compute dtype is bfloat16, float16 or float32")
             problems.append(
                 f"mode qlora with zero_stage 3 needs bnb_4bit_quant_storage equal to the compute dtype so DeepSpeed "
-                f"can shard the 4-bit weights; got '{storage}'. Set bnb_4bit_quant_storage: auto (or the precision's "
-                f"dtype), or use zero_stage: 2")
+                f"can shard the 4-bit weights; got bnb_4bit_quant_storage '{storage}' but {computes}. Set "
+                f"bnb_4bit_quant_storage: auto (it follows the precision), or use zero_stage: 2")
         if config["offload"]:
             problems.append("mode qlora does not support offload (bitsandbytes 4-bit weights stay on the GPU); "
                             "set offload: false")
@@ -200,7 +238,7 @@ def load_config(path=None, overrides=None, base=None):
     if overrides:
         source += " + command-line overrides" if path else ""
         raw.update(overrides)
-    _coerce_values(raw)
+    _coerce_values(raw, source)
     _validate_schema(raw, source)
     config = {**DEFAULTS, **raw}
     config["_explicit"] = sorted(raw)  # keys the user set: a DeepSpeed file may fill the others

@@ -194,7 +194,10 @@ def resolve_ds_config(config, world_size, hidden_size, precision, on_gpu=None, l
     if offload != config["offload"]:
         problems.append(f"{source} {'offloads' if offload else 'does not offload'} to CPU but the run config has "
                         f"offload: {str(config['offload']).lower()}; make them agree")
+    users_overlap = zero.get("overlap_comm", "auto")
     _fill(zero, "overlap_comm", config["overlap_comm"], "overlap_comm", source, problems, config)
+    risky_pair = (config["deepspeed_config"] and users_overlap is True
+                  and zero.get("contiguous_gradients", True) is True)  # DeepSpeed's default is true
     _fill_tuning(zero, "reduce_bucket_size", hidden_size * hidden_size)
     if stage == 3:
         _fill_tuning(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
@@ -204,6 +207,8 @@ def resolve_ds_config(config, world_size, hidden_size, precision, on_gpu=None, l
     _check_optimizer_section(data, config, source, problems)
     if problems:
         raise ConfigError("DeepSpeed config contradicts the run config:\n  - " + "\n  - ".join(problems))
+    if risky_pair:
+        _warn_overlap_with_contiguous(source)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     if offload and not on_gpu:
         data["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the CPU instead of compiling cpu_adam
@@ -211,6 +216,16 @@ def resolve_ds_config(config, world_size, hidden_size, precision, on_gpu=None, l
     if leftover:
         raise ConfigError(f"{source}: cannot fill \"auto\" for {', '.join(leftover)}; give concrete values")
     return data
+
+
+def _warn_overlap_with_contiguous(source):
+    """The user's own file asks for overlap_comm with contiguous_gradients (DeepSpeed's default when the key is
+    absent): kept, but said once, since that pair has produced NaN grad norms in DeepSpeed."""
+    from train.console import warn
+
+    warn(f"{source} sets zero_optimization.overlap_comm true with contiguous_gradients on; DeepSpeed has produced "
+         f"NaN grad norms with that pair. Kept as set; to turn it off set \"overlap_comm\": false in that file "
+         f"(or \"auto\": it then follows --overlap_comm, off by default)")
 
 
 def _check_optimizer_section(data, config, source, problems):

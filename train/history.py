@@ -66,18 +66,30 @@ def _finite_or_text(value):
     return value
 
 
+def wanted_sinks(report_to):
+    """The sinks a report_to value asks for (a name, a list, or none): tensorboard unless report_to is none or
+    empty, and wandb when it is named."""
+    from train.config import normalize_report_to
+
+    return normalize_report_to(report_to, "run config")
+
+
 class MetricSinks:
-    """tensorboard always (when installed), wandb when asked for; rank 0 only."""
+    """tensorboard always (when installed), wandb when asked for; rank 0 only. report_to none (or []) logs to
+    neither; training_history.json is written either way."""
 
     def __init__(self, log_dir, report_to, run_name, config, enabled=True):
+        import importlib.util
+
         self.writers = []
         if not enabled:
             return
-        if "tensorboard" in report_to:
+        sinks = wanted_sinks(report_to)
+        if "tensorboard" in sinks and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writers.append(("tb", SummaryWriter(log_dir=str(log_dir))))
-        if "wandb" in report_to:
+        if "wandb" in sinks:
             import wandb
 
             wandb_dir = Path(log_dir).parent  # outputs/<run>/wandb/
@@ -106,7 +118,7 @@ def check_sinks_available(report_to):
     """Fail before any model is loaded when a requested sink is not installed."""
     import importlib.util
 
-    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+    if "wandb" in wanted_sinks(report_to) and importlib.util.find_spec("wandb") is None:
         from train.config import ConfigError
 
         raise ConfigError("report_to includes wandb but wandb is not installed: pip install wandb "

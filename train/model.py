@@ -1,6 +1,7 @@
 """Tokenizer and model loading for full, LoRA and QLoRA fine-tunes, including the ZeRO-3 init context."""
 import torch
 
+from train.config import QUANT_STORAGE_FOR_PRECISION, ConfigError
 from train.engine import torch_dtype
 from train.tiny import is_random, materialize_random_weights, resolve_model_path
 
@@ -27,14 +28,22 @@ def hidden_size_of(model_cfg):
 
 
 def quantization_config(config, precision):
-    from transformers import BitsAndBytesConfig
-
+    """The bitsandbytes NF4 config for `precision` (resolved: bf16, fp16 or fp32). Under ZeRO-3 the 4-bit storage
+    dtype must be the compute dtype; with precision auto that is known only here, so a mismatch is refused here."""
     compute = torch_dtype(precision)
+    wanted = QUANT_STORAGE_FOR_PRECISION[precision]
     storage = config["bnb_4bit_quant_storage"]
     if storage == "auto":
         # ZeRO-3 shards parameters by dtype: the 4-bit storage must match the compute dtype to be sharded.
-        storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[compute] \
-            if config["zero_stage"] == 3 else "uint8"
+        storage = wanted if config["zero_stage"] == 3 else "uint8"
+    elif config["zero_stage"] == 3 and storage != wanted:
+        resolved = " (resolved from precision: auto)" if config["precision"] == "auto" else ""
+        raise ConfigError(
+            f"mode qlora with zero_stage 3 needs bnb_4bit_quant_storage equal to the compute dtype so DeepSpeed can "
+            f"shard the 4-bit weights; got bnb_4bit_quant_storage '{storage}' but precision {precision}{resolved} "
+            f"computes in {wanted}. Set bnb_4bit_quant_storage: auto (it follows the precision), or use zero_stage: 2")
+    from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=getattr(torch, storage))
 

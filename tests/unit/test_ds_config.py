@@ -105,3 +105,62 @@ def test_users_bucket_sizes_are_kept(tmp_path):
     assert resolved["zero_optimization"]["reduce_bucket_size"] == 5e8
     assert resolved["zero_optimization"]["stage3_param_persistence_threshold"] == 1e4
     assert resolved["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+
+
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (2, True), (3, True)])
+def test_shipped_files_resolve_for_fp16_with_dynamic_loss_scaling(stage, offload):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    resolved = resolve_ds_config(cfg(zero_stage=stage, offload=offload), world_size=2, hidden_size=64,
+                                 precision="fp16", on_gpu=True)
+    assert resolved["fp16"]["enabled"] and not resolved["bf16"]["enabled"]
+    assert resolved["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
+    parsed = DeepSpeedConfig(dict(resolved, train_batch_size=2 * 4), mpu=None)  # world of one here
+    assert parsed.float16_config.enabled and parsed.float16_config.loss_scale == 0
+    assert not parsed.bfloat16_config.enabled
+    assert parsed.zero_optimization_stage == stage
+
+
+def test_overlap_comm_is_off_by_default_and_on_with_the_flag():
+    from train.config import parse_overrides
+
+    assert resolve_ds_config(cfg(), 1, 64, "bf16", on_gpu=True)["zero_optimization"]["overlap_comm"] is False
+    for stage in (2, 3):
+        on = cfg(zero_stage=stage, **parse_overrides(["--overlap_comm", "true"]))
+        assert resolve_ds_config(on, 1, 64, "bf16", on_gpu=True)["zero_optimization"]["overlap_comm"] is True
+
+
+def test_users_overlap_comm_with_contiguous_gradients_is_kept_with_one_warning(tmp_path, capsys):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True,
+                                                      "contiguous_gradients": True}}))
+    resolved = resolve_ds_config(cfg(deepspeed_config=str(path)), 1, 64, "bf16", on_gpu=True)
+    assert resolved["zero_optimization"]["overlap_comm"] is True
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "overlap_comm" in line]
+    assert len(lines) == 1 and lines[0].isascii()
+    assert "NaN grad norms" in lines[0] and "contiguous_gradients" in lines[0]
+    assert '"overlap_comm": false' in lines[0] and str(path) in lines[0]
+
+
+def test_no_overlap_warning_when_the_pair_is_not_set(tmp_path, capsys):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True,
+                                                      "contiguous_gradients": False}}))
+    resolve_ds_config(cfg(deepspeed_config=str(path)), 1, 64, "bf16", on_gpu=True)
+    resolve_ds_config(cfg(), 1, 64, "bf16", on_gpu=True)  # shipped file, overlap_comm off
+    assert "overlap_comm" not in capsys.readouterr().err
+
+
+def test_resolve_precision_on_cpu(monkeypatch):
+    import torch
+
+    from train.engine import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") == "fp32"
+    assert resolve_precision("fp32") == "fp32"
+    with pytest.raises(ConfigError) as error:
+        resolve_precision("fp16")
+    message = str(error.value)
+    assert "precision fp16 needs a GPU" in message and "precision: auto or fp32" in message
