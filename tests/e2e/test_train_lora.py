@@ -1,5 +1,6 @@
 """The foundation's promise: `bash launch/train_lora.sh` trains a LoRA end to end with 2 processes + ZeRO-2."""
 import math
+import re
 
 import pytest
 import torch
@@ -74,3 +75,26 @@ def test_saved_files_are_readable_by_group_and_others_under_umask_022(default_lo
     private = [f"{p.relative_to(run_dir)} {p.stat().st_mode & 0o777:o}" for p in files
                if p.stat().st_mode & 0o044 != 0o044]
     assert not private, "files not readable by group and others: " + ", ".join(private)
+
+
+def test_history_records_precision_data_and_the_estimate_beside_the_measurement(default_lora_run):
+    _, run_dir = default_lora_run
+    meta = read_history(run_dir)["metadata"]
+    assert meta["precision"] == "fp32" and meta["device"].startswith("cpu"), "CPU runs train in fp32"
+    data = meta["data"]
+    assert data["format"] == "dolly" and data["truncated"] == 0 and data["dropped_no_response"] == 0
+    assert data["train_examples"] + data["eval_examples"] == data["examples"] > 0
+    estimate = meta["estimate"]
+    assert estimate["predicted_step_time_s"] > 0 and estimate["measured_step_time_s"] > 0
+    assert estimate["measured_at_step"] >= 1
+
+
+def test_rank_zero_alone_shows_progress_with_an_eta(default_lora_run):
+    proc, run_dir = default_lora_run
+    total = read_history(run_dir)["metadata"]["total_steps"]
+    progress = [line for line in proc.stderr.splitlines() if re.match(rf"step \d+/{total} \[[#.]{{20}}\] ", line)]
+    assert len(progress) > 3 and all(" ETA " in line for line in progress), proc.stderr[-2000:]
+    steps = [int(line.split()[1].split("/")[0]) for line in progress]
+    assert steps == sorted(set(steps)), "one progress line per logged step: rank 0 only"
+    assert steps[-1] == total and "100%" in progress[-1] and progress[-1].endswith("ETA 0:00:00"), progress[-1]
+    assert "estimate vs measured after warm-up" in proc.stdout
