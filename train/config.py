@@ -62,6 +62,7 @@ DEFAULTS = {
     "report_to": ["tensorboard"],
     "resume": "auto",
     "debug_nan_at_step": None,
+    "debug_nan_grad_at_step": None,
 }
 
 # Launcher-friendly spellings of a few keys.

@@ -51,6 +51,19 @@ class StopSignal:
         return stop
 
 
+class NanGradient(torch.autograd.Function):
+    """Testing only (debug_nan_grad_at_step): the loss passes unchanged, its gradient comes back NaN, as after an
+    overflow in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 def run(config):
     check_sinks_available(config["report_to"])
     stop = StopSignal.install()  # before the (long) model load: a preemption then still ends in a clean exit
@@ -251,6 +264,8 @@ class Trainer:
             loss = engine(**batch, num_items_in_batch=normaliser, use_cache=False).loss
             if c["debug_nan_at_step"] == step:
                 loss = loss * float("nan")
+            if c["debug_nan_grad_at_step"] == step:
+                loss = NanGradient.apply(loss)
             engine.backward(loss)
             loss_sum += loss.detach().double() * normaliser
             if i == len(batches) - 1:

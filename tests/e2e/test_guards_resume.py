@@ -1,6 +1,7 @@
 """A broken run stops loudly and keeps its last good checkpoint; a killed run resumes exactly where it stopped; the
 loss is normalised over the whole optimizer step across ranks and accumulation."""
 import json
+import re
 import signal
 import subprocess
 import time
@@ -12,13 +13,18 @@ from tests.conftest import REPO, assert_ok, launcher_env, read_history, run_laun
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("script", ["train_full.sh", "train_lora.sh", "train_qlora.sh"])
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, script):
-    proc = run_launcher(script, "--max_steps", "8", "--save_steps", "2", "--eval_steps", "100",
-                        "--debug_nan_at_step", "5", "--output_dir", tmp_path, "--run_name", "nan")
+@pytest.mark.parametrize("script,what", [("train_full.sh", "loss"), ("train_lora.sh", "loss"),
+                                         ("train_qlora.sh", "loss"), ("train_lora.sh", "grad norm")])
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, script, what):
+    """A NaN loss, or a finite loss whose gradients are NaN (an overflow in the backward pass), stops the run at
+    that step: never logged as 0.0, never trained through."""
+    debug = "--debug_nan_at_step" if what == "loss" else "--debug_nan_grad_at_step"
+    proc = run_launcher(script, "--max_steps", "8", "--save_steps", "2", "--eval_steps", "100", debug, "5",
+                        "--output_dir", tmp_path, "--run_name", "nan")
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "step 5: loss is nan (not finite)" in proc.stderr
-    assert "all labels masked" in proc.stderr and "fp16 overflow" in proc.stderr
+    assert re.search(rf"step 5: {what} is (nan|inf) \(not finite\)", proc.stderr), proc.stderr[-3000:]
+    for cause in ("all labels masked", "fp16 overflow", "learning rate too high"):
+        assert cause in proc.stderr, cause
     checkpoints = tmp_path / "nan" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-4"
     assert (checkpoints / "step-4" / "state").is_dir()
@@ -39,8 +45,8 @@ def kill_tree(pid):
 
 
 def _run_args(out, name):
-    return ["--max_steps", "36", "--save_steps", "12", "--eval_steps", "18", "--logging_steps", "1",
-            "--lora_dropout", "0.1", "--output_dir", str(out), "--run_name", name]
+    return ["--max_steps", "36", "--save_steps", "12", "--save_total_limit", "1", "--eval_steps", "18",
+            "--logging_steps", "1", "--lora_dropout", "0.1", "--output_dir", str(out), "--run_name", name]
 
 
 def _losses(run_dir):
@@ -67,7 +73,8 @@ def test_sigkilled_run_resumes_and_repeats_the_same_losses(tmp_path):
     victim.wait()
     checkpoints = tmp_path / "killed" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-24"
-    assert not list(checkpoints.glob(".tmp-*")) or (checkpoints / "step-24").is_dir()
+    assert (checkpoints / "step-24" / "state").is_dir()
+    assert not (checkpoints / "step-12").exists(), "save_total_limit 1 keeps only the newest checkpoint"
 
     resumed = run_launcher("train_lora.sh", *_run_args(tmp_path, "killed"))
     assert_ok(resumed)
@@ -126,3 +133,27 @@ def test_two_ranks_with_accumulation_follow_one_rank_with_the_whole_batch(tmp_pa
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=2e-4), (step, a[step], b[step])
+
+
+def test_eval_driven_stop_writes_its_reason_and_best_follows_the_evals(tmp_path):
+    """The plateau schedule with min_eval_loss: the run stops at the first eval below it, says why in the history,
+    and best/ is the eval with the lowest loss."""
+    proc = run_launcher("train_lora.sh", "--lr_scheduler", "plateau", "--min_eval_loss", "4.0", "--eval_steps", "4",
+                        "--max_steps", "150", "--logging_steps", "4", "--output_dir", tmp_path, "--run_name", "stop")
+    assert_ok(proc)
+    history = read_history(tmp_path / "stop")
+    evals = [e for e in history["evals"] if e["step"] > 0]
+    assert evals[-1]["eval_loss"] < 4.0 and all(e["eval_loss"] >= 4.0 for e in evals[:-1]), evals
+    assert "reached min_eval_loss 4.0" in history["stop_reason"] and history["status"] == "completed"
+    assert max(r["step"] for r in history["records"]) == evals[-1]["step"] < 150
+    best = min(history["evals"], key=lambda e: e["eval_loss"])
+    assert history["best"]["step"] == best["step"]
+    info = json.loads((tmp_path / "stop" / "best" / "training_info.json").read_text())
+    assert info["step"] == best["step"]
+
+
+def test_resume_always_without_a_checkpoint_is_a_clear_error(tmp_path):
+    proc = run_launcher("train_lora.sh", "--resume", "always", "--max_steps", "4", "--output_dir", tmp_path,
+                        "--run_name", "fresh")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}" in proc.stderr, proc.stderr[-3000:]
