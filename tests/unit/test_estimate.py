@@ -200,6 +200,34 @@ def test_zero_communication_follows_nccl_bus_bandwidth():
     assert two_nodes.timing["comm"]["busbw_gbps"] == pytest.approx(12.5 * 0.6)
 
 
+def test_zero3_gathers_every_weight_once_per_pass_by_hand():
+    """ZeRO-3: each forward, backward (and recompute) pass all-gathers the whole 16-bit model; the hooks' time is
+    0.65 ms per gathered module and pass: 7 linears x 32 layers + embedding + head."""
+    r = estimate(spec(mode="full", zero=3, grad_accum=2, gradient_checkpointing=True))
+    p, n, busbw = r.counts.total, 8, 450e9
+    assert r.timing["comm"]["zero3_gather_s"] == pytest.approx(p * 2 * (n - 1) / n / busbw * 3 * 2)
+    z2 = estimate(spec(mode="full", zero=2, grad_accum=2, gradient_checkpointing=True))
+    fetch = 0.00065 * (7 * 32 + 2) * 3 * 2
+    assert r.timing["terms"]["overhead_s"] - z2.timing["terms"]["overhead_s"] == pytest.approx(fetch, rel=1e-6)
+
+
+def test_qlora_pays_the_dequantisation_of_every_nf4_weight_per_pass_by_hand():
+    lora = estimate(spec(mode="lora", grad_accum=2))
+    qlora = estimate(spec(mode="qlora", grad_accum=2))
+    bandwidth = resolve_device("H100-80GB").hbm_tbps * 1e12
+    quantized = qlora.counts.quantized
+    assert quantized == L8["layers"] * (2 * L8["h"] * L8["q"] + 2 * L8["h"] * L8["kv"] + 3 * L8["h"] * L8["inter"])
+    assert qlora.timing["terms"]["dequant_s"] == pytest.approx(quantized * 2.5 * 2 * 2 / bandwidth)
+    assert lora.timing["terms"]["dequant_s"] == 0
+    assert qlora.step_time_s > lora.step_time_s
+
+
+def test_tokens_per_s_is_the_real_tokens_of_all_ranks_over_the_step_time():
+    r = estimate(spec(mode="lora", grad_accum=4, micro_batch=2, packing=False))
+    real_fraction = 0.6  # unpacked rows: assumed 60% real tokens
+    assert r.tokens_per_s == pytest.approx(8 * 4 * 2 * 4096 * real_fraction / r.step_time_s, rel=1e-6)
+
+
 def test_total_steps_follow_the_trainer_arithmetic():
     r = estimate(spec(mode="lora", examples=10000, epochs=2, micro_batch=2, grad_accum=4, packing=False))
     assert r.total_steps == 2 * (10000 // 8 // 8)
