@@ -5,7 +5,9 @@ side, as a table and JSON.
     python tools/evaluate.py --adapter outputs/tiny_lora/best --data held_out.jsonl --json          # JSON on stdout
     python tools/evaluate.py --adapter outputs/tiny_lora/best --data held_out.jsonl --json r.json --save-examples 5
 
-The base is read from the adapters (they must share it) unless --base is given; --no-base skips it. The file may be
+The base is read from the adapters (they must share it) unless --base is given; --no-base skips it. QLoRA adapters
+run on the de-quantized 4-bit base they were trained against (so does the base row; --qlora-base original: the
+full-precision base); LoRA and QLoRA adapters are evaluated in separate runs. The file may be
 in any training format (dolly, alpaca, chat, text); examples are tokenised and masked as in training, with the
 run's max_length. With --json and no file name the JSON goes to stdout and the table to stderr.
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.adapters import DTYPES, check_adapter_dir, run_tool  # noqa: E402
+from train.adapters import DTYPES, QLORA_BASES, check_adapter_dir, run_tool  # noqa: E402
 from train.console import ascii_safe  # noqa: E402
 
 EXAMPLES_FILE = "eval_examples.jsonl"
@@ -31,6 +33,9 @@ def parse_args():
     parser.add_argument("--data", required=True, help="held-out file (.jsonl, or any file the trainer reads)")
     parser.add_argument("--base", help="base model for the adapters (default: the one they were trained on)")
     parser.add_argument("--no-base", action="store_true", help="do not evaluate the base model")
+    parser.add_argument("--qlora-base", choices=QLORA_BASES, default="dequantized",
+                        help="QLoRA adapters run on the de-quantized 4-bit base they were trained against (default) "
+                             "or on the original full-precision base")
     parser.add_argument("--format", default="auto", choices=("auto", "dolly", "alpaca", "chat", "text"))
     parser.add_argument("--max-length", type=int, default=0, help="default: the run's max_length")
     parser.add_argument("--batch-size", type=int, default=8)

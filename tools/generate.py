@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.adapters import DTYPES, AdapterError, run_tool  # noqa: E402
+from train.adapters import DTYPES, QLORA_BASES, AdapterError, run_tool  # noqa: E402
 from train.console import ascii_safe  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "demo_prompts.jsonl"
@@ -29,6 +29,9 @@ def model_options():
     source.add_argument("--adapter", help="adapter directory (a run's best/ or final/); the base comes from it")
     source.add_argument("--model", help="base or merged model: builtin:NAME, hub id or directory")
     common.add_argument("--base", help="with --adapter: base model to apply it to (default: the adapter's own)")
+    common.add_argument("--qlora-base", choices=QLORA_BASES, default="dequantized",
+                        help="a QLoRA adapter runs on the de-quantized 4-bit base it was trained against (default) "
+                             "or on the original full-precision base")
     common.add_argument("--format", default="auto", choices=("auto", "dolly", "alpaca", "chat", "text"),
                         help="prompt template; auto = the format the model was trained on")
     common.add_argument("--max-new-tokens", type=int, default=128)
@@ -78,9 +81,9 @@ def load(args):
 
     device = pick_device(args.device)
     if args.adapter:
-        if qlora_note([args.adapter]):
-            note(qlora_note([args.adapter]))
-        return load_adapter(args.adapter, args.base, args.dtype, device, args.trust_remote_code)
+        if qlora_note([args.adapter], args.qlora_base):
+            note(qlora_note([args.adapter], args.qlora_base))
+        return load_adapter(args.adapter, args.base, args.dtype, device, args.trust_remote_code, args.qlora_base)
     return load_model(args.model, args.dtype, device, args.trust_remote_code)
 
 

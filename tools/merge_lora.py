@@ -3,8 +3,10 @@
     python tools/merge_lora.py --adapter outputs/tiny_lora/best --out outputs/tiny_lora/merged
 
 The base is read from the adapter (training_info.json, else adapter_config.json) unless --base is given. A QLoRA
-adapter is merged into the full-precision (de-quantized) base. The saved model is reloaded and its logits are
-checked against base + adapter before the output directory appears.
+adapter is merged into the de-quantized base, the weights it was trained against: the base loaded in 4-bit NF4 as
+training loads it (bitsandbytes, on the CPU), then de-quantized; --qlora-base original merges it into the stored
+full-precision base instead. The saved model is reloaded and its logits are checked against base + adapter before
+the output directory appears.
 """
 import argparse
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.adapters import DTYPES, merge_adapter, run_tool  # noqa: E402
+from train.adapters import DTYPES, QLORA_BASES, merge_adapter, run_tool  # noqa: E402
 
 
 def parse_args():
@@ -25,6 +27,9 @@ def parse_args():
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier merge")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
+    parser.add_argument("--qlora-base", choices=QLORA_BASES, default="dequantized",
+                        help="for a QLoRA adapter: merge into the de-quantized 4-bit base it was trained against "
+                             "(default; needs bitsandbytes) or into the original full-precision base")
     parser.add_argument("--trust-remote-code", action="store_true")
     return parser.parse_args()
 
@@ -32,7 +37,7 @@ def parse_args():
 def main():
     args = parse_args()
     result = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.max_shard_size, args.overwrite,
-                           args.device, args.trust_remote_code)
+                           args.device, args.trust_remote_code, qlora_base=args.qlora_base)
     print(f"saved {len(result.files)} safetensors shard(s) + tokenizer to {result.out_dir}: "
           f"{', '.join(result.files)}")
     print(f"check: merged vs base + adapter logits, max abs diff {result.max_abs_diff:.3g} "

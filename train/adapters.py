@@ -1,7 +1,9 @@
 """Loading what a run produced, for the tools after training: a LoRA/QLoRA adapter (best/, final/) on its base, or a
 full / merged / base model. The base is read from the adapter's training_info.json (the run's `model`, e.g.
 `builtin:tiny-llama`) or adapter_config.json, and an adapter that does not fit the given base is refused with a
-message naming the base it was trained on, before any weight is loaded."""
+message naming the base it was trained on, before any weight is loaded. A QLoRA adapter goes on the weights it was
+trained against: the base quantized to NF4 as the trainer loads it, then de-quantized (`--qlora-base original` uses
+the stored full-precision weights instead)."""
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TRAINING_INFO = "training_info.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QLORA_BASES = ("dequantized", "original")  # what a QLoRA adapter is applied to: dequantize(quantize_nf4(W)), or W
 MAX_LISTED_MISMATCHES = 3
 
 
@@ -214,6 +217,75 @@ def load_causal_lm(path, dtype, device, trust_remote_code=False):
     return model.to(device).eval()
 
 
+def checkpoint_dtype(path, trust_remote_code=False):
+    """The dtype a checkpoint is stored in (config.json's dtype); float32 when it names none."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def require_bitsandbytes():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise AdapterError("a QLoRA adapter is applied to the de-quantized base (the 4-bit NF4 weights it was "
+                           "trained against), which needs bitsandbytes: pip install bitsandbytes. Or pass "
+                           "--qlora-base original to use the full-precision base instead (results then differ "
+                           "slightly from the model as trained)") from None
+
+
+def load_dequantized_base(path, dtype, device, trust_remote_code=False):
+    """The base as a QLoRA run trained against it: loaded on the CPU with the trainer's BitsAndBytesConfig
+    (train/model.py: NF4, double quant) in `dtype` ('auto': the checkpoint's own), then de-quantized by transformers
+    to plain Linear layers, so every weight is dequantize(quantize_nf4(W)) in that dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from train.model import quantization_config
+
+    require_bitsandbytes()
+    dtype = checkpoint_dtype(path, trust_remote_code) if dtype == "auto" else dtype
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    bnb_config = quantization_config({"bnb_4bit_quant_storage": "auto", "zero_stage": 2, "precision": precision},
+                                     precision)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, quantization_config=bnb_config,
+                                                 device_map={"": "cpu"}, trust_remote_code=trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "the modules are dequantized in ...": we asked for that dtype
+    try:
+        model = model.dequantize(dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device).eval()
+
+
+def uses_dequantized_base(adapter_dirs, qlora_base="dequantized"):
+    """Whether the adapters go on the de-quantized base: they are QLoRA adapters and qlora_base asks for it. LoRA
+    and QLoRA adapters need different bases, so they cannot share one load."""
+    if qlora_base not in QLORA_BASES:
+        raise AdapterError(f"unknown QLoRA base '{qlora_base}'; use one of {', '.join(QLORA_BASES)}")
+    qlora = [is_qlora(d) for d in adapter_dirs]
+    if qlora_base == "dequantized" and any(qlora) and not all(qlora):
+        names = lambda want: ", ".join(str(d) for d, q in zip(adapter_dirs, qlora) if q == want)  # noqa: E731
+        raise AdapterError(f"QLoRA adapter(s) {names(True)} go on the de-quantized base, LoRA adapter(s) "
+                           f"{names(False)} on the full-precision one; evaluate them in separate runs, or pass "
+                           f"--qlora-base original to put all of them on the full-precision base")
+    return qlora_base == "dequantized" and all(qlora)
+
+
+def load_base_for(adapter_dirs, path, dtype, device, trust_remote_code=False, qlora_base="dequantized"):
+    """The base the adapters are applied to: de-quantized for QLoRA adapters (see uses_dequantized_base), else as
+    stored."""
+    if uses_dequantized_base(adapter_dirs, qlora_base):
+        return load_dequantized_base(path, dtype, device, trust_remote_code)
+    return load_causal_lm(path, dtype, device, trust_remote_code)
+
+
 def load_model(reference, dtype="auto", device=None, trust_remote_code=False, name=None):
     """A base, full or merged model (a `builtin:` name, hub id or directory) and its tokenizer."""
     if is_adapter_dir(reference):
@@ -248,26 +320,34 @@ def is_qlora(adapter_dir):
     return read_training_info(adapter_dir).get("mode") == "qlora"
 
 
-def qlora_note(adapter_dirs):
-    """A line telling that QLoRA adapters run on the full-precision base here, or None."""
+def qlora_note(adapter_dirs, qlora_base="dequantized"):
+    """A line telling which base QLoRA adapters run on here, or None when there is none."""
     qlora = [str(d) for d in adapter_dirs if is_qlora(d)]
     if not qlora:
         return None
-    return (f"note: QLoRA adapter(s) {', '.join(qlora)} run on the full-precision (de-quantized) base here, so "
-            f"losses and outputs differ slightly from the 4-bit model they were trained with")
+    if qlora_base == "dequantized":
+        return (f"note: QLoRA adapter(s) {', '.join(qlora)} run on the de-quantized base: the base quantized to NF4 "
+                f"as in training, then de-quantized, i.e. the weights they were trained against (--qlora-base "
+                f"original: the full-precision base)")
+    return (f"note: QLoRA adapter(s) {', '.join(qlora)} run on the original full-precision base (--qlora-base "
+            f"original), not on the 4-bit weights they were trained against, so losses and outputs differ "
+            f"slightly from the model as trained")
 
 
-def load_adapters(adapter_dirs, base=None, dtype="auto", device=None, trust_remote_code=False):
+def load_adapters(adapter_dirs, base=None, dtype="auto", device=None, trust_remote_code=False,
+                  qlora_base="dequantized"):
     """Load the base once and every adapter onto it. Returns (peft model, tokenizer, base reference,
     {label: peft adapter name}); switch with model.set_adapter(name), or `with model.disable_adapter():` for the
-    base. A QLoRA adapter is applied to the full-precision (de-quantized) base."""
+    base. QLoRA adapters are applied to the de-quantized base (load_base_for), so the base row is that base too."""
     from peft import PeftModel
 
     reference, path = prepare_adapters(adapter_dirs, base, trust_remote_code)
+    if uses_dequantized_base(adapter_dirs, qlora_base):
+        require_bitsandbytes()  # before any weight is loaded
     device = device or pick_device()
     # peft uses adapter names as module keys, so labels such as "run/best" cannot be used directly
     peft_names = [f"adapter{i}" for i in range(len(adapter_dirs))]
-    model = load_causal_lm(path, torch_dtype_for(dtype, device), device, trust_remote_code)
+    model = load_base_for(adapter_dirs, path, torch_dtype_for(dtype, device), device, trust_remote_code, qlora_base)
     model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=peft_names[0])
     for name, adapter_dir in zip(peft_names[1:], adapter_dirs[1:]):
         model.load_adapter(str(adapter_dir), adapter_name=name)
@@ -277,9 +357,11 @@ def load_adapters(adapter_dirs, base=None, dtype="auto", device=None, trust_remo
     return model, tokenizer, reference, dict(zip(adapter_labels(adapter_dirs), peft_names))
 
 
-def load_adapter(adapter_dir, base=None, dtype="auto", device=None, trust_remote_code=False):
-    """One adapter on its base, as a LoadedModel."""
-    model, tokenizer, reference, _ = load_adapters([adapter_dir], base, dtype, device, trust_remote_code)
+def load_adapter(adapter_dir, base=None, dtype="auto", device=None, trust_remote_code=False,
+                 qlora_base="dequantized"):
+    """One adapter on its base (de-quantized for a QLoRA adapter, see load_base_for), as a LoadedModel."""
+    model, tokenizer, reference, _ = load_adapters([adapter_dir], base, dtype, device, trust_remote_code,
+                                                   qlora_base)
     return LoadedModel(Path(adapter_dir).name, model, tokenizer, read_training_info(adapter_dir), str(adapter_dir))
 
 
@@ -363,10 +445,11 @@ def logits_difference(reference, merged, dtype):
 
 
 def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size="5GB", overwrite=False,
-                  device="cpu", trust_remote_code=False, log=print):
-    """Merge a LoRA/QLoRA adapter into its full-precision base, save sharded safetensors + tokenizer to `out_dir`,
-    then reload what was saved and check its logits against base+adapter. `out_dir` appears only if the check
-    passes."""
+                  device="cpu", trust_remote_code=False, log=print, qlora_base="dequantized"):
+    """Merge a LoRA/QLoRA adapter into its base (a QLoRA adapter into the de-quantized base it was trained against,
+    or with qlora_base 'original' into the stored full-precision one), save sharded safetensors + tokenizer to
+    `out_dir`, then reload what was saved and check its logits against base + adapter. `out_dir` appears only if
+    the check passes."""
     import shutil
 
     from train.fsutil import fresh_tmp_dir
@@ -375,15 +458,22 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
     reference, base_path = resolve_base(adapter_dir, base)
     check_merge_target(out_dir, adapter_dir, base_path, overwrite)
     prepare_adapters([adapter_dir], base, trust_remote_code)
-    if is_qlora(adapter_dir):
-        log("QLoRA adapter: merging into the de-quantized base (loaded in full precision, not 4-bit); the merged "
-            "model is base + adapter without the 4-bit rounding the adapter was trained against")
+    dequantized = uses_dequantized_base([adapter_dir], qlora_base)
+    if dequantized:
+        require_bitsandbytes()
+        log("QLoRA adapter: merging into the de-quantized base: the base loaded in 4-bit NF4 (double quant) as in "
+            "training, then de-quantized, i.e. the weights the adapter was trained against "
+            "(--qlora-base original: the full-precision base)")
+    elif is_qlora(adapter_dir):
+        log("QLoRA adapter: merging into the original full-precision base (--qlora-base original), not the "
+            "de-quantized 4-bit weights the adapter was trained against; the merged model differs slightly from "
+            "the model as trained")
     device = pick_device(device)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_tmp_dir(out_dir)
     try:
         samples, expected, saved_dtype = save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device,
-                                                     trust_remote_code)
+                                                     trust_remote_code, qlora_base)
         log(f"merged {adapter_dir} into {reference} ({dtype_name(saved_dtype)}); checking the saved model")
         reloaded = load_causal_lm(tmp, saved_dtype, device, trust_remote_code)
         diff, tolerance = logits_difference(expected, sample_logits(reloaded, samples), saved_dtype)
@@ -392,7 +482,8 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
             raise AdapterError(f"the merged model's logits differ from base + adapter by up to {diff:.3g} (tolerance "
                                f"{tolerance:.3g}); nothing was written to {out_dir}. Merge in float32 (--dtype "
                                f"float32) or check that --base is the model the adapter was trained on")
-        publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff)
+        publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff,
+                       qlora_base if is_qlora(adapter_dir) else None)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -400,13 +491,14 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
     return MergeResult(out_dir, reference, dtype_name(saved_dtype), files, diff, tolerance)
 
 
-def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trust_remote_code):
-    """Load base + adapter, record logits on the samples, merge, save model and tokenizer into `tmp`. Returns
-    (samples, logits before merging, dtype saved). Frees the model before returning, so that the check which
-    reloads the saved copy never holds two models."""
+def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trust_remote_code,
+                qlora_base="dequantized"):
+    """Load base (de-quantized for a QLoRA adapter, see load_base_for) + adapter, record logits on the samples,
+    merge, save model and tokenizer into `tmp`. Returns (samples, logits before merging, dtype saved). Frees the
+    model before returning, so that the check which reloads the saved copy never holds two models."""
     from peft import PeftModel
 
-    model = load_causal_lm(base_path, merge_dtype(dtype), device, trust_remote_code)
+    model = load_base_for([adapter_dir], base_path, merge_dtype(dtype), device, trust_remote_code, qlora_base)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
     tokenizer = load_tokenizer_from(adapter_dir if has_tokenizer(adapter_dir) else base_path, trust_remote_code)
     samples = verification_samples(tokenizer, model.get_input_embeddings().weight.shape[0])
@@ -418,14 +510,16 @@ def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trus
     return samples, expected, saved_dtype
 
 
-def publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff):
-    """Record where the model came from (training_info.json keeps the run's dataset format for the tools), then
-    move it into place."""
+def publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff, qlora_base=None):
+    """Record where the model came from (training_info.json keeps the run's dataset format for the tools; for a
+    QLoRA adapter, which base it went into), then move it into place."""
     from train.fsutil import apply_umask, atomic_write_json, replace_dir
 
-    info = {**read_training_info(adapter_dir), "merged": {
-        "adapter": str(Path(adapter_dir).resolve()), "base_model": reference, "dtype": dtype_name(saved_dtype),
-        "max_abs_logit_diff": diff}}
+    merged = {"adapter": str(Path(adapter_dir).resolve()), "base_model": reference, "dtype": dtype_name(saved_dtype),
+              "max_abs_logit_diff": diff}
+    if qlora_base:
+        merged["qlora_base"] = qlora_base
+    info = {**read_training_info(adapter_dir), "merged": merged}
     atomic_write_json(Path(tmp) / TRAINING_INFO, info)
     apply_umask(tmp)
     replace_dir(tmp, out_dir)

@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.adapters import AdapterError, load_adapters, load_model, qlora_note, read_training_info
+from train.adapters import (AdapterError, load_adapters, load_model, qlora_note, read_training_info,
+                            uses_dequantized_base)
 from train.data import (DataError, DataStats, check_fields, collate, detect_format, load_records, make_rows,
                         supervised_tokens, tokenize_records)
 from train.generation import case_from_record, generate_for_case
@@ -133,18 +134,24 @@ def evaluate_all(options, log=print):
 
 
 def evaluate_adapters(options, data, log):
-    """The base once, each adapter switched on in turn; all share the first adapter's tokenizer and rows."""
+    """The base once, each adapter switched on in turn; all share the first adapter's tokenizer and rows. For QLoRA
+    adapters the base is the de-quantized one they were trained against, and the base row says so."""
+    qlora_base = getattr(options, "qlora_base", "dequantized")
     log(f"loading base and {len(options.adapters)} adapter(s)")
     model, tokenizer, base_reference, names = load_adapters(options.adapters, options.base, options.dtype,
-                                                            trust_remote_code=options.trust_remote_code)
-    if qlora_note(options.adapters):
-        log(qlora_note(options.adapters))
+                                                            trust_remote_code=options.trust_remote_code,
+                                                            qlora_base=qlora_base)
+    if qlora_note(options.adapters, qlora_base):
+        log(qlora_note(options.adapters, qlora_base))
+    base_source = str(base_reference)
+    if uses_dequantized_base(options.adapters, qlora_base):
+        base_source += " (NF4 de-quantized)"
     report = new_report(options, data, read_training_info(options.adapters[0]))
     rows = eval_rows(data, tokenizer, report.max_length)
     if not options.no_base:
-        log(f"evaluating base {base_reference}")
+        log(f"evaluating base {base_source}")
         with model.disable_adapter():
-            measure("base", str(base_reference), model, tokenizer, rows, data, options, report)
+            measure("base", base_source, model, tokenizer, rows, data, options, report)
     for (label, peft_name), adapter_dir in zip(names.items(), options.adapters):
         log(f"evaluating {label} ({adapter_dir})")
         model.set_adapter(peft_name)

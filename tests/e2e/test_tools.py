@@ -1,20 +1,21 @@
 """The tools after training, through their real command lines, on the embedded default run's best/ and final/:
-merge, generate, evaluate and plot; and the errors for a missing or mismatched adapter."""
+merge, generate, evaluate and plot; and the errors for a missing or mismatched adapter. QLoRA: a real QLoRA run's
+best/ (test_modes' qlora-z2) merged into and evaluated on the de-quantized base, against the 4-bit model."""
 import json
 import math
 import random
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_ok, launcher_env, read_history
+from tests.conftest import REPO, assert_ok, launcher_env, read_history, run_launcher
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "What color is the fox?"
+PROBE_IDS = [[5, 17, 42, 99, 7, 3, 250, 11, 600, 1000]]
 SHARD_SIZE = "2MB"  # the tiny model is ~8 MB in float32: several shards
 
 
@@ -49,18 +50,21 @@ def merged(run_dir, tmp_path_factory):
     return proc, out
 
 
-@pytest.fixture(scope="module")
-def held_out(run_dir, tmp_path_factory):
-    """The run's own eval split (same seed and fraction as train.data.prepare_data), so the tool's loss can be
-    compared with the loss the trainer recorded for best/."""
+def eval_split(run_dir, path):
+    """Write the run's own eval split (same seed and fraction as train.data.prepare_data) to `path`, so a tool's
+    loss can be compared with the loss the trainer recorded."""
     config = read_history(run_dir)["metadata"]["config"]
     lines = [line for line in (REPO / config["dataset"]).read_text().splitlines() if line.strip()]
     order = list(range(len(lines)))
     random.Random(config["seed"]).shuffle(order)
     n_eval = max(1, int(len(lines) * config["eval_fraction"]))
-    path = tmp_path_factory.mktemp("data") / "held_out.jsonl"
     path.write_text("".join(lines[i] + "\n" for i in sorted(order[:n_eval])))
     return path
+
+
+@pytest.fixture(scope="module")
+def held_out(run_dir, tmp_path_factory):
+    return eval_split(run_dir, tmp_path_factory.mktemp("data") / "held_out.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def test_merged_model_matches_base_plus_adapter(merged, run_dir, tiny_model_path
     from transformers import AutoModelForCausalLM
 
     _, out = merged
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 600, 1000]])
+    ids = torch.tensor(PROBE_IDS)
     with torch.no_grad():
         merged_logits = AutoModelForCausalLM.from_pretrained(out)(ids).logits
         tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), run_dir / "best")
@@ -127,6 +131,30 @@ def test_merge_check_fails_on_logits_beyond_tolerance():
     assert diff == pytest.approx(0.01) and diff > tolerance
 
 
+def test_a_failed_merge_check_raises_and_writes_nothing(run_dir, tmp_path, monkeypatch):
+    """The saved model's logits come out off by 1.0: merge_adapter raises, leaves no output and no temp directory,
+    and an earlier merge at --out (with overwrite) stays as it was."""
+    from train import adapters
+
+    real_difference = adapters.logits_difference
+    monkeypatch.setattr(adapters, "logits_difference",
+                        lambda expected, merged, dtype: real_difference(expected, [m + 1.0 for m in merged], dtype))
+    parent = tmp_path / "merges"
+    out = parent / "merged"
+    with pytest.raises(adapters.AdapterError, match="nothing was written"):
+        adapters.merge_adapter(run_dir / "best", out, log=lambda message: None)
+    assert not out.exists()
+    assert list(parent.iterdir()) == [], "a temp directory was left beside --out"
+
+    earlier = parent / "earlier"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    with pytest.raises(adapters.AdapterError, match="nothing was written"):
+        adapters.merge_adapter(run_dir / "best", earlier, overwrite=True, log=lambda message: None)
+    assert [p.name for p in parent.iterdir()] == ["earlier"]
+    assert [p.name for p in earlier.iterdir()] == ["config.json"] and (earlier / "config.json").read_text() == "{}"
+
+
 # ---------------------------------------------------------------- generate
 
 def test_adapter_and_merged_model_generate_the_same_greedy_text(merged, run_dir):
@@ -139,6 +167,13 @@ def test_adapter_and_merged_model_generate_the_same_greedy_text(merged, run_dir)
     assert from_adapter.stdout.strip(), "no text generated"
     assert from_adapter.stdout == from_merged.stdout
     assert "prompt template: dolly" in from_adapter.stderr and "prompt template: dolly" in from_merged.stderr
+
+
+def test_base_model_generates_text():
+    proc = run_tool("generate.py", "text", "--model", "builtin:tiny-llama", "--prompt", PROMPT, "--max-new-tokens", 16)
+    assert_ok(proc)
+    assert proc.stdout.strip(), "no text generated"
+    assert "model: builtin:tiny-llama; prompt template: dolly" in proc.stderr, proc.stderr
 
 
 def test_demo_prints_generations_next_to_references(run_dir):
@@ -222,15 +257,137 @@ def test_adapter_on_another_base_names_the_base_it_expects(run_dir, tmp_path):
     assert_clear_error(proc, "trained on base 'builtin:tiny-llama'", "builtin:small-llama")
 
 
-def test_merge_of_a_qlora_adapter_uses_the_dequantized_base(run_dir, tmp_path):
-    """A QLoRA adapter is a LoRA adapter whose run loaded the base in 4 bits; training_info.json says so. Also:
-    --overwrite replaces an existing (here empty) directory."""
-    adapter = tmp_path / "qlora_best"
-    shutil.copytree(run_dir / "best", adapter)
-    info = json.loads((adapter / "training_info.json").read_text())
-    (adapter / "training_info.json").write_text(json.dumps({**info, "mode": "qlora"}))
-    out = tmp_path / "merged"
-    out.mkdir()
-    proc = run_tool("merge_lora.py", "--adapter", adapter, "--out", out, "--overwrite")
+# ---------------------------------------------------------------- QLoRA: the de-quantized base
+
+def trained_mode_runs(request, module):
+    """`mode_runs` of test_modes if that module has already trained them in this session, else None. pytest caches a
+    session fixture per definition, so importing mode_runs here would train all of its runs a second time."""
+    manager = request.session._fixturemanager
+    for item in request.session.items:
+        if getattr(item, "module", None) is module:
+            for fixturedef in manager.getfixturedefs("mode_runs", item) or ():
+                cached = fixturedef.cached_result
+                if cached is not None and cached[2] is None:
+                    return cached[0]
+            return None
+    return None
+
+
+@pytest.fixture(scope="module")
+def qlora_run(request, tmp_path_factory):
+    """A real QLoRA run: test_modes' qlora-z2 when its mode_runs already ran in this session (the usual order),
+    else the same run trained here alone rather than all of mode_runs."""
+    from tests.e2e import test_modes
+
+    runs = trained_mode_runs(request, test_modes)
+    if runs is not None:
+        proc, path = runs["qlora-z2"]
+    else:
+        script, extra = test_modes.CASES["qlora-z2"]
+        out = tmp_path_factory.mktemp("qlora")
+        proc = run_launcher(script, *extra, *test_modes.STEPS, "--output_dir", out, "--run_name", "qlora-z2")
+        path = out / "qlora-z2"
     assert_ok(proc)
-    assert "de-quantized" in proc.stdout and (out / "model.safetensors").exists()
+    assert json.loads((path / "best" / "training_info.json").read_text())["mode"] == "qlora"
+    return path
+
+
+@pytest.fixture(scope="module")
+def qlora_merges(qlora_run, tmp_path_factory):
+    """best/ merged into the de-quantized base (the default; into an existing empty directory, which --overwrite
+    replaces) and, with --qlora-base original, into the original base."""
+    root = tmp_path_factory.mktemp("qlora_merge")
+    (root / "dequantized").mkdir()
+    procs = {"dequantized": run_tool("merge_lora.py", "--adapter", qlora_run / "best", "--out", root / "dequantized",
+                                     "--overwrite"),
+             "original": run_tool("merge_lora.py", "--adapter", qlora_run / "best", "--out", root / "original",
+                                  "--qlora-base", "original")}
+    for proc in procs.values():
+        assert_ok(proc)
+    return procs, {name: root / name for name in procs}
+
+
+def four_bit_logits(run_dir, ids):
+    """best/ on the base loaded in 4 bits as its run loaded it (the run's own config and precision, bitsandbytes on
+    the CPU), without merging anything."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train.engine import torch_dtype
+    from train.model import disable_cpu_weight_repacking, quantization_config
+    from train.tiny import resolve_model_path
+
+    metadata = read_history(run_dir)["metadata"]
+    config, precision = metadata["config"], metadata["precision"]
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(config["model"]), dtype=torch_dtype(precision),
+                                                quantization_config=quantization_config(config, precision),
+                                                device_map={"": "cpu"})
+    disable_cpu_weight_repacking(base)
+    model = PeftModel.from_pretrained(base, run_dir / "best").eval()
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def saved_model_logits(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(path)(ids).logits.float()
+
+
+def test_qlora_merge_matches_the_4bit_model_it_was_trained_as(qlora_run, qlora_merges):
+    procs, outs = qlora_merges
+    assert "merging into the de-quantized base" in procs["dequantized"].stdout, procs["dequantized"].stdout
+    assert "merging into the original full-precision base" in procs["original"].stdout, procs["original"].stdout
+    for name, out in outs.items():
+        assert json.loads((out / "training_info.json").read_text())["merged"]["qlora_base"] == name
+    ids = torch.tensor(PROBE_IDS)
+    four_bit = four_bit_logits(qlora_run, ids)
+    dequantized = float((saved_model_logits(outs["dequantized"], ids) - four_bit).abs().max())
+    original = float((saved_model_logits(outs["original"], ids) - four_bit).abs().max())
+    assert dequantized < 1e-4, dequantized
+    assert original > 1e-2 and original > 100 * dequantized, (original, dequantized)
+
+
+def test_qlora_adapter_is_evaluated_and_generates_as_trained(qlora_run, qlora_merges, tmp_path):
+    """evaluate.py on the run's own eval split gives the losses the trainer measured on the 4-bit model (step 0 for
+    the base, best/'s eval loss); generate.py from the adapter equals the de-quantized merge."""
+    _, outs = qlora_merges
+    proc = run_tool("evaluate.py", "--adapter", qlora_run / "best", "--data",
+                    eval_split(qlora_run, tmp_path / "held_out.jsonl"), "--json")
+    assert_ok(proc)
+    assert "run on the de-quantized base" in proc.stderr, proc.stderr
+    models = json.loads(proc.stdout)["models"]
+    recorded = json.loads((qlora_run / "best" / "training_info.json").read_text())["eval_loss"]
+    assert models["best"]["eval_loss"] == pytest.approx(recorded, rel=1e-3)
+    first_eval = read_history(qlora_run)["evals"][0]
+    assert first_eval["step"] == 0
+    assert models["base"]["eval_loss"] == pytest.approx(first_eval["eval_loss"], rel=1e-3)
+    assert models["base"]["model"] == "builtin:tiny-llama (NF4 de-quantized)"
+
+    from_adapter = run_tool("generate.py", "text", "--adapter", qlora_run / "best", "--prompt", PROMPT,
+                            "--max-new-tokens", 24)
+    from_merged = run_tool("generate.py", "text", "--model", outs["dequantized"], "--prompt", PROMPT,
+                           "--max-new-tokens", 24)
+    assert_ok(from_adapter)
+    assert_ok(from_merged)
+    assert "run on the de-quantized base" in from_adapter.stderr, from_adapter.stderr
+    assert from_adapter.stdout.strip() and from_adapter.stdout == from_merged.stdout
+
+
+def test_qlora_without_bitsandbytes_is_a_clear_error_naming_the_original_base(qlora_run, tmp_path, monkeypatch):
+    from train import adapters
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    out = tmp_path / "merged"
+    with pytest.raises(adapters.AdapterError, match="needs bitsandbytes.*--qlora-base original"):
+        adapters.merge_adapter(qlora_run / "best", out, log=lambda message: None)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(adapters.AdapterError, match="--qlora-base original"):
+        adapters.load_adapter(qlora_run / "best", device=torch.device("cpu"))
+
+
+def test_lora_and_qlora_adapters_are_not_evaluated_on_one_base(run_dir, qlora_run):
+    proc = run_tool("evaluate.py", "--adapter", run_dir / "best", "--adapter", qlora_run / "best",
+                    "--data", REPO / "data" / "tiny_instruct.jsonl")
+    assert_clear_error(proc, "separate runs", "--qlora-base original")
