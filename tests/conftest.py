@@ -59,3 +59,35 @@ def default_lora_run(tmp_path_factory):
     proc = run_launcher("train_lora.sh", "--output_dir", out,
                         env=launcher_env(PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C"), umask=0o022)
     return proc, out / "tiny_lora"
+
+
+MODE_CASES = {  # name: (launcher, extra args): every mode x ZeRO stage, and one offload case
+    "full-z2": ("train_full.sh", ["--zero", "2"]),
+    "full-z3": ("train_full.sh", ["--zero", "3"]),
+    "full-z3-offload": ("train_full.sh", ["--zero", "3", "--offload"]),
+    "lora-z2": ("train_lora.sh", ["--zero", "2"]),
+    "lora-z3": ("train_lora.sh", ["--zero", "3"]),
+    "qlora-z2": ("train_qlora.sh", ["--zero", "2"]),
+    "qlora-z3": ("train_qlora.sh", ["--zero", "3"]),
+}
+MODE_STEPS = ["--max_steps", "24", "--eval_steps", "12", "--save_steps", "12", "--logging_steps", "1"]
+
+
+class ModeRuns:
+    """mode_runs[name] -> (CompletedProcess, run dir): each case trained on first use, once per session, so test
+    modules that need one case (the tools' QLoRA tests) do not train them all."""
+
+    def __init__(self, out):
+        self.out, self.done = out, {}
+
+    def __getitem__(self, name):
+        if name not in self.done:
+            script, extra = MODE_CASES[name]
+            proc = run_launcher(script, *extra, *MODE_STEPS, "--output_dir", self.out, "--run_name", name)
+            self.done[name] = (proc, self.out / name)
+        return self.done[name]
+
+
+@pytest.fixture(scope="session")
+def mode_runs(tmp_path_factory):
+    return ModeRuns(tmp_path_factory.mktemp("modes"))

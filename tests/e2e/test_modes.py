@@ -4,33 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_ok, read_history, run_launcher
+from tests.conftest import MODE_CASES, assert_ok, read_history
 
 pytestmark = pytest.mark.slow
 
-CASES = {  # name: (launcher, extra args)
-    "full-z2": ("train_full.sh", ["--zero", "2"]),
-    "full-z3": ("train_full.sh", ["--zero", "3"]),
-    "full-z3-offload": ("train_full.sh", ["--zero", "3", "--offload"]),
-    "lora-z2": ("train_lora.sh", ["--zero", "2"]),
-    "lora-z3": ("train_lora.sh", ["--zero", "3"]),
-    "qlora-z2": ("train_qlora.sh", ["--zero", "2"]),
-    "qlora-z3": ("train_qlora.sh", ["--zero", "3"]),
-}
-STEPS = ["--max_steps", "24", "--eval_steps", "12", "--save_steps", "12", "--logging_steps", "1"]
-
-
-@pytest.fixture(scope="session")
-def mode_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("modes")
-    runs = {}
-    for name, (script, extra) in CASES.items():
-        proc = run_launcher(script, *extra, *STEPS, "--output_dir", out, "--run_name", name)
-        runs[name] = (proc, out / name)
-    return runs
-
-
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", MODE_CASES)
 def test_loss_falls(mode_runs, name):
     proc, run_dir = mode_runs[name]
     assert_ok(proc)
@@ -45,7 +23,7 @@ def _probe_ids():
     return torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", MODE_CASES)
 def test_outputs_load_and_change_the_model(mode_runs, name, tiny_model_path):
     from transformers import AutoModelForCausalLM
 

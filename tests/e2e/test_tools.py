@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_ok, launcher_env, read_history, run_launcher
+from tests.conftest import REPO, assert_ok, launcher_env, read_history
 
 pytestmark = pytest.mark.slow
 
@@ -259,34 +259,10 @@ def test_adapter_on_another_base_names_the_base_it_expects(run_dir, tmp_path):
 
 # ---------------------------------------------------------------- QLoRA: the de-quantized base
 
-def trained_mode_runs(request, module):
-    """`mode_runs` of test_modes if that module has already trained them in this session, else None. pytest caches a
-    session fixture per definition, so importing mode_runs here would train all of its runs a second time."""
-    manager = request.session._fixturemanager
-    for item in request.session.items:
-        if getattr(item, "module", None) is module:
-            for fixturedef in manager.getfixturedefs("mode_runs", item) or ():
-                cached = fixturedef.cached_result
-                if cached is not None and cached[2] is None:
-                    return cached[0]
-            return None
-    return None
-
-
 @pytest.fixture(scope="module")
-def qlora_run(request, tmp_path_factory):
-    """A real QLoRA run: test_modes' qlora-z2 when its mode_runs already ran in this session (the usual order),
-    else the same run trained here alone rather than all of mode_runs."""
-    from tests.e2e import test_modes
-
-    runs = trained_mode_runs(request, test_modes)
-    if runs is not None:
-        proc, path = runs["qlora-z2"]
-    else:
-        script, extra = test_modes.CASES["qlora-z2"]
-        out = tmp_path_factory.mktemp("qlora")
-        proc = run_launcher(script, *extra, *test_modes.STEPS, "--output_dir", out, "--run_name", "qlora-z2")
-        path = out / "qlora-z2"
+def qlora_run(mode_runs):
+    """A real QLoRA run: the session's qlora-z2 (trained once, shared with test_modes)."""
+    proc, path = mode_runs["qlora-z2"]
     assert_ok(proc)
     assert json.loads((path / "best" / "training_info.json").read_text())["mode"] == "qlora"
     return path

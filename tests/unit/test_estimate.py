@@ -3,15 +3,14 @@ own model-state formulas; the CLI's JSON; errors that list what is known; the pr
 import json
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
 
 from tests.conftest import REPO
 from train.arch_table import ARCHITECTURES, PUBLISHED_PARAMS
-from train.estimate import (GIB, EstimateError, EstimateLog, RunSpec, architecture_from_table, count_params,
-                            estimate, estimate_from_config, fit_calibration, flops_per_token, layer_linears,
+from train.estimate import (EstimateError, EstimateLog, RunSpec, architecture_from_table, count_params,
+                            estimate, estimate_from_config, fit_calibration, flops_per_token,
                             load_architecture, measured_step_time, resolve_device)
 
 LLAMA8B = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -145,7 +144,7 @@ def test_lora_adapters_stay_fp32_under_zero3_only():
 # ------------------------------------------------------------------ activations
 
 def _layer_by_hand(t, e, full=True):
-    h, q, kv, inter = L8["h"], L8["q"], L8["kv"], L8["inter"]
+    h, q, inter = L8["h"], L8["q"], L8["inter"]
     norms = 2 * ((4 + (e if full else 0) + e) * t * h + 4 * t)
     qkv = t * q * e + 2 * t * q * e  # masked SDPA repeats K/V to all 32 heads
     out_lse = t * q * e + L8["heads"] * 4096 * 4
