@@ -14,7 +14,9 @@ step_time_s, tokens_per_s, total_steps, total_time_h, assumptions, ...). Calibra
 Exit codes: 0 estimate printed, 2 bad input.
 """
 import argparse
+import contextlib
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -165,21 +167,43 @@ def main(argv=None):
     make_console_safe()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        calibration_note = None
-        if args.from_history:
-            history = json.loads(Path(args.from_history).read_text())
-            result, calibration_note = calibrate(history, args.gpu, args)
-        else:
-            spec, device = build_spec(args)
-            if args.measure:
-                result, calibration_note = measure(args, spec, device)
-            else:
-                result = estimate(spec, calibration_for(args), device=device)
+        with stdout_to_stderr(args.json):
+            result, calibration_note = compute(args)
     except (EstimateError, ValueError, FileNotFoundError) as error:
         print(ascii_safe(f"error: {error}"), file=sys.stderr)
         return 2
     print_result(result, calibration_note, args.json)
     return 0
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active):
+    """With --json, stdout carries the JSON alone: whatever else prints meanwhile (DeepSpeed's and transformers'
+    log lines while the model cache is built, at the Python or the file-descriptor level) goes to stderr."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def compute(args):
+    """(Estimate, calibration note or None) for the command line."""
+    if args.from_history:
+        history = json.loads(Path(args.from_history).read_text())
+        return calibrate(history, args.gpu, args)
+    spec, device = build_spec(args)
+    if args.measure:
+        return measure(args, spec, device)
+    return estimate(spec, calibration_for(args), device=device), None
 
 
 def print_result(result, calibration_note, as_json):

@@ -35,3 +35,13 @@ def test_measure_refits_on_real_steps_and_later_estimates_use_it(tmp_path):
     assert later["step_time_s"] == pytest.approx(note["measured_step_time_s"], rel=0.02)
     bigger = estimate_time("--config", CONFIG, "--calibration", calibration, "--micro-batch", 8)
     assert bigger["step_time_s"] > 1.5 * later["step_time_s"], "the calibrated model still scales with the work"
+
+
+def test_json_on_stdout_stays_json_while_the_model_cache_is_built(tmp_path):
+    """A cold cache builds the tiny model first, and DeepSpeed's import logs to stdout: --json must not mix them."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "estimate_time.py"), "--config", CONFIG, "--json"],
+                          cwd=REPO, env=launcher_env(FTL_CACHE_DIR=tmp_path / "cold"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "cold" / "models").is_dir(), "the cache was built by this call"
+    assert json.loads(proc.stdout)["fits"] is True
