@@ -1,14 +1,16 @@
-"""Chat and plain-text data through the real launcher; wandb in its offline mode beside tensorboard."""
+"""Chat, Alpaca and plain-text data through the real launcher; wandb in its offline mode beside tensorboard."""
+import json
+
 import pytest
 
-from tests.conftest import assert_ok, launcher_env, read_history, run_launcher
+from tests.conftest import REPO, assert_ok, launcher_env, read_history, run_launcher
 
 pytestmark = pytest.mark.slow
 
 
 def test_chat_data_trains_with_wandb_offline(tmp_path):
     proc = run_launcher("train_lora.sh", "--dataset", "data/tiny_chat.jsonl", "--max_steps", "16",
-                        "--eval_steps", "8", "--report_to", "tensorboard,wandb", "--output_dir", tmp_path,
+                        "--eval_steps", "8", "--report_to", "wandb", "--output_dir", tmp_path,
                         "--run_name", "chat", env=launcher_env(WANDB_MODE="offline", WANDB_SILENT="true"))
     assert_ok(proc)
     history = read_history(tmp_path / "chat")
@@ -16,6 +18,25 @@ def test_chat_data_trains_with_wandb_offline(tmp_path):
     assert history["evals"][-1]["eval_loss"] < history["evals"][0]["eval_loss"]
     assert list((tmp_path / "chat" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert list((tmp_path / "chat" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_alpaca_trains_and_truncation_is_reported_and_recorded(tmp_path):
+    """Alpaca fields (instruction, input, output), and a max_length that truncates most responses and leaves some
+    examples with no response token: counted at start, kept in the history, and the run still trains."""
+    alpaca = tmp_path / "alpaca.jsonl"
+    with open(REPO / "data" / "tiny_instruct.jsonl", encoding="utf-8") as src, open(alpaca, "w") as dst:
+        for line in src:
+            example = json.loads(line)
+            dst.write(json.dumps({"instruction": example["instruction"], "input": example["context"],
+                                  "output": example["response"]}) + "\n")
+    proc = run_launcher("train_lora.sh", "--dataset", alpaca, "--max_length", "28", "--max_steps", "6",
+                        "--eval_steps", "6", "--output_dir", tmp_path, "--run_name", "alpaca")
+    assert_ok(proc)
+    data = read_history(tmp_path / "alpaca")["metadata"]["data"]
+    assert data["format"] == "alpaca" and data["truncated"] > 0 and data["dropped_no_response"] > 0, data
+    assert data["train_examples"] + data["eval_examples"] + data["dropped_no_response"] == data["examples"]
+    assert (f"max_length 28: {data['truncated']} examples lost response tokens to truncation, "
+            f"{data['dropped_no_response']} had no response token left and were dropped") in proc.stderr
 
 
 def test_plain_text_is_cut_into_full_blocks(tmp_path):
