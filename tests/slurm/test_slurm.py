@@ -306,14 +306,15 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(jobs):
     assert "USR1: time limit near" in log and f"requeueing job {job.id}" in log, log
 
 
-def test_resumed_runs_match_each_other_step_for_step(jobs):
-    """Both interrupted jobs train the same steps, stopped at different steps: resuming must not change the
-    result."""
-    a, b = (read_history(jobs[n].run_dir) for n in ("requeue", "signal"))
-    assert a and b
-    losses_a = {r["step"]: r["loss"] for r in a["records"]}
-    losses_b = {r["step"]: r["loss"] for r in b["records"]}
-    assert losses_a.keys() == losses_b.keys()
-    for step in losses_a:
-        assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-4), step
-    assert a["evals"][-1]["eval_loss"] == pytest.approx(b["evals"][-1]["eval_loss"], rel=1e-4)
+def test_resumed_runs_match_the_uninterrupted_run_step_for_step(jobs):
+    """The two interrupted jobs train the same steps as the plain one, stopped and resumed at different steps:
+    resuming must not change the result."""
+    plain, *interrupted = (read_history(jobs[n].run_dir) for n in ("plain", "requeue", "signal"))
+    assert plain and all(interrupted)
+    expected = {r["step"]: r["loss"] for r in plain["records"]}
+    for history in interrupted:
+        losses = {r["step"]: r["loss"] for r in history["records"]}
+        assert losses.keys() == expected.keys()
+        for step in losses:
+            assert losses[step] == pytest.approx(expected[step], rel=1e-4), step
+        assert history["evals"][-1]["eval_loss"] == pytest.approx(plain["evals"][-1]["eval_loss"], rel=1e-4)
