@@ -313,7 +313,24 @@ def prepare_adapters(adapter_dirs, base=None, trust_remote_code=False):
                                f"{adapter_dir} on '{other}'; evaluate them in separate runs")
     for adapter_dir in adapter_dirs:
         check_adapter_fits_base(adapter_dir, reference, path, trust_remote_code)
+        warn_if_another_base(adapter_dir, base)
     return reference, path
+
+
+def warn_if_another_base(adapter_dir, base):
+    """--base that is not the adapter's recorded base, with the same layer shapes (else check_adapter_fits_base has
+    refused it): used as asked, but said, since the results then are not the trained model's."""
+    if base is None:
+        return
+    try:
+        trained_on = recorded_base(adapter_dir)
+    except AdapterError:
+        return  # nothing recorded: --base is the only source
+    if not same_base(trained_on, base):
+        from train.console import warn
+
+        warn(f"adapter {adapter_dir} was trained on base '{trained_on}'; using --base '{base}' as asked (its layer "
+             f"shapes fit, but the results are not those of the trained model)")
 
 
 def is_qlora(adapter_dir):

@@ -4,6 +4,7 @@ best/ (test_modes' qlora-z2) merged into and evaluated on the de-quantized base,
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 
@@ -255,6 +256,31 @@ def test_adapter_on_another_base_names_the_base_it_expects(run_dir, tmp_path):
     proc = run_tool("evaluate.py", "--adapter", run_dir / "best", "--base", "builtin:small-llama",
                     "--data", REPO / "data" / "tiny_instruct.jsonl")
     assert_clear_error(proc, "trained on base 'builtin:tiny-llama'", "builtin:small-llama")
+
+
+def test_another_base_with_the_same_shapes_is_used_as_asked_and_said(run_dir, tiny_model_path, tmp_path):
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_path, other)
+    proc = run_tool("generate.py", "text", "--adapter", run_dir / "best", "--base", other, "--prompt", PROMPT,
+                    "--max-new-tokens", 8)
+    assert_ok(proc)
+    assert f"was trained on base 'builtin:tiny-llama'; using --base '{other}' as asked" in proc.stderr, proc.stderr
+    same = run_tool("generate.py", "text", "--adapter", run_dir / "best", "--base", tiny_model_path, "--prompt",
+                    PROMPT, "--max-new-tokens", 8)
+    assert_ok(same)
+    assert "as asked" not in same.stderr, "the recorded base under another name is the same base"
+    assert same.stdout == proc.stdout, "a copy of the base generates the same text"
+
+
+def test_without_training_info_the_base_comes_from_adapter_config(run_dir, tmp_path):
+    adapter = tmp_path / "plain-peft-adapter"
+    shutil.copytree(run_dir / "best", adapter)
+    (adapter / "training_info.json").unlink()
+    proc = run_tool("generate.py", "text", "--adapter", adapter, "--prompt", PROMPT, "--max-new-tokens", 8)
+    assert_ok(proc)
+    reference = run_tool("generate.py", "text", "--adapter", run_dir / "best", "--prompt", PROMPT,
+                         "--max-new-tokens", 8)
+    assert proc.stdout == reference.stdout and proc.stdout.strip()
 
 
 # ---------------------------------------------------------------- QLoRA: the de-quantized base
