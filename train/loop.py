@@ -108,10 +108,11 @@ def run(config):
                       out_dir, rank, world, device, total_steps, stop)
     try:
         code = trainer.train(start_step)
+        barrier()  # no rank closes its connections while another still talks to it
     finally:
         sinks.close()
         del keepalive
-    shutdown_distributed()
+        shutdown_distributed()
     return code
 
 

@@ -15,7 +15,7 @@ import torch
 
 from train.config import load_config
 from train.console import make_console_safe
-from train.engine import init_distributed, resolve_ds_config, resolve_precision
+from train.engine import init_distributed, resolve_ds_config, resolve_precision, shutdown_distributed
 from train.estimate import estimate, spec_from_config
 from train.loop import build_engine
 from train.model import hidden_size_of, load_model, model_config
@@ -151,6 +151,10 @@ def main():
             print("RESULT " + json.dumps({"combo": combo, "measured": gathered, "estimated": predicted}),
                   flush=True)
         torch.distributed.barrier()
+    # Every rank leaves the process group before exiting: left to interpreter teardown, a rank that exits first
+    # closes its gloo connections under the other's threads, which then abort ("terminate called without an
+    # active exception", seen in CI).
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
