@@ -68,6 +68,15 @@ def run(config):
     check_sinks_available(config["report_to"])
     stop = StopSignal.install()  # before the (long) model load: a preemption then still ends in a clean exit
     rank, world, local_rank = init_distributed()
+    try:
+        return train_run(config, stop, rank, world, local_rank)
+    finally:
+        # On every path, errors included: left to interpreter teardown, gloo's worker threads abort the process
+        # ("terminate called without an active exception") when a peer has already gone.
+        shutdown_distributed()
+
+
+def train_run(config, stop, rank, world, local_rank):
     device = device_for(local_rank)
     torch.manual_seed(config["seed"] + rank)
     precision = resolve_precision(config["precision"])
@@ -112,7 +121,6 @@ def run(config):
     finally:
         sinks.close()
         del keepalive
-        shutdown_distributed()
     return code
 
 
