@@ -81,8 +81,9 @@ def load(args):
 
     device = pick_device(args.device)
     if args.adapter:
-        if qlora_note([args.adapter], args.qlora_base):
-            note(qlora_note([args.adapter], args.qlora_base))
+        base_note = qlora_note([args.adapter], args.qlora_base)
+        if base_note:
+            note(base_note)
         return load_adapter(args.adapter, args.base, args.dtype, device, args.trust_remote_code, args.qlora_base)
     return load_model(args.model, args.dtype, device, args.trust_remote_code)
 

@@ -359,8 +359,6 @@ def load_adapters(adapter_dirs, base=None, dtype="auto", device=None, trust_remo
     from peft import PeftModel
 
     reference, path = prepare_adapters(adapter_dirs, base, trust_remote_code)
-    if uses_dequantized_base(adapter_dirs, qlora_base):
-        require_bitsandbytes()  # before any weight is loaded
     device = device or pick_device()
     # peft uses adapter names as module keys, so labels such as "run/best" cannot be used directly
     peft_names = [f"adapter{i}" for i in range(len(adapter_dirs))]

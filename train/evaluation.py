@@ -136,13 +136,14 @@ def evaluate_all(options, log=print):
 def evaluate_adapters(options, data, log):
     """The base once, each adapter switched on in turn; all share the first adapter's tokenizer and rows. For QLoRA
     adapters the base is the de-quantized one they were trained against, and the base row says so."""
-    qlora_base = getattr(options, "qlora_base", "dequantized")
+    qlora_base = options.qlora_base
     log(f"loading base and {len(options.adapters)} adapter(s)")
     model, tokenizer, base_reference, names = load_adapters(options.adapters, options.base, options.dtype,
                                                             trust_remote_code=options.trust_remote_code,
                                                             qlora_base=qlora_base)
-    if qlora_note(options.adapters, qlora_base):
-        log(qlora_note(options.adapters, qlora_base))
+    note = qlora_note(options.adapters, qlora_base)
+    if note:
+        log(note)
     base_source = str(base_reference)
     if uses_dequantized_base(options.adapters, qlora_base):
         base_source += " (NF4 de-quantized)"
