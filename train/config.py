@@ -194,6 +194,14 @@ def _validate_schema(config, source):
     raise ConfigError(f"{source}: invalid config:\n  - " + "\n  - ".join(lines))
 
 
+def quant_storage_problem(storage, computes):
+    """What is wrong with a QLoRA + ZeRO-3 bnb_4bit_quant_storage, and the fix (`computes`: what the compute dtype
+    is); checked here for an explicit precision and at load time for precision auto."""
+    return (f"mode qlora with zero_stage 3 needs bnb_4bit_quant_storage equal to the compute dtype so DeepSpeed can "
+            f"shard the 4-bit weights; got bnb_4bit_quant_storage '{storage}' but {computes}. Set "
+            f"bnb_4bit_quant_storage: auto (it follows the precision), or use zero_stage: 2")
+
+
 def _check_cross_fields(config, source):
     problems = []
     if config["mode"] == "qlora" and config["zero_stage"] == 3:
@@ -202,10 +210,7 @@ def _check_cross_fields(config, source):
         if storage != "auto" and (storage != wanted if wanted else storage == "uint8"):
             computes = (f"precision {config['precision']} computes in {wanted}" if wanted else
                         "the compute dtype is bfloat16, float16 or float32")
-            problems.append(
-                f"mode qlora with zero_stage 3 needs bnb_4bit_quant_storage equal to the compute dtype so DeepSpeed "
-                f"can shard the 4-bit weights; got bnb_4bit_quant_storage '{storage}' but {computes}. Set "
-                f"bnb_4bit_quant_storage: auto (it follows the precision), or use zero_stage: 2")
+            problems.append(quant_storage_problem(storage, computes))
         if config["offload"]:
             problems.append("mode qlora does not support offload (bitsandbytes 4-bit weights stay on the GPU); "
                             "set offload: false")

@@ -1,7 +1,7 @@
 """Tokenizer and model loading for full, LoRA and QLoRA fine-tunes, including the ZeRO-3 init context."""
 import torch
 
-from train.config import QUANT_STORAGE_FOR_PRECISION, ConfigError
+from train.config import QUANT_STORAGE_FOR_PRECISION, ConfigError, quant_storage_problem
 from train.engine import torch_dtype
 from train.tiny import is_random, materialize_random_weights, resolve_model_path
 
@@ -38,10 +38,7 @@ def quantization_config(config, precision):
         storage = wanted if config["zero_stage"] == 3 else "uint8"
     elif config["zero_stage"] == 3 and storage != wanted:
         resolved = " (resolved from precision: auto)" if config["precision"] == "auto" else ""
-        raise ConfigError(
-            f"mode qlora with zero_stage 3 needs bnb_4bit_quant_storage equal to the compute dtype so DeepSpeed can "
-            f"shard the 4-bit weights; got bnb_4bit_quant_storage '{storage}' but precision {precision}{resolved} "
-            f"computes in {wanted}. Set bnb_4bit_quant_storage: auto (it follows the precision), or use zero_stage: 2")
+        raise ConfigError(quant_storage_problem(storage, f"precision {precision}{resolved} computes in {wanted}"))
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
