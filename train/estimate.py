@@ -320,10 +320,10 @@ def _device_key(name, devices):
         return re.sub(r"[^a-z0-9]", "", text.lower())
 
     wanted = norm(name)
-    for candidates in (lambda k, e: [k], lambda k, e: e["match"]):
-        for key, entry in devices.items():
-            if any(norm(c) == wanted for c in candidates(key, entry)):
-                return key
+    exact = [key for key in devices if norm(key) == wanted]
+    cuda_named = [key for key, entry in devices.items() if any(norm(c) == wanted for c in entry["match"])]
+    if exact or cuda_named:
+        return (exact or cuda_named)[0]
     sized = re.fullmatch(r"(.+)[-_ ](\d+) ?gb", name.strip().lower())
     if sized:
         base, gib = norm(sized.group(1)), int(sized.group(2))
