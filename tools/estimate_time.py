@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from train import exit_codes  # noqa: E402
 from train.console import ascii_safe, make_console_safe  # noqa: E402
 from train.estimate import (EstimateError, RunSpec, calibrate_from_history, calibration_path,  # noqa: E402
                             detect_device, estimate, known_gpus, load_calibration, render_table, resolve_device,
@@ -100,10 +101,12 @@ def build_spec(args):
     device = resolve_device(fields["gpu"], gpus) if "gpu" in fields else detect_device(gpus)
     fields["gpu"] = device.name
     if args.config:
-        from train.config import load_config
+        from train.config import resolve_run_config
+        from train.config.machine import named
 
-        config = load_config(args.config)
-        spec = spec_from_config(config, gpus, fields.get("nodes", 1), gpu=device.name)
+        config = resolve_run_config(args.config, procs_per_node=gpus, nnodes=fields.get("nodes", 1),
+                                    machine=named(device.name), require_model=False)
+        spec = spec_from_config(config.as_dict(), gpus, fields.get("nodes", 1), gpu=device.name)
         return replace(spec, **fields), device
     if "model" not in fields:
         raise EstimateError("give --config CONFIG or --model NAME_OR_DIR (with --mode, --gpu, --seq-len, ...)")
@@ -171,7 +174,7 @@ def main(argv=None):
             result, calibration_note = compute(args)
     except (EstimateError, ValueError, FileNotFoundError) as error:
         print(ascii_safe(f"error: {error}"), file=sys.stderr)
-        return 2
+        return exit_codes.USER_ERROR
     print_result(result, calibration_note, args.json)
     return 0
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.adapters import DTYPES, QLORA_BASES, check_adapter_dir, run_tool  # noqa: E402
+from train.after.cli import run_tool  # noqa: E402
+from train.after.loading import DTYPES, QLORA_BASES, check_adapter_dir  # noqa: E402
 from train.console import ascii_safe  # noqa: E402
 
 EXAMPLES_FILE = "eval_examples.jsonl"
@@ -65,8 +66,8 @@ def main():
     args = parse_args()
     for adapter in args.adapters:
         check_adapter_dir(adapter)  # a wrong path fails before the slow imports
-    from train.evaluation import evaluate_all, format_table, write_examples
-    from train.generation import GenerationSettings
+    from train.after.evaluation import evaluate_all, format_table, write_examples
+    from train.after.generation import GenerationSettings
 
     args.generation = GenerationSettings(max_new_tokens=args.max_new_tokens)
     json_to_stdout = args.json == "-"

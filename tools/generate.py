@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.adapters import DTYPES, QLORA_BASES, AdapterError, run_tool  # noqa: E402
+from train.after.cli import run_tool  # noqa: E402
+from train.after.loading import DTYPES, QLORA_BASES, AdapterError  # noqa: E402
 from train.console import ascii_safe  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "demo_prompts.jsonl"
@@ -65,7 +66,7 @@ def note(message):
 
 def check_source(args):
     """Fail on a wrong model choice or adapter path before the slow imports."""
-    from train.adapters import check_adapter_dir
+    from train.after.loading import check_adapter_dir
 
     if bool(args.adapter) == bool(args.model):
         raise AdapterError("pass exactly one of --adapter DIR (an adapter on its base) and --model REF (a base or "
@@ -77,7 +78,7 @@ def check_source(args):
 
 
 def load(args):
-    from train.adapters import load_adapter, load_model, pick_device, qlora_note
+    from train.after.loading import load_adapter, load_full_model, pick_device, qlora_note
 
     device = pick_device(args.device)
     if args.adapter:
@@ -85,13 +86,13 @@ def load(args):
         if base_note:
             note(base_note)
         return load_adapter(args.adapter, args.base, args.dtype, device, args.trust_remote_code, args.qlora_base)
-    return load_model(args.model, args.dtype, device, args.trust_remote_code)
+    return load_full_model(args.model, args.dtype, device, args.trust_remote_code)
 
 
 def main():
     args = parse_args()
     check_source(args)
-    from train.generation import (GenerationSettings, PromptCase, generate_for_case, read_prompt_file,
+    from train.after.generation import (GenerationSettings, PromptCase, generate_for_case, read_prompt_file,
                                   resolve_prompt_format)
 
     cases = read_prompt_file(args.prompts) if args.mode == "demo" else None

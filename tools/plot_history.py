@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.adapters import run_tool  # noqa: E402
+from train.after.cli import run_tool  # noqa: E402
 from train.console import ascii_safe  # noqa: E402
 
 HISTORY_FILE = "training_history.json"

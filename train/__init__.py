@@ -1,5 +1,3 @@
-"""finetune-launcher: one distributed trainer for full, LoRA and QLoRA fine-tunes under DeepSpeed."""
-from pathlib import Path
-
-__version__ = "0.1.0"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+"""finetune-launcher: launchers and shared training parts for causal-LM fine-tunes (full, LoRA, QLoRA) under
+DeepSpeed ZeRO-2/3. `python -m train --config X` runs a recipe on each rank; launch/train_*.sh start the ranks."""
+__version__ = "0.2.0"

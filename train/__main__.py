@@ -1,54 +1,45 @@
-"""python -m train --config CONFIG [--key value ...]   (normally started by launch/train_*.sh through torchrun)"""
+"""python -m train --config CONFIG [--key value ...]   (normally started by launch/train_*.sh through torchrun, with
+--resolved FILE: the run config the launcher resolved once for every rank)"""
+import os
 import sys
 
+from train import exit_codes
 from train.console import ascii_safe, is_main_process, make_console_safe
 
 USAGE = """usage: python -m train --config CONFIG.yaml [--key value ...]
+       python -m train --resolved RUN_CONFIG.json      (what the launchers pass each rank)
 
 Every key of the run config can be overridden, e.g. --learning_rate 1e-4 --lora_r 8 --zero 3 --offload.
-Keys: see train/config_schema.json; unknown keys are errors."""
-
-EXIT_CONFIG_ERROR = 2
-
-
-def split_args(argv):
-    config_path, rest, i = None, [], 0
-    while i < len(argv):
-        if argv[i] in ("-h", "--help"):
-            print(USAGE)
-            sys.exit(0)
-        if argv[i] == "--config":
-            if i + 1 >= len(argv):
-                raise SystemExit("error: --config needs a path")
-            config_path = argv[i + 1]
-            i += 2
-        elif argv[i].startswith("--config="):
-            config_path = argv[i].split("=", 1)[1]
-            i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return config_path, rest
+Keys: see train/config/schema.json; unknown keys are errors."""
 
 
 def main(argv=None):
     make_console_safe()
-    from train.config import ConfigError, load_config, parse_overrides
-    from train.data import DataError
+    from train.config import ConfigError, RunConfig, resolve_run_config, split_command_line
+    from train.data.records import DataError
+    from train.guards import TrainingError
+    from train.models.tiny import ModelReferenceError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(USAGE)
+        return exit_codes.OK, False
     try:
-        config_path, rest = split_args(sys.argv[1:] if argv is None else argv)
-        config = load_config(config_path, parse_overrides(rest))
-    except ConfigError as error:
-        return fail(error, EXIT_CONFIG_ERROR)
-    from train.loop import TrainingError, run
+        config_path, options, overrides = split_command_line(argv, value_options=("--resolved",))
+        if "--resolved" in options:
+            cfg = RunConfig.from_json_file(options["--resolved"])
+        else:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            cfg = resolve_run_config(config_path, overrides, procs_per_node=local, nnodes=max(1, world // local))
+        from train.recipes import run
 
-    try:
-        return run(config)
-    except (ConfigError, DataError) as error:
-        return fail(error, EXIT_CONFIG_ERROR)
+        outcome = run(cfg)
+        return outcome.code, outcome.preempted
+    except (ConfigError, DataError, ModelReferenceError) as error:
+        return fail(error, exit_codes.USER_ERROR), False
     except TrainingError as error:
-        return fail(error, 3)
+        return fail(error, exit_codes.TRAINING_STOPPED), False
 
 
 def fail(error, code):
@@ -57,16 +48,19 @@ def fail(error, code):
     return code
 
 
-def record_exit_code(code):
-    """torchrun reports any failed worker as exit 1; the launcher reads the trainer's own code from this file."""
-    import os
-
+def exit_for_launcher(code, preempted):
+    """The process's exit status. Under our launcher (FTL_EXIT_CODE_FILE set) the trainer's own code goes to that
+    file and a rank that stopped on an error every rank saw alike (config, data, a guard) exits 0, so torchrun ends
+    quietly instead of printing its ChildFailedError report over our message; the launcher then exits with the
+    code from the file."""
     path = os.environ.get("FTL_EXIT_CODE_FILE")  # one per node (each node's launcher has its own)
-    if path and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if not path:
+        return code
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         with open(path, "w") as f:  # "0 preempted": a clean stop on a signal, checkpoint saved
-            f.write(f"{code}{' preempted' if os.environ.get('FTL_PREEMPTED') else ''}\n")
-    return code
+            f.write(f"{code}{' preempted' if preempted else ''}\n")
+    return exit_codes.OK
 
 
 if __name__ == "__main__":
-    sys.exit(record_exit_code(main()))
+    sys.exit(exit_for_launcher(*main()))

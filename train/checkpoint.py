@@ -1,6 +1,8 @@
 """Checkpoints: training state for resume (DeepSpeed engine + our client state + per-rank RNG), written to a
 temporary directory and renamed into place only when every rank has finished; and the user-facing `best/` and
 `final/` weights (LoRA adapters gathered under ZeRO-3, full models consolidated to 16-bit safetensors)."""
+import hashlib
+import json
 import random
 import shutil
 from pathlib import Path
@@ -8,13 +10,67 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.engine import barrier
+from train.config.settings import TRAINING_IDENTITY_KEYS
+from train.distributed import barrier
 from train.fsutil import apply_umask, atomic_write_json, atomic_write_text, fresh_tmp_dir, replace_dir
 
 LATEST = "latest"
+IDENTITY_FILE = "run_settings.json"
+HASHED_BYTES = 256 * 1024 ** 2  # data files up to this size are hashed whole; larger ones by size and mtime
+
+
+# ---------------------------------------------------------------- what a checkpoint was trained with
+
+def training_identity(cfg):
+    """The settings that change what is trained (RunConfig's TRAINING_IDENTITY_KEYS) plus a fingerprint of each local
+    data file, so an edited dataset is not continued silently either."""
+    values = cfg.as_dict()
+    identity = {key: values[key] for key in TRAINING_IDENTITY_KEYS}
+    for key in ("dataset", "eval_dataset"):
+        if values.get(key) and Path(values[key]).is_file():
+            identity[f"{key}_content"] = file_fingerprint(Path(values[key]))
+    return identity
+
+
+def file_fingerprint(path):
+    stat = path.stat()
+    if stat.st_size > HASHED_BYTES:
+        return f"size {stat.st_size}, modified {int(stat.st_mtime)}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha256 {digest.hexdigest()[:16]}"
+
+
+def resume_differences(checkpoint, identity):
+    """[(key, value in the checkpoint, value now)] for every training setting that differs. A checkpoint without a
+    record of its settings (written by an older version) is compared on nothing."""
+    path = Path(checkpoint) / IDENTITY_FILE
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    keys = sorted(set(saved) | set(identity))
+    return [(key, saved.get(key), identity.get(key)) for key in keys if saved.get(key) != identity.get(key)]
 
 
 # ---------------------------------------------------------------- training state (resume)
+
+def resume_problem(cfg, checkpoint, total_steps):
+    """Why checkpoint `checkpoint` should not be continued silently, or None."""
+    differences = resume_differences(checkpoint, training_identity(cfg))
+    step = int(checkpoint.name.split("-")[-1])
+    fix = (f"start fresh with --resume never (the checkpoint is overwritten) or another --run_name, or continue "
+           f"it anyway with --resume always")
+    if differences:
+        lines = "\n".join(f"  - {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences)
+        return (f"{checkpoint} was trained with other settings than this run:\n{lines}\nNothing was trained; {fix}")
+    if total_steps <= step:
+        more = "it already finished" if total_steps == step else f"max_steps {total_steps} is below it"
+        return (f"{checkpoint} is at step {step} and this run has {total_steps} steps: {more}, so there is nothing to "
+                f"train. Raise max_steps (or num_epochs) to continue it, or {fix.split(', or continue')[0]}")
+    return None
+
 
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -31,8 +87,9 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_training_state(engine, root, step, client_state, rank, keep, adapters_only):
-    """Write checkpoints/step-N atomically (all ranks call), then point `latest` at it and prune old ones."""
+def save_training_state(engine, root, step, client_state, rank, keep, adapters_only, identity):
+    """Write checkpoints/step-N atomically (all ranks call), then point `latest` at it and prune old ones.
+    `identity`: the run's training settings (training_identity), kept beside the state for resume checks."""
     root = Path(root)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -46,6 +103,7 @@ def save_training_state(engine, root, step, client_state, rank, keep, adapters_o
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
+        atomic_write_json(tmp / IDENTITY_FILE, identity)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

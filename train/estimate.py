@@ -231,7 +231,7 @@ def _hub_cache_config(model_ref):
 def load_architecture(model_ref):
     """The sizes of `model_ref`: builtin:NAME, random:ARCH, a local directory with config.json, a hub id in the offline table,
     or a hub id already in the local Hugging Face cache. Never loads weights, never downloads."""
-    from train.tiny import RANDOM_PREFIX, is_builtin, is_random, resolve_model_path
+    from train.models.tiny import RANDOM_PREFIX, is_builtin, is_random, resolve_model_path
 
     if is_random(model_ref):
         return architecture_from_table(model_ref[len(RANDOM_PREFIX):], source=f"offline table ({model_ref})")
@@ -785,7 +785,7 @@ def default_mfu(device, mode):
 # ================================================================ calibration
 
 def calibration_path():
-    from train.tiny import cache_root
+    from train.models.tiny import cache_root
 
     return Path(os.environ.get(CALIBRATION_PATH_ENV) or cache_root() / "estimate_calibration.json")
 
@@ -1227,7 +1227,7 @@ def _ends_with_newline(path):
 
 def _example_text(record):
     """The text an example trains on: its string fields with the instruction template around them."""
-    from train.prompts import render_instruction_prompt
+    from train.data.prompts import render_instruction_prompt
 
     if isinstance(record.get("messages"), list):
         return "\n".join(f"<|{m.get('role')}|>\n{m.get('content')}" for m in record["messages"])
@@ -1241,7 +1241,7 @@ def _example_text(record):
 def _average_tokens(texts, config):
     """With the model's own tokenizer.json when it is local (the builtin models have one), else 4 characters per
     token; plus one EOS."""
-    from train.tiny import is_builtin, resolve_model_path
+    from train.models.tiny import is_builtin, resolve_model_path
 
     ref = config["tokenizer"] or config["model"]
     tokenizer_file = (Path(resolve_model_path(ref)) if is_builtin(ref) else Path(ref)) / "tokenizer.json"
@@ -1431,14 +1431,14 @@ def run_measurement(config_path, mode, steps, nproc, overrides=(), out_dir=None,
     import sys
     import tempfile
 
-    from train import REPO_ROOT
+    from train.resources import PACKAGE_DIR
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="ftl-measure-"))
     config_path = _config_with_mode(config_path, mode, out_dir)
     cmd = [sys.executable, "-m", "train.launch", "--mode", mode, str(config_path), "--no-preflight",
            "--nproc-per-node", str(nproc), *map(str, overrides), *measurement_overrides(steps, out_dir)]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_DIR.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=PACKAGE_DIR.parent, env=env, capture_output=True, text=True, timeout=timeout)
     history_file = out_dir / "estimate-measure" / "training_history.json"
     if proc.returncode != 0 or not history_file.exists():
         tail = (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()

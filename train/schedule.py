@@ -3,13 +3,18 @@ halve the LR when eval loss stops improving, keep `best/` by the same rule, stop
 import math
 
 
+def total_steps(cfg, steps_per_epoch):
+    """Optimizer steps of the run: max_steps, else num_epochs passes (at least one step)."""
+    return cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+
+
 class LRSchedule:
-    def __init__(self, config, total_steps):
-        self.base_lr = config["learning_rate"]
-        self.min_lr = config["min_lr"]
-        self.kind = config["lr_scheduler"]
+    def __init__(self, cfg, total_steps):
+        self.base_lr = cfg.learning_rate
+        self.min_lr = cfg.min_lr
+        self.kind = cfg.lr_scheduler
         self.total_steps = max(1, total_steps)
-        self.warmup = config["warmup_steps"] or int(round(config["warmup_ratio"] * self.total_steps))
+        self.warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * self.total_steps))
         self.scale = 1.0  # multiplied by plateau_factor at each plateau
 
     def lr_at(self, step):
@@ -36,14 +41,14 @@ class EvalTracker:
     """Applies the improvement rule to each eval loss. `on_eval` returns what happened: improved (save best/),
     lr_reduced, and stop_reason (None to go on)."""
 
-    def __init__(self, config, schedule):
-        self.threshold = config["improvement_threshold"]
-        self.plateau = config["lr_scheduler"] == "plateau"
-        self.factor = config["plateau_factor"]
-        self.patience = config["plateau_patience"]
-        self.early_stop = config["early_stopping_patience"]
-        self.min_eval_loss = config["min_eval_loss"]
-        self.min_lr = config["min_lr"]
+    def __init__(self, cfg, schedule):
+        self.threshold = cfg.improvement_threshold
+        self.plateau = cfg.lr_scheduler == "plateau"
+        self.factor = cfg.plateau_factor
+        self.patience = cfg.plateau_patience
+        self.early_stop = cfg.early_stopping_patience
+        self.min_eval_loss = cfg.min_eval_loss
+        self.min_lr = cfg.min_lr
         self.schedule = schedule
         self.best_loss = math.inf
         self.best_step = None

@@ -16,9 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train import REPO_ROOT
+from train.data.prompts import TINY_CHAT_TEMPLATE, render_instruction_prompt
 from train.fsutil import apply_umask
-from train.prompts import TINY_CHAT_TEMPLATE, render_instruction_prompt
+from train.resources import PACKAGE_DIR, resource
 
 BUILTIN_PREFIX = "builtin:"
 RANDOM_PREFIX = "random:"
@@ -34,11 +34,21 @@ TINY_SPECS = {
 }
 BUILD_VERSION = "v2"  # bump when the build recipe changes, so stale caches are not reused
 SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-TOKENIZER_CORPUS = REPO_ROOT / "data" / "tiny_instruct.jsonl"
+TOKENIZER_CORPUS = "data/tiny_instruct.jsonl"
+
+
+class ModelReferenceError(ValueError):
+    """A `builtin:` or `random:` name that does not exist; the message lists the known ones."""
 
 
 def cache_root():
-    return Path(os.environ.get("FTL_CACHE_DIR", REPO_ROOT / ".cache")).expanduser()
+    """FTL_CACHE_DIR, else .cache/ in the checkout, else ~/.cache/finetune-launcher for an installed package."""
+    if os.environ.get("FTL_CACHE_DIR"):
+        return Path(os.environ["FTL_CACHE_DIR"]).expanduser()
+    checkout = PACKAGE_DIR.parent
+    if (checkout / "ds_configs").is_dir() and os.access(checkout, os.W_OK):
+        return checkout / ".cache"
+    return Path("~/.cache/finetune-launcher").expanduser()
 
 
 def is_builtin(model_ref):
@@ -58,7 +68,8 @@ def resolve_model_path(model_ref):
         return model_ref
     name = model_ref[len(BUILTIN_PREFIX):]
     if name not in TINY_SPECS:
-        raise ValueError(f"unknown builtin model '{name}'; known: {', '.join(sorted(TINY_SPECS))}")
+        raise ModelReferenceError(f"unknown builtin model '{name}'; known: "
+                                  f"{', '.join(BUILTIN_PREFIX + n for n in sorted(TINY_SPECS))}")
     target = cache_root() / "models" / f"{name}-{BUILD_VERSION}"
     if not (target / "config.json").exists():
         with _locked(target):  # one builder; other ranks wait, then load
@@ -75,8 +86,9 @@ def _build_outside_process_group(builder, *args):
 
     if not (dist.is_available() and dist.is_initialized()):
         return globals()[builder](*args)
-    code = f"import sys; from train.tiny import {builder}; {builder}(*sys.argv[1:])"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    code = f"import sys; from train.models.tiny import {builder}; {builder}(*sys.argv[1:])"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent),
+                                                                     os.environ.get("PYTHONPATH")])))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
@@ -85,7 +97,7 @@ def _build_outside_process_group(builder, *args):
 
 
 def _corpus_lines():
-    with open(TOKENIZER_CORPUS, encoding="utf-8") as f:
+    with open(resource(TOKENIZER_CORPUS), encoding="utf-8") as f:
         for line in f:
             example = json.loads(line)
             yield render_instruction_prompt(example["instruction"], example["context"]) + example["response"]
@@ -154,10 +166,11 @@ def random_shape_config(arch_key):
     """A transformers config of the exact shape of a real architecture (from the estimator's offline table)."""
     from transformers import AutoConfig
 
-    from train.arch_table import ARCHITECTURES
+    from train.estimate import ARCHITECTURES
 
     if arch_key not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture '{arch_key}' for random:; known: {', '.join(sorted(ARCHITECTURES))}")
+        raise ModelReferenceError(f"unknown architecture '{arch_key}' for random:; known: "
+                                  f"{', '.join(RANDOM_PREFIX + k for k in sorted(ARCHITECTURES))}")
     spec = dict(ARCHITECTURES[arch_key])
     model_type = next(t for prefix, t in MODEL_TYPES if arch_key.startswith(prefix))
     fields = {k: spec[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -1,30 +1,19 @@
-"""Training data: read records (JSONL or hub), detect the format, tokenise with response-only labels,
-pack several examples into one row (padding-free: position ids restart per example), shard and batch.
+"""Text training data: tokenise records with response-only labels, pack several examples into one row
+(padding-free: position ids restart per example), split off an eval set, shard and batch.
 
 Formats: dolly (instruction/context/response), alpaca (instruction/input/output), chat (messages with role and
 content; loss on assistant turns only), text (plain language modelling, cut into fixed blocks).
 """
 import bisect
-import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from train.prompts import render_instruction_prompt
+from train.data.prompts import render_instruction_prompt
+from train.data.records import DataError, check_fields, detect_format, load_records
 
 IGNORE_INDEX = -100
-FORMAT_FIELDS = {
-    "dolly": (("instruction", "response"), ("context",)),
-    "alpaca": (("instruction", "output"), ("input",)),
-    "chat": (("messages",), ()),
-    "text": (("text",), ()),
-}
-
-
-class DataError(ValueError):
-    """A data problem a user can fix; the message names the file, line and fields."""
 
 
 @dataclass
@@ -49,96 +38,6 @@ class DataStats:
 
     def as_dict(self):
         return dict(self.__dict__)
-
-
-# ---------------------------------------------------------------- reading
-
-def read_jsonl(path):
-    """Yield (line_number, record) from a JSONL file, with errors that name the file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"dataset file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                                f"each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
-
-
-def load_records(source, split="train"):
-    """Return (records, line_numbers, source_name). Local .jsonl is read line by line (exact error locations);
-    other local files and hub names go through `datasets`."""
-    path = Path(source)
-    if path.suffix == ".jsonl" or (path.exists() and path.suffix == ".json" and _looks_like_jsonl(path)):
-        numbered = list(read_jsonl(path))
-        return [r for _, r in numbered], [n for n, _ in numbered], str(path)
-    import datasets
-
-    datasets.disable_progress_bars()
-    if path.exists():
-        kind = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}.get(path.suffix)
-        if kind is None:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv, .parquet or .txt")
-        loaded = datasets.load_dataset(kind, data_files=str(path), split="train")
-    else:
-        name, _, config_name = str(source).partition(":")
-        try:
-            loaded = datasets.load_dataset(name, config_name or None, split=split)
-        except Exception as exc:  # offline, wrong name, ...: say what was tried
-            raise DataError(f"dataset '{source}' is neither a local file nor a loadable hub dataset "
-                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
-    records = list(loaded)
-    return records, list(range(1, len(records) + 1)), str(source)
-
-
-def _looks_like_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        first = f.read(1)
-    return first == "{"
-
-
-def detect_format(record, source):
-    keys = set(record)
-    for name, (required, _) in FORMAT_FIELDS.items():
-        if set(required) <= keys:
-            return name
-    expected = "; ".join(f"{n}: {', '.join(r + o)}" for n, (r, o) in FORMAT_FIELDS.items())
-    raise DataError(f"{source}: line 1 has fields {sorted(keys)}, which match no known format. "
-                    f"Expected one of -- {expected}. Rename the fields or set dataset_format")
-
-
-def check_fields(records, line_numbers, fmt, source):
-    required, optional = FORMAT_FIELDS[fmt]
-    for record, number in zip(records, line_numbers):
-        missing = [k for k in required if k not in record]
-        if missing:
-            raise DataError(f"{source}:{number}: missing field(s) {missing} for format '{fmt}' "
-                            f"(expected {list(required)} and optionally {list(optional)}; found {sorted(record)})")
-        for key in required + optional:
-            value = record.get(key)
-            if fmt == "chat" and key == "messages":
-                _check_messages(value, f"{source}:{number}")
-            elif value is not None and not isinstance(value, str):
-                raise DataError(f"{source}:{number}: field '{key}' must be a string, got {type(value).__name__}")
-
-
-def _check_messages(messages, where):
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
-            raise DataError(f"{where}: messages[{i}] must have 'role' and 'content'")
-        if message["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: messages[{i}].role is '{message['role']}'; use system, user or assistant")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message, so nothing to learn from this conversation")
 
 
 # ---------------------------------------------------------------- tokenising
@@ -286,49 +185,51 @@ class PreparedData:
     pad_id: int
 
 
-def prepare_data(config, tokenizer):
+def prepare_data(cfg, tokenizer):
     """Read, check, tokenise, truncate, split and pack, following the run config. Raises DataError with the
     cause when nothing trainable is left."""
     stats = DataStats()
-    records, lines, source = load_records(config["dataset"], config["dataset_split"])
+    records, lines, source = load_records(cfg.dataset, cfg.dataset_split)
     if not records:
         raise DataError(f"{source}: no records")
-    if config["max_examples"]:
-        records, lines = records[: config["max_examples"]], lines[: config["max_examples"]]
-    fmt = config["dataset_format"]
-    if fmt == "auto":
-        fmt = detect_format(records[0], source)
+    if cfg.max_examples:
+        records, lines = records[: cfg.max_examples], lines[: cfg.max_examples]
+    fmt = detect_format(records[0], source) if cfg.dataset_format == "auto" else cfg.dataset_format
     check_fields(records, lines, fmt, source)
     stats.format, stats.examples = fmt, len(records)
+    records, eval_records = split_eval(records, lines, fmt, cfg)
 
-    eval_records = None
-    if config["eval_dataset"]:
-        eval_records, eval_lines, eval_source = load_records(config["eval_dataset"])
-        check_fields(eval_records, eval_lines, fmt, eval_source)
-    elif config["eval_fraction"] > 0:
-        order = list(range(len(records)))
-        random.Random(config["seed"]).shuffle(order)
-        n_eval = max(1, int(len(records) * config["eval_fraction"]))
-        eval_records = [records[i] for i in sorted(order[:n_eval])]
-        records = [records[i] for i in sorted(order[n_eval:])]
-
-    packed = config["packing"] and fmt != "text"
-    train = tokenize_records(records, fmt, tokenizer, config["max_length"], stats)
-    evals = tokenize_records(eval_records, fmt, tokenizer, config["max_length"], stats) if eval_records else []
+    packed = cfg.packing and fmt != "text"
+    train = tokenize_records(records, fmt, tokenizer, cfg.max_length, stats)
+    evals = tokenize_records(eval_records, fmt, tokenizer, cfg.max_length, stats) if eval_records else []
     if not train:
         raise DataError(
             f"{source}: no example has a supervised token left after tokenisation ({stats.examples} read, "
             f"{stats.dropped_no_response} dropped because the response was empty or cut off). Likely causes: "
-            f"prompts longer than max_length={config['max_length']} (raise max_length), empty responses, or the "
+            f"prompts longer than max_length={cfg.max_length} (raise max_length), empty responses, or the "
             f"wrong field names for format '{fmt}'")
     stats.train_examples, stats.eval_examples = len(train), len(evals)
-    train_rows = make_rows(train, config["max_length"], packed)
-    eval_rows = make_rows(evals, config["max_length"], packed)
+    train_rows = make_rows(train, cfg.max_length, packed)
+    eval_rows = make_rows(evals, cfg.max_length, packed)
     stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
     stats.supervised_tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in train_rows)
-    stats.nonpad_fraction = nonpad_fraction(train_rows, config["max_length"]) if packed else 1.0
+    stats.nonpad_fraction = nonpad_fraction(train_rows, cfg.max_length) if packed else 1.0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return PreparedData(train_rows, eval_rows, stats, packed, pad_id)
+
+
+def split_eval(records, lines, fmt, cfg):
+    """(train records, eval records or None): the eval_dataset file, else a seeded eval_fraction of the records."""
+    if cfg.eval_dataset:
+        eval_records, eval_lines, eval_source = load_records(cfg.eval_dataset)
+        check_fields(eval_records, eval_lines, fmt, eval_source)
+        return records, eval_records
+    if cfg.eval_fraction <= 0:
+        return records, None
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, int(len(records) * cfg.eval_fraction))
+    return [records[i] for i in sorted(order[n_eval:])], [records[i] for i in sorted(order[:n_eval])]
 
 
 def tokenize_records(records, fmt, tokenizer, max_length, stats):
@@ -344,24 +245,37 @@ def tokenize_records(records, fmt, tokenizer, max_length, stats):
     return truncate(examples, max_length, stats)
 
 
+def require_one_step(rows, world, micro_batch_size, accumulation, source):
+    """DataError unless there are enough rows for one optimizer step on every rank."""
+    needed = world * micro_batch_size * accumulation
+    if rows < needed:
+        raise DataError(f"{source}: {rows} training rows, fewer than one optimizer step needs ({world} processes x "
+                        f"micro_batch_size {micro_batch_size} x gradient_accumulation_steps {accumulation} = "
+                        f"{needed}); lower those or add data")
+
+
+def steps_per_epoch(rows, world, micro_batch_size, accumulation):
+    """Optimizer steps in one pass over `rows` (each rank gets rows // world of them; the remainder is not used)."""
+    return rows // world // (micro_batch_size * accumulation)
+
+
 class RowSampler:
     """Deterministic per-epoch shuffling and sharding of rows: the batch of (epoch, step) is a pure function of
     the seed, so resume only needs the step counter."""
 
-    def __init__(self, rows, rank, world_size, micro_batch_size, grad_accum, seed, pad_id, packed):
+    def __init__(self, rows, rank, world_size, micro_batch_size, grad_accum, seed):
         self.rows, self.rank, self.world = rows, rank, world_size
         self.micro, self.accum, self.seed = micro_batch_size, grad_accum, seed
-        self.pad_id, self.packed = pad_id, packed
         self.rows_per_rank = len(rows) // world_size
-        self.steps_per_epoch = self.rows_per_rank // (micro_batch_size * grad_accum)
+        self.steps_per_epoch = steps_per_epoch(len(rows), world_size, micro_batch_size, grad_accum)
 
     def micro_batches(self, epoch, step_in_epoch):
-        """(micro-batches as tensors, count of real tokens in them) for this rank's share of one optimizer step."""
+        """(this rank's micro-batches of one optimizer step as lists of rows, count of real tokens in them)."""
         order = list(range(len(self.rows)))
         random.Random(self.seed * 100003 + epoch).shuffle(order)
         mine = order[self.rank::self.world][: self.rows_per_rank]
         per_step = self.micro * self.accum
         start = step_in_epoch * per_step
         chunk = [self.rows[i] for i in mine[start: start + per_step]]
-        batches = [collate(chunk[i: i + self.micro], self.pad_id, self.packed) for i in range(0, per_step, self.micro)]
-        return batches, sum(len(r["input_ids"]) for r in chunk)
+        groups = [chunk[i: i + self.micro] for i in range(0, per_step, self.micro)]
+        return groups, sum(len(r["input_ids"]) for r in chunk)

@@ -8,11 +8,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.adapters import (AdapterError, load_adapters, load_model, qlora_note, read_training_info,
-                            uses_dequantized_base)
-from train.data import (DataError, DataStats, check_fields, collate, detect_format, load_records, make_rows,
-                        supervised_tokens, tokenize_records)
-from train.generation import case_from_record, generate_for_case
+from train.after.generation import case_from_record, generate_for_case
+from train.after.loading import (AdapterError, load_adapters, load_full_model, qlora_note, read_training_info,
+                                 uses_dequantized_base)
+from train.data.records import DataError, check_fields, detect_format, load_records
+from train.data.text import DataStats, collate, make_rows, supervised_tokens, tokenize_records
 
 DEFAULT_MAX_LENGTH = 1024
 
@@ -124,7 +124,7 @@ def evaluate_all(options, log=print):
     report = evaluate_adapters(options, data, log) if options.adapters else None
     for reference in options.models:
         log(f"loading model {reference}")
-        loaded = load_model(reference, options.dtype, trust_remote_code=options.trust_remote_code)
+        loaded = load_full_model(reference, options.dtype, trust_remote_code=options.trust_remote_code)
         report = report or new_report(options, data, loaded.info)
         rows = eval_rows(data, loaded.tokenizer, report.max_length)
         measure(Path(str(reference)).name or str(reference), str(reference), loaded.model, loaded.tokenizer, rows,

@@ -8,7 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.tiny import resolve_model_path
+from train.dtypes import precision_of, torch_dtype
+from train.models.tiny import resolve_model_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -192,7 +193,7 @@ def torch_dtype_for(name, device):
 
     if name == "auto":
         return torch.float32 if device.type == "cpu" else "auto"
-    return getattr(torch, name)
+    return torch_dtype(name)
 
 
 def load_tokenizer_from(path, trust_remote_code=False):
@@ -224,7 +225,7 @@ def checkpoint_dtype(path, trust_remote_code=False):
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
     return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
@@ -242,17 +243,14 @@ def load_dequantized_base(path, dtype, device, trust_remote_code=False):
     """The base as a QLoRA run trained against it: loaded on the CPU with the trainer's BitsAndBytesConfig
     (train/model.py: NF4, double quant) in `dtype` ('auto': the checkpoint's own), then de-quantized by transformers
     to plain Linear layers, so every weight is dequantize(quantize_nf4(W)) in that dtype."""
-    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from train.model import quantization_config
+    from train.models.causal_lm import quantization_config
 
     require_bitsandbytes()
     dtype = checkpoint_dtype(path, trust_remote_code) if dtype == "auto" else dtype
-    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    bnb_config = quantization_config({"bnb_4bit_quant_storage": "auto", "zero_stage": 2, "precision": precision},
-                                     precision)
+    bnb_config = quantization_config(precision_of(dtype), "uint8")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, quantization_config=bnb_config,
                                                  device_map={"": "cpu"}, trust_remote_code=trust_remote_code)
     verbosity = hf_logging.get_verbosity()
@@ -286,7 +284,7 @@ def load_base_for(adapter_dirs, path, dtype, device, trust_remote_code=False, ql
     return load_causal_lm(path, dtype, device, trust_remote_code)
 
 
-def load_model(reference, dtype="auto", device=None, trust_remote_code=False, name=None):
+def load_full_model(reference, dtype="auto", device=None, trust_remote_code=False, name=None):
     """A base, full or merged model (a `builtin:` name, hub id or directory) and its tokenizer."""
     if is_adapter_dir(reference):
         raise AdapterError(f"{reference} is a LoRA adapter, not a model; pass it with --adapter")
@@ -388,187 +386,3 @@ def adapter_labels(adapter_dirs):
         return short
     long = [f"{p.parent.name}/{p.name}" for p in paths]
     return long if len(set(long)) == len(long) else [str(p) for p in paths]
-
-
-# ---------------------------------------------------------------- merging
-
-MERGE_TOLERANCE = {"float32": (1e-4, 1e-5), "16-bit": (1e-2, 1e-2)}  # (absolute, relative to the largest logit)
-SAMPLE_TEXT = ("Sort the numbers from smallest to largest.", "92 99 36 86 87", "36 86 87 92 99")
-
-
-@dataclass
-class MergeResult:
-    out_dir: Path
-    base_reference: str
-    dtype: str
-    files: list
-    max_abs_diff: float
-    tolerance: float
-
-
-def check_merge_target(out_dir, adapter_dir, base_path, overwrite):
-    """Refuse to write over anything but an earlier merge (or an empty directory), and never over the inputs."""
-    out = Path(out_dir).resolve()
-    for name, protected in (("adapter", adapter_dir), ("base model", base_path)):
-        protected = Path(protected).resolve()
-        if protected.exists() and (out == protected or out in protected.parents):
-            raise AdapterError(f"--out {out_dir} would overwrite the {name} at {protected}; choose another --out")
-    if not out.exists():
-        return
-    if not overwrite:
-        raise AdapterError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another --out")
-    if any(out.iterdir()) and not (out / "config.json").is_file():
-        raise AdapterError(f"{out_dir} exists and is not a model directory (no config.json); refusing to delete it "
-                           f"even with --overwrite. Choose another --out")
-
-
-def merge_dtype(name):
-    """'auto': the base checkpoint's own dtype, so the merged model is stored like the base."""
-    import torch
-
-    return "auto" if name == "auto" else getattr(torch, name)
-
-
-def verification_samples(tokenizer, vocab_size):
-    """A templated instruction example (the kind of text the adapter was trained on) and random token ids."""
-    import torch
-
-    from train.prompts import render_instruction_prompt
-
-    instruction, context, response = SAMPLE_TEXT
-    text = render_instruction_prompt(instruction, context) + response
-    real = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    generator = torch.Generator().manual_seed(0)
-    random_ids = torch.randint(0, vocab_size, (1, 48), generator=generator)
-    return [real, random_ids]
-
-
-def sample_logits(model, samples):
-    import torch
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in samples]
-
-
-def logits_difference(reference, merged, dtype):
-    """(max |difference| over all samples, tolerance for the dtype)."""
-    diff = max(float((a - b).abs().max()) for a, b in zip(reference, merged))
-    scale = max(float(a.abs().max()) for a in reference)
-    absolute, relative = MERGE_TOLERANCE["float32" if str(dtype) == "torch.float32" else "16-bit"]
-    return diff, absolute + relative * scale
-
-
-def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size="5GB", overwrite=False,
-                  device="cpu", trust_remote_code=False, log=print, qlora_base="dequantized"):
-    """Merge a LoRA/QLoRA adapter into its base (a QLoRA adapter into the de-quantized base it was trained against,
-    or with qlora_base 'original' into the stored full-precision one), save sharded safetensors + tokenizer to
-    `out_dir`, then reload what was saved and check its logits against base + adapter. `out_dir` appears only if
-    the check passes."""
-    import shutil
-
-    from train.fsutil import fresh_tmp_dir
-
-    adapter_dir, out_dir = check_adapter_dir(adapter_dir), Path(out_dir)
-    reference, base_path = resolve_base(adapter_dir, base)
-    check_merge_target(out_dir, adapter_dir, base_path, overwrite)
-    prepare_adapters([adapter_dir], base, trust_remote_code)
-    dequantized = uses_dequantized_base([adapter_dir], qlora_base)
-    if dequantized:
-        require_bitsandbytes()
-        log("QLoRA adapter: merging into the de-quantized base: the base loaded in 4-bit NF4 (double quant) as in "
-            "training, then de-quantized, i.e. the weights the adapter was trained against "
-            "(--qlora-base original: the full-precision base)")
-    elif is_qlora(adapter_dir):
-        log("QLoRA adapter: merging into the original full-precision base (--qlora-base original), not the "
-            "de-quantized 4-bit weights the adapter was trained against; the merged model differs slightly from "
-            "the model as trained")
-    device = pick_device(device)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_tmp_dir(out_dir)
-    try:
-        samples, expected, saved_dtype = save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device,
-                                                     trust_remote_code, qlora_base)
-        log(f"merged {adapter_dir} into {reference} ({dtype_name(saved_dtype)}); checking the saved model")
-        reloaded = load_causal_lm(tmp, saved_dtype, device, trust_remote_code)
-        diff, tolerance = logits_difference(expected, sample_logits(reloaded, samples), saved_dtype)
-        del reloaded
-        if diff > tolerance:
-            raise AdapterError(f"the merged model's logits differ from base + adapter by up to {diff:.3g} (tolerance "
-                               f"{tolerance:.3g}); nothing was written to {out_dir}. Merge in float32 (--dtype "
-                               f"float32) or check that --base is the model the adapter was trained on")
-        publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff,
-                       qlora_base if is_qlora(adapter_dir) else None)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    files = sorted(p.name for p in out_dir.glob("*.safetensors"))
-    return MergeResult(out_dir, reference, dtype_name(saved_dtype), files, diff, tolerance)
-
-
-def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trust_remote_code,
-                qlora_base="dequantized"):
-    """Load base (de-quantized for a QLoRA adapter, see load_base_for) + adapter, record logits on the samples,
-    merge, save model and tokenizer into `tmp`. Returns (samples, logits before merging, dtype saved). Frees the
-    model before returning, so that the check which reloads the saved copy never holds two models."""
-    from peft import PeftModel
-
-    model = load_base_for([adapter_dir], base_path, merge_dtype(dtype), device, trust_remote_code, qlora_base)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
-    tokenizer = load_tokenizer_from(adapter_dir if has_tokenizer(adapter_dir) else base_path, trust_remote_code)
-    samples = verification_samples(tokenizer, model.get_input_embeddings().weight.shape[0])
-    expected = sample_logits(model, samples)
-    merged = model.merge_and_unload()
-    saved_dtype = next(merged.parameters()).dtype
-    merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(tmp)
-    return samples, expected, saved_dtype
-
-
-def publish_merged(tmp, out_dir, adapter_dir, reference, saved_dtype, diff, qlora_base=None):
-    """Record where the model came from (training_info.json keeps the run's dataset format for the tools; for a
-    QLoRA adapter, which base it went into), then move it into place."""
-    from train.fsutil import apply_umask, atomic_write_json, replace_dir
-
-    merged = {"adapter": str(Path(adapter_dir).resolve()), "base_model": reference, "dtype": dtype_name(saved_dtype),
-              "max_abs_logit_diff": diff}
-    if qlora_base:
-        merged["qlora_base"] = qlora_base
-    info = {**read_training_info(adapter_dir), "merged": merged}
-    atomic_write_json(Path(tmp) / TRAINING_INFO, info)
-    apply_umask(tmp)
-    replace_dir(tmp, out_dir)
-
-
-def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
-
-
-# ---------------------------------------------------------------- command-line glue for tools/
-
-def run_tool(main):
-    """Run a tool's main(); errors a user can fix print one ASCII line `error: ...` and exit 2."""
-    import sys
-
-    from train.console import ascii_safe, make_console_safe
-
-    make_console_safe()
-    try:
-        code = main()
-    except Exception as error:  # noqa: BLE001 -- only user errors are turned into a one-line message
-        if not isinstance(error, user_error_types()):
-            raise
-        print(ascii_safe(f"error: {error}"), file=sys.stderr, flush=True)
-        code = 2
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code or 0)
-
-
-def user_error_types():
-    """AdapterError, FileNotFoundError and, once train.data is loaded, DataError. Looked up lazily so that a tool
-    can fail on a wrong path without importing torch first."""
-    import sys
-
-    data = sys.modules.get("train.data")
-    return (AdapterError, FileNotFoundError) + ((data.DataError,) if data else ())

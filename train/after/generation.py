@@ -5,7 +5,8 @@ supervised label are what the model is given: the template, BOS and token bounda
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.data import IGNORE_INDEX, DataError, read_jsonl, tokenize_chat, tokenize_instructions
+from train.data.records import DataError, read_jsonl
+from train.data.text import IGNORE_INDEX, tokenize_chat, tokenize_instructions
 
 PROMPT_FORMATS = ("auto", "dolly", "alpaca", "chat", "text")
 DEFAULT_FORMAT = "dolly"  # the instruction template of train.prompts, for a base model with no training_info.json

@@ -1,0 +1,6 @@
+"""Everything that runs before the ranks: the launcher (cli), the commands that start the ranks, the checks and the
+pre-flight estimate, signal forwarding, and Slurm submission (slurm)."""
+
+
+class LaunchError(ValueError):
+    """A launcher option or machine layout problem a user can fix."""

@@ -1,0 +1,136 @@
+"""The launcher behind launch/train_*.sh. Before any training process starts it resolves the run config once (YAML,
+overrides, schema, DeepSpeed file, derived choices), checks the model, the dataset and the checkpoint to resume, and
+runs the pre-flight estimate; any problem is one message and exit 2 (4 for a run that will not fit). Then it starts
+the ranks with torchrun (or accelerate / DeepSpeed's runner), each reading the resolved config, and exits with the
+trainer's own code. SIGTERM or SIGUSR1 sent to it reach the training ranks (see train.launch.signals).
+
+usage: python -m train.launch [--mode lora|qlora|full] [CONFIG.yaml] [launcher options] [--key value ...]
+launcher options:
+  --launcher torchrun|accelerate|deepspeed   how processes are started (default torchrun)
+  --nproc-per-node N     processes per node (default: GPU count; 2 on a CPU machine)
+  --nnodes N --node-rank R --master-addr HOST --master-port P   multi-node (Slurm sets these for you)
+  --rdzv-endpoint HOST:PORT --rdzv-id ID                         torchrun c10d rendezvous (multi-node)
+  --force                launch even when the pre-flight estimate says the run will not fit
+  --no-preflight         skip the estimate
+  --dry-run              check everything, print the command and exit
+Anything else is a run-config override (--lora_r 8, --zero 3, --offload, --max_steps 100, ...).
+"""
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from train import exit_codes
+from train.console import ascii_safe, make_console_safe
+from train.launch import LaunchError
+
+LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
+MODES = ("lora", "qlora", "full")
+VALUE_OPTIONS = ("--mode", "--launcher", "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
+                 "--master-port", "--rdzv-endpoint", "--rdzv-id")
+FLAG_OPTIONS = ("--force", "--no-preflight", "--dry-run")
+
+
+def parse_launch_args(argv):
+    """(launcher options, config path, run-config overrides)."""
+    from train.config import split_command_line
+    from train.resources import resource
+
+    config_path, options, overrides = split_command_line(argv, VALUE_OPTIONS, FLAG_OPTIONS)
+    options.setdefault("--launcher", "torchrun")
+    if options["--launcher"] not in LAUNCHERS:
+        raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got '{options['--launcher']}'")
+    mode = options.get("--mode")
+    if mode is not None and mode not in MODES:
+        raise LaunchError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+    if config_path is None:
+        if mode is None:
+            raise LaunchError("give a run config (CONFIG.yaml) or --mode lora|qlora|full for the embedded default")
+        config_path = str(resource(f"configs/tiny_{mode}.yaml"))
+    return options, config_path, overrides
+
+
+def resolve_for_launch(options, config_path, overrides):
+    """The RunConfig of this launch (resolved once here; every rank reads it)."""
+    from train.config import resolve_run_config
+
+    procs = int(options["--nproc-per-node"]) if "--nproc-per-node" in options else None
+    cfg = resolve_run_config(config_path, overrides, procs_per_node=procs, nnodes=int(options.get("--nnodes", "1")))
+    if options.get("--mode") and cfg.mode != options["--mode"]:
+        raise LaunchError(f"{config_path} has mode: {cfg.mode}, but this is the {options['--mode']} launcher; use "
+                          f"launch/train_{cfg.mode}.sh or change mode")
+    return cfg
+
+
+def main(argv=None):
+    make_console_safe()
+    from train.config import ConfigError
+    from train.data.records import DataError
+    from train.launch.signals import ignore_stop_signals, in_slurm_step
+    from train.resources import MissingResource
+
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return exit_codes.OK
+    if in_slurm_step():
+        ignore_stop_signals()  # from the start: a USR1 during the checks must not kill this task of the step
+    try:
+        options, config_path, overrides = parse_launch_args(argv)
+        cfg = resolve_for_launch(options, config_path, overrides)
+        report_decisions(cfg)
+        from train.launch.prechecks import check_before_launch
+
+        check_before_launch(cfg)
+        refused = run_preflight(cfg, options)
+    except (LaunchError, ConfigError, DataError, MissingResource) as error:
+        print(ascii_safe(f"error: {error}"), file=sys.stderr)
+        return exit_codes.USER_ERROR
+    if refused:
+        return refused
+    try:
+        return start_ranks(cfg, options)
+    except LaunchError as error:
+        print(ascii_safe(f"error: {error}"), file=sys.stderr)
+        return exit_codes.USER_ERROR
+
+
+def report_decisions(cfg):
+    from train.console import say, warn
+
+    for note in cfg.decisions.get("deepspeed", [])[1:]:
+        (warn if note.startswith("WARNING") else say)(f"deepspeed: {note.removeprefix('WARNING: ')}")
+    say(f"run config: {cfg.recipe}, {cfg.mode}, ZeRO-{cfg.zero_stage}{' + offload' if cfg.offload else ''}, "
+        f"{cfg.precision}, {cfg.world_size} process(es); gradient checkpointing "
+        f"{cfg.decisions['gradient_checkpointing']}")
+
+
+def run_preflight(cfg, options):
+    """The exit code that refuses the run, or None to go on."""
+    if options.get("--no-preflight"):
+        return None
+    from train.launch.preflight import preflight
+
+    verdict = preflight(cfg)
+    if verdict is not None and not verdict.fits and not options.get("--force"):
+        print(ascii_safe(f"error: {verdict.refusal}"), file=sys.stderr)
+        return exit_codes.WONT_FIT
+    return None
+
+
+def start_ranks(cfg, options):
+    from train.launch.commands import build_command, launch_env
+    from train.launch.signals import run_and_report
+
+    with tempfile.TemporaryDirectory(prefix="ftl-launch-") as scratch:
+        resolved = Path(scratch) / "run_config.json"
+        resolved.write_text(cfg.to_json())
+        cmd = build_command(options, cfg, resolved)
+        print(ascii_safe("+ " + " ".join(shlex.quote(c) for c in cmd)), flush=True)
+        if options.get("--dry-run"):
+            return exit_codes.OK
+        return run_and_report(cmd, launch_env(cfg.procs_per_node), Path(scratch) / "exit_code")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

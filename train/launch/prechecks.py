@@ -1,0 +1,41 @@
+"""What the launcher checks before any rank starts, so a mistake is one message and exit 2 instead of a traceback per
+rank: the dataset as the ranks will read it (records, fields, labels left after truncation, enough rows for one
+step) and the checkpoint an automatic resume would continue."""
+from train.checkpoint import latest_checkpoint, resume_problem
+from train.config import ConfigError
+from train.schedule import total_steps
+
+
+def check_before_launch(cfg):
+    rows = check_dataset(cfg)
+    check_resume(cfg, rows)
+
+
+def check_dataset(cfg):
+    """Prepare the data exactly as the ranks will (same tokenizer, same functions), require one step's rows; returns
+    the number of training rows."""
+    from train.data.text import prepare_data, require_one_step
+    from train.models.causal_lm import load_tokenizer
+
+    data = prepare_data(cfg, load_tokenizer(cfg))
+    require_one_step(len(data.train_rows), cfg.world_size, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                     cfg.dataset)
+    return len(data.train_rows)
+
+
+def check_resume(cfg, rows):
+    """A checkpoint that `resume: auto` would continue must have been trained with this run's settings."""
+    from train.data.text import steps_per_epoch
+
+    checkpoint = latest_checkpoint(cfg.run_dir / "checkpoints")
+    if checkpoint is None:
+        if cfg.resume == "always":
+            raise ConfigError(f"resume: always, but there is no checkpoint in {cfg.run_dir / 'checkpoints'}; run "
+                              f"without --resume to start fresh")
+        return
+    if cfg.resume != "auto":
+        return
+    per_epoch = steps_per_epoch(rows, cfg.world_size, cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    problem = resume_problem(cfg, checkpoint, total_steps(cfg, per_epoch))
+    if problem:
+        raise ConfigError(problem)

@@ -1,0 +1,76 @@
+"""The language-model task the shared loop trains (causal LMs; vision-language rows carry image tensors too): the
+token-normalised loss of the model's own forward, an eval loss over the whole eval split, adapters or full weights
+saved to best/ and final/ with the tokenizer (or processor) beside them."""
+import math
+
+import torch
+
+from train.checkpoint import save_weights
+from train.data.text import IGNORE_INDEX, supervised_tokens
+from train.distributed import all_reduce_sum
+from train.loop import StepBatches
+
+
+class LanguageModelTask:
+    unit = "token"
+    throughput = "tokens"
+
+    def __init__(self, cfg, ctx, model, saver, sampler, eval_rows, collate, stats):
+        """`sampler`: .steps_per_epoch and .micro_batches(epoch, step) -> (rows of this rank's micro-batches, real
+        tokens); `collate(rows)` -> a batch dict; `saver`: the tokenizer or processor saved beside the weights."""
+        self.c, self.ctx, self.model, self.saver = cfg, ctx, model, saver
+        self.sampler, self.eval_rows, self.collate, self.stats = sampler, eval_rows, collate, stats
+
+    @property
+    def steps_per_epoch(self):
+        return self.sampler.steps_per_epoch
+
+    def micro_batches(self, epoch, step_in_epoch):
+        groups, real_tokens = self.sampler.micro_batches(epoch, step_in_epoch)
+        batches = [self.to_device(self.collate(rows)) for rows in groups]
+        return StepBatches(batches, real_tokens, sum(int(b["input_ids"].numel()) for b in batches))
+
+    def loss_units(self, batch):
+        return supervised_tokens(batch)
+
+    def loss(self, engine, batch, normaliser):
+        return engine(**batch, num_items_in_batch=normaliser, use_cache=False).loss
+
+    def to_device(self, batch):
+        if self.ctx.device.type != "cuda":
+            return batch
+        return {k: v.pin_memory().to(self.ctx.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def evaluate(self, engine):
+        """Token-weighted eval loss over the whole eval split; every rank runs the same number of forwards (ZeRO-3
+        gathers are collective), padding its share with fully masked copies of a row."""
+        rows = self.eval_rows
+        if not rows:
+            return None
+        micro = self.c.micro_batch_size
+        mine = rows[self.ctx.rank::self.ctx.world]
+        n_batches = math.ceil(math.ceil(len(rows) / self.ctx.world) / micro)
+        engine.eval()
+        loss_sum = tokens = 0.0
+        with torch.no_grad():
+            for i in range(n_batches):
+                chunk = mine[i * micro:(i + 1) * micro] or [masked_copy(rows[0])]
+                batch = self.to_device(self.collate(chunk))
+                n = supervised_tokens(batch)
+                loss = engine(**batch, num_items_in_batch=1.0, use_cache=False).loss
+                loss_sum += float(loss) if n else 0.0
+                tokens += n
+        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.ctx.device)
+        return loss_sum / max(tokens, 1.0)
+
+    def after_eval(self, engine, step):
+        return {}
+
+    def save_weights(self, engine, out_dir, info):
+        save_weights(engine, self.model, self.saver, out_dir, self.c.mode, self.ctx.rank, info)
+
+
+def masked_copy(row):
+    """`row` with no supervised token: keeps collectives in step on a rank whose eval share ran out."""
+    return {**row, "labels": [IGNORE_INDEX] * len(row["labels"])}
