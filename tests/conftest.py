@@ -11,9 +11,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def machine(name="cpu"):
+    """The machine a config is resolved for: this CPU, or a GPU type from the estimator's table (as a pre-flight
+    for that GPU resolves it)."""
+    from train.config.machine import Machine, named
+
+    return Machine("cpu") if name == "cpu" else named(name)
+
+
+def resolve(path=None, overrides=None, on="cpu", procs=2, nnodes=1, **kwargs):
+    """The RunConfig a launch of `path` + `overrides` resolves to, for 2 processes on this CPU (or `on` a GPU)."""
+    from train.config import resolve_run_config
+
+    return resolve_run_config(path, overrides, procs_per_node=procs, nnodes=nnodes, machine=machine(on), **kwargs)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path():
-    from train.tiny import resolve_model_path
+    from train.models.tiny import resolve_model_path
 
     return resolve_model_path("builtin:tiny-llama")
 

@@ -1,8 +1,13 @@
+"""The run config: YAML + command line + schema, errors that name the file, key and fix, the derived choices, and
+the frozen RunConfig every rank reads."""
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, load_config, parse_overrides
+from tests.conftest import resolve
+from train.config import ConfigError, RunConfig, parse_overrides, split_command_line
+from train.config.sources import schema
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = "mode: lora\nmodel: builtin:tiny-llama\ndataset: data/tiny_instruct.jsonl\n"
@@ -17,26 +22,24 @@ def write(tmp_path, text, name="run.yaml"):
 def test_unknown_key_is_an_error_naming_file_key_and_fix(tmp_path):
     path = write(tmp_path, MINIMAL + "lora_rank: 8\n")
     with pytest.raises(ConfigError) as error:
-        load_config(path)
+        resolve(path)
     message = str(error.value)
     assert str(path) in message and "unknown key 'lora_rank'" in message and "did you mean 'lora_r'" in message
 
 
 def test_wrong_type_names_the_key_and_value(tmp_path):
-    path = write(tmp_path, MINIMAL + "micro_batch_size: four\n")
     with pytest.raises(ConfigError, match=r"key 'micro_batch_size'.*'four'"):
-        load_config(path)
+        resolve(write(tmp_path, MINIMAL + "micro_batch_size: four\n"))
 
 
 def test_missing_required_key(tmp_path):
     with pytest.raises(ConfigError, match="'dataset' is a required property"):
-        load_config(write(tmp_path, "mode: lora\nmodel: x\n"))
+        resolve(write(tmp_path, "mode: lora\nmodel: x\n"))
 
 
 def test_bad_yaml_names_the_file(tmp_path):
-    path = write(tmp_path, "mode: [lora\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(path)
+        resolve(write(tmp_path, "mode: [lora\n"))
 
 
 def test_overrides_are_typed_and_aliased():
@@ -46,24 +49,80 @@ def test_overrides_are_typed_and_aliased():
                          "lora_target_modules": ["q_proj", "v_proj"], "max_steps": 5, "resume": True}
 
 
+def test_one_parser_splits_config_launcher_options_and_overrides():
+    path, options, overrides = split_command_line(
+        ["configs/x.yaml", "--launcher", "accelerate", "--dry-run", "--zero=3", "--lora_r", "4"],
+        value_options=("--launcher",), flag_options=("--dry-run",))
+    assert path == "configs/x.yaml" and options == {"--launcher": "accelerate", "--dry-run": True}
+    assert overrides == {"zero_stage": 3, "lora_r": 4}
+    assert split_command_line(["--config", "a.yaml", "--seed", "1"])[0::2] == ("a.yaml", {"seed": 1})
+
+
 def test_overrides_apply_over_the_file_and_are_validated(tmp_path):
     path = write(tmp_path, MINIMAL)
-    config = load_config(path, parse_overrides(["--learning_rate", "1e-4", "--resume"]))
-    assert config["learning_rate"] == pytest.approx(1e-4) and config["resume"] == "always"
+    cfg = resolve(path, parse_overrides(["--learning_rate", "1e-4", "--resume"]))
+    assert cfg.learning_rate == pytest.approx(1e-4) and cfg.resume == "always"
+    assert cfg.sources["learning_rate"] == "command line" and cfg.sources["mode"] == "yaml"
     with pytest.raises(ConfigError, match="command-line overrides"):
-        load_config(path, {"zero_stage": 4})
+        resolve(path, {"zero_stage": 4})
 
 
-def test_qlora_zero3_with_uint8_storage_is_refused_with_the_fix(tmp_path):
-    path = write(tmp_path, MINIMAL.replace("lora", "qlora", 1) + "zero_stage: 3\nbnb_4bit_quant_storage: uint8\n")
-    with pytest.raises(ConfigError, match="bnb_4bit_quant_storage"):
-        load_config(path)
+def test_the_resolved_config_is_frozen_and_round_trips(tmp_path):
+    cfg = resolve(write(tmp_path, MINIMAL), {"lora_target_modules": ["q_proj", "v_proj"]})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.zero_stage = 3
+    with pytest.raises(TypeError):
+        cfg.deepspeed["zero_optimization"]["stage"] = 3  # nested values are read-only too
+    assert cfg.lora_target_modules == ("q_proj", "v_proj")
+    copy = RunConfig.from_dict(cfg.as_dict())
+    assert copy == cfg and copy.deepspeed_dict() == cfg.deepspeed_dict()
+    assert cfg.deepspeed_dict() is not cfg.deepspeed_dict()  # deepspeed.initialize gets a mutable copy
+
+
+def test_every_schema_key_is_a_config_field():
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert set(schema()["properties"]) <= fields
+
+
+def test_derived_choices_are_resolved_and_explained(tmp_path):
+    cfg = resolve(write(tmp_path, MINIMAL))
+    assert (cfg.precision, cfg.liger_kernel, cfg.recipe) == ("fp32", False, "causal_lm")
+    assert isinstance(cfg.gradient_checkpointing, bool)
+    assert "CPU" in cfg.decisions["precision"] and "CUDA GPU" in cfg.decisions["liger_kernel"]
+    assert cfg.world_size == 2 and cfg.deepspeed["train_batch_size"] == 2 * cfg.micro_batch_size * \
+        cfg.gradient_accumulation_steps
+
+
+@pytest.mark.parametrize("gpu,precision", [("H100-80GB", "bf16"), ("V100-32GB", "fp16"), ("cpu", "fp32")])
+def test_precision_auto_follows_the_machine(tmp_path, gpu, precision):
+    cfg = resolve(write(tmp_path, MINIMAL), on=gpu)
+    assert cfg.precision == precision
+    assert cfg.deepspeed["bf16"]["enabled"] is (precision == "bf16")
+    assert cfg.deepspeed["fp16"]["enabled"] is (precision == "fp16")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"precision": "fp16"}, "fp16 needs a GPU"),
+    ({"liger_kernel": True}, "liger_kernel': true, but Liger's kernels are Triton kernels and need a CUDA GPU"),
+    ({"model": "builtin:typo"}, "unknown builtin model 'typo'; known: builtin:small-llama, builtin:tiny-llama"),
+    ({"model": "random:unknown"}, "unknown architecture 'unknown' for random:; known: random:"),
+    ({"model": "/nonexistent/model"}, "does not exist"),
+])
+def test_impossible_choices_are_config_errors_naming_the_key(tmp_path, override, needle):
+    with pytest.raises(ConfigError) as error:
+        resolve(write(tmp_path, MINIMAL), override)
+    assert needle in str(error.value)
+
+
+def test_a_bf16_run_on_a_gpu_without_bf16_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="V100-32GB has no bf16 support"):
+        resolve(write(tmp_path, MINIMAL + "precision: bf16\n"), on="V100-32GB")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_validates(path):
-    config = load_config(path)
-    assert config["mode"] in ("full", "lora", "qlora")
+def test_every_shipped_config_resolves_and_names_its_command(path):
+    cfg = resolve(path, on="H100-80GB", procs=8, require_model=False)
+    assert cfg.mode in ("full", "lora", "qlora") and cfg.deepspeed["zero_optimization"]["stage"] == cfg.zero_stage
     header = path.read_text().splitlines()[:12]
     assert any("bash launch/" in line or "sbatch" in line for line in header), \
         f"{path.name}: the header comment must give the exact command that runs it"
@@ -72,58 +131,45 @@ def test_every_shipped_config_validates(path):
 QLORA_ZERO3 = MINIMAL.replace("lora", "qlora", 1) + "zero_stage: 3\n"
 
 
-@pytest.mark.parametrize("precision,storage", [("bf16", "float16"), ("fp16", "bfloat16"), ("fp32", "bfloat16"),
-                                               ("bf16", "float32")])
-def test_qlora_zero3_storage_must_equal_the_explicit_precisions_dtype(tmp_path, precision, storage):
+@pytest.mark.parametrize("precision,storage", [("bf16", "float16"), ("fp16", "bfloat16"), ("bf16", "float32")])
+def test_qlora_zero3_storage_must_equal_the_compute_dtype(tmp_path, precision, storage):
     path = write(tmp_path, QLORA_ZERO3 + f"precision: {precision}\nbnb_4bit_quant_storage: {storage}\n")
     with pytest.raises(ConfigError) as error:
-        load_config(path)
+        resolve(path, on="H100-80GB")
     message = str(error.value)
     wanted = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
     assert f"bnb_4bit_quant_storage '{storage}'" in message and f"precision {precision} computes in {wanted}" in message
     assert "bnb_4bit_quant_storage: auto" in message
 
 
-@pytest.mark.parametrize("precision,storage", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"),
-                                               ("auto", "auto"), ("bf16", "auto"), ("auto", "float16")])
-def test_qlora_zero3_storage_matching_or_auto_is_accepted(tmp_path, precision, storage):
-    config = load_config(write(tmp_path, QLORA_ZERO3 + f"precision: {precision}\nbnb_4bit_quant_storage: {storage}\n"))
-    assert config["bnb_4bit_quant_storage"] == storage
+@pytest.mark.parametrize("on,stage,storage,expected", [
+    ("H100-80GB", 3, "auto", "bfloat16"), ("V100-32GB", 3, "auto", "float16"), ("cpu", 3, "auto", "float32"),
+    ("H100-80GB", 2, "auto", "uint8"), ("V100-32GB", 3, "float16", "float16")])
+def test_qlora_storage_auto_follows_the_resolved_precision(tmp_path, on, stage, storage, expected):
+    text = MINIMAL.replace("lora", "qlora", 1) + f"zero_stage: {stage}\nbnb_4bit_quant_storage: {storage}\n"
+    assert resolve(write(tmp_path, text), on=on).bnb_4bit_quant_storage == expected
 
 
-def test_qlora_zero3_storage_is_checked_against_the_resolved_precision_at_load(tmp_path):
-    """precision auto is resolved at run time: the model side refuses a storage dtype that does not match it."""
-    import torch
-
-    from train.model import quantization_config
-
-    config = load_config(write(tmp_path, QLORA_ZERO3 + "bnb_4bit_quant_storage: float16\n"))  # precision auto
-    with pytest.raises(ConfigError) as error:
-        quantization_config(config, "bf16")
-    message = str(error.value)
-    assert "bnb_4bit_quant_storage 'float16'" in message and "precision bf16" in message
-    assert "bfloat16" in message and "bnb_4bit_quant_storage: auto" in message
-    assert quantization_config(config, "fp16").bnb_4bit_quant_storage == torch.float16
-    auto = load_config(write(tmp_path, QLORA_ZERO3, name="auto.yaml"))
-    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-        assert quantization_config(auto, precision).bnb_4bit_quant_storage == dtype
-    zero2 = load_config(write(tmp_path, MINIMAL.replace("lora", "qlora", 1), name="z2.yaml"))
-    assert quantization_config(zero2, "bf16").bnb_4bit_quant_storage == torch.uint8
+def test_auto_precision_is_checked_against_explicit_storage(tmp_path):
+    """float16 storage with precision auto: fine on a V100 (fp16), refused on an H100 (bf16)."""
+    path = write(tmp_path, QLORA_ZERO3 + "bnb_4bit_quant_storage: float16\n")
+    assert resolve(path, on="V100-32GB").precision == "fp16"
+    with pytest.raises(ConfigError, match="precision bf16 computes in bfloat16"):
+        resolve(path, on="H100-80GB")
 
 
-@pytest.mark.parametrize("text,expected", [("wandb", ["tensorboard", "wandb"]), ("tensorboard", ["tensorboard"]),
-                                           ("none", []), ("[]", []), ("tensorboard,wandb", ["tensorboard", "wandb"]),
-                                           ("[wandb]", ["tensorboard", "wandb"])])
+@pytest.mark.parametrize("text,expected", [("wandb", ("tensorboard", "wandb")), ("tensorboard", ("tensorboard",)),
+                                           ("none", ()), ("[]", ()), ("tensorboard,wandb", ("tensorboard", "wandb")),
+                                           ("[wandb]", ("tensorboard", "wandb"))])
 def test_report_to_accepts_a_name_a_list_or_none_on_the_command_line(tmp_path, text, expected):
-    config = load_config(write(tmp_path, MINIMAL), parse_overrides(["--report_to", text]))
-    assert config["report_to"] == expected
+    assert resolve(write(tmp_path, MINIMAL), parse_overrides(["--report_to", text])).report_to == expected
 
 
-@pytest.mark.parametrize("line,expected", [("report_to: wandb", ["tensorboard", "wandb"]), ("report_to: none", []),
-                                           ("report_to: [wandb]", ["tensorboard", "wandb"]), ("report_to: []", [])])
+@pytest.mark.parametrize("line,expected", [("report_to: wandb", ("tensorboard", "wandb")), ("report_to: none", ()),
+                                           ("report_to: [wandb]", ("tensorboard", "wandb")), ("report_to: []", ())])
 def test_report_to_accepts_a_name_a_list_or_none_in_yaml(tmp_path, line, expected):
-    assert load_config(write(tmp_path, MINIMAL + line + "\n"))["report_to"] == expected
-    assert load_config(write(tmp_path, MINIMAL, name="default.yaml"))["report_to"] == ["tensorboard"]
+    assert resolve(write(tmp_path, MINIMAL + line + "\n")).report_to == expected
+    assert resolve(write(tmp_path, MINIMAL, name="default.yaml")).report_to == ("tensorboard",)
 
 
 @pytest.mark.parametrize("line,needle", [("report_to: wandbb", "unknown value 'wandbb' (did you mean 'wandb'?)"),
@@ -133,7 +179,7 @@ def test_report_to_accepts_a_name_a_list_or_none_in_yaml(tmp_path, line, expecte
 def test_bad_report_to_names_the_key_and_the_fix(tmp_path, line, needle):
     path = write(tmp_path, MINIMAL + line + "\n")
     with pytest.raises(ConfigError) as error:
-        load_config(path)
+        resolve(path)
     message = str(error.value)
     assert str(path) in message and "key 'report_to'" in message and needle in message
     assert "use tensorboard, wandb, a list of them, or none" in message or "use none alone" in message

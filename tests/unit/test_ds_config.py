@@ -1,166 +1,222 @@
+"""The DeepSpeed config of a run: shipped files, users' and peers' files, "auto" filling, and which source decides
+when the file and the run config disagree (the higher level; the same level is a contradiction)."""
 import json
+from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, load_config
-from train.engine import DS_CONFIG_DIR, resolve_ds_config
+from tests.conftest import REPO, resolve
+from train.config import ConfigError
+
+TINY = {"mode": "lora", "model": "builtin:tiny-llama", "dataset": "data/tiny_instruct.jsonl"}
+HIDDEN, WIDEST = 192, 512  # builtin:tiny-llama
+
+# ZeRO-3 files in the shape the peers ship them (written here, not copied): "auto" batch sizes and precision, an
+# optimizer and a scheduler section, offload on or off, stage3_gather_16bit_weights_on_model_save as true or "auto".
+PEER_STYLE_ZERO3 = {
+    "llama-factory-style": {
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True, "sub_group_size": 1e9,
+                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+                              "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True}},
+    "accelerate-style": {
+        "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                      "warmup_num_steps": "auto"}},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                              "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": False,
+                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto",
+                              "stage3_gather_16bit_weights_on_model_save": "auto"},
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto", "steps_per_print": 2000},
+    "fastchat-style": {
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                              "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": False,
+                              "stage3_prefetch_bucket_size": 5e8, "stage3_param_persistence_threshold": 1e6,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"},
+}
 
 
-def cfg(**extra):
-    return load_config(overrides={"mode": "lora", "model": "m", "dataset": "d.jsonl", "micro_batch_size": 2,
-                                  "gradient_accumulation_steps": 4, **extra})
+def write_json(tmp_path, data, name="ds.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def resolved(overrides=None, path=None, **kwargs):
+    return resolve(path, {**({} if path else TINY), **(overrides or {})}, **kwargs)
 
 
 @pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (2, True), (3, True)])
-def test_shipped_files_resolve_and_deepspeed_parses_them(stage, offload):
+@pytest.mark.parametrize("on,precision", [("H100-80GB", "bf16"), ("V100-32GB", "fp16"), ("cpu", "fp32")])
+def test_shipped_files_resolve_and_deepspeed_parses_them(stage, offload, on, precision):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    config = cfg(zero_stage=stage, offload=offload)
-    resolved = resolve_ds_config(config, world_size=2, hidden_size=64, precision="bf16", on_gpu=True)
-    assert resolved["train_batch_size"] == 16 and resolved["bf16"]["enabled"] and not resolved["fp16"]["enabled"]
-    assert resolved["zero_optimization"]["overlap_comm"] is False  # the safe default
-    parsed = DeepSpeedConfig(dict(resolved, train_batch_size=2 * 4), mpu=None)  # world of one here
-    assert parsed.zero_optimization_stage == stage
-    assert parsed.gradient_accumulation_steps == 4
+    cfg = resolved({"zero_stage": stage, "offload": offload, "micro_batch_size": 2, "gradient_accumulation_steps": 4},
+                   on=on)
+    ds = cfg.deepspeed_dict()
+    assert ds["train_batch_size"] == 2 * 4 * 2 and ds["zero_optimization"]["overlap_comm"] is False
+    assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (precision == "bf16", precision == "fp16")
+    parsed = DeepSpeedConfig(dict(ds, train_batch_size=2 * 4), mpu=None)  # a world of one here
+    assert parsed.zero_optimization_stage == stage and parsed.gradient_accumulation_steps == 4
+    if precision == "fp16":
+        assert parsed.float16_config.enabled and parsed.float16_config.loss_scale == 0  # dynamic loss scaling
 
 
-def test_fp16_fills_loss_scaling_section():
-    resolved = resolve_ds_config(cfg(), 1, 64, "fp16", on_gpu=True)
-    assert resolved["fp16"]["enabled"] and resolved["fp16"]["loss_scale"] == 0  # 0 = dynamic
+@pytest.mark.parametrize("peer", sorted(PEER_STYLE_ZERO3))
+def test_a_peers_zero3_file_on_the_command_line_decides_the_stage_over_the_yaml(tmp_path, peer):
+    """`bash launch/train_lora.sh --deepspeed <their ds_z3 file>`: the shipped YAML says zero_stage: 2 and offload:
+    false, the file is a ZeRO-3 (with or without offload) file given on the command line, which wins."""
+    file = write_json(tmp_path, PEER_STYLE_ZERO3[peer])
+    cfg = resolve(REPO / "configs" / "tiny_lora.yaml", {"deepspeed_config": file})
+    zero = cfg.deepspeed["zero_optimization"]
+    assert cfg.zero_stage == 3 and zero["stage"] == 3
+    assert cfg.offload == ("offload_optimizer" in PEER_STYLE_ZERO3[peer]["zero_optimization"])
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # "auto" filled, not refused
+    assert "optimizer" not in cfg.deepspeed and "scheduler" not in cfg.deepspeed
+    assert any("zero_stage 3 from" in note for note in cfg.decisions["deepspeed"])
 
 
-def test_users_file_with_auto_and_extra_sections_is_accepted(tmp_path):
-    user = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2, "overlap_comm": True},
-            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
-            "scheduler": {"type": "WarmupLR"}, "flops_profiler": {"enabled": False}}
-    path = tmp_path / "mine.json"
-    path.write_text(json.dumps(user))
-    resolved = resolve_ds_config(cfg(deepspeed_config=str(path)), 2, 64, "fp32")
-    assert resolved["flops_profiler"] == {"enabled": False}
-    assert "optimizer" not in resolved and resolved["zero_optimization"]["overlap_comm"] is True
-
-
-def test_contradictions_are_reported_with_key_and_both_values(tmp_path):
-    user = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": "auto",
-            "zero_optimization": {"stage": 3}, "optimizer": {"params": {"lr": 5e-5}}}
-    path = tmp_path / "theirs.json"
-    path.write_text(json.dumps(user))
+def test_the_same_level_contradicts_and_names_both_values(tmp_path):
+    file = write_json(tmp_path, PEER_STYLE_ZERO3["llama-factory-style"])
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text("".join(f"{k}: {v}\n" for k, v in TINY.items()) + f"zero_stage: 2\ndeepspeed_config: {file}\n")
     with pytest.raises(ConfigError) as error:
-        resolve_ds_config(cfg(deepspeed_config=str(path), learning_rate=2e-4, zero_stage=2), 2, 64, "fp32")
+        resolve(yaml_path)
     message = str(error.value)
-    assert "'train_micro_batch_size_per_gpu' is 8" in message and "gives 2" in message
-    assert "'zero_optimization.stage' is 3" in message
-    assert "'optimizer.params.lr' is 5e-05" in message
+    assert "gives zero_stage 3" in message and "zero_stage: 2" in message and "auto" in message
+    with pytest.raises(ConfigError, match="gives zero_stage 3"):
+        resolved({"deepspeed_config": file, "zero_stage": 2})  # both on the command line
+
+
+def test_a_run_config_value_above_the_file_wins_and_is_written_into_it(tmp_path):
+    """The YAML names a ZeRO-3 file; --zero 2 on the command line is the higher level."""
+    file = write_json(tmp_path, {**PEER_STYLE_ZERO3["llama-factory-style"], "train_micro_batch_size_per_gpu": 8})
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text("".join(f"{k}: {v}\n" for k, v in TINY.items()) + f"deepspeed_config: {file}\n")
+    cfg = resolve(yaml_path, {"zero_stage": 2, "micro_batch_size": 2})
+    assert cfg.zero_stage == 2 and cfg.deepspeed["zero_optimization"]["stage"] == 2
+    assert cfg.micro_batch_size == 2 and cfg.deepspeed["train_micro_batch_size_per_gpu"] == 2
+    # ... and a concrete file value with the run-config key at its default is adopted
+    assert resolve(yaml_path).micro_batch_size == 8
+
+
+def test_a_files_precision_and_optimizer_values_are_adopted_over_defaults(tmp_path):
+    file = write_json(tmp_path, {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2},
+                                 "optimizer": {"type": "AdamW", "params": {"lr": 5e-5, "betas": [0.8, 0.99]}}})
+    cfg = resolved({"deepspeed_config": file}, on="H100-80GB")
+    assert (cfg.precision, cfg.learning_rate, cfg.adam_beta1, cfg.adam_beta2) == ("bf16", 5e-5, 0.8, 0.99)
+    with pytest.raises(ConfigError, match="gives learning_rate 5e-05"):
+        resolved({"deepspeed_config": file, "learning_rate": 1e-4}, on="H100-80GB")
+
+
+def test_a_ds_file_with_zero3_decides_the_checkpointing_estimate_too(tmp_path):
+    """The checkpointing decision is taken after the file is read: a full fine-tune that fits on 8 x H100 only when
+    ZeRO-3 shards the model states gets `auto: off` with the ZeRO-3 file and `auto: on` with ZeRO-2."""
+    base = {"mode": "full", "model": "Qwen/Qwen2.5-14B-Instruct", "dataset": "d.jsonl", "max_length": 4096}
+    zero2 = resolve(None, base, on="H100-80GB", procs=8, require_model=False)
+    zero3 = resolve(None, {**base, "deepspeed_config": write_json(tmp_path, PEER_STYLE_ZERO3["llama-factory-style"])},
+                    on="H100-80GB", procs=8, require_model=False)
+    assert (zero2.zero_stage, zero3.zero_stage) == (2, 3)
+    assert zero2.gradient_checkpointing is True and zero3.gradient_checkpointing is False
+    from train.launch.preflight import preflight
+
+    assert preflight(zero3).spec.zero == 3 and preflight(zero2).spec.zero == 2
+
+
+def test_contradicting_batch_size_names_the_key(tmp_path):
+    file = write_json(tmp_path, {"train_batch_size": 7, "zero_optimization": {"stage": 2}})
+    with pytest.raises(ConfigError, match="train_batch_size is 7 .* set it to \"auto\""):
+        resolved({"deepspeed_config": file})
+
+
+def test_users_file_with_extra_sections_is_passed_through(tmp_path):
+    file = write_json(tmp_path, {"zero_optimization": {"stage": 2}, "flops_profiler": {"enabled": False}})
+    assert resolved({"deepspeed_config": file}).deepspeed["flops_profiler"] == {"enabled": False}
 
 
 def test_broken_json_names_file_and_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{\n  "zero_optimization": {"stage": 2},\n  oops\n}')
     with pytest.raises(ConfigError, match=r"broken.json: not valid JSON \(line 3"):
-        resolve_ds_config(cfg(deepspeed_config=str(path)), 1, 64, "fp32")
+        resolved({"deepspeed_config": str(path)})
+
+
+def test_zero_stage_1_files_are_refused_with_the_supported_stages(tmp_path):
+    with pytest.raises(ConfigError, match="zero_optimization.stage is 1; this trainer runs ZeRO-2 and ZeRO-3"):
+        resolved({"deepspeed_config": write_json(tmp_path, {"zero_optimization": {"stage": 1}})})
 
 
 def test_every_shipped_ds_config_is_named_for_its_stage():
-    for path in DS_CONFIG_DIR.glob("*.json"):
+    for path in (REPO / "ds_configs").glob("*.json"):
         data = json.loads(path.read_text())
         assert f"zero{data['zero_optimization']['stage']}" in path.name
 
 
 def test_zero3_keeps_lora_matrices_whole_on_every_rank():
     """Partitioned LoRA matrices are gathered and released on every pass; the persistence threshold keeps them."""
-    from types import SimpleNamespace
-
-    from train.model import largest_adapter_tensor
-
-    arch = SimpleNamespace(hidden_size=64, intermediate_size=512)
-    lora = cfg(zero_stage=3, lora_r=16)
-    resolved = resolve_ds_config(lora, 2, 64, "bf16", on_gpu=True, largest_adapter=largest_adapter_tensor(lora, arch))
-    assert resolved["zero_optimization"]["stage3_param_persistence_threshold"] == 16 * 512
-    full = cfg(zero_stage=3, mode="full")
-    resolved = resolve_ds_config(full, 2, 64, "bf16", on_gpu=True, largest_adapter=largest_adapter_tensor(full, arch))
-    assert resolved["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * 64
-
-
-def test_liger_kernels_are_refused_clearly_where_they_cannot_run():
-    import torch
-
-    from train.model import liger_kernels_wanted
-
-    cpu = torch.device("cpu")
-    assert liger_kernels_wanted(cfg(), cpu, "llama") is False  # auto: silently off on a CPU
-    assert liger_kernels_wanted(cfg(liger_kernel=False), cpu, "llama") is False
-    with pytest.raises(ValueError, match="liger_kernel: true but .*CUDA GPU.*liger_kernel: auto"):
-        liger_kernels_wanted(cfg(liger_kernel=True), cpu, "llama")
-    with pytest.raises(ConfigError, match="liger_kernel"):
-        cfg(liger_kernel="yes")
+    lora = resolved({"zero_stage": 3, "lora_r": 16})
+    assert lora.deepspeed["zero_optimization"]["stage3_param_persistence_threshold"] == 16 * WIDEST
+    full = resolved({"zero_stage": 3, "mode": "full"})
+    assert full.deepspeed["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * HIDDEN
 
 
 def test_users_bucket_sizes_are_kept(tmp_path):
     """Tuning values with no run-config key are the user's choice, not a contradiction."""
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e8,
-                                                      "stage3_param_persistence_threshold": 1e4}}))
-    resolved = resolve_ds_config(cfg(deepspeed_config=str(path), zero_stage=3), 1, 64, "bf16", on_gpu=True)
-    assert resolved["zero_optimization"]["reduce_bucket_size"] == 5e8
-    assert resolved["zero_optimization"]["stage3_param_persistence_threshold"] == 1e4
-    assert resolved["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
-
-
-@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (2, True), (3, True)])
-def test_shipped_files_resolve_for_fp16_with_dynamic_loss_scaling(stage, offload):
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    resolved = resolve_ds_config(cfg(zero_stage=stage, offload=offload), world_size=2, hidden_size=64,
-                                 precision="fp16", on_gpu=True)
-    assert resolved["fp16"]["enabled"] and not resolved["bf16"]["enabled"]
-    assert resolved["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
-    parsed = DeepSpeedConfig(dict(resolved, train_batch_size=2 * 4), mpu=None)  # world of one here
-    assert parsed.float16_config.enabled and parsed.float16_config.loss_scale == 0
-    assert not parsed.bfloat16_config.enabled
-    assert parsed.zero_optimization_stage == stage
+    file = write_json(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e8,
+                                                       "stage3_param_persistence_threshold": 1e4}})
+    zero = resolved({"deepspeed_config": file}).deepspeed["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 5e8 and zero["stage3_param_persistence_threshold"] == 1e4
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * HIDDEN * HIDDEN)
 
 
 def test_overlap_comm_is_off_by_default_and_on_with_the_flag():
-    from train.config import parse_overrides
-
-    assert resolve_ds_config(cfg(), 1, 64, "bf16", on_gpu=True)["zero_optimization"]["overlap_comm"] is False
     for stage in (2, 3):
-        on = cfg(zero_stage=stage, **parse_overrides(["--overlap_comm", "true"]))
-        assert resolve_ds_config(on, 1, 64, "bf16", on_gpu=True)["zero_optimization"]["overlap_comm"] is True
+        assert resolved({"zero_stage": stage}).deepspeed["zero_optimization"]["overlap_comm"] is False
+        assert resolved({"zero_stage": stage, "overlap_comm": True}).deepspeed["zero_optimization"]["overlap_comm"]
 
 
-def test_users_overlap_comm_with_contiguous_gradients_is_kept_with_one_warning(tmp_path, capsys):
-    path = tmp_path / "mine.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True,
-                                                      "contiguous_gradients": True}}))
-    resolved = resolve_ds_config(cfg(deepspeed_config=str(path)), 1, 64, "bf16", on_gpu=True)
-    assert resolved["zero_optimization"]["overlap_comm"] is True
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "overlap_comm" in line]
-    assert len(lines) == 1 and lines[0].isascii()
-    assert "NaN grad norms" in lines[0] and "contiguous_gradients" in lines[0]
-    assert '"overlap_comm": false' in lines[0] and str(path) in lines[0]
+def test_users_overlap_comm_with_contiguous_gradients_is_kept_with_a_warning(tmp_path):
+    file = write_json(tmp_path, {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}})
+    cfg = resolved({"deepspeed_config": file})
+    assert cfg.deepspeed["zero_optimization"]["overlap_comm"] is True and cfg.overlap_comm is True
+    warnings = [n for n in cfg.decisions["deepspeed"] if n.startswith("WARNING")]
+    assert len(warnings) == 1 and warnings[0].isascii() and "NaN grad norms" in warnings[0]
+    assert '"overlap_comm": false' in warnings[0] and file in warnings[0]
+    quiet = write_json(tmp_path, {"zero_optimization": {"stage": 2, "overlap_comm": True,
+                                                        "contiguous_gradients": False}}, "quiet.json")
+    assert not [n for n in resolved({"deepspeed_config": quiet}).decisions["deepspeed"] if n.startswith("WARNING")]
 
 
-def test_no_overlap_warning_when_the_pair_is_not_set(tmp_path, capsys):
-    path = tmp_path / "mine.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True,
-                                                      "contiguous_gradients": False}}))
-    resolve_ds_config(cfg(deepspeed_config=str(path)), 1, 64, "bf16", on_gpu=True)
-    resolve_ds_config(cfg(), 1, 64, "bf16", on_gpu=True)  # shipped file, overlap_comm off
-    assert "overlap_comm" not in capsys.readouterr().err
+def test_offload_on_the_cpu_uses_torch_adamw():
+    assert resolved({"offload": True, "zero_stage": 3}).deepspeed["zero_force_ds_cpu_optimizer"] is False
+    assert "zero_force_ds_cpu_optimizer" not in resolved({"offload": True}, on="H100-80GB").deepspeed
 
 
-def test_resolve_precision_on_cpu(monkeypatch):
-    import torch
+def test_the_shipped_configs_are_found_from_an_installed_package(tmp_path):
+    """pip install puts ds_configs/, the Slurm job and the embedded configs under <prefix>/share/finetune-launcher;
+    the package finds them there as in a checkout."""
+    import subprocess
+    import sys
 
-    from train.engine import resolve_precision
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_precision("auto") == "fp32"
-    assert resolve_precision("fp32") == "fp32"
-    with pytest.raises(ConfigError) as error:
-        resolve_precision("fp16")
-    message = str(error.value)
-    assert "precision fp16 needs a GPU" in message and "precision: auto or fp32" in message
+    prefix = tmp_path / "prefix"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--prefix",
+                    str(prefix), str(REPO)], check=True, capture_output=True, timeout=600)
+    site = next(prefix.glob("lib/python*/site-packages"))
+    code = ("from train.resources import resource; "
+            "print(resource('ds_configs/zero3.json')); print(resource('launch/slurm/train.sbatch')); "
+            "print(resource('configs/tiny_lora.yaml')); print(resource('data/tiny_instruct.jsonl'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    found = [Path(line) for line in out.stdout.split()]
+    assert all(path.is_file() and prefix in path.parents for path in found), found

@@ -163,7 +163,7 @@ def fill_auto(data, values, world_size, hidden_size, largest_adapter, on_gpu):
     zero = data["zero_optimization"]
     _set_auto(zero, "overlap_comm", values["overlap_comm"])
     _set_auto(zero, "reduce_bucket_size", hidden_size * hidden_size)
-    if zero["stage"] == 3:
+    if zero["stage"] == 3 or any(key.startswith("stage3_") for key in zero):  # (a ZeRO-3 file run at stage 2 too)
         _set_auto(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
         # LoRA matrices stay whole on every rank: partitioned, each would be gathered and released on every pass
         # (14 extra fetches per layer for all-linear); LoRA ZeRO-3 measured 3.4x ZeRO-2's step time on one H200.

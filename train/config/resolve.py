@@ -66,7 +66,7 @@ def model_shape(values, require_model=True):
     config.json; nothing else is read). Refuses a model that cannot be found, naming the key and the fix."""
     reference = values["model"]
     try:
-        config = auto_config(reference, values["trust_remote_code"])
+        config = auto_config(reference, values["trust_remote_code"], local_only=not require_model)
     except ConfigError:
         if require_model:
             raise
@@ -77,7 +77,9 @@ def model_shape(values, require_model=True):
             "vision": hasattr(config, "vision_config")}
 
 
-def auto_config(reference, trust_remote_code=False):
+def auto_config(reference, trust_remote_code=False, local_only=False):
+    """The model's transformers config (local directory, builtin/random name, or hub id; `local_only`: from the
+    local Hugging Face cache only, no network)."""
     from train.models.tiny import ModelReferenceError, resolve_model_path
 
     try:
@@ -94,7 +96,7 @@ def auto_config(reference, trust_remote_code=False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except (OSError, ValueError) as error:
         raise ConfigError(f"key 'model': cannot read the config of '{reference}' ({str(error).splitlines()[0][:200]}). "
                           f"Give a local directory with config.json, a hub id that is in the local Hugging Face cache "
