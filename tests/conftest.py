@@ -49,7 +49,7 @@ def launcher_env(**extra):
     return env
 
 
-def run_launcher(script, *args, env=None, timeout=900, umask=None):
+def run_launcher(script, *args, env=None, timeout=300, umask=None):
     """Run launch/<script> exactly as a user would (under `umask` when given); returns CompletedProcess with output
     captured."""
     cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]

@@ -106,7 +106,7 @@ def resume(engine, cfg, ctx, schedule, tracker, history, total_steps):
     if problem and cfg.resume == "auto":
         raise ConfigError(problem)
     if problem:
-        warn(f"{problem.splitlines()[0]} -- continuing anyway (resume: always)")
+        warn(problem.rsplit("\n", 1)[0] + "\n-- continuing anyway (resume: always)")
     client = load_training_state(engine, checkpoint, ctx.rank, cfg.lora)
     schedule.load_state_dict(client["schedule"])
     tracker.load_state_dict(client["tracker"])

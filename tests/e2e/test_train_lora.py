@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import assert_ok, read_history
+from tests.conftest import REPO, assert_ok, read_history
 
 pytestmark = pytest.mark.slow
 
@@ -20,19 +20,23 @@ def test_default_run_exits_zero_on_an_ascii_console(default_lora_run):
     assert "gradient checkpointing: set in the run config" in proc.stdout
 
 
-def test_eval_loss_falls_below_seventy_percent_of_the_first(default_lora_run):
+def test_eval_loss_falls_as_far_as_the_readme_says(default_lora_run):
+    """README: "eval loss falls from about A to about B": the start within 10% of A, the end at most 25% above B."""
     _, run_dir = default_lora_run
-    history = read_history(run_dir)
-    evals = history["evals"]
+    promised = re.search(r"eval loss falls from about ([\d.]+) to about ([\d.]+)", (REPO / "README.md").read_text())
+    start, end = float(promised.group(1)), float(promised.group(2))
+    evals = read_history(run_dir)["evals"]
     assert evals[0]["step"] == 0, "the baseline eval runs before training"
-    assert evals[-1]["eval_loss"] < 0.7 * evals[0]["eval_loss"], evals
+    assert abs(evals[0]["eval_loss"] - start) < 0.1 * start, evals
+    assert evals[-1]["eval_loss"] < 1.25 * end, evals
 
 
 def test_history_has_documented_fields(default_lora_run):
     _, run_dir = default_lora_run
     history = read_history(run_dir)
     assert history["status"] == "completed"
-    assert history["metadata"]["world_size"] == 2 and history["metadata"]["zero_stage"] == 2
+    engine = history["metadata"]["engine"]  # what the DeepSpeed engine reported, not what the test asked for
+    assert engine["world_size"] == 2 and engine["zero_stage"] == 2 and engine["precision"] == "fp32"
     for record in history["records"]:
         for field in ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s"):
             assert field in record, field

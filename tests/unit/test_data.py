@@ -2,14 +2,15 @@ import json
 
 import pytest
 
-from train.config import load_config
-from train.data import (IGNORE_INDEX, DataError, collate, detect_format, make_rows, pack_examples, prepare_data,
-                        tokenize_chat, tokenize_instructions, Example)
-from train.prompts import render_instruction_prompt
+from train.config import RunConfig
+from train.data.prompts import render_instruction_prompt
+from train.data.records import DataError, detect_format
+from train.data.text import (IGNORE_INDEX, Example, collate, make_rows, pack_examples, prepare_data, tokenize_chat,
+                             tokenize_instructions)
 
 
 def config_for(path, **extra):
-    return load_config(overrides={"mode": "lora", "model": "builtin:tiny-llama", "dataset": str(path), **extra})
+    return RunConfig(mode="lora", model="builtin:tiny-llama", dataset=str(path), **extra)
 
 
 def write_jsonl(path, records):
@@ -83,9 +84,9 @@ def test_packed_rows_restart_positions_and_mask_each_examples_first_token():
 
 
 def test_shipped_data_packs_to_at_least_95_percent_non_pad(tiny_tokenizer):
-    from train import REPO_ROOT
+    from tests.conftest import REPO
 
-    data = prepare_data(config_for(REPO_ROOT / "data" / "tiny_instruct.jsonl", max_length=256), tiny_tokenizer)
+    data = prepare_data(config_for(REPO / "data" / "tiny_instruct.jsonl", max_length=256), tiny_tokenizer)
     assert data.stats.nonpad_fraction >= 0.95
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from train.adapters import LoadedModel
-from train.data import IGNORE_INDEX, DataStats, tokenize_records
+from train.after.loading import LoadedModel
+from train.data.text import IGNORE_INDEX, DataStats, tokenize_records
 
 RESPONSE = "36 86 87 92 99"
 

@@ -39,7 +39,8 @@ open(os.path.join(out, "started"), "w").close()
 sys.exit(max(r.wait() for r in ranks))
 """
 
-LAUNCHER = "import os, sys; from train.launch import run_and_report; sys.exit(run_and_report(sys.argv[1:], dict(os.environ)))"
+LAUNCHER = ("import os, sys, tempfile; from train.launch.signals import run_and_report; "
+            "sys.exit(run_and_report(sys.argv[1:], dict(os.environ), os.path.join(tempfile.mkdtemp(), 'code')))")
 
 
 def start(tmp_path, lifetime, **env):
@@ -83,22 +84,25 @@ def test_inside_a_slurm_step_the_launcher_ignores_stop_signals(tmp_path):
     assert ranks_report(tmp_path) == ["no signal, helper exit 0"] * 2, out
 
 
-@pytest.mark.parametrize("recorded,expected", [("0 preempted", 0), ("0", 1), ("3", 3)])
-def test_a_clean_stop_on_a_signal_counts_as_success_even_when_torchrun_says_1(tmp_path, recorded, expected):
-    """Under Slurm, torchrun exits 1 after passing USR1 to its workers; the trainer's own record decides."""
+@pytest.mark.parametrize("recorded,tool_exit,expected", [("0 preempted", 1, 0), ("0", 1, 1), ("3", 1, 3),
+                                                         ("2", 0, 2), ("3", 0, 3), ("0", 0, 0)])
+def test_the_trainers_recorded_code_decides_the_launchers_exit(tmp_path, recorded, tool_exit, expected):
+    """Under Slurm, torchrun exits 1 after passing USR1 to its workers, and after an error every rank saw alike the
+    ranks exit 0 (so torchrun prints no failure report): the trainer's own record decides either way; a tool failure
+    the trainer did not record stays a failure."""
     tool = tmp_path / "tool.py"
     tool.write_text(f"import os, sys\nopen(os.environ['FTL_EXIT_CODE_FILE'], 'w').write({recorded!r} + '\\n')\n"
-                    f"sys.exit(1)\n")
+                    f"sys.exit({tool_exit})\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), SLURM_STEP_ID="0")
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, str(tool)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == expected, proc.stdout + proc.stderr
 
 
-def test_the_trainer_records_a_preempted_stop(tmp_path, monkeypatch):
-    from train.__main__ import record_exit_code
+def test_the_trainer_records_its_code_for_the_launcher(tmp_path, monkeypatch):
+    from train.__main__ import exit_for_launcher
 
+    assert exit_for_launcher(3, False) == 3  # no launcher: the code itself
     monkeypatch.setenv("FTL_EXIT_CODE_FILE", str(tmp_path / "code"))
-    monkeypatch.setenv("FTL_PREEMPTED", "1")
-    assert record_exit_code(0) == 0
-    assert (tmp_path / "code").read_text() == "0 preempted\n"
+    assert exit_for_launcher(0, True) == 0 and (tmp_path / "code").read_text() == "0 preempted\n"
+    assert exit_for_launcher(3, False) == 0 and (tmp_path / "code").read_text() == "3\n"

@@ -2,12 +2,12 @@ import math
 
 import pytest
 
-from train.config import load_config
+from train.config import RunConfig
 from train.schedule import EvalTracker, LRSchedule
 
 
 def cfg(**extra):
-    return load_config(overrides={"mode": "lora", "model": "m", "dataset": "d.jsonl", "learning_rate": 1.0,
+    return RunConfig(**{"mode": "lora", "model": "m", "dataset": "d.jsonl", "learning_rate": 1.0,
                                   **extra})
 
 

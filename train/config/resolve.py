@@ -170,14 +170,14 @@ def resolve_liger(setting, machine, model_type):
     """Liger's Triton kernels: `auto` on a CUDA GPU with liger-kernel installed for a model type it knows; `true`
     insists (and fails here, before launch, where they cannot run)."""
     if setting is False:
-        return False, "set in the run config"
+        return False, "off (set in the run config)"
     problem = liger_problem(machine, model_type)
     if problem and setting is True:
         raise ConfigError(f"key 'liger_kernel': true, but {problem}; set liger_kernel: auto (use them where they work) "
                           f"or false")
     if problem:
-        return False, f"auto: off ({problem}; liger_kernel: false silences this)"
-    return True, "auto: on (CUDA GPU, liger-kernel installed)" if setting == "auto" else "set in the run config"
+        return False, f"off ({problem}; liger_kernel: false silences this)"
+    return True, "on (auto: CUDA GPU, liger-kernel installed)" if setting == "auto" else "on (set in the run config)"
 
 
 def liger_problem(machine, model_type):

@@ -101,8 +101,9 @@ def report_decisions(cfg):
     for note in cfg.decisions.get("deepspeed", [])[1:]:
         (warn if note.startswith("WARNING") else say)(f"deepspeed: {note.removeprefix('WARNING: ')}")
     say(f"run config: {cfg.recipe}, {cfg.mode}, ZeRO-{cfg.zero_stage}{' + offload' if cfg.offload else ''}, "
-        f"{cfg.precision}, {cfg.world_size} process(es); gradient checkpointing "
-        f"{cfg.decisions['gradient_checkpointing']}")
+        f"{cfg.precision} ({cfg.decisions['precision']}), {cfg.world_size} process(es)")
+    say(f"gradient checkpointing: {cfg.decisions['gradient_checkpointing']}")
+    say(f"liger kernels: {cfg.decisions['liger_kernel']}")
 
 
 def run_preflight(cfg, options):

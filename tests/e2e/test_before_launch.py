@@ -1,0 +1,125 @@
+"""Mistakes are found by the launcher before torchrun starts: one message naming the file, key or line and the fix,
+exit 2, no torchrun failure report and no traceback. A run with changed settings never silently continues an old
+checkpoint."""
+import json
+
+import pytest
+
+from tests.conftest import REPO, assert_ok, read_history, run_launcher
+
+pytestmark = pytest.mark.slow
+
+
+def launch_here(capsys, *args):
+    """train.launch's main in this process (what launch/train_lora.sh execs), for checks that end before any rank
+    starts; returns a CompletedProcess-like result."""
+    from types import SimpleNamespace
+
+    from train.launch.cli import main
+
+    capsys.readouterr()
+    code = main(["--mode", "lora", *map(str, args)])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+def assert_refused_before_launch(proc, *needles):
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "torch.distributed.run" not in output, "torchrun must not start"
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in output, (needle, output[-3000:])
+
+
+def lines_of(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" if isinstance(r, dict) else r + "\n" for r in records))
+    return path
+
+
+def tiny_records(n):
+    with open(REPO / "data" / "tiny_instruct.jsonl", encoding="utf-8") as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+def test_a_malformed_jsonl_line_is_named(tmp_path):
+    data = lines_of(tmp_path / "bad.jsonl", tiny_records(3) + ['{"instruction": "x", "response": '])
+    assert_refused_before_launch(run_launcher("train_lora.sh", "--dataset", data, "--output_dir", tmp_path),
+                                 f"{data}:4: malformed JSON")
+
+
+def test_all_labels_masked_is_named_with_the_fix(tmp_path, capsys):
+    proc = launch_here(capsys, "--max_length", "8", "--output_dir", tmp_path)
+    assert_refused_before_launch(proc, "no example has a supervised token left", "raise max_length")
+
+
+def test_a_dataset_smaller_than_one_step_is_named(tmp_path, capsys):
+    data = lines_of(tmp_path / "few.jsonl", tiny_records(12))
+    proc = launch_here(capsys, "--dataset", data, "--packing", "false", "--eval_fraction", "0",
+                        "--micro_batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", tmp_path)
+    assert_refused_before_launch(proc, "12 training rows, fewer than one optimizer step needs",
+                                 "2 processes x micro_batch_size 4 x gradient_accumulation_steps 2 = 16")
+
+
+def test_a_deepspeed_file_contradicting_the_config_is_named(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    proc = run_launcher("train_lora.sh", "--deepspeed", ds, "--zero", "2", "--output_dir", tmp_path)
+    assert_refused_before_launch(proc, f"{ds} gives zero_stage 3 but the command line also sets zero_stage: 2")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "builtin:typo"], "key 'model': unknown builtin model 'typo'; known: builtin:small-llama"),
+    (["--model", "random:unknown"], "key 'model': unknown architecture 'unknown' for random:"),
+    (["--liger_kernel", "true"], "key 'liger_kernel': true, but Liger's kernels are Triton kernels and need a CUDA"),
+    (["--lora_rank", "8"], "unknown key 'lora_rank' (did you mean 'lora_r'?)"),
+])
+def test_bad_names_and_impossible_choices_are_named(tmp_path, capsys, args, needle):
+    assert_refused_before_launch(launch_here(capsys, *args, "--output_dir", tmp_path), needle)
+
+
+# ---------------------------------------------------------------- resume that cannot surprise
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume")
+    proc = run_launcher("train_lora.sh", "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3",
+                        "--output_dir", out, "--run_name", "old")
+    assert_ok(proc)
+    return out
+
+
+def test_changed_training_settings_are_refused_naming_each_difference(finished_run, tmp_path):
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    proc = run_launcher("train_lora.sh", "--deepspeed", ds, "--max_steps", "12", "--lora_r", "8",
+                        "--output_dir", finished_run, "--run_name", "old")
+    assert_refused_before_launch(proc, "trained with other settings than this run",
+                                 "lora_r: 16 in the checkpoint, 8 now", "zero_stage: 2 in the checkpoint, 3 now",
+                                 "--resume never", "--run_name", "--resume always")
+    assert read_history(finished_run / "old")["status"] == "completed"  # the old run is untouched
+
+
+def test_max_steps_at_or_below_the_checkpoint_says_there_is_nothing_to_train(finished_run, capsys):
+    for steps, words in (("4", "max_steps 4 is below it"), ("6", "it already finished")):
+        proc = launch_here(capsys, "--max_steps", steps, "--save_steps", "3", "--eval_steps", "3",
+                            "--output_dir", finished_run, "--run_name", "old")
+        assert_refused_before_launch(proc, "checkpoints/step-6 is at step 6", words, "nothing to train")
+
+
+def test_resume_always_continues_a_changed_run_and_says_so(finished_run):
+    proc = run_launcher("train_lora.sh", "--max_steps", "8", "--save_steps", "3", "--eval_steps", "3",
+                        "--learning_rate", "1e-3", "--resume", "always", "--output_dir", finished_run,
+                        "--run_name", "old")
+    assert_ok(proc)
+    assert "learning_rate: 0.003 in the checkpoint, 0.001 now" in proc.stderr and "continuing anyway" in proc.stderr
+    history = read_history(finished_run / "old")
+    assert history["metadata"]["resumed_at_steps"] == [6] and max(r["step"] for r in history["records"]) == 8
+
+
+def test_resume_always_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    proc = launch_here(capsys, "--resume", "always", "--max_steps", "4", "--output_dir", tmp_path,
+                        "--run_name", "fresh")
+    assert_refused_before_launch(proc, f"no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}")
