@@ -3,12 +3,13 @@
 The embedded default with a short --max_steps, 2 processes each (gloo on CPU); the three runs go side by side.
 The multi-node commands are checked as built (no process started).
 """
+import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, launcher_env, read_history
+from tests.conftest import REPO, launcher_env, read_history, resolve
 
 LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
 MAX_STEPS = 20
@@ -71,7 +72,11 @@ def test_accelerate_config_points_at_our_deepspeed_file(launcher_runs):
     config = yaml.safe_load((run_dir / "launch" / "accelerate_config.yaml").read_text())
     assert config["distributed_type"] == "DEEPSPEED" and config["num_processes"] == 2
     assert config["use_cpu"] is False, "use_cpu makes accelerate start a single process"
-    assert config["deepspeed_config"]["deepspeed_config_file"] == str(REPO / "ds_configs" / "zero2.json")
+    ds_file = run_dir / "launch" / "deepspeed.json"  # the resolved DeepSpeed config the ranks run with
+    assert config["deepspeed_config"]["deepspeed_config_file"] == str(ds_file.resolve())
+    resolved = json.loads(ds_file.read_text())
+    assert resolved["zero_optimization"]["stage"] == 2 and resolved["train_batch_size"] == 2 * 4
+    assert "auto" not in json.dumps(resolved)
 
 
 @slow
@@ -117,34 +122,37 @@ def test_the_same_adapter_weights(launcher_runs):
 def test_accelerate_multi_node_config_per_node(tmp_path, monkeypatch):
     import yaml
 
-    from train import launchers
+    from train.launch import commands
 
     monkeypatch.delenv("SLURM_NODEID", raising=False)
+    cfg = resolve(REPO / "configs" / "tiny_lora.yaml", {"zero_stage": 3, "output_dir": str(tmp_path)}, procs=4,
+                  nnodes=2)
     options = {"--nnodes": "2", "--node-rank": "1", "--rdzv-endpoint": "10.1.2.3:29400", "--rdzv-id": "77"}
-    cmd = launchers.accelerate_command(sys.executable, 4, options, str(REPO / "configs" / "tiny_lora.yaml"),
-                                       ["--zero", "3"], tmp_path)
-    path = tmp_path / "launch" / "accelerate_config_node1.yaml"
+    cmd = commands.accelerate_command(sys.executable, cfg, options, tmp_path / "run_config.json")
+    path = tmp_path / "tiny_lora" / "launch" / "accelerate_config_node1.yaml"
     assert cmd[cmd.index("--config_file") + 1] == str(path)
     config = yaml.safe_load(path.read_text())
     assert (config["num_machines"], config["num_processes"], config["machine_rank"]) == (2, 8, 1)
     assert (config["main_process_ip"], config["main_process_port"], config["rdzv_backend"]) == \
         ("10.1.2.3", 29400, "c10d")
-    assert config["deepspeed_config"]["deepspeed_config_file"] == str(REPO / "ds_configs" / "zero3.json")
+    ds_file = config["deepspeed_config"]["deepspeed_config_file"]
+    assert ds_file.endswith("deepspeed_node1.json") and json.loads(open(ds_file).read())["train_batch_size"] == 32
     assert config["deepspeed_config"]["zero3_init_flag"] is True
-    assert cmd[-4:] == ["--config", str(REPO / "configs" / "tiny_lora.yaml"), "--zero", "3"]
+    assert cmd[-4:] == ["--module", "train", "--resolved", str(tmp_path / "run_config.json")]
 
 
 def test_deepspeed_multi_node_runs_its_part_without_ssh(tmp_path, monkeypatch):
-    from train import launchers
+    from train.launch import LaunchError, commands
 
     monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
     monkeypatch.setenv("FTL_HOSTS", "gpu-a,gpu-b")
+    cfg = resolve(REPO / "configs" / "tiny_lora.yaml", {"output_dir": str(tmp_path)}, procs=8, nnodes=2)
     options = {"--nnodes": "2", "--node-rank": "1", "--master-addr": "gpu-a", "--master-port": "29500"}
-    cmd = launchers.deepspeed_command(sys.executable, 8, options, "configs/tiny_lora.yaml", [], tmp_path)
-    assert (tmp_path / "launch" / "hostfile").read_text() == "gpu-a slots=8\ngpu-b slots=8\n"
+    cmd = commands.deepspeed_command(sys.executable, cfg, options, "run_config.json")
+    assert (tmp_path / "tiny_lora" / "launch" / "hostfile").read_text() == "gpu-a slots=8\ngpu-b slots=8\n"
     joined = " ".join(cmd)
     assert "--no_ssh --node_rank 1" in joined and "--master_addr gpu-a --master_port 29500" in joined
-    assert "--no_local_rank --module train --config configs/tiny_lora.yaml" in joined
+    assert joined.endswith("--no_local_rank --module train --resolved run_config.json")
     monkeypatch.delenv("FTL_HOSTS")
-    with pytest.raises(SystemExit, match="FTL_HOSTS"):
-        launchers.deepspeed_command(sys.executable, 8, options, "configs/tiny_lora.yaml", [], tmp_path)
+    with pytest.raises(LaunchError, match="FTL_HOSTS"):
+        commands.deepspeed_command(sys.executable, cfg, options, "run_config.json")

@@ -14,10 +14,10 @@ RANK_ONE_BUILDS_FIRST = """
 import os
 import torch.distributed as dist
 from pathlib import Path
-from train.engine import init_distributed
-from train.tiny import resolve_model_path
+from train.distributed import init_distributed
+from train.models.tiny import resolve_model_path
 
-rank, world, _ = init_distributed()
+rank = init_distributed().rank
 if rank == 0:
     dist.barrier()  # rank 1 holds the lock and builds; rank 0 finds the entry built
 path = Path(resolve_model_path("builtin:tiny-llama"))
@@ -31,7 +31,7 @@ dist.destroy_process_group()
 
 
 def test_a_cache_entry_built_by_rank_one_has_weights_and_config(tmp_path):
-    from train.engine import free_port
+    from train.distributed import free_port
 
     script = tmp_path / "build.py"
     script.write_text(RANK_ONE_BUILDS_FIRST)

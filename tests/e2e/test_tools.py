@@ -3,7 +3,6 @@ merge, generate, evaluate and plot; and the errors for a missing or mismatched a
 best/ (test_modes' qlora-z2) merged into and evaluated on the de-quantized base, against the 4-bit model."""
 import json
 import math
-import random
 import shutil
 import subprocess
 import sys
@@ -52,14 +51,16 @@ def merged(run_dir, tmp_path_factory):
 
 
 def eval_split(run_dir, path):
-    """Write the run's own eval split (same seed and fraction as train.data.prepare_data) to `path`, so a tool's
-    loss can be compared with the loss the trainer recorded."""
-    config = read_history(run_dir)["metadata"]["config"]
-    lines = [line for line in (REPO / config["dataset"]).read_text().splitlines() if line.strip()]
-    order = list(range(len(lines)))
-    random.Random(config["seed"]).shuffle(order)
-    n_eval = max(1, int(len(lines) * config["eval_fraction"]))
-    path.write_text("".join(lines[i] + "\n" for i in sorted(order[:n_eval])))
+    """Write the run's own eval split (the trainer's split_eval on its recorded config) to `path`, so a tool's loss
+    can be compared with the loss the trainer recorded."""
+    from train.config import RunConfig
+    from train.data.records import load_records
+    from train.data.text import split_eval
+
+    cfg = RunConfig.from_dict(read_history(run_dir)["metadata"]["config"])
+    records, lines, _ = load_records(REPO / cfg.dataset)
+    _, held_out = split_eval(records, lines, "dolly", cfg)
+    path.write_text("".join(json.dumps(r) + "\n" for r in held_out))
     return path
 
 
@@ -113,7 +114,8 @@ def test_merge_refuses_to_overwrite_without_the_flag(merged, run_dir):
 
 
 def test_merge_never_writes_over_its_inputs_or_a_non_model_directory(run_dir, tmp_path, tiny_model_path):
-    from train.adapters import AdapterError, check_merge_target
+    from train.after.loading import AdapterError
+    from train.after.merge import check_merge_target
 
     adapter = run_dir / "best"
     for out in (adapter, run_dir, tiny_model_path):
@@ -125,7 +127,7 @@ def test_merge_never_writes_over_its_inputs_or_a_non_model_directory(run_dir, tm
 
 
 def test_merge_check_fails_on_logits_beyond_tolerance():
-    from train.adapters import logits_difference
+    from train.after.merge import logits_difference
 
     reference = [torch.zeros(1, 4, 8)]
     diff, tolerance = logits_difference(reference, [torch.full((1, 4, 8), 0.01)], torch.float32)
@@ -135,7 +137,7 @@ def test_merge_check_fails_on_logits_beyond_tolerance():
 def test_a_failed_merge_check_raises_and_writes_nothing(run_dir, tmp_path, monkeypatch):
     """The saved model's logits come out off by 1.0: merge_adapter raises, leaves no output and no temp directory,
     and an earlier merge at --out (with overwrite) stays as it was."""
-    from train import adapters
+    from train.after import merge as adapters
 
     real_difference = adapters.logits_difference
     monkeypatch.setattr(adapters, "logits_difference",
@@ -315,15 +317,15 @@ def four_bit_logits(run_dir, ids):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train.engine import torch_dtype
-    from train.model import disable_cpu_weight_repacking, quantization_config
-    from train.tiny import resolve_model_path
+    from train.dtypes import torch_dtype
+    from train.models.causal_lm import disable_cpu_weight_repacking, quantization_config
+    from train.models.tiny import resolve_model_path
 
     metadata = read_history(run_dir)["metadata"]
     config, precision = metadata["config"], metadata["precision"]
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(config["model"]), dtype=torch_dtype(precision),
-                                                quantization_config=quantization_config(config, precision),
-                                                device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(config["model"]), dtype=torch_dtype(precision), device_map={"": "cpu"},
+        quantization_config=quantization_config(precision, config["bnb_4bit_quant_storage"]))
     disable_cpu_weight_repacking(base)
     model = PeftModel.from_pretrained(base, run_dir / "best").eval()
     with torch.no_grad():
@@ -378,15 +380,15 @@ def test_qlora_adapter_is_evaluated_and_generates_as_trained(qlora_run, qlora_me
 
 
 def test_qlora_without_bitsandbytes_is_a_clear_error_naming_the_original_base(qlora_run, tmp_path, monkeypatch):
-    from train import adapters
+    from train.after import loading, merge
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     out = tmp_path / "merged"
-    with pytest.raises(adapters.AdapterError, match="needs bitsandbytes.*--qlora-base original"):
-        adapters.merge_adapter(qlora_run / "best", out, log=lambda message: None)
+    with pytest.raises(loading.AdapterError, match="needs bitsandbytes.*--qlora-base original"):
+        merge.merge_adapter(qlora_run / "best", out, log=lambda message: None)
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(adapters.AdapterError, match="--qlora-base original"):
-        adapters.load_adapter(qlora_run / "best", device=torch.device("cpu"))
+    with pytest.raises(loading.AdapterError, match="--qlora-base original"):
+        loading.load_adapter(qlora_run / "best", device=torch.device("cpu"))
 
 
 def test_lora_and_qlora_adapters_are_not_evaluated_on_one_base(run_dir, qlora_run):

@@ -27,6 +27,8 @@ def unavailable_reason():
 def slurm_cluster():
     """(root, env): env has SLURM_CONF set; the cluster has nodes n1 and n2 (8 CPUs each) in partition debug."""
     reason = unavailable_reason()
+    if reason and os.environ.get("FTL_REQUIRE_SLURM") == "1":
+        pytest.fail(f"FTL_REQUIRE_SLURM=1 (set by .ci/run) but no local Slurm can start: {reason}")
     if reason:
         pytest.skip(f"no local Slurm: {reason}")
     # Not under pytest's tmp: munged (user munge) must be able to reach its socket directory.

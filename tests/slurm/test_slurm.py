@@ -39,7 +39,8 @@ def submit_cmd(*extra):
 
 def submit(env, out_dir, max_steps, *overrides):
     proc = subprocess.run(submit_cmd("--nodes", "2", "--gpus-per-node", "0", "--time", "00:15:00",
-                                     "--max_steps", str(max_steps), "--output_dir", str(out_dir), *overrides),
+                                     "--max_steps", str(max_steps), "--logging_steps", "1",
+                                     "--output_dir", str(out_dir), *overrides),
                           cwd=REPO, env=job_env(env), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     match = re.search(r"submitted job (\d+)", proc.stdout)
@@ -312,9 +313,12 @@ def test_resumed_runs_match_the_uninterrupted_run_step_for_step(jobs):
     plain, *interrupted = (read_history(jobs[n].run_dir) for n in ("plain", "requeue", "signal"))
     assert plain and all(interrupted)
     expected = {r["step"]: r["loss"] for r in plain["records"]}
-    for history in interrupted:
+    assert sorted(expected) == list(range(1, PLAIN_STEPS + 1)), "every step is logged"
+    for name, history in zip(("requeue", "signal"), interrupted):
+        resumed = history["metadata"].get("resumed_at_steps")
+        assert resumed and resumed[0] >= jobs[name].acted_at_step, (name, resumed, jobs[name].acted_at_step)
         losses = {r["step"]: r["loss"] for r in history["records"]}
         assert losses.keys() == expected.keys()
         for step in losses:
-            assert losses[step] == pytest.approx(expected[step], rel=1e-4), step
+            assert losses[step] == pytest.approx(expected[step], rel=1e-4), (name, step)
         assert history["evals"][-1]["eval_loss"] == pytest.approx(plain["evals"][-1]["eval_loss"], rel=1e-4)
