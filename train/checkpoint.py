@@ -60,8 +60,8 @@ def resume_problem(cfg, checkpoint, total_steps):
     """Why checkpoint `checkpoint` should not be continued silently, or None."""
     differences = resume_differences(checkpoint, training_identity(cfg))
     step = int(checkpoint.name.split("-")[-1])
-    fix = (f"start fresh with --resume never (the checkpoint is overwritten) or another --run_name, or continue "
-           f"it anyway with --resume always")
+    fix = ("start fresh with --resume never (the checkpoint is overwritten) or another --run_name, or continue "
+           "it anyway with --resume always")
     if differences:
         lines = "\n".join(f"  - {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences)
         return (f"{checkpoint} was trained with other settings than this run:\n{lines}\nNothing was trained; {fix}")

@@ -3,8 +3,8 @@ before the output directory appears."""
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.after.loading import (AdapterError, check_adapter_dir, has_tokenizer, is_qlora, load_base_for,
-                                 load_causal_lm, load_tokenizer_from, pick_device, prepare_adapters,
+from train.after.loading import (TRAINING_INFO, AdapterError, check_adapter_dir, has_tokenizer, is_qlora,
+                                 load_base_for, load_causal_lm, load_tokenizer_from, pick_device, prepare_adapters,
                                  read_training_info, require_bitsandbytes, resolve_base, uses_dequantized_base)
 from train.dtypes import dtype_name, torch_dtype
 

@@ -2,6 +2,8 @@
 recipe the resolved config names, leave the process group on every path."""
 import importlib
 
+import torch
+
 from train.config import ConfigError
 from train.distributed import init_distributed, shutdown_distributed
 from train.guards import StopSignal
@@ -19,6 +21,7 @@ def run(cfg):
         if ctx.world != cfg.world_size:
             raise ConfigError(f"the run config was resolved for {cfg.world_size} processes but {ctx.world} started; "
                               f"launch with the same number of processes (bash launch/train_*.sh does)")
+        torch.manual_seed(cfg.seed + ctx.rank)  # adapters' initial values, dropout: the same on every rerun
         return importlib.import_module(RECIPE_MODULES[cfg.recipe]).run(cfg, ctx, stop)
     finally:
         # On every path, errors included: left to interpreter teardown, gloo's worker threads abort the process
