@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from train.estimate.model_states import NF4_BYTES_PER_PARAM, dtype_bytes, lora_dtype_bytes
 from train.estimate.parameters import layer_linears, lora_target_names
 
+ZERO3_MAX_LIVE_PARAMETERS = int(1e9)  # DeepSpeed's default, and ds_configs/zero3.json's
+
 
 @dataclass
 class ActivationShape:
@@ -163,11 +165,19 @@ def transient_terms(arch, spec, counts, precision, one_layer):
     if spec.gradient_checkpointing:
         terms["recomputed_layer"] = one_layer
     if spec.zero == 3:
-        trainable_share = 1 if spec.mode == "full" else 0
-        prefetch = spec.prefetch_bucket_size or int(0.9 * arch.hidden_size ** 2)
-        largest_bytes = counts.largest_module * (NF4_BYTES_PER_PARAM if spec.mode == "qlora" else e)
-        terms["zero3_gathered_parameters"] = largest_bytes + counts.largest_module * e * trainable_share + \
-            prefetch * e
+        terms["zero3_gathered_parameters"] = zero3_live_bytes(spec, counts, e)
     return terms
 
 
+
+
+def zero3_live_bytes(spec, counts, e):
+    """Gathered parameters ZeRO-3 holds in the backward phase: with stage3_max_reuse_distance at 1e9 a parameter
+    gathered for the forward is kept for its backward use, up to stage3_max_live_parameters of them (1e9: about
+    2 GB in 16-bit, as the DeepSpeed guide of transformers says); adapters are never gathered (whole on every rank,
+    below the persistence threshold). Plus the full-size gradient of the largest module before its reduce-scatter
+    when it trains."""
+    base = counts.total - counts.lora
+    live = min(base, spec.max_live_parameters or ZERO3_MAX_LIVE_PARAMETERS)
+    bytes_per_param = (counts.quantized * NF4_BYTES_PER_PARAM + (base - counts.quantized) * e) / base
+    return live * bytes_per_param + (counts.largest_module * e if spec.mode == "full" else 0)

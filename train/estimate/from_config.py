@@ -74,14 +74,14 @@ def deepspeed_zero_settings(config):
 
 
 def with_deepspeed_settings(spec, config):
-    """Bucket sizes and overlap_comm where the DeepSpeed settings give concrete values (our files say "auto")."""
+    """The reduce bucket, ZeRO-3's live-parameter limit and overlap_comm where the DeepSpeed settings give concrete values (our files say "auto")."""
     zero = deepspeed_zero_settings(config)
     if not zero:
         return spec
     numbers = {k: int(v) for k, v in zero.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     overlap = zero.get("overlap_comm", "auto")
     return replace(spec, reduce_bucket_size=numbers.get("reduce_bucket_size"),
-                   prefetch_bucket_size=numbers.get("stage3_prefetch_bucket_size"),
+                   max_live_parameters=numbers.get("stage3_max_live_parameters"),
                    overlap_comm=spec.overlap_comm if overlap == "auto" else bool(overlap))
 
 

@@ -41,7 +41,7 @@ class RunSpec:
     max_steps: int = None
     margin: float = DEFAULT_MARGIN
     reduce_bucket_size: int = None  # elements; None: hidden^2 as our ds_configs fill "auto"
-    prefetch_bucket_size: int = None
+    max_live_parameters: int = None  # ZeRO-3's stage3_max_live_parameters; None: 1e9
     fill: float = None
     liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy outside ZeRO-3)
 

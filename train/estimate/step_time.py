@@ -5,7 +5,7 @@ from train.estimate.activations import activation_shape
 from train.estimate.calibration import calibration_factor
 from train.estimate.devices import CPU_MEMORY_GBPS_PER_RANK, inter_node_busbw
 from train.estimate.model_states import NF4_BYTES_PER_PARAM
-from train.estimate.parameters import layer_linears
+from train.estimate.parameters import layer_linears, lora_target_names
 
 OPTIMIZER_BYTES_PER_PARAM = 60  # DeepSpeed step: gradient flatten, norm, clip, AdamW, copy back to 16-bit
 # Per transformer layer and pass (forward, backward, recompute): python dispatch, kernel launches, hooks. Priors
@@ -30,9 +30,10 @@ def attention_flops_per_token(arch, spec, masked):
 
 def flops_per_token(arch, spec, counts, masked):
     """Training FLOPs per (padded) token: forward 2N; backward 4N for full fine-tunes (input and weight
-    gradients), 2N for LoRA (input gradients only, frozen weights); recompute adds a forward of the layers."""
+    gradients), 2N for LoRA (input gradients only, frozen weights); recompute adds a forward of the layers but
+    what checkpointing skips."""
     n = counts.matmul_per_token
-    n_layers = n - arch.vocab_size * arch.hidden_size
+    n_layers = n - arch.vocab_size * arch.hidden_size - recompute_skipped_per_token(arch, spec)
     attn = attention_flops_per_token(arch, spec, masked)
     lora = counts.lora if spec.mode != "full" else 0
     forward = 2 * n + attn + 2 * lora
@@ -40,6 +41,15 @@ def flops_per_token(arch, spec, counts, masked):
     recompute = (2 * n_layers + attn + 2 * lora) if spec.gradient_checkpointing else 0
     return {"forward": forward, "backward": backward, "recompute": recompute,
             "total": forward + backward + recompute, "model_6n": 6 * counts.total}
+
+
+def recompute_skipped_per_token(arch, spec):
+    """Weights per token the recompute does not multiply: torch's non-reentrant checkpoint stops a layer's
+    recompute once every tensor it saved is back, so the last matmul (down_proj, whose output nothing saves) is
+    skipped unless a LoRA adapter on it runs after it (measured with torch's FlopCounterMode)."""
+    if arch.is_moe or (spec.mode != "full" and "down_proj" in lora_target_names(arch, spec.lora_targets)):
+        return 0
+    return arch.num_hidden_layers * arch.hidden_size * arch.intermediate_size
 
 
 def comm_seconds(spec, device, counts, e, interconnect):
