@@ -83,13 +83,13 @@ def packed_rows(n, seq):
     return rows
 
 
-def build_model(name, mode, checkpointing):
+def build_model(name, mode, checkpointing, attn_implementation="sdpa"):
     from transformers import AutoModelForCausalLM
 
     from train.tiny import resolve_model_path
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation=attn_implementation)
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
