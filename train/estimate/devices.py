@@ -45,13 +45,14 @@ def known_interconnects():
     return sorted(k for k in _gpu_table()["interconnects"] if not k.startswith("_"))
 
 
-def cpu_device(procs_per_node=1):
-    """This machine's CPU, shared by `procs_per_node` ranks: its RAM split between them, one core each."""
+def cpu_device(procs_per_node=1, cores=None):
+    """This machine's CPU, shared by `procs_per_node` ranks: its RAM and its cores (`cores`, default this
+    machine's count, e.g. another machine's to re-predict its measurements) split between them."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     except (ValueError, OSError, AttributeError):
         ram = 16.0
-    cores = os.cpu_count() or 1
+    cores = cores or os.cpu_count() or 1
     per_rank_cores = max(1, cores // max(1, procs_per_node))
     gflops = CPU_PEAK_GFLOPS_PER_CORE * per_rank_cores
     return Device(name="cpu", memory_gib=ram / max(1, procs_per_node),
