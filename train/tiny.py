@@ -154,7 +154,7 @@ def random_shape_config(arch_key):
     """A transformers config of the exact shape of a real architecture (from the estimator's offline table)."""
     from transformers import AutoConfig
 
-    from train.estimate.arch_table import ARCHITECTURES
+    from train.estimate import ARCHITECTURES
 
     if arch_key not in ARCHITECTURES:
         raise ValueError(f"unknown architecture '{arch_key}' for random:; known: {', '.join(sorted(ARCHITECTURES))}")

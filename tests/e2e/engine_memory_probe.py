@@ -164,8 +164,6 @@ def train_two_steps(config, world, snapshot, peak):
         engine.backward(engine(**batch).loss)
         engine.step()
     inner.step = real_step
-    del engine, model, keepalive
-    gc.collect()
 
 
 def measure_combo(mode, zero, flags, world):
@@ -180,6 +178,7 @@ def measure_combo(mode, zero, flags, world):
         measured["peak"] = peak_of(profiler)
     else:
         train_two_steps(config, world, measured, peak)
+    gc.collect()  # the engine of this combination goes before the next one is built
     result = estimate(spec_from_config(config, world, 1, gpu="cpu"), with_alternatives=False)
     predicted = {k: result.memory[k] for k in ("weights", "gradients_at_step", "optimizer")}
     # the peak without the margin and the runtime (python, torch, DeepSpeed themselves: not tensors)

@@ -21,6 +21,7 @@ step_time, calibration, estimator, report, from_config (+ dataset_size), measure
 Importing this package never imports torch; a model given by a config.json does (transformers' AutoConfig).
 """
 from train.estimate.activations import activation_terms, transient_terms
+from train.estimate.arch_table import ARCHITECTURES
 from train.estimate.architectures import (Architecture, architecture_from_config, architecture_from_table,
                                           known_models, load_architecture)
 from train.estimate.calibration import (calibration_factor, calibration_key, calibration_path, fit_calibration,
@@ -40,12 +41,12 @@ from train.estimate.step_time import flops_per_token
 from train.estimate.trainer_log import EstimateLog, log_estimate_vs_measured
 
 __all__ = [
-    "Architecture", "BaseCounts", "Device", "Estimate", "EstimateError", "EstimateLog", "GIB", "ParamCounts",
-    "RunSpec", "activation_terms", "architecture_from_config", "architecture_from_table", "base_counts_from_shapes",
-    "calibrate_from_history", "calibration_factor", "calibration_key", "calibration_path", "count_params",
-    "cpu_device", "detect_device", "device_from_cuda_name", "estimate", "estimate_from_config", "fit_calibration",
-    "flops_per_token", "format_hours", "known_gpus", "known_interconnects", "known_models", "liger_expected",
-    "load_architecture", "load_calibration", "log_estimate_vs_measured", "measured_step_time",
+    "ARCHITECTURES", "Architecture", "BaseCounts", "Device", "Estimate", "EstimateError", "EstimateLog", "GIB",
+    "ParamCounts", "RunSpec", "activation_terms", "architecture_from_config", "architecture_from_table",
+    "base_counts_from_shapes", "calibrate_from_history", "calibration_factor", "calibration_key", "calibration_path",
+    "count_params", "cpu_device", "detect_device", "device_from_cuda_name", "estimate", "estimate_from_config",
+    "fit_calibration", "flops_per_token", "format_hours", "known_gpus", "known_interconnects", "known_models",
+    "liger_expected", "load_architecture", "load_calibration", "log_estimate_vs_measured", "measured_step_time",
     "measurement_overrides", "nf4_tensor_bytes", "peak_memory", "preflight_text", "render_table", "resolve_device",
     "resolve_gradient_checkpointing", "run_measurement", "save_calibration", "spec_from_config", "spec_from_history",
     "total_optimizer_steps", "transient_terms",

@@ -162,7 +162,8 @@ def detect_device(nproc):
             name = torch.cuda.get_device_name(0)
             device = device_from_cuda_name(name, torch.cuda.get_device_properties(0).total_memory)
             if device is None:
-                raise EstimateError(f"GPU '{name}' is not in train/estimate/gpu_table.json; known: {', '.join(known_gpus())}")
+                raise EstimateError(f"GPU '{name}' is not in train/estimate/gpu_table.json; known: "
+                                    f"{', '.join(known_gpus())}")
             return device
     except ImportError:
         pass

@@ -74,7 +74,8 @@ def deepspeed_zero_settings(config):
 
 
 def with_deepspeed_settings(spec, config):
-    """The reduce bucket, ZeRO-3's live-parameter limit and overlap_comm where the DeepSpeed settings give concrete values (our files say "auto")."""
+    """The reduce bucket, ZeRO-3's live-parameter limit and overlap_comm where the DeepSpeed settings give
+    concrete values (our files say "auto")."""
     zero = deepspeed_zero_settings(config)
     if not zero:
         return spec

@@ -43,7 +43,8 @@ def nf4_tensor_bytes(numel):
     """(packed weight bytes, quant_state bytes) of one tensor in NF4 with double quantisation: two weights per
     byte; one uint8 absmax per 64 weights; one fp32 absmax per 256 of those; the code books and the offset."""
     blocks = math.ceil(numel / NF4_BLOCK)
-    return math.ceil(numel * NF4_BYTES_PER_PARAM), blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + QUANT_STATE_FIXED_BYTES
+    nested = math.ceil(blocks / NESTED_BLOCK)
+    return math.ceil(numel * NF4_BYTES_PER_PARAM), blocks + 4 * nested + QUANT_STATE_FIXED_BYTES
 
 
 def quantized_bytes(counts):
