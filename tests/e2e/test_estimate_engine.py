@@ -65,7 +65,7 @@ def test_peak_tensor_bytes_per_rank_match_torchs_allocation_counter(engine_memor
     for rank, measured in enumerate(result["measured"]):
         error = estimated / measured["peak"] - 1
         assert abs(error) <= PEAK_TOLERANCE, \
-            f"{combo} rank {rank}: estimated peak {estimated:.0f} bytes, torch allocated {measured['peak']} ({error:+.1%})"
+            f"{combo} rank {rank}: estimated {estimated:.0f} bytes, torch's peak {measured['peak']} ({error:+.1%})"
 
 
 # ------------------------------------------------------------------ activations
