@@ -34,13 +34,16 @@ def build_meta_model(config, source):
 
 
 def decoder_layers(model, count):
-    """The decoder's layer list (the language model's, beside a vision tower's blocks)."""
+    """(the decoder, its layer list): the language model's, beside a vision tower's blocks."""
     from torch import nn
 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers) == count:
-        return decoder, layers
+    candidates = [("", decoder)] if decoder is not None else []
+    candidates += [(name, module) for name, module in model.named_modules() if "vis" not in name]
+    for _, module in candidates:
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) == count:
+            return module, layers
     raise EstimateError(f"cannot find the {count} decoder layers of {type(model).__name__}; the estimator supports "
                         f"decoder-only transformers (Llama, Qwen, Mistral, Gemma, Qwen-VL, ...)")
 
