@@ -144,7 +144,7 @@ def train_two_steps(config, world, snapshot, peak):
     ds_config = resolve_ds_config(config, world, hidden_size_of(model_config(config)), precision)
     model, keepalive = load_model(config, precision, ds_config, torch.device("cpu"))
     engine = build_engine(model, config, ds_config)
-    gc.collect()  # loading leaves collectable garbage (the checkpoint's tensors, in reference cycles)
+    gc.collect()  # what loading left for the garbage collector is not part of the training peak
     inner = engine.optimizer.optimizer
     real_step = inner.step
 
