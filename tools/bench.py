@@ -14,7 +14,7 @@ Cases:
   ours-qlora  QLoRA (NF4, double quant) with our defaults: step time against `ours`
   ours-full   full fine-tune of --full-model (a shape that fits one GPU with ZeRO-2): MFU
   ours-full-bucket5e8   the same with DeepSpeed's reduce_bucket_size at 5e8 elements (DeepSpeed's own default)
-FLOP accounting (MFU = model FLOPs per second / the GPU's dense bf16 peak from train/gpu_table.json): per token
+FLOP accounting (MFU = model FLOPs per second / the GPU's dense bf16 peak from train/estimate/gpu_table.json): per token
 6N (full) or 4N (LoRA: forward 2N, input gradients 2N; frozen weights get no weight gradient) with N all
 parameters, plus attention 12 x layers x seq x hidden (PaLM's convention, no causal discount); recomputation by
 gradient checkpointing is not counted.

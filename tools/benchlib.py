@@ -87,10 +87,12 @@ def measured(history, warmup):
 
 def predict(config, nproc, device, calibration, margin=0.0):
     """The estimator's figures for this run config (no memory margin: compared with what the GPU held)."""
-    from train.config import load_config
+    from train.config import resolve_run_config
+    from train.config.machine import named
     from train.estimate import estimate, spec_from_config
 
-    spec = spec_from_config(load_config(None, config), nproc, 1, gpu=device.name)
+    resolved = resolve_run_config(None, config, procs_per_node=nproc, machine=named(device.name), require_model=False)
+    spec = spec_from_config(resolved.as_dict(), nproc, 1, gpu=device.name)
     spec = replace(spec, max_steps=1, margin=margin)
     return estimate(spec, calibration=calibration, device=device, with_alternatives=False)
 

@@ -135,9 +135,10 @@ def wait_for_quiet(max_load, limit_s=180):
 
 
 def _default_nproc():
-    from train.launch import processes_per_node
+    from train.config.machine import detect
+    from train.config.resolve import default_procs_per_node
 
-    return processes_per_node({})
+    return default_procs_per_node(detect())
 
 
 def render(rows, args, device):

@@ -36,7 +36,7 @@ def build_model(model_ref):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from train.tiny import is_builtin, resolve_model_path
+    from train.models.tiny import is_builtin, resolve_model_path
 
     path = resolve_model_path(model_ref)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -54,8 +54,8 @@ def build_model(model_ref):
 def build_dataset(path, model_ref, seq_len, rows_needed):
     import torch
 
-    from train.data import tokenize_text_blocks
-    from train.tiny import resolve_model_path
+    from train.data.text import tokenize_text_blocks
+    from train.models.tiny import resolve_model_path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))

@@ -1,5 +1,6 @@
 """tools/estimate_time.py --measure: real steps of the configured run through the launcher and the trainer refit the
-throughput term, and later estimates use the saved calibration."""
+throughput term; the calibrated estimate of another configuration is checked against that configuration's own
+measured run."""
 import json
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from tests.conftest import REPO, launcher_env
 
 pytestmark = pytest.mark.slow
 
-CONFIG = str(REPO / "configs" / "tiny_lora.yaml")
+CONFIG = str(REPO / "configs" / "tiny_lora.yaml")  # micro-batch 4, rows of 256 tokens
+BIGGER_MICRO_BATCH = 12
+CALIBRATED_TOLERANCE = 0.35
 
 
 def estimate_time(*args):
@@ -20,21 +23,36 @@ def estimate_time(*args):
     return json.loads(proc.stdout)
 
 
-def test_measure_refits_on_real_steps_and_later_estimates_use_it(tmp_path):
-    calibration = tmp_path / "calibration.json"
-    measured = estimate_time("--config", CONFIG, "--measure", 4, "--calibration", calibration)
-    note = measured["calibration"]
-    assert note["measured_step_time_s"] > 0 and note["key"] == "cpu/fp32"
-    assert note["factor"] == pytest.approx(note["measured_step_time_s"] / note["cold_step_time_s"], rel=0.25)
-    assert measured["step_time_calibrated_s"] == pytest.approx(note["measured_step_time_s"], rel=0.02), \
-        "re-predicting the measured run gives the measurement back"
+def calibrated_prediction_error(tmp_path, attempt):
+    """Calibrate on the config as it is, predict the bigger micro-batch, measure it: (error, description)."""
+    calibration = tmp_path / f"calibration{attempt}.json"
+    base = estimate_time("--config", CONFIG, "--measure", 4, "--calibration", calibration)["calibration"]
     saved = json.loads(calibration.read_text())["cpu/fp32"]
-    assert saved["source"] == "estimate-measure" and saved["factor"] == pytest.approx(note["factor"])
+    assert base["key"] == "cpu/fp32" and saved["source"] == "estimate-measure"
+    assert saved["factor"] == pytest.approx(base["factor"]) and saved["measured_step_time_s"] > 0
+    predicted = estimate_time("--config", CONFIG, "--calibration", calibration, "--micro-batch", BIGGER_MICRO_BATCH)
+    assert predicted["calibration_factor"] == pytest.approx(saved["factor"]), "later estimates use the calibration"
+    bigger = estimate_time("--config", CONFIG, "--micro-batch", BIGGER_MICRO_BATCH, "--measure", 4,
+                           "--calibration", tmp_path / f"bigger{attempt}.json")["calibration"]
+    error = predicted["step_time_s"] / bigger["measured_step_time_s"] - 1
+    return error, (f"micro-batch 4 measured {base['measured_step_time_s']:.3f} s/step; micro-batch "
+                   f"{BIGGER_MICRO_BATCH} predicted {predicted['step_time_s']:.3f}, measured "
+                   f"{bigger['measured_step_time_s']:.3f} ({error:+.0%})")
 
-    later = estimate_time("--config", CONFIG, "--calibration", calibration)
-    assert later["step_time_s"] == pytest.approx(note["measured_step_time_s"], rel=0.02)
-    bigger = estimate_time("--config", CONFIG, "--calibration", calibration, "--micro-batch", 8)
-    assert bigger["step_time_s"] > 1.5 * later["step_time_s"], "the calibrated model still scales with the work"
+
+def test_calibrated_on_one_run_it_predicts_another_micro_batch(tmp_path):
+    """Calibrate on real steps of the config as it is (micro-batch 4), predict micro-batch 12 (three times the work
+    per step; the per-step and per-layer overheads do not grow), then measure micro-batch 12 for real. The two
+    runs are measured one after the other on a machine other jobs share: a pair whose runs met different loads
+    (seen here: 2.4x apart) is measured once more. Quiet, the error is within 7% (docs/estimation.md); an estimate
+    that did not scale with the work would be off by about 3x on every attempt."""
+    attempts = []
+    for attempt in range(2):
+        error, description = calibrated_prediction_error(tmp_path, attempt)
+        attempts.append(description)
+        if abs(error) <= CALIBRATED_TOLERANCE:
+            return
+    pytest.fail("calibrated prediction off on every attempt: " + "; ".join(attempts))
 
 
 def test_json_on_stdout_stays_json_while_the_model_cache_is_built(tmp_path):

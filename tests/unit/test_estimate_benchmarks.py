@@ -1,0 +1,109 @@
+"""The estimator re-predicts the measured runs kept in docs/benchmarks/ (no run here: the measurements are data)
+and stays within the tolerances docs/estimation.md states for them ("Checked against measurements")."""
+import argparse
+import json
+
+import pytest
+
+from tests.conftest import REPO
+from tools.benchlib import predict
+from train.estimate import cpu_device, fit_calibration, resolve_device
+
+BENCHMARKS = REPO / "docs" / "benchmarks"
+GPU_MEMORY_TOLERANCE = 0.10       # predicted peak without margin vs the largest reserved peak
+GPU_COLD_TIME_TOLERANCE = 0.20    # gpu_matrix, ZeRO-2 and full ZeRO-3
+GPU_CALIBRATED_TOLERANCE = 0.11   # gpu_matrix, leave-one-out median factor
+LIGER_COLD_TIME_TOLERANCE = 0.35  # bench, Liger's kernels: the cold estimate runs high (one MFU factor)
+CPU_COLD_TOLERANCE = 0.20
+CPU_CALIBRATED_TOLERANCE = 0.15
+# Measured before LoRA adapters stayed whole under ZeRO-3 (persistence threshold): the adapters were gathered per
+# module on every pass then (docs/benchmarks.md), which today's runs do not do.
+GPU_MATRIX_STALE_TIMES = {"lora-z3", "qlora-z3"}
+
+
+def relative_error(predicted, measured):
+    return predicted / measured - 1
+
+
+def gpu_matrix_rows():
+    cases = json.loads((BENCHMARKS / "gpu_matrix_h200.json").read_text())["cases"]
+    device = resolve_device("H200")
+    # measured before the trainer applied Liger's kernels
+    return [(case, predict(dict(case["config"], liger_kernel=False), case["processes"], device, {}), device)
+            for case in cases if "step_time_s" in case]
+
+
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+@pytest.fixture(scope="module")
+def gpu_matrix():
+    return gpu_matrix_rows()
+
+
+def test_gpu_matrix_memory_within_tolerance(gpu_matrix):
+    for case, cold, _ in gpu_matrix:
+        error = relative_error(cold.peak_bytes / 2**30, case["peak_reserved_gib"])
+        assert abs(error) <= GPU_MEMORY_TOLERANCE, (case["case"], error)
+
+
+def test_gpu_matrix_cold_and_calibrated_step_times_within_tolerance(gpu_matrix):
+    timed = [(case, cold, device) for case, cold, device in gpu_matrix if case["case"] not in GPU_MATRIX_STALE_TIMES]
+    factors = {case["case"]: fit_calibration(cold, case["step_time_s"], case["case"])["factor"]
+               for case, cold, _ in timed}
+    for case, cold, device in timed:
+        assert abs(relative_error(cold.step_time_s, case["step_time_s"])) <= GPU_COLD_TIME_TOLERANCE, case["case"]
+        factor = median(f for name, f in factors.items() if name != case["case"])  # no case predicts itself
+        calibration = {f"{device.name}/{cold.precision}": {"factor": factor}}
+        calibrated = predict(dict(case["config"], liger_kernel=False), case["processes"], device, calibration)
+        error = relative_error(calibrated.step_time_s, case["step_time_s"])
+        assert abs(error) <= GPU_CALIBRATED_TOLERANCE, (case["case"], error)
+
+
+def bench_cases():
+    found = []
+    for name in ("bench_h200_run1.json", "bench_h200_run3.json"):
+        for case in json.loads((BENCHMARKS / name).read_text())["cases"]:
+            if case.get("config") and "step_time_s" in case:  # our trainer's cases (the HF baseline has none)
+                found.append(pytest.param(case, id=f"{name}:{case['case']}"))
+    return found
+
+
+@pytest.mark.parametrize("case", bench_cases())
+def test_bench_runs_with_liger_within_tolerance(case):
+    """Our trainer at its defaults on one H200 (Liger's kernels, checkpointing auto). The full fine-tune (Qwen2.5-3B
+    shape) reserved 15.7 GiB beyond what it allocated, more than the 10% margin: its memory is checked against the
+    allocated peak; its step time is not (23.5% MFU measured against the 40% assumed: docs/benchmarks.md)."""
+    cold = predict(case["config"], 1, resolve_device("H200"), {})
+    full = case["config"]["mode"] == "full"
+    peak = case["peak_allocated_gib"] if full else case["peak_reserved_gib"]
+    assert abs(relative_error(cold.peak_bytes / 2**30, peak)) <= GPU_MEMORY_TOLERANCE
+    if not full:
+        assert abs(relative_error(cold.step_time_s, case["step_time_s"])) <= LIGER_COLD_TIME_TOLERANCE
+
+
+def test_cpu_accuracy_cases_within_tolerance():
+    """tools/estimate_accuracy.py's cases on the 2-core machine docs/estimation.md describes: calibrated on the
+    first case, the seven others predicted."""
+    from tools.estimate_accuracy import CASES, case_config
+
+    measured = json.loads((BENCHMARKS / "estimate_accuracy_cpu.json").read_text())["cases"]
+    args = argparse.Namespace(model="builtin:small-llama", dataset="data/tiny_instruct.jsonl", seq_len=256,
+                              micro_batch=2)
+    device = cpu_device(2, cores=2)
+    calibration = None
+    for (label, change), case in zip(CASES, measured, strict=True):
+        assert case["label"] == label
+        config = case_config(args, change)
+        cold = predict(config, 2, device, {})
+        assert abs(relative_error(cold.step_time_s, case["measured_s"])) <= CPU_COLD_TOLERANCE, label
+        if calibration is None:
+            entry = fit_calibration(cold, case["measured_s"], label)
+            calibration = {entry["key"]: entry}
+            continue
+        calibrated = predict(config, 2, device, calibration)
+        assert abs(relative_error(calibrated.step_time_s, case["measured_s"])) <= CPU_CALIBRATED_TOLERANCE, label
+

@@ -1,0 +1,102 @@
+"""Memory of the model states per rank: weights (16-bit, fp32, or NF4 with double quantisation), gradients (by phase:
+backward, optimizer step), the optimizer's fp32 master weights and Adam moments, and host memory with offload."""
+import math
+from dataclasses import replace
+
+NF4_BLOCK = 64            # weights per absmax (bitsandbytes' blocksize for 4-bit)
+NESTED_BLOCK = 256        # absmax values per fp32 absmax of the double quantisation
+# Per tensor: the NF4 code book (16 fp32), the nested code book (256 fp32) and the nested offset (one fp32).
+QUANT_STATE_FIXED_BYTES = 16 * 4 + 256 * 4 + 4
+NF4_BYTES_PER_PARAM = 0.5  # two weights per byte (what ZeRO-3 gathers of a QLoRA model)
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32
+MASTER_BYTES = 4
+
+
+def resolve_precision(spec, device):
+    if spec.precision != "auto":
+        return spec.precision
+    if device.kind == "cpu":
+        return "fp32"
+    return "bf16" if device.tflops.get("bf16") else "fp16"
+
+
+def dtype_bytes(precision):
+    return 4 if precision == "fp32" else 2
+
+
+def reduce_bucket(spec, arch):
+    return spec.reduce_bucket_size or arch.hidden_size ** 2
+
+
+def lora_dtype_bytes(spec, e):
+    """peft creates adapters in fp32. DeepSpeed casts every parameter to the compute dtype unless the model was
+    built inside zero.Init (ZeRO-3 LoRA): then the adapters stay fp32. A 4-bit model is not built inside zero.Init,
+    so QLoRA's adapters are cast (both measured with DeepSpeed 0.19)."""
+    return 4 if spec.zero == 3 and spec.mode == "lora" else e
+
+
+def zero3_partitions_at_load(spec):
+    return spec.zero == 3 and spec.mode != "qlora"
+
+
+def nf4_tensor_bytes(numel):
+    """(packed weight bytes, quant_state bytes) of one tensor in NF4 with double quantisation: two weights per
+    byte; one uint8 absmax per 64 weights; one fp32 absmax per 256 of those; the code books and the offset."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    nested = math.ceil(blocks / NESTED_BLOCK)
+    return math.ceil(numel * NF4_BYTES_PER_PARAM), blocks + 4 * nested + QUANT_STATE_FIXED_BYTES
+
+
+def quantized_bytes(counts):
+    """NF4 storage of the quantised weights and their quant_state, summed over the tensors."""
+    packed = state = 0
+    for numel in counts.quantized_sizes:
+        tensor_packed, tensor_state = nf4_tensor_bytes(numel)
+        packed, state = packed + tensor_packed, state + tensor_state
+    return packed, state
+
+
+def weight_bytes(spec, counts, e):
+    """Parameter bytes held by one rank at the optimizer step: whole under ZeRO-2, 1/N under ZeRO-3 (small
+    "persistent" parameters are partitioned too at that point: measured)."""
+    lora = counts.lora * lora_dtype_bytes(spec, e)
+    base = counts.total - counts.lora
+    if spec.mode == "qlora":
+        packed, state = quantized_bytes(counts)  # quant_state tensors are not parameters: never sharded
+        dense = (base - counts.quantized) * e
+        return (packed + dense + lora) / (spec.world if spec.zero == 3 else 1) + state
+    if spec.zero == 3:
+        return 0.0 if spec.offload else (base * e + lora) / spec.world  # offload_param: partitions in CPU memory
+    return base * e + lora
+
+
+def gradient_bytes(spec, arch, counts, e):
+    """(bytes in the backward phase, bytes during the optimizer step) on one rank. Backward: the rank's gradient
+    partition in the compute dtype and the reduce bucket(s). Step: ZeRO-2 frees both and holds the fp32 copy of
+    the partition; ZeRO-3 keeps them and adds the fp32 copy (both measured in DeepSpeed 0.19)."""
+    partition = counts.trainable / spec.world
+    buckets = reduce_bucket(spec, arch) * e * (2 if spec.overlap_comm and spec.zero == 2 else 1)
+    if spec.offload:
+        return buckets, 0.0  # the partition gradients go to pinned CPU buffers
+    backward = partition * e + buckets
+    fp32_copy = partition * 4
+    return backward, fp32_copy + (backward if spec.zero == 3 else 0.0)
+
+
+def optimizer_bytes(spec, counts):
+    if spec.offload:
+        return 0.0
+    return counts.trainable / spec.world * (MASTER_BYTES + ADAM_STATE_BYTES)
+
+
+def host_bytes_per_node(spec, counts, e):
+    """Host (CPU) memory per node beyond the processes themselves: offloaded states, and for QLoRA under ZeRO-3
+    the whole model each rank loads (not built inside zero.Init) before DeepSpeed partitions it."""
+    per_rank = 0.0
+    if spec.offload:
+        per_rank += counts.trainable / spec.world * (MASTER_BYTES + ADAM_STATE_BYTES + 4)
+        if spec.zero == 3:
+            per_rank += counts.total * e / spec.world
+    if spec.zero == 3 and not zero3_partitions_at_load(spec):
+        per_rank += weight_bytes(replace(spec, zero=2), counts, e)
+    return per_rank * spec.gpus_per_node

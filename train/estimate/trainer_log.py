@@ -1,0 +1,65 @@
+"""The trainer's log lines: the estimate when training starts and the measured step time after warm-up, both
+recorded under metadata.estimate in training_history.json."""
+import os
+
+from train.estimate.from_config import estimate_from_config
+from train.estimate.inputs import GIB, WARMUP_STEPS
+
+
+class EstimateLog:
+    """Logs the estimate when training starts and the measured step time after warm-up (once), and records both
+    in the history metadata. Rank 0 only. Never raises: an estimate problem must not stop a run."""
+
+    def __init__(self, config, world, history=None, measured_steps=3):
+        self.history, self.measured_steps, self.seen, self.times, self.result = history, measured_steps, 0, [], None
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        try:
+            nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+            self.result = estimate_from_config(config, world // nnodes, nnodes)
+        except Exception as error:  # noqa: BLE001 - logging only
+            self._say(f"estimate: unavailable ({type(error).__name__}: {error})")
+            return
+        if self.result is None:
+            return
+        self._say(f"estimate: {self.result.peak_bytes / GIB:.2f} GiB peak per rank, "
+                  f"{self.result.step_time_s:.3f} s/step "
+                  f"({'calibrated' if self.result.timing['calibration_factor'] else 'cold'}, "
+                  f"{self.result.device.name})")
+        self._record({"nnodes": nnodes, "predicted_step_time_s": self.result.step_time_s,
+                      "predicted_peak_gib": self.result.peak_bytes / GIB,
+                      "cold_step_time_s": self.result.timing["cold_s"]})
+
+    def observe(self, step, record):
+        """Call after every optimizer step; the first WARMUP_STEPS after a (re)start are not measured."""
+        if self.result is None or self.times is None:
+            return
+        self.seen += 1
+        if self.seen <= WARMUP_STEPS:
+            return
+        self.times.append(record["step_time_s"])
+        if len(self.times) < self.measured_steps:
+            return
+        measured = sorted(self.times)[len(self.times) // 2]
+        predicted = self.result.step_time_s
+        self._say(f"estimate vs measured after warm-up: {measured:.3f} s/step measured, {predicted:.3f} predicted "
+                  f"({(predicted / measured - 1) * 100:+.0f}%)")
+        self._record({"measured_step_time_s": measured, "measured_at_step": step})
+        self.times = None
+
+    def _record(self, values):
+        if self.history is None:
+            return
+        metadata = self.history.data.setdefault("metadata", {})
+        metadata.setdefault("estimate", {}).update(values)
+
+    @staticmethod
+    def _say(text):
+        from train.console import say
+
+        say(text)
+
+
+def log_estimate_vs_measured(config, world, history=None):
+    """The trainer's hook: returns an object whose .observe(step, record) is called after each step."""
+    return EstimateLog(config, world, history)
