@@ -14,6 +14,10 @@ import torch
 
 from train.prompts import render_instruction_prompt
 
+# The lead is regrouping this module into a package train/data/ (records.py, text.py, vision_language.py,
+# mixture.py). Until then this module also serves as that package, so `train.data.vision_language` imports.
+__path__ = [str(Path(__file__).with_name("data"))]
+
 IGNORE_INDEX = -100
 FORMAT_FIELDS = {
     "dolly": (("instruction", "response"), ("context",)),
