@@ -92,13 +92,13 @@ def test_lora_steps_on_a_fixed_batch_lower_the_loss(batch, tiny_vl_path):
     assert keepalive is None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(8):
         loss = loss_of(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.25 * losses[0], losses
 
 
 def test_default_lora_targets_the_language_model_only(tiny_vl_path):
