@@ -194,3 +194,28 @@ def test_full_mode_freezes_the_vision_tower_and_trains_the_merger_on_request(tin
     model, _ = load_vl_model(vl_settings(mode="full", train_merger=True), CPU, None)
     vision = [n for n in trainable(model) if n.startswith("model.visual.")]
     assert vision and all(".merger." in n or ".deepstack_merger_list." in n for n in vision)
+
+
+def test_saved_processor_records_the_real_class_and_reloads(vl_processor, batch, tmp_path):
+    import json
+
+    vl_processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "Qwen3VLProcessor"
+    again = load_processor(vl_settings(model=str(tmp_path)))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}]
+    assert again.apply_chat_template(messages, tokenize=False) == vl_processor.apply_chat_template(messages,
+                                                                                                   tokenize=False)
+    assert again.image_processor.size["longest_edge"] == vl_processor.image_processor.size["longest_edge"]
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(batch, tiny_vl_path):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_vl_model(vl_settings(gradient_checkpointing=checkpointing), CPU, None)
+        model.train()
+        loss_of(model, batch).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4)

@@ -31,11 +31,8 @@ forever in the parameter all-gathers the others are in. The blank's tokens have 
 every real token of the row, and attention is causal and positions are assigned left to right, so no real token
 attends to them and the real tokens' outputs are unchanged (tested).
 """
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from train.data import IGNORE_INDEX, DataError, read_jsonl
 
@@ -54,7 +51,6 @@ class VLStats:
     dropped_image_overflow: int = 0  # rows whose images max_length would cut (dropped)
     truncated: int = 0               # rows that lost supervised tokens to max_length
     dropped_no_response: int = 0     # rows with no supervised token left (dropped)
-    notes: list = field(default_factory=list)
 
     def as_dict(self):
         return dict(self.__dict__)

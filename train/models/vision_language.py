@@ -11,6 +11,7 @@ vision tower, the mergers and lm_head stay in the compute dtype.
 """
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from train.model import disable_cpu_weight_repacking
 from train.models.tiny_vl import resolve_tiny_vl
 
 PROJECTOR_WORDS = ("merger", "projector")
+VIDEO_CONFIG = "video_preprocessor_config.json"
 
 
 # ---------------------------------------------------------------- processor
@@ -63,6 +65,17 @@ def image_only_processor(path, trust_remote_code):
         # The processor's sub-processors are read from __init__'s signature: this one has no video_processor.
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+        def save_pretrained(self, save_directory, **kwargs):
+            """Also copy the model's video processor config, so the saved processor is complete."""
+            saved = super().save_pretrained(save_directory, **kwargs)
+            video = Path(path) / VIDEO_CONFIG
+            if video.exists() and not (Path(save_directory) / VIDEO_CONFIG).exists():
+                shutil.copy(video, Path(save_directory) / VIDEO_CONFIG)
+            return saved
+
+    # save_pretrained records the class name: the base's, so the saved processor loads anywhere
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = base.__name__
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -194,7 +207,7 @@ def load_vl_model(cfg, device, ds_config):
         if cfg.zero_stage != 3:
             kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    model.config.use_cache = False
+    model.config.use_cache = model.config.get_text_config().use_cache = False
     if cfg.mode == "qlora":
         disable_cpu_weight_repacking(model)
     if cfg.gradient_checkpointing:
