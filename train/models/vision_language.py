@@ -112,25 +112,25 @@ def module_layout(model):
     decoder_name = names[id(decoder)]
     base_name = decoder_name.rpartition(".")[0]
     base = model.get_submodule(base_name) if base_name else model
-    vision = [f"{base_name}.{n}".lstrip(".") for n, m in base.named_children() if m is not decoder and
-              any(True for _ in m.parameters())]
-    def under(name, prefixes):
-        return any(name == p or name.startswith(p + ".") for p in prefixes)
-
+    vision = [f"{base_name}.{n}".lstrip(".") for n, m in base.named_children()
+              if m is not decoder and next(m.parameters(), None) is not None]
     mergers = []  # outermost modules named like a merger / projector (a ModuleList's elements, not the list)
     for name, module in model.named_modules():
-        if under(name, vision) and not under(name, mergers) and \
+        if _under(name, vision) and not _under(name, mergers) and \
                 any(w in name.rpartition(".")[2] for w in PROJECTOR_WORDS):
             is_list = isinstance(module, torch.nn.ModuleList)
             mergers += [f"{name}.{child}" for child, _ in module.named_children()] if is_list else [name]
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
     return {
         "decoder": decoder_name, "vision": vision, "mergers": mergers,
         "lm_head": names[id(model.get_output_embeddings())],
-        "decoder_linears": [n for n in linears if under(n, [decoder_name])],
-        "vision_linears": [n for n in linears if under(n, vision) and not under(n, mergers)],
+        "decoder_linears": [n for n in linears if _under(n, [decoder_name])],
+        "vision_linears": [n for n in linears if _under(n, vision) and not _under(n, mergers)],
     }
+
+
+def _under(name, prefixes):
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def meta_layout(path, trust_remote_code):
@@ -225,6 +225,4 @@ def load_vl_model(cfg, device, ds_config):
 def freeze_vision(model, layout, train_merger):
     """Full fine-tune: the language model trains; the vision tower is frozen, its mergers too unless train_merger."""
     for name, param in model.named_parameters():
-        in_vision = any(name.startswith(v + ".") for v in layout["vision"])
-        in_merger = any(name.startswith(m + ".") for m in layout["mergers"])
-        param.requires_grad = not in_vision or (train_merger and in_merger)
+        param.requires_grad = not _under(name, layout["vision"]) or (train_merger and _under(name, layout["mergers"]))
