@@ -40,6 +40,32 @@ def tiny_tokenizer(tiny_model_path):
     return AutoTokenizer.from_pretrained(tiny_model_path)
 
 
+def vl_settings(**overrides):
+    """The attribute-style settings the VL loaders read, for the embedded tiny Qwen3-VL (LoRA, fp32)."""
+    from types import SimpleNamespace
+
+    settings = dict(mode="lora", model="builtin:tiny-qwen3-vl", precision="fp32", zero_stage=2,
+                    gradient_checkpointing=False, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                    lora_target_modules="all-linear", bnb_4bit_quant_storage="uint8", attn_implementation="sdpa",
+                    trust_remote_code=False, train_merger=False, lora_vision=False, max_pixels=None, min_pixels=None)
+    settings.update(overrides)
+    return SimpleNamespace(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_path():
+    from train.models.tiny import resolve_model_path
+
+    return resolve_model_path("builtin:tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def vl_processor(tiny_vl_path):
+    from train.models.vision_language import load_processor
+
+    return load_processor(vl_settings())
+
+
 def launcher_env(**extra):
     env = dict(os.environ)
     env.setdefault("FTL_PYTHON", sys.executable)

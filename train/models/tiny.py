@@ -59,41 +59,54 @@ def is_random(model_ref):
     return isinstance(model_ref, str) and model_ref.startswith(RANDOM_PREFIX)
 
 
+# builtin:NAME -> (module, builder, its arguments before the target directory, the file a finished build has)
+BUILTINS = {
+    "tiny-llama": ("train.models.tiny", "build_tiny_model", ("tiny-llama",), "config.json"),
+    "small-llama": ("train.models.tiny", "build_tiny_model", ("small-llama",), "config.json"),
+    "tiny-qwen3-vl": ("train.models.tiny_vl", "build_tiny_vl", ("qwen3-vl",), "config.json"),
+    "tiny-qwen2.5-vl": ("train.models.tiny_vl", "build_tiny_vl", ("qwen2.5-vl",), "config.json"),
+}
+BUILD_VERSIONS = {"train.models.tiny": BUILD_VERSION, "train.models.tiny_vl": "vl-v1"}
+
+
 def resolve_model_path(model_ref):
-    """Map `builtin:NAME` and `random:ARCH` to their built directories (building them if needed); return anything
-    else unchanged."""
+    """Map `builtin:NAME` and `random:ARCH` to their built directories (building them once, under a lock all ranks
+    share); return anything else unchanged."""
     if is_random(model_ref):
         return str(build_random_shape(model_ref[len(RANDOM_PREFIX):]))
     if not is_builtin(model_ref):
         return model_ref
     name = model_ref[len(BUILTIN_PREFIX):]
-    if name not in TINY_SPECS:
+    if name not in BUILTINS:
         raise ModelReferenceError(f"unknown builtin model '{name}'; known: "
-                                  f"{', '.join(BUILTIN_PREFIX + n for n in sorted(TINY_SPECS))}")
-    target = cache_root() / "models" / f"{name}-{BUILD_VERSION}"
-    if not (target / "config.json").exists():
+                                  f"{', '.join(BUILTIN_PREFIX + n for n in sorted(BUILTINS))}")
+    module, builder, args, marker = BUILTINS[name]
+    target = cache_root() / "models" / f"{name}-{BUILD_VERSIONS[module]}"
+    if not (target / marker).exists():
         with _locked(target):  # one builder; other ranks wait, then load
-            if not (target / "config.json").exists():
-                _build_outside_process_group("build_tiny_model", name, str(target))
+            if not (target / marker).exists():
+                _build_outside_process_group(builder, *args, str(target), module=module)
     return str(target)
 
 
-def _build_outside_process_group(builder, *args):
-    """Run `builder(*args)` from this module in a fresh Python when torch.distributed is up. Whichever rank holds the
+def _build_outside_process_group(builder, *args, module=__name__):
+    """Run `builder(*args)` from `module` in a fresh Python when torch.distributed is up. Whichever rank holds the
     cache lock builds, but transformers' save_pretrained silently skips the weights and config.json on every rank
     but 0 once a process group exists, which left a cache entry with only tokenizer files."""
+    import importlib
+
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return globals()[builder](*args)
-    code = f"import sys; from train.models.tiny import {builder}; {builder}(*sys.argv[1:])"
+        return getattr(importlib.import_module(module), builder)(*args)
+    code = f"import sys; from {module} import {builder}; {builder}(*sys.argv[1:])"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent),
                                                                      os.environ.get("PYTHONPATH")])))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"building {args[0]} into the model cache failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"building {args[-1]} into the model cache failed:\n{proc.stderr[-4000:]}")
 
 
 def _corpus_lines():

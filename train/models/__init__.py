@@ -1,0 +1,1 @@
+"""Model loading (causal LM, vision-language, diffusion) and the builders of the embedded tiny models."""
