@@ -67,15 +67,17 @@ def resolve_model_path(model_ref):
     return str(target)
 
 
-def _build_outside_process_group(builder, *args):
-    """Run `builder(*args)` from this module in a fresh Python when torch.distributed is up. Whichever rank holds the
+def _build_outside_process_group(builder, *args, module=__name__):
+    """Run `builder(*args)` from `module` in a fresh Python when torch.distributed is up. Whichever rank holds the
     cache lock builds, but transformers' save_pretrained silently skips the weights and config.json on every rank
     but 0 once a process group exists, which left a cache entry with only tokenizer files."""
+    import importlib
+
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return globals()[builder](*args)
-    code = f"import sys; from train.tiny import {builder}; {builder}(*sys.argv[1:])"
+        return getattr(importlib.import_module(module), builder)(*args)
+    code = f"import sys; from {module} import {builder}; {builder}(*sys.argv[1:])"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
