@@ -79,16 +79,27 @@ def read_imagefolder(folder, image_column="file_name", caption_column="text"):
     return ImageCaptions(captions, wheres, paths)
 
 
+FILE_LOADERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
 def read_hub_dataset(name, split, image_column="image", caption_column="text"):
-    """A dataset `datasets` can load (a hub name, or NAME:CONFIG) with an image and a caption column."""
+    """A dataset `datasets` loads (a hub name, NAME:CONFIG, or a local parquet / arrow / csv / json file) with an
+    image and a caption column."""
     import datasets
 
     datasets.disable_progress_bars()
+    path = Path(name)
+    if path.is_file() and path.suffix not in FILE_LOADERS:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use an image folder with {METADATA} or "
+                        f"a {', '.join(FILE_LOADERS)} file")
     dataset_name, _, config_name = str(name).partition(":")
     try:
-        loaded = datasets.load_dataset(dataset_name, config_name or None, split=split)
+        if path.is_file():
+            loaded = datasets.load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+        else:
+            loaded = datasets.load_dataset(dataset_name, config_name or None, split=split)
     except Exception as exc:  # offline, wrong name, wrong split: say what was tried
-        raise DataError(f"dataset '{name}' (split {split}) is neither a local image folder nor a loadable hub "
+        raise DataError(f"dataset '{name}' (split {split}) is neither a local image folder nor a loadable "
                         f"dataset ({type(exc).__name__}: {str(exc)[:200]})") from None
     for key, setting in ((image_column, "image_column"), (caption_column, "caption_column")):
         if key not in loaded.column_names:
@@ -100,7 +111,8 @@ def read_hub_dataset(name, split, image_column="image", caption_column="text"):
 
 
 def load_image_captions(source, split="train", image_column=None, caption_column="text"):
-    """A local imagefolder (SOURCE/metadata.jsonl, or SOURCE/SPLIT/metadata.jsonl) or else a hub dataset."""
+    """A local imagefolder (SOURCE/metadata.jsonl, or SOURCE/SPLIT/metadata.jsonl), else a dataset file or a hub
+    dataset through `datasets`."""
     path = Path(source)
     if path.is_dir():
         folder = path if (path / METADATA).exists() or not (path / split).is_dir() else path / split
