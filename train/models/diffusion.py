@@ -191,7 +191,7 @@ def lora_state(model):
     from peft import get_peft_model_state_dict
 
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    state = get_peft_model_state_dict(model, state_dict=trainable)
+    state = get_peft_model_state_dict(model, state_dict=trainable, save_embedding_layers=False)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 

@@ -43,7 +43,7 @@ class LatentCache:
     def put(self, key, parameters):
         path = self.path(key)
         path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".latent-", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".part", dir=path.parent)  # torch.save wants no leading dot
         os.close(fd)
         torch.save(parameters.detach().cpu().clone(), tmp)
         os.replace(tmp, path)
