@@ -264,3 +264,18 @@ def test_sample_grid_is_one_png_of_prompts_by_seeds_and_seeds_fix_the_images(sd_
     arrays = [np.asarray(i) for i in images]
     assert np.array_equal(arrays[0], arrays[2]) and not np.array_equal(arrays[0], arrays[1])
     assert [p.name for p in (tmp_path / "samples").iterdir()] == ["step-10.png"]
+
+
+def test_full_fine_tune_saves_a_unet_the_base_pipeline_loads(sd_path, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from train.models.diffusion import save_full_unet
+
+    parts = load_diffusion(cfg(sd_path, mode="full"), CPU)
+    with torch.no_grad():
+        parts.model.unet.conv_out.weight.mul_(3.0)  # stand-in for training
+    out = save_full_unet(parts.model, tmp_path / "final")
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    assert torch.equal(unet.conv_out.weight, parts.model.unet.conv_out.weight)
+    base = pipeline_image(StableDiffusionPipeline.from_pretrained(sd_path))
+    assert np.abs(pipeline_image(StableDiffusionPipeline.from_pretrained(sd_path, unet=unet)) - base).mean() > 0.02

@@ -43,8 +43,9 @@ class DiffusionModel(torch.nn.Module):
             return self.text_encoder(input_ids, return_dict=False)[0]
 
     def forward(self, noisy_latents, timesteps, input_ids):
-        hidden = self.encode_prompt(input_ids)
-        return self.unet(noisy_latents, timesteps, hidden.to(self.unet.dtype), return_dict=False)[0]
+        dtype = self.unet.dtype  # the objective works in fp32; DeepSpeed's bf16/fp16 casts the weights
+        hidden = self.encode_prompt(input_ids).to(dtype)
+        return self.unet(noisy_latents.to(dtype), timesteps, hidden, return_dict=False)[0]
 
 
 @dataclass
@@ -226,6 +227,25 @@ def save_peft_adapter(model, state, directory):
     model.peft_config["default"].save_pretrained(directory)
     save_file({PEFT_PREFIX + k: v for k, v in state.items()}, directory / "adapter_model.safetensors",
               metadata={"format": "pt"})
+
+
+def save_full_unet(model, out_dir, state=None):
+    """A full fine-tune's weights: `out_dir`/unet/ (config.json + diffusion_pytorch_model.safetensors), written
+    atomically, loadable with UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet") and so into the base
+    pipeline (from_pretrained(base, unet=...)). `state` is the DiffusionModel's state dict (by default its own;
+    under ZeRO-3 the engine's consolidated 16-bit one); its "unet." entries are written."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict() if state is None else state
+    unet_state = {k[len("unet."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("unet.")}
+    out_dir = Path(out_dir)
+    tmp = fresh_tmp_dir(out_dir)
+    (tmp / "unet").mkdir(parents=True)
+    model.unet.save_config(tmp / "unet")
+    save_file(unet_state, tmp / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    apply_umask(tmp)
+    replace_dir(tmp, out_dir)
+    return out_dir
 
 
 def fuse_lora_into_pipeline(pipeline_dir, lora_dir, out_dir):
