@@ -130,13 +130,18 @@ def test_sampler_batches_are_a_pure_function_of_seed_rank_and_step(clip_tokenize
     for a, b in zip(first, again):
         assert all(torch.equal(a[k], b[k]) for k in a)
     other_rank = sampler(1).micro_batches(1, 4)
-    assert not set(sum((b["index"].tolist() for b in first), [])) & set(sum((b["index"].tolist() for b in other_rank), []))
+
+    def indices(batches):
+        return [int(i) for b in batches for i in b["index"]]
+
+    assert not set(indices(first)) & set(indices(other_rank))
     assert len({int(b["noise_seed"]) for b in first + other_rank}) == 6
     assert not torch.equal(sampler(0, seed=8).micro_batches(1, 4)[0]["index"], first[0]["index"])
     caption = data.captions[int(first[0]["index"][0])]
     assert clip_tokenizer.decode(first[0]["input_ids"][0], skip_special_tokens=True) == caption
-    epoch = {int(i) for s in range(sampler(0).steps_per_epoch) for b in sampler(0).micro_batches(0, s) for i in b["index"]}
-    assert len(epoch) == sampler(0).steps_per_epoch * 6  # no picture twice in an epoch on a rank
+    steps = sampler(0).steps_per_epoch
+    epoch = [i for step in range(steps) for i in indices(sampler(0).micro_batches(0, step))]
+    assert len(set(epoch)) == len(epoch) == steps * 6  # no picture twice in an epoch on a rank
 
 
 def test_eval_batches_give_every_rank_the_same_forwards_and_cover_each_image_once(clip_tokenizer):

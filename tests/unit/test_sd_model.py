@@ -123,7 +123,7 @@ def test_saved_lora_loads_with_diffusers_and_peft_and_changes_the_image(sd_path,
     assert (out / "pytorch_lora_weights.safetensors").exists()
     assert (out / "text_encoder" / "adapter_model.safetensors").exists() == text_encoder_lora
 
-    ours = np.asarray(sample_images(parts.model, parts.vae, parts.tokenizer, parts.path, [PROMPT], [0], 64,
+    ours = np.asarray(sample_images(parts.model, parts.vae, parts.tokenizer, parts.sample_scheduler, [PROMPT], [0], 64,
                                     steps=4), dtype=np.float32)[0] / 255
     pipeline = StableDiffusionPipeline.from_pretrained(sd_path)
     base = pipeline_image(pipeline)
@@ -258,7 +258,7 @@ def test_sample_grid_is_one_png_of_prompts_by_seeds_and_seeds_fix_the_images(sd_
 
     parts = load_diffusion(cfg(sd_path), CPU)
     prompts, seeds = ["a red circle", "a blue square"], [0, 1, 0]
-    images = sample_images(parts.model, parts.vae, parts.tokenizer, parts.path, prompts, seeds, 64, steps=3)
+    images = sample_images(parts.model, parts.vae, parts.tokenizer, parts.sample_scheduler, prompts, seeds, 64, steps=3)
     grid = save_grid(images, len(seeds), tmp_path / "samples" / "step-10.png")
     assert grid.shape == (2 * 64, 3 * 64, 3) and Image.open(tmp_path / "samples" / "step-10.png").size == (192, 128)
     arrays = [np.asarray(i) for i in images]

@@ -53,8 +53,9 @@ class DiffusionParts:
     model: DiffusionModel
     vae: object
     tokenizer: object
-    noise_scheduler: object  # DDPMScheduler with the pipeline's training schedule (betas, prediction type)
-    path: str                # the resolved pipeline directory or hub id
+    noise_scheduler: object   # DDPMScheduler with the pipeline's training schedule (betas, prediction type)
+    sample_scheduler: object  # the sampler the pipeline names in model_index.json (SD1.5: PNDM)
+    path: str                 # the resolved pipeline directory or hub id
 
 
 def load_diffusion(cfg, device):
@@ -91,8 +92,15 @@ def load_diffusion(cfg, device):
         text_encoder.train()
         if cfg.gradient_checkpointing:
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    return DiffusionParts(DiffusionModel(unet, text_encoder), vae, tokenizer, noise_scheduler, path)
+    return DiffusionParts(DiffusionModel(unet, text_encoder), vae, tokenizer,
+                          DDPMScheduler.from_pretrained(path, subfolder="scheduler"), load_sample_scheduler(path), path)
+
+
+def load_sample_scheduler(path):
+    import diffusers
+
+    scheduler_class = diffusers.DiffusionPipeline.load_config(path)["scheduler"][1]
+    return getattr(diffusers, scheduler_class).from_pretrained(path, subfolder="scheduler")
 
 
 def quantize_unet_linears(unet, compute_dtype, device, zero_stage):

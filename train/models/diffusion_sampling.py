@@ -14,25 +14,25 @@ import torch
 from train.fsutil import current_umask
 
 
-def sampling_pipeline(model, vae, tokenizer, pipeline_path):
-    """A StableDiffusionPipeline around the live modules (no copy); only the sampler's scheduler is read from
-    `pipeline_path` (SD1.5's: PNDM)."""
+def sampling_pipeline(model, vae, tokenizer, scheduler):
+    """A StableDiffusionPipeline around the live modules (nothing copied or reloaded)."""
     from diffusers import StableDiffusionPipeline
 
     module = getattr(model, "module", model)  # the DeepSpeed engine's wrapped DiffusionModel
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        pipeline_path, unet=module.unet, text_encoder=module.text_encoder, vae=vae, tokenizer=tokenizer,
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=module.text_encoder, tokenizer=tokenizer,
+                                       unet=module.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def sample_images(model, vae, tokenizer, pipeline_path, prompts, seeds, resolution, steps=20, guidance_scale=7.5):
-    """One PIL image per (prompt, seed), prompts outer. Each image's starting noise comes from a CPU generator
-    seeded by its seed, so the same seed gives the same image on any device, for the base and the trained UNet.
-    The modules are put in eval mode (no LoRA dropout) and restored afterwards."""
+def sample_images(model, vae, tokenizer, scheduler, prompts, seeds, resolution, steps=20, guidance_scale=7.5):
+    """One PIL image per (prompt, seed), prompts outer, sampled with `scheduler` (the pipeline's own sampler:
+    DiffusionParts.sample_scheduler). Each image's starting noise comes from a CPU generator seeded by its seed,
+    so the same seed gives the same image on any device, for the base and the trained UNet. The modules are put in
+    eval mode (no LoRA dropout) and restored afterwards."""
     module = getattr(model, "module", model)
-    pipeline = sampling_pipeline(model, vae, tokenizer, pipeline_path)
+    pipeline = sampling_pipeline(model, vae, tokenizer, scheduler)
     was_training = module.training
     module.eval()
     images = []
