@@ -79,7 +79,7 @@ def load_diffusion(cfg, device):
     vae.to(device)
     text_encoder.to(device)
     if cfg.mode == "qlora":
-        unet = quantize_unet_linears(unet, dtype, device, getattr(cfg, "zero_stage", 2))
+        unet = quantize_unet_linears(unet, dtype, device, cfg.zero_stage)
     else:
         unet.to(device)
         unet.requires_grad_(cfg.mode == "full")
@@ -87,7 +87,7 @@ def load_diffusion(cfg, device):
         unet.enable_gradient_checkpointing()
     if cfg.mode in ("lora", "qlora"):
         add_lora(unet, unet_lora_config(cfg, unet))
-    if getattr(cfg, "text_encoder_lora", False):
+    if cfg.text_encoder_lora:
         add_lora(text_encoder, text_encoder_lora_config(cfg))
         text_encoder.train()
         if cfg.gradient_checkpointing:
@@ -182,10 +182,6 @@ def add_lora(model, lora_config):
 
     model.add_adapter(lora_config)
     cast_training_params(model, dtype=torch.float32)
-
-
-def count_trainable(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------- saving and fusing
