@@ -6,7 +6,8 @@ FTL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ftl_has_deps() {
     "$1" - <<'PY' 2>/dev/null
 import importlib.util, sys
-need = ["torch", "transformers", "peft", "deepspeed", "jsonschema", "yaml", "tensorboard", "matplotlib"]
+need = ["torch", "transformers", "peft", "deepspeed", "diffusers", "PIL", "jsonschema", "yaml", "tensorboard",
+        "matplotlib"]
 sys.exit(0 if all(importlib.util.find_spec(m) for m in need) else 1)
 PY
 }

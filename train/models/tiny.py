@@ -65,8 +65,9 @@ BUILTINS = {
     "small-llama": ("train.models.tiny", "build_tiny_model", ("small-llama",), "config.json"),
     "tiny-qwen3-vl": ("train.models.tiny_vl", "build_tiny_vl", ("qwen3-vl",), "config.json"),
     "tiny-qwen2.5-vl": ("train.models.tiny_vl", "build_tiny_vl", ("qwen2.5-vl",), "config.json"),
+    "tiny-sd": ("train.models.tiny_sd", "build_tiny_sd", (), "model_index.json"),
 }
-BUILD_VERSIONS = {"train.models.tiny": BUILD_VERSION, "train.models.tiny_vl": "vl-v1"}
+BUILD_VERSIONS = {"train.models.tiny": BUILD_VERSION, "train.models.tiny_vl": "vl-v1", "train.models.tiny_sd": "v1"}
 
 
 def resolve_model_path(model_ref):
