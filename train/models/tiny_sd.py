@@ -87,7 +87,7 @@ def calibrate_latent_scale(vae):
     import torch
     from PIL import Image
 
-    files = sorted((CAPTIONS_DIR / "train").glob("*.png"))[:32]
+    files = sorted((resource(CAPTIONS_DIR) / "train").glob("*.png"))[:32]
     pixels = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) for f in files])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
     with torch.no_grad():
