@@ -45,17 +45,12 @@ class LanguageModelTask:
     def evaluate(self, engine):
         """Token-weighted eval loss over the whole eval split; every rank runs the same number of forwards (ZeRO-3
         gathers are collective), padding its share with fully masked copies of a row."""
-        rows = self.eval_rows
-        if not rows:
+        if not self.eval_rows:
             return None
-        micro = self.c.micro_batch_size
-        mine = rows[self.ctx.rank::self.ctx.world]
-        n_batches = math.ceil(math.ceil(len(rows) / self.ctx.world) / micro)
         engine.eval()
         loss_sum = tokens = 0.0
         with torch.no_grad():
-            for i in range(n_batches):
-                chunk = mine[i * micro:(i + 1) * micro] or [masked_copy(rows[0])]
+            for chunk in eval_row_groups(self.eval_rows, self.ctx.rank, self.ctx.world, self.c.micro_batch_size):
                 batch = self.to_device(self.collate(chunk))
                 n = supervised_tokens(batch)
                 loss = engine(**batch, num_items_in_batch=1.0, use_cache=False).loss
@@ -71,6 +66,15 @@ class LanguageModelTask:
         save_weights(engine, self.model, self.saver, out_dir, self.c.mode, self.ctx.rank, info)
 
 
-def masked_copy(row):
-    """`row` with no supervised token: keeps collectives in step on a rank whose eval share ran out."""
-    return {**row, "labels": [IGNORE_INDEX] * len(row["labels"])}
+def eval_row_groups(rows, rank, world_size, micro_batch_size):
+    """This rank's eval micro-batches (lists of rows, neighbours in length), the same number on every rank: a rank
+    short of rows gets a copy of a row with every label masked (it contributes no loss but runs the same modules:
+    ZeRO-3 gathers are collective)."""
+    ordered = sorted(rows, key=lambda r: len(r["input_ids"]))
+    mine = ordered[rank::world_size]
+    n_batches = math.ceil(math.ceil(len(rows) / world_size) / micro_batch_size)
+    groups = []
+    for i in range(n_batches):
+        chunk = mine[i * micro_batch_size:(i + 1) * micro_batch_size]
+        groups.append(chunk or [dict(ordered[0], labels=[IGNORE_INDEX] * len(ordered[0]["labels"]))])
+    return groups

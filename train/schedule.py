@@ -57,7 +57,7 @@ class EvalTracker:
 
     def on_eval(self, loss, step):
         event = {"improved": False, "lr_reduced": False, "stop_reason": None}
-        if loss < self.best_loss - self.threshold:
+        if self.improves(loss):
             self.best_loss, self.best_step = loss, step
             self.bad_evals = self.plateau_evals = 0
             event["improved"] = True
@@ -77,6 +77,15 @@ class EvalTracker:
             event["stop_reason"] = (f"early stopping: no improvement of more than {self.threshold} in "
                                     f"{self.bad_evals} evals (best {self.best_loss:.4f} at step {self.best_step})")
         return event
+
+    def improves(self, loss):
+        """Lower than the best by more than the threshold: an absolute loss, or "5%" of the best loss."""
+        if self.best_loss == math.inf:
+            return True
+        threshold = self.threshold
+        if isinstance(threshold, str):
+            threshold = float(threshold.rstrip("%")) / 100 * self.best_loss
+        return loss < self.best_loss - threshold
 
     def state_dict(self):
         return {k: getattr(self, k) for k in ("best_loss", "best_step", "bad_evals", "plateau_evals")}

@@ -54,3 +54,14 @@ def test_tracker_state_round_trips():
     other = EvalTracker(config, LRSchedule(config, 10))
     other.load_state_dict(tracker.state_dict())
     assert other.best_loss == 1.5 and other.best_step == 7 and not math.isinf(other.best_loss)
+
+
+def test_a_relative_threshold_is_a_percentage_of_the_best_loss():
+    """The user's plateau rule: LR halved when val loss improves by less than 5% for one eval."""
+    config = cfg(lr_scheduler="plateau", plateau_patience=1, plateau_factor=0.5, improvement_threshold="5%")
+    schedule = LRSchedule(config, 100)
+    tracker = EvalTracker(config, schedule)
+    assert tracker.on_eval(2.0, 1)["improved"]
+    event = tracker.on_eval(1.92, 2)  # 4% better: not enough
+    assert not event["improved"] and event["lr_reduced"] and schedule.scale == 0.5
+    assert tracker.on_eval(1.80, 3)["improved"]  # 10% better than 2.0

@@ -16,7 +16,8 @@ from train.data.text import IGNORE_INDEX, supervised_tokens
 from train.data.mixture import mix_sources
 from train.data.vision_language import (load_vl_rows, read_conversations, render, tokenize_rows,
                                         vision_token_ids)
-from train.data.vl_batching import LengthGroupedSampler, VLCollator, eval_row_groups
+from train.data.vl_batching import LengthGroupedSampler, VLCollator
+from train.lm_task import eval_row_groups
 
 DATA = REPO / "data" / "tiny_vl"
 
@@ -217,7 +218,7 @@ def test_padding_and_mixed_rows_leave_each_rows_outputs_unchanged(vl_processor, 
 
 def test_sampler_is_deterministic_sharded_and_length_grouped(train_rows):
     def sampler(rank):
-        return LengthGroupedSampler(train_rows, rank, 2, 4, 2, seed=7, collate=lambda rows: rows)
+        return LengthGroupedSampler(train_rows, rank, 2, 4, 2, seed=7)
 
     ranks = [sampler(0), sampler(1)]
     assert ranks[0].steps_per_epoch == len(train_rows) // 16
@@ -237,7 +238,7 @@ def test_sampler_is_deterministic_sharded_and_length_grouped(train_rows):
 
 
 def test_length_grouping_pads_less_than_random_batches(train_rows):
-    sampler = LengthGroupedSampler(train_rows, 0, 1, 4, 4, seed=3, collate=lambda rows: rows)
+    sampler = LengthGroupedSampler(train_rows, 0, 1, 4, 4, seed=3)
 
     def padding(micro_batches):
         return sum(max(len(r["input_ids"]) for r in m) * len(m) - sum(len(r["input_ids"]) for r in m)

@@ -11,7 +11,6 @@ from train.config.settings import DEFAULTS, RunConfig
 from train.config.sources import ConfigError, merged_values
 from train.dtypes import DTYPE_NAMES
 
-RECIPES = ("causal_lm",)
 
 
 def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nnodes=1, machine=None,
@@ -39,7 +38,7 @@ def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nn
     values["bnb_4bit_quant_storage"], decisions["bnb_4bit_quant_storage"] = resolve_quant_storage(values)
     values["liger_kernel"], decisions["liger_kernel"] = resolve_liger(values["liger_kernel"], machine,
                                                                       shape["model_type"])
-    check_cross_fields(values, source)
+    check_cross_fields(values, source, sources)
     deepspeed = ds.fill_auto(ds_data, values, world, shape["hidden_size"], largest_adapter(values, shape),
                              machine.on_gpu)
     values["gradient_checkpointing"], decisions["gradient_checkpointing"] = resolve_checkpointing(
@@ -122,10 +121,19 @@ def largest_adapter(values, shape):
 # ---------------------------------------------------------------- derived choices
 
 def resolve_recipe(values, shape):
+    """What is trained: as named, else vision_language for an image-text-to-text model's config (one with a
+    vision_config), else causal_lm; a recipe that does not fit the model is refused here."""
     recipe = values["recipe"]
-    if recipe != "auto":
-        return recipe, "set in the run config"
-    return "causal_lm", "auto: a causal language model"
+    if recipe == "auto":
+        recipe = "vision_language" if shape["vision"] else "causal_lm"
+        return recipe, f"auto: {'an image-text-to-text' if shape['vision'] else 'a causal language'} model"
+    if recipe == "causal_lm" and shape["vision"]:
+        raise ConfigError(f"key 'recipe': causal_lm, but {values['model']} is a vision-language model; use recipe: "
+                          f"auto or vision_language")
+    if recipe == "vision_language" and shape["model_type"] and not shape["vision"]:
+        raise ConfigError(f"key 'recipe': vision_language, but {values['model']} has no vision tower (model type "
+                          f"{shape['model_type']}); use recipe: auto or causal_lm")
+    return recipe, "set in the run config"
 
 
 def resolve_precision(requested, machine):
@@ -204,8 +212,14 @@ def resolve_checkpointing(values, procs, nnodes, machine):
     return bool(on), why
 
 
-def check_cross_fields(values, source):
+VL_KEYS = ("max_pixels", "min_pixels", "image_overflow", "train_merger", "lora_vision")
+
+
+def check_cross_fields(values, source, sources=None):
     problems = []
+    if values["recipe"] != "vision_language":
+        problems += [f"key '{key}' is for vision-language runs, but this is a {values['recipe']} run ({values['model']}); "
+                     f"remove it" for key in VL_KEYS if key in (sources or {})]
     if values["mode"] == "qlora" and values["offload"]:
         problems.append("mode qlora does not support offload (bitsandbytes 4-bit weights stay on the GPU); set "
                         "offload: false")

@@ -43,6 +43,12 @@ class RunConfig:
     max_length: int = 512
     packing: bool = True
     max_examples: int = None
+    mix_datasets: tuple = ()
+    max_pixels: int = None
+    min_pixels: int = None
+    image_overflow: str = "drop"
+    train_merger: bool = False
+    lora_vision: bool = False
     lora_r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.05
@@ -64,7 +70,7 @@ class RunConfig:
     min_lr: float = 0.0
     plateau_factor: float = 0.5
     plateau_patience: int = 2
-    improvement_threshold: float = 0.0
+    improvement_threshold: object = 0.0  # a loss, or "5%" of the best
     early_stopping_patience: int = None
     min_eval_loss: float = None
     # ---- cadence, outputs
@@ -147,7 +153,8 @@ def replace_settings(config, **changes):
 # Keys that change what is trained: a checkpoint continues automatically only when all of them match.
 TRAINING_IDENTITY_KEYS = (
     "recipe", "mode", "model", "tokenizer", "dataset", "dataset_split", "dataset_format", "eval_dataset",
-    "eval_fraction", "max_length", "packing", "max_examples", "lora_r", "lora_alpha", "lora_dropout",
+    "eval_fraction", "max_length", "packing", "max_examples", "mix_datasets", "max_pixels", "min_pixels",
+    "image_overflow", "train_merger", "lora_vision", "lora_r", "lora_alpha", "lora_dropout",
     "lora_target_modules", "bnb_4bit_quant_storage", "micro_batch_size", "gradient_accumulation_steps",
     "world_size", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "lr_scheduler",
     "warmup_steps", "warmup_ratio", "min_lr", "plateau_factor", "plateau_patience", "improvement_threshold",

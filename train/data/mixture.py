@@ -65,3 +65,19 @@ def check_fractions(sources, fractions):
     if abs(sum(fractions) - 1) > TOLERANCE:
         raise DataError(f"dataset mixture: fractions {list(fractions)} sum to {sum(fractions):g}; they are shares of "
                         f"the mixed set and must sum to 1 (e.g. 0.7 and 0.3)")
+
+
+def mix_for_run(cfg, main, load_source):
+    """The run's training records with cfg.mix_datasets mixed in: `main` (the main dataset's records, after its eval
+    split) plus `load_source(path)` for each mixed dataset, at the fractions the config gives (the main dataset
+    makes up the rest). Returns (records, counts for the history, or None without a mixture)."""
+    if not cfg.mix_datasets:
+        return main, None
+    extra = sum(item["fraction"] for item in cfg.mix_datasets)
+    if extra >= 1:
+        raise DataError(f"mix_datasets: the fractions sum to {extra:g}; the main dataset {cfg.dataset} needs a share "
+                        f"too, so keep their sum below 1 (e.g. 0.3 for a 30% retention pool)")
+    sources = [(cfg.dataset, main)] + [(item["dataset"], load_source(item["dataset"])) for item in cfg.mix_datasets]
+    fractions = [1 - extra] + [item["fraction"] for item in cfg.mix_datasets]
+    mixed = mix_sources(sources, fractions, cfg.seed)
+    return mixed.records, mixed.as_dict()

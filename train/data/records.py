@@ -1,6 +1,7 @@
 """Reading training records: JSONL line by line (errors name the file and line) or anything `datasets` loads;
 format detection and field checks for dolly, alpaca, chat and text records."""
 import json
+import random
 from pathlib import Path
 
 FORMAT_FIELDS = {
@@ -101,3 +102,11 @@ def _check_messages(messages, where):
             raise DataError(f"{where}: messages[{i}].role is '{message['role']}'; use system, user or assistant")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message, so nothing to learn from this conversation")
+
+
+def seeded_split(items, fraction, seed):
+    """(kept, held out): a seeded `fraction` of `items` (at least one) held out, both in their original order."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, int(len(items) * fraction))
+    return [items[i] for i in sorted(order[n_held:])], [items[i] for i in sorted(order[:n_held])]

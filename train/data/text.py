@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from train.data.prompts import render_instruction_prompt
-from train.data.records import DataError, check_fields, detect_format, load_records
+from train.data.mixture import mix_for_run
+from train.data.records import DataError, check_fields, detect_format, load_records, seeded_split
 
 IGNORE_INDEX = -100
 
@@ -34,6 +35,7 @@ class DataStats:
     supervised_tokens: int = 0
     nonpad_fraction: float = 1.0
     format: str = ""
+    mixture: dict = None  # per mixed dataset: examples taken (mix_datasets)
     notes: list = field(default_factory=list)
 
     def as_dict(self):
@@ -201,6 +203,7 @@ def prepare_data(cfg, tokenizer):
 
     packed = cfg.packing and fmt != "text"
     train = tokenize_records(records, fmt, tokenizer, cfg.max_length, stats)
+    train, stats.mixture = mix_for_run(cfg, train, lambda path: tokenize_file(path, tokenizer, cfg, stats))
     evals = tokenize_records(eval_records, fmt, tokenizer, cfg.max_length, stats) if eval_records else []
     if not train:
         raise DataError(
@@ -218,6 +221,16 @@ def prepare_data(cfg, tokenizer):
     return PreparedData(train_rows, eval_rows, stats, packed, pad_id)
 
 
+def tokenize_file(path, tokenizer, cfg, stats):
+    """The examples of a dataset mixed into the run (its own format, detected as for the main dataset)."""
+    records, lines, source = load_records(path)
+    if not records:
+        raise DataError(f"{source}: no records (mix_datasets)")
+    fmt = detect_format(records[0], source)
+    check_fields(records, lines, fmt, source)
+    return tokenize_records(records, fmt, tokenizer, cfg.max_length, stats)
+
+
 def split_eval(records, lines, fmt, cfg):
     """(train records, eval records or None): the eval_dataset file, else a seeded eval_fraction of the records."""
     if cfg.eval_dataset:
@@ -226,10 +239,7 @@ def split_eval(records, lines, fmt, cfg):
         return records, eval_records
     if cfg.eval_fraction <= 0:
         return records, None
-    order = list(range(len(records)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, int(len(records) * cfg.eval_fraction))
-    return [records[i] for i in sorted(order[n_eval:])], [records[i] for i in sorted(order[:n_eval])]
+    return seeded_split(records, cfg.eval_fraction, cfg.seed)
 
 
 def tokenize_records(records, fmt, tokenizer, max_length, stats):

@@ -34,7 +34,7 @@ attends to them and the real tokens' outputs are unchanged (tested).
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.data.records import DataError, read_jsonl
+from train.data.records import DataError, read_jsonl, seeded_split
 from train.data.text import IGNORE_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -286,3 +286,40 @@ def load_vl_rows(path, processor, max_length, image_overflow="drop"):
                         f"dropped because max_length {max_length} would cut an image, {stats.dropped_no_response} "
                         f"with no supervised token left)")
     return rows, stats
+
+
+@dataclass
+class PreparedVL:
+    train_rows: list
+    eval_rows: list
+    stats: dict
+
+
+def prepare_vl_data(cfg, processor):
+    """The run's rows: the dataset (its eval split held out: eval_dataset, else a seeded eval_fraction of it), with
+    cfg.mix_datasets mixed in, tokenised with the processor; raises DataError when nothing is left to train on."""
+    from train.data.mixture import mix_for_run
+
+    conversations = read_conversations(cfg.dataset)
+    if not conversations:
+        raise DataError(f"{cfg.dataset}: no records")
+    if cfg.max_examples:
+        conversations = conversations[:cfg.max_examples]
+    held_out = []
+    if cfg.eval_dataset:
+        held_out = read_conversations(cfg.eval_dataset)
+    elif cfg.eval_fraction > 0:
+        conversations, held_out = seeded_split(conversations, cfg.eval_fraction, cfg.seed)
+    stats = VLStats()
+    rows, _ = tokenize_rows(conversations, processor, cfg.max_length, cfg.image_overflow, stats)
+    eval_rows, _ = tokenize_rows(held_out, processor, cfg.max_length, cfg.image_overflow, VLStats())
+    rows, mixture = mix_for_run(cfg, rows, lambda path: tokenize_rows(read_conversations(path), processor,
+                                                                    cfg.max_length, cfg.image_overflow, stats)[0])
+    if not rows:
+        raise DataError(f"{cfg.dataset}: no row is left to train on ({stats.examples} read, "
+                        f"{stats.dropped_image_overflow} dropped because max_length {cfg.max_length} would cut an "
+                        f"image, {stats.dropped_no_response} with no supervised token left); raise max_length or "
+                        f"lower max_pixels")
+    facts = {**stats.as_dict(), "format": "vision_language", "train_rows": len(rows), "eval_rows": len(eval_rows),
+             "mixture": mixture}
+    return PreparedVL(rows, eval_rows, facts)

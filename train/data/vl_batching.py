@@ -1,6 +1,5 @@
 """Micro-batches of vision-language rows (from train/data/vision_language.py, whose docstring says why batches are
 length-grouped rather than packed, and why a micro-batch without images gets a blank one)."""
-import math
 import random
 
 import torch
@@ -87,9 +86,9 @@ class LengthGroupedSampler:
     every rank), sorts them by length and cuts them into micro-batches of neighbours; micro-batch k goes to rank
     k mod world, so the ranks' micro-batches at each accumulation step have similar lengths too."""
 
-    def __init__(self, rows, rank, world_size, micro_batch_size, grad_accum, seed, collate):
+    def __init__(self, rows, rank, world_size, micro_batch_size, grad_accum, seed):
         self.rows, self.rank, self.world = rows, rank, world_size
-        self.micro, self.accum, self.seed, self.collate = micro_batch_size, grad_accum, seed, collate
+        self.micro, self.accum, self.seed = micro_batch_size, grad_accum, seed
         self.per_step = world_size * micro_batch_size * grad_accum
         self.steps_per_epoch = len(rows) // self.per_step
 
@@ -103,19 +102,6 @@ class LengthGroupedSampler:
         return [[self.rows[i] for i in chunk] for chunk in chunks[self.rank::self.world]]
 
     def micro_batches(self, epoch, step_in_epoch):
-        """(micro-batches as tensors, count of real tokens in them) for this rank's share of one optimizer step."""
+        """(this rank's micro-batches of one optimizer step as lists of rows, count of real tokens in them)."""
         groups = self.step_rows(epoch, step_in_epoch)
-        return [self.collate(g) for g in groups], sum(len(r["input_ids"]) for g in groups for r in g)
-
-
-def eval_row_groups(rows, rank, world_size, micro_batch_size):
-    """This rank's eval micro-batches (lists of rows), the same number on every rank: a rank short of rows gets a
-    copy of a row with every label masked (it contributes no loss but runs the same modules, ZeRO-3 safe)."""
-    ordered = sorted(rows, key=lambda r: len(r["input_ids"]))
-    mine = ordered[rank::world_size]
-    n_batches = math.ceil(math.ceil(len(rows) / world_size) / micro_batch_size)
-    groups = []
-    for i in range(n_batches):
-        chunk = mine[i * micro_batch_size:(i + 1) * micro_batch_size]
-        groups.append(chunk or [dict(ordered[0], labels=[IGNORE_INDEX] * len(ordered[0]["labels"]))])
-    return groups
+        return groups, sum(len(r["input_ids"]) for g in groups for r in g)

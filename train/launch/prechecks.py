@@ -12,15 +12,25 @@ def check_before_launch(cfg):
 
 
 def check_dataset(cfg):
-    """Prepare the data exactly as the ranks will (same tokenizer, same functions), require one step's rows; returns
-    the number of training rows."""
-    from train.data.text import prepare_data, require_one_step
+    """Prepare the data exactly as the ranks will (same tokenizer or processor, same functions), require one step's
+    rows; returns the number of training rows."""
+    from train.data.text import require_one_step
+
+    rows = training_rows(cfg)
+    require_one_step(rows, cfg.world_size, cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.dataset)
+    return rows
+
+
+def training_rows(cfg):
+    if cfg.recipe == "vision_language":
+        from train.data.vision_language import prepare_vl_data
+        from train.models.vision_language import load_processor
+
+        return len(prepare_vl_data(cfg, load_processor(cfg)).train_rows)
+    from train.data.text import prepare_data
     from train.models.causal_lm import load_tokenizer
 
-    data = prepare_data(cfg, load_tokenizer(cfg))
-    require_one_step(len(data.train_rows), cfg.world_size, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
-                     cfg.dataset)
-    return len(data.train_rows)
+    return len(prepare_data(cfg, load_tokenizer(cfg)).train_rows)
 
 
 def check_resume(cfg, rows):
