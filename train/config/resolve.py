@@ -34,6 +34,9 @@ def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nn
 
     shape = model_shape(values, require_model)
     values["recipe"], decisions["recipe"] = resolve_recipe(values, shape)
+    if values["recipe"] == "diffusion" and "lora_target_modules" not in sources:
+        values["lora_target_modules"] = DIFFUSION_LORA_TARGETS
+        decisions["lora_target_modules"] = "diffusion default: the UNet's attention projections"
     values["precision"], decisions["precision"] = resolve_precision(values["precision"], machine)
     values["bnb_4bit_quant_storage"], decisions["bnb_4bit_quant_storage"] = resolve_quant_storage(values)
     values["liger_kernel"], decisions["liger_kernel"] = resolve_liger(values["liger_kernel"], machine,
@@ -64,6 +67,14 @@ def model_shape(values, require_model=True):
     """hidden size, widest projection and model type of the run's model, from transformers' AutoConfig (the model's
     config.json; nothing else is read). Refuses a model that cannot be found, naming the key and the fix."""
     reference = values["model"]
+    pipeline = diffusion_pipeline_dir(values)
+    if pipeline is not None:
+        return diffusion_shape(pipeline)
+    if values["recipe"] == "diffusion":
+        if require_model:
+            raise ConfigError(f"key 'model': {reference} is not a diffusers pipeline directory (model_index.json with "
+                              f"unet/, vae/, text_encoder/, tokenizer/, scheduler/) nor builtin:tiny-sd")
+        return {"hidden_size": 1280, "widest": 10240, "model_type": "unet", "vision": False, "diffusion": True}
     try:
         config = auto_config(reference, values["trust_remote_code"], local_only=not require_model)
     except ConfigError:
@@ -73,7 +84,31 @@ def model_shape(values, require_model=True):
     text = getattr(config, "text_config", None) or config
     widths = [getattr(text, name, 0) or 0 for name in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
     return {"hidden_size": int(text.hidden_size), "widest": max(widths), "model_type": config.model_type,
-            "vision": hasattr(config, "vision_config")}
+            "vision": hasattr(config, "vision_config"), "diffusion": False}
+
+
+def diffusion_pipeline_dir(values):
+    """The local diffusers pipeline directory of the run's model (builtin:tiny-sd built here), or None."""
+    from train.models.tiny import ModelReferenceError, resolve_model_path
+
+    reference = values["model"]
+    if reference == "builtin:tiny-sd" or (values["recipe"] == "diffusion" and Path(reference).is_dir()):
+        try:
+            path = Path(resolve_model_path(reference))
+        except ModelReferenceError as error:
+            raise ConfigError(f"key 'model': {error}") from None
+        return path if (path / "model_index.json").is_file() else None
+    return None
+
+
+def diffusion_shape(pipeline):
+    """The UNet's widths from unet/config.json: bucket sizes follow its widest block, the LoRA persistence threshold
+    its widest projection (the GEGLU feed-forward's 8 x width)."""
+    import json
+
+    unet = json.loads((pipeline / "unet" / "config.json").read_text())
+    width = max(unet["block_out_channels"])
+    return {"hidden_size": width, "widest": 8 * width, "model_type": "unet", "vision": False, "diffusion": True}
 
 
 def auto_config(reference, trust_remote_code=False, local_only=False):
@@ -109,8 +144,8 @@ def _shape_from_table(reference):
         arch = load_architecture(reference)
     except EstimateError as error:
         raise ConfigError(f"key 'model': {error}") from None
-    return {"hidden_size": arch.hidden_size, "model_type": None, "vision": False,
-            "widest": max(arch.hidden_size, arch.intermediate_size, arch.moe_intermediate_size)}
+    return {"hidden_size": arch.hidden_size, "model_type": None, "vision": bool(getattr(arch, "vision_params", 0)),
+            "diffusion": False, "widest": max(arch.hidden_size, arch.intermediate_size, arch.moe_intermediate_size)}
 
 
 def largest_adapter(values, shape):
@@ -124,9 +159,14 @@ def resolve_recipe(values, shape):
     """What is trained: as named, else vision_language for an image-text-to-text model's config (one with a
     vision_config), else causal_lm; a recipe that does not fit the model is refused here."""
     recipe = values["recipe"]
+    if recipe == "auto" and shape["diffusion"]:
+        return "diffusion", "auto: a diffusers pipeline (model_index.json)"
     if recipe == "auto":
         recipe = "vision_language" if shape["vision"] else "causal_lm"
         return recipe, f"auto: {'an image-text-to-text' if shape['vision'] else 'a causal language'} model"
+    if recipe != "diffusion" and shape["diffusion"]:
+        raise ConfigError(f"key 'recipe': {recipe}, but {values['model']} is a diffusion pipeline; use recipe: auto "
+                          f"or diffusion (bash launch/train_diffusion.sh)")
     if recipe == "causal_lm" and shape["vision"]:
         raise ConfigError(f"key 'recipe': causal_lm, but {values['model']} is a vision-language model; use recipe: "
                           f"auto or vision_language")
@@ -212,14 +252,21 @@ def resolve_checkpointing(values, procs, nnodes, machine):
     return bool(on), why
 
 
-VL_KEYS = ("max_pixels", "min_pixels", "image_overflow", "train_merger", "lora_vision")
+DIFFUSION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+RECIPE_KEYS = {
+    "vision_language": ("max_pixels", "min_pixels", "image_overflow", "train_merger", "lora_vision"),
+    "diffusion": ("resolution", "center_crop", "random_flip", "image_column", "caption_column", "snr_gamma",
+                  "noise_offset", "cache_latents", "text_encoder_lora", "validation_prompts", "sample_seeds",
+                  "sample_steps", "guidance_scale"),
+}
 
 
 def check_cross_fields(values, source, sources=None):
     problems = []
-    if values["recipe"] != "vision_language":
-        problems += [f"key '{key}' is for vision-language runs, but this is a {values['recipe']} run ({values['model']}); "
-                     f"remove it" for key in VL_KEYS if key in (sources or {})]
+    for recipe, keys in RECIPE_KEYS.items():
+        if values["recipe"] != recipe:
+            problems += [f"key '{key}' is for {recipe.replace('_', '-')} runs, but this is a {values['recipe']} run "
+                         f"({values['model']}); remove it" for key in keys if key in (sources or {})]
     if values["mode"] == "qlora" and values["offload"]:
         problems.append("mode qlora does not support offload (bitsandbytes 4-bit weights stay on the GPU); set "
                         "offload: false")

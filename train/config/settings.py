@@ -49,6 +49,19 @@ class RunConfig:
     image_overflow: str = "drop"
     train_merger: bool = False
     lora_vision: bool = False
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    image_column: str = None
+    caption_column: str = "text"
+    snr_gamma: float = None
+    noise_offset: float = 0.0
+    cache_latents: bool = False
+    text_encoder_lora: bool = False
+    validation_prompts: tuple = ()
+    sample_seeds: tuple = (0,)
+    sample_steps: int = 20
+    guidance_scale: float = 7.5
     lora_r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.05
@@ -154,7 +167,8 @@ def replace_settings(config, **changes):
 TRAINING_IDENTITY_KEYS = (
     "recipe", "mode", "model", "tokenizer", "dataset", "dataset_split", "dataset_format", "eval_dataset",
     "eval_fraction", "max_length", "packing", "max_examples", "mix_datasets", "max_pixels", "min_pixels",
-    "image_overflow", "train_merger", "lora_vision", "lora_r", "lora_alpha", "lora_dropout",
+    "image_overflow", "train_merger", "lora_vision", "resolution", "center_crop", "random_flip", "image_column",
+    "caption_column", "snr_gamma", "noise_offset", "text_encoder_lora", "lora_r", "lora_alpha", "lora_dropout",
     "lora_target_modules", "bnb_4bit_quant_storage", "micro_batch_size", "gradient_accumulation_steps",
     "world_size", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "lr_scheduler",
     "warmup_steps", "warmup_ratio", "min_lr", "plateau_factor", "plateau_patience", "improvement_threshold",
