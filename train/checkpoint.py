@@ -170,6 +170,12 @@ def gathered_adapter_state(model, engine):
         return adapter_state(model)
 
 
+def save_training_info(out_dir, info):
+    """training_info.json beside saved weights: what the tools after training read (base model, mode, recipe)."""
+    atomic_write_json(Path(out_dir) / "training_info.json", info)
+    apply_umask(out_dir)
+
+
 def save_weights(engine, model, tokenizer, out_dir, mode, rank, info):
     """Write `out_dir` (best/ or final/) atomically: adapters for LoRA/QLoRA, the whole model for full.
     All ranks must call it (ZeRO-3 gathers are collective)."""

@@ -106,6 +106,16 @@ class MetricSinks:
             else:
                 writer.log(clean, step=step)
 
+    def log_image(self, step, tag, image):
+        """An HWC uint8 picture (e.g. the sample grid)."""
+        for kind, writer in self.writers:
+            if kind == "tb":
+                writer.add_image(tag, image, step, dataformats="HWC")
+            else:
+                import wandb
+
+                writer.log({tag: wandb.Image(image)}, step=step)
+
     def close(self):
         for kind, writer in self.writers:
             if kind == "tb":

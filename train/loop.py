@@ -194,10 +194,12 @@ class Trainer:
             raise nonfinite(step, "grad norm", grad_norm, self.last_checkpoint())
         step_time = time.time() - t0
         real, padded = all_reduce_sum([micro.real_tokens, micro.padded_tokens], self.ctx.device)
-        return {"step": step, "epoch": round(step / task.steps_per_epoch, 4), "loss": mean_loss,
-                "learning_rate": lr, "grad_norm": grad_norm, f"{task.throughput}_per_s": real / step_time,
-                "step_time_s": step_time, f"supervised_{task.unit}s": int(units),
-                "nonpad_fraction": real / max(1.0, padded) if task.throughput == "tokens" else None}
+        record = {"step": step, "epoch": round(step / task.steps_per_epoch, 4), "loss": mean_loss,
+                  "learning_rate": lr, "grad_norm": grad_norm, f"{task.throughput}_per_s": real / step_time,
+                  "step_time_s": step_time, f"supervised_{task.unit}s": int(units)}
+        if task.throughput == "tokens":
+            record["nonpad_fraction"] = real / max(1.0, padded)
+        return record
 
     def last_checkpoint(self):
         return latest_checkpoint(self.c.run_dir / "checkpoints")
@@ -208,7 +210,7 @@ class Trainer:
         loss = self.task.evaluate(self.engine)
         if loss is None:
             return
-        self.history.log_eval(0, loss, {"baseline": True, **self.task.after_eval(self.engine, 0)})
+        self.history.log_eval(0, loss, {"baseline": True, **self.eval_extras(0)})
         say(f"eval step 0 (before training): loss {loss:.4f}")
 
     def evaluate_and_track(self, step):
@@ -216,7 +218,7 @@ class Trainer:
         if eval_loss is None:
             return None
         event = self.tracker.on_eval(eval_loss, step)
-        extras = self.task.after_eval(self.engine, step)
+        extras = self.eval_extras(step)
         self.history.log_eval(step, eval_loss, {"learning_rate_scale": self.schedule.scale,
                                                 "improved": event["improved"], **extras})
         self.sinks.log(step, {"eval/loss": eval_loss})
@@ -230,6 +232,13 @@ class Trainer:
         if event["stop_reason"]:
             say(f"stopping: {event['stop_reason']}")
         return event["stop_reason"]
+
+    def eval_extras(self, step):
+        """What the task adds at an eval (e.g. sample images): pictures go to tensorboard, the rest to the history."""
+        extras = dict(self.task.after_eval(self.engine, step))
+        for tag, image in extras.pop("images", {}).items():
+            self.sinks.log_image(step, f"eval/{tag}", image)
+        return extras
 
     # ------------------------------------------------------------ saving
 

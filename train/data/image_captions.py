@@ -110,6 +110,33 @@ def read_hub_dataset(name, split, image_column="image", caption_column="text"):
     return ImageCaptions(captions, wheres, [None] * len(captions), loaded, image_column)
 
 
+def has_split(source, split):
+    """Whether `source` has a `split` of its own: SOURCE/SPLIT/metadata.jsonl for an image folder; for a dataset
+    `datasets` loads, whether that split loads."""
+    path = Path(source)
+    if path.is_dir() or path.is_file():
+        return (path / split / METADATA).is_file()
+    try:
+        read_hub_dataset(source, split)
+    except DataError:
+        return False
+    return True
+
+
+def split_held_out(data, fraction, seed):
+    """(kept, held out): a seeded `fraction` of the pictures (at least one) held out, both in their order."""
+    from train.data.records import seeded_split
+
+    kept, held = seeded_split(list(range(len(data))), fraction, seed)
+    return subset(data, kept), subset(data, held)
+
+
+def subset(data, indices):
+    hub = data.hub.select(indices) if data.hub is not None else None
+    return ImageCaptions([data.captions[i] for i in indices], [data.wheres[i] for i in indices],
+                         [data.paths[i] for i in indices], hub, data.image_column)
+
+
 def load_image_captions(source, split="train", image_column=None, caption_column="text"):
     """A local imagefolder (SOURCE/metadata.jsonl, or SOURCE/SPLIT/metadata.jsonl), else a dataset file or a hub
     dataset through `datasets`."""
@@ -118,6 +145,20 @@ def load_image_captions(source, split="train", image_column=None, caption_column
         folder = path if (path / METADATA).exists() or not (path / split).is_dir() else path / split
         return read_imagefolder(folder, image_column or "file_name", caption_column)
     return read_hub_dataset(source, split, image_column or "image", caption_column)
+
+
+def run_pictures(cfg):
+    """(training pictures, held-out pictures or None): eval_dataset, else the dataset's validation/ split, else a
+    seeded eval_fraction of the training pictures."""
+    train_data = load_image_captions(cfg.dataset, cfg.dataset_split, cfg.image_column, cfg.caption_column)
+    if cfg.eval_dataset:
+        split = "validation" if has_split(cfg.eval_dataset, "validation") else cfg.dataset_split
+        return train_data, load_image_captions(cfg.eval_dataset, split, cfg.image_column, cfg.caption_column)
+    if has_split(cfg.dataset, "validation"):
+        return train_data, load_image_captions(cfg.dataset, "validation", cfg.image_column, cfg.caption_column)
+    if cfg.eval_fraction <= 0:
+        return train_data, None
+    return split_held_out(train_data, cfg.eval_fraction, cfg.seed)
 
 
 # ---------------------------------------------------------------- pixels and tokens

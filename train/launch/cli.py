@@ -4,7 +4,8 @@ runs the pre-flight estimate; any problem is one message and exit 2 (4 for a run
 the ranks with torchrun (or accelerate / DeepSpeed's runner), each reading the resolved config, and exits with the
 trainer's own code. SIGTERM or SIGUSR1 sent to it reach the training ranks (see train.launch.signals).
 
-usage: python -m train.launch [--mode lora|qlora|full] [CONFIG.yaml] [launcher options] [--key value ...]
+usage: python -m train.launch [--mode lora|qlora|full] [--recipe diffusion] [CONFIG.yaml] [launcher options]
+                              [--key value ...]
 launcher options:
   --launcher torchrun|accelerate|deepspeed   how processes are started (default torchrun)
   --nproc-per-node N     processes per node (default: GPU count; 2 on a CPU machine)
@@ -26,7 +27,7 @@ from train.launch import LaunchError
 
 LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
 MODES = ("lora", "qlora", "full")
-VALUE_OPTIONS = ("--mode", "--launcher", "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
+VALUE_OPTIONS = ("--mode", "--recipe", "--launcher", "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
                  "--master-port", "--rdzv-endpoint", "--rdzv-id")
 FLAG_OPTIONS = ("--force", "--no-preflight", "--dry-run")
 
@@ -44,9 +45,10 @@ def parse_launch_args(argv):
     if mode is not None and mode not in MODES:
         raise LaunchError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
     if config_path is None:
-        if mode is None:
+        if mode is None and options.get("--recipe") != "diffusion":
             raise LaunchError("give a run config (CONFIG.yaml) or --mode lora|qlora|full for the embedded default")
-        config_path = str(resource(f"configs/tiny_{mode}.yaml"))
+        prefix = "tiny_sd_" if options.get("--recipe") == "diffusion" else "tiny_"
+        config_path = str(resource(f"configs/{prefix}{mode or 'lora'}.yaml"))
     return options, config_path, overrides
 
 
@@ -56,9 +58,14 @@ def resolve_for_launch(options, config_path, overrides):
 
     procs = int(options["--nproc-per-node"]) if "--nproc-per-node" in options else None
     cfg = resolve_run_config(config_path, overrides, procs_per_node=procs, nnodes=int(options.get("--nnodes", "1")))
+    diffusion_launcher = options.get("--recipe") == "diffusion"
+    if diffusion_launcher != (cfg.recipe == "diffusion"):
+        right = "launch/train_diffusion.sh" if cfg.recipe == "diffusion" else f"launch/train_{cfg.mode}.sh"
+        raise LaunchError(f"{config_path} trains the {cfg.recipe} recipe ({cfg.model}); start it with {right}")
     if options.get("--mode") and cfg.mode != options["--mode"]:
-        raise LaunchError(f"{config_path} has mode: {cfg.mode}, but this is the {options['--mode']} launcher; use "
-                          f"launch/train_{cfg.mode}.sh or change mode")
+        fix = "pass --mode with the config's mode" if diffusion_launcher else f"use launch/train_{cfg.mode}.sh"
+        raise LaunchError(f"{config_path} has mode: {cfg.mode}, but this is the {options['--mode']} launcher; {fix} "
+                          f"or change mode")
     return cfg
 
 

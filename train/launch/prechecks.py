@@ -22,6 +22,10 @@ def check_dataset(cfg):
 
 
 def training_rows(cfg):
+    if cfg.recipe == "diffusion":
+        from train.data.image_captions import run_pictures
+
+        return len(run_pictures(cfg)[0])
     if cfg.recipe == "vision_language":
         from train.data.vision_language import prepare_vl_data
         from train.models.vision_language import load_processor

@@ -9,7 +9,8 @@ from train.distributed import init_distributed, shutdown_distributed
 from train.guards import StopSignal
 from train.history import check_sinks_available
 
-RECIPE_MODULES = {"causal_lm": "train.recipes.causal_lm", "vision_language": "train.recipes.vision_language"}
+RECIPE_MODULES = {"causal_lm": "train.recipes.causal_lm", "vision_language": "train.recipes.vision_language",
+                  "diffusion": "train.recipes.diffusion"}
 
 
 def run(cfg):
