@@ -1,6 +1,7 @@
 """Shared fixtures: the built tiny model, and runs of the real launchers (2 CPU processes) shared across tests."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,21 +115,76 @@ MODE_CASES = {  # name: (launcher, extra args): every mode x ZeRO stage, and one
 MODE_STEPS = ["--max_steps", "24", "--eval_steps", "12", "--save_steps", "12", "--logging_steps", "1"]
 
 
-class ModeRuns:
-    """mode_runs[name] -> (CompletedProcess, run dir): each case trained on first use, once per session, so test
-    modules that need one case (the tools' QLoRA tests) do not train them all."""
+class TrainedRuns:
+    """runs[name] -> (CompletedProcess, run dir): each case trained on first use, once per session, so test modules
+    that need one case do not train them all."""
 
-    def __init__(self, out):
-        self.out, self.done = out, {}
+    def __init__(self, cases, out):
+        self.cases, self.out, self.done = cases, out, {}
 
     def __getitem__(self, name):
         if name not in self.done:
-            script, extra = MODE_CASES[name]
-            proc = run_launcher(script, *extra, *MODE_STEPS, "--output_dir", self.out, "--run_name", name)
+            script, args = self.cases[name]
+            proc = run_launcher(script, *args, "--output_dir", self.out, "--run_name", name)
             self.done[name] = (proc, self.out / name)
         return self.done[name]
 
 
+MODE_CASES_ARGS = {name: (script, [*extra, *MODE_STEPS]) for name, (script, extra) in MODE_CASES.items()}
+# Vision-language and diffusion runs. vl-lora and sd-lora are the embedded defaults (logging every step, which
+# changes nothing else); the others are short variants.
+RECIPE_CASES = {
+    "vl-lora": ("train_lora.sh", ["configs/tiny_vl_lora.yaml", "--logging_steps", "1"]),
+    "vl-qlora": ("train_qlora.sh", ["configs/tiny_vl_qlora.yaml", "--max_steps", "30", "--eval_steps", "15",
+                                    "--logging_steps", "1"]),
+    "vl-lora-z3": ("train_lora.sh", ["configs/tiny_vl_lora.yaml", "--zero", "3", "--max_steps", "24",
+                                     "--eval_steps", "12", "--save_steps", "12", "--logging_steps", "1"]),
+    "sd-lora": ("train_diffusion.sh", ["configs/tiny_sd_lora.yaml", "--logging_steps", "1"]),
+    "sd-qlora": ("train_diffusion.sh", ["configs/tiny_sd_qlora.yaml", "--max_steps", "16", "--eval_steps", "8",
+                                        "--logging_steps", "1"]),
+}
+
+
 @pytest.fixture(scope="session")
 def mode_runs(tmp_path_factory):
-    return ModeRuns(tmp_path_factory.mktemp("modes"))
+    return TrainedRuns(MODE_CASES_ARGS, tmp_path_factory.mktemp("modes"))
+
+
+@pytest.fixture(scope="session")
+def recipe_runs(tmp_path_factory):
+    return TrainedRuns(RECIPE_CASES, tmp_path_factory.mktemp("recipes"))
+
+
+def kill_tree(pid):
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [parent, *parent.children(recursive=True)]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def train_then_sigkill(script, args, run_dir, at_step, timeout=300):
+    """Start launch/<script> ARGS and SIGKILL the launcher, torchrun and the ranks at once (a node failure) as soon
+    as the history has a record of step `at_step` or later."""
+    import time
+
+    cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]
+    victim = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and victim.poll() is None:
+        try:
+            if max(r["step"] for r in read_history(run_dir)["records"]) >= at_step:
+                break
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    kill_tree(victim.pid)
+    victim.wait()
+
+
+def losses_by_step(run_dir):
+    return {r["step"]: r["loss"] for r in read_history(run_dir)["records"]}

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, assert_ok, launcher_env, read_history, run_launcher
+from tests.conftest import (REPO, assert_ok, kill_tree, launcher_env, losses_by_step, read_history, run_launcher,
+                            train_then_sigkill)
 
 pytestmark = pytest.mark.slow
 
@@ -40,44 +41,16 @@ def assert_saved_once(history):
     assert len(saves) == len(set(saves)), saves
 
 
-def kill_tree(pid):
-    import psutil
-
-    parent = psutil.Process(pid)
-    for process in [parent, *parent.children(recursive=True)]:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-
-
 def _run_args(out, name):
     return ["--max_steps", "36", "--save_steps", "12", "--save_total_limit", "1", "--eval_steps", "18",
             "--logging_steps", "1", "--lora_dropout", "0.1", "--output_dir", str(out), "--run_name", name]
 
 
-def _losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_history(run_dir)["records"]}
-
-
-def test_sigkilled_run_resumes_and_repeats_the_same_losses(tmp_path):
+def test_sigkilled_run_resumes_and_repeats_the_samelosses_by_step(tmp_path):
     reference = run_launcher("train_lora.sh", *_run_args(tmp_path, "reference"))
     assert_ok(reference)
 
-    cmd = ["bash", str(REPO / "launch" / "train_lora.sh"), *_run_args(tmp_path, "killed")]
-    victim = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    history_file = tmp_path / "killed" / "training_history.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        try:
-            if max(r["step"] for r in json.loads(history_file.read_text())["records"]) >= 28:
-                break
-        except (FileNotFoundError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    kill_tree(victim.pid)  # launcher, torchrun and both workers at once, like a node failure
-    victim.wait()
+    train_then_sigkill("train_lora.sh", _run_args(tmp_path, "killed"), tmp_path / "killed", 28)
     checkpoints = tmp_path / "killed" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-24"
     assert (checkpoints / "step-24" / "state").is_dir()
@@ -86,7 +59,7 @@ def test_sigkilled_run_resumes_and_repeats_the_same_losses(tmp_path):
     resumed = run_launcher("train_lora.sh", *_run_args(tmp_path, "killed"))
     assert_ok(resumed)
     assert "resumed from" in resumed.stdout and "step 24" in resumed.stdout
-    expected, got = _losses(tmp_path / "reference"), _losses(tmp_path / "killed")
+    expected, got = losses_by_step(tmp_path / "reference"), losses_by_step(tmp_path / "killed")
     assert sorted(got) == list(range(1, 37)), "every step exactly once in the history"
     for step in range(25, 37):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
@@ -137,7 +110,7 @@ def test_two_ranks_with_accumulation_follow_one_rank_with_the_whole_batch(tmp_pa
     assert_ok(one)
     assert_ok(two)
     assert read_history(tmp_path / "two")["metadata"]["world_size"] == 2
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    a, b = losses_by_step(tmp_path / "one"), losses_by_step(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=2e-4), (step, a[step], b[step])
