@@ -2,6 +2,7 @@
 nothing to learn from, and the stop signals of a preemption (which end the run cleanly, with a checkpoint)."""
 import math
 import signal
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +30,14 @@ class StopSignal:
             except (ValueError, OSError):  # not the main thread (e.g. called from a notebook helper)
                 pass
         return stop
+
+
+@dataclass
+class Watchers:
+    """What watches a run from before its model exists: the stop signal (preemption) and the estimate-vs-measured
+    log (its estimate is made before any model is built)."""
+    stop: StopSignal
+    estimate: object
 
 
 class NanGradient(torch.autograd.Function):

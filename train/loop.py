@@ -28,7 +28,6 @@ from train.config import ConfigError
 from train.console import Progress, say, warn
 from train.distributed import all_reduce_sum, barrier
 from train.engine import engine_facts
-from train.estimate import log_estimate_vs_measured
 from train.exit_codes import OK
 from train.guards import (TrainingError, fp16_skipped_step, is_finite, nonfinite, nothing_to_learn,
                           with_debug_faults)
@@ -50,9 +49,9 @@ class StepBatches:
     padded_tokens: int    # tensor elements, for the non-pad fraction
 
 
-def train(cfg, ctx, task, engine, stop, params):
-    """Run the task to its end (or a stop rule, a guard, a preemption); returns the Outcome. `params`: (trainable,
-    total) parameter counts for the history."""
+def train(cfg, ctx, task, engine, watch, params):
+    """Run the task to its end (or a stop rule, a guard, a preemption); returns the Outcome. `watch`: the run's
+    guards.Watchers; `params`: (trainable, total) parameter counts for the history."""
     total_steps = total_steps_for(cfg, task.steps_per_epoch)
     schedule = LRSchedule(cfg, total_steps)
     tracker = EvalTracker(cfg, schedule)
@@ -62,7 +61,7 @@ def train(cfg, ctx, task, engine, stop, params):
     sinks = MetricSinks(cfg.run_dir / "tensorboard", cfg.report_to, cfg.run_name, cfg.as_dict(),
                         enabled=ctx.is_main)
     try:
-        outcome = Trainer(cfg, ctx, task, engine, schedule, tracker, history, sinks, total_steps, stop).run(start_step)
+        outcome = Trainer(cfg, ctx, task, engine, schedule, tracker, history, sinks, total_steps, watch).run(start_step)
         barrier()  # no rank closes its connections while another still talks to it
     finally:
         sinks.close()
@@ -116,10 +115,10 @@ def resume(engine, cfg, ctx, schedule, tracker, history, total_steps):
 
 
 class Trainer:
-    def __init__(self, cfg, ctx, task, engine, schedule, tracker, history, sinks, total_steps, stop):
+    def __init__(self, cfg, ctx, task, engine, schedule, tracker, history, sinks, total_steps, watch):
         self.c, self.ctx, self.task, self.engine = cfg, ctx, task, engine
         self.schedule, self.tracker, self.history, self.sinks = schedule, tracker, history, sinks
-        self.total_steps, self.stop = total_steps, stop
+        self.total_steps, self.stop, self.estimate_log = total_steps, watch.stop, watch.estimate
         self.saved_state_at = None  # the step of the last training-state checkpoint
 
     # ------------------------------------------------------------ the loop
@@ -128,7 +127,7 @@ class Trainer:
         progress = Progress(self.total_steps, start_step, every=self.c.logging_steps)
         say(f"training {self.total_steps - start_step} steps ({self.task.steps_per_epoch} per epoch) -> "
             f"{self.c.run_dir}")
-        estimate_log = log_estimate_vs_measured(self.c.as_dict(), self.ctx.world, self.history)
+        estimate_log = self.estimate_log.attach(self.history)
         stop_reason, step = None, start_step
         if start_step == 0:
             self.evaluate_baseline()

@@ -12,6 +12,7 @@ class EstimateLog:
 
     def __init__(self, config, world, history=None, measured_steps=3):
         self.history, self.measured_steps, self.seen, self.times, self.result = history, measured_steps, 0, [], None
+        self.recorded = {}
         if int(os.environ.get("RANK", "0")) != 0:
             return
         try:
@@ -47,11 +48,20 @@ class EstimateLog:
         self._record({"measured_step_time_s": measured, "measured_at_step": step})
         self.times = None
 
+    def attach(self, history):
+        """Record into `history` from now on, with what was recorded before it existed (the estimate is made
+        before the model is built: under ZeRO-3 building the estimator's meta-device model later would run inside
+        transformers' zero.Init on one rank only)."""
+        self.history = history
+        self._record({})
+        return self
+
     def _record(self, values):
-        if self.history is None:
+        self.recorded.update(values)
+        if self.history is None or not self.recorded:
             return
         metadata = self.history.data.setdefault("metadata", {})
-        metadata.setdefault("estimate", {}).update(values)
+        metadata.setdefault("estimate", {}).update(self.recorded)
 
     @staticmethod
     def _say(text):

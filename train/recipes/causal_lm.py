@@ -13,7 +13,7 @@ from train.loop import train
 from train.models.causal_lm import count_parameters, load_model, load_tokenizer
 
 
-def run(cfg, ctx, stop):
+def run(cfg, ctx, watch):
     # ---- setup
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
@@ -31,7 +31,7 @@ def run(cfg, ctx, stop):
     task = LanguageModelTask(cfg, ctx, model, tokenizer, sampler, data.eval_rows,
                              partial(collate, pad_id=data.pad_id, packed=data.packed), data.stats.as_dict())
     # ---- the loop, then best/ and final/
-    outcome = train(cfg, ctx, task, engine, stop, params)
+    outcome = train(cfg, ctx, task, engine, watch, params)
     del keepalive
     return outcome
 

@@ -24,7 +24,7 @@ from train.models.diffusion_sampling import sample_images, save_grid
 EVAL_BATCH = 4
 
 
-def run(cfg, ctx, stop):
+def run(cfg, ctx, watch):
     # ---- setup
     parts = load_diffusion(cfg, ctx.device)
     train_data, held_out = run_pictures(cfg)
@@ -37,7 +37,7 @@ def run(cfg, ctx, stop):
     engine = build_engine(parts.model, cfg)
     task = DiffusionTask(cfg, ctx, parts, train_data, held_out)
     # ---- the loop, then best/ and final/
-    return train(cfg, ctx, task, engine, stop, params)
+    return train(cfg, ctx, task, engine, watch, params)
 
 
 class DiffusionTask:

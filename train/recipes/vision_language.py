@@ -18,7 +18,7 @@ from train.models.causal_lm import count_parameters
 from train.models.vision_language import load_processor, load_vl_model
 
 
-def run(cfg, ctx, stop):
+def run(cfg, ctx, watch):
     # ---- setup
     processor = load_processor(cfg)
     data = prepare_vl_data(cfg, processor)
@@ -36,7 +36,7 @@ def run(cfg, ctx, stop):
                                    cfg.gradient_accumulation_steps, cfg.seed)
     task = LanguageModelTask(cfg, ctx, model, processor, sampler, data.eval_rows, VLCollator(processor), data.stats)
     # ---- the loop, then best/ and final/
-    outcome = train(cfg, ctx, task, engine, stop, params)
+    outcome = train(cfg, ctx, task, engine, watch, params)
     del keepalive
     return outcome
 
