@@ -197,7 +197,8 @@ def build_job(args, overrides, cwd=None):
     out_dir = Path(config.output_dir)
     run_dir = (out_dir if out_dir.is_absolute() else cwd / out_dir) / config.run_name
     log_dir = run_dir / "slurm"
-    launch_args = ["--mode", mode, *launcher_options(args), str(config_path), *overrides]
+    recipe = ["--recipe", "diffusion"] if config.recipe == "diffusion" else []
+    launch_args = ["--mode", mode, *recipe, *launcher_options(args), str(config_path), *overrides]
     values = {
         "FTL_ROOT": shlex.quote(str(PACKAGE_DIR.parent)),
         "FTL_PYTHON": shlex.quote(os.environ.get("FTL_PYTHON") or sys.executable),
