@@ -57,15 +57,14 @@ def test_a_killed_diffusion_run_resumes_with_the_same_losses(recipe_runs, tmp_pa
     from tests.conftest import RECIPE_CASES
 
     _, reference = recipe_runs["sd-lora"]
-    args = [*RECIPE_CASES["sd-lora"][1], "--save_steps", "16", "--max_steps", "32", "--output_dir", tmp_path,
-            "--run_name", "killed"]
+    args = [*RECIPE_CASES["sd-lora"][1], "--save_steps", "16", "--output_dir", tmp_path, "--run_name", "killed"]
     train_then_sigkill("train_diffusion.sh", args, tmp_path / "killed", 20)
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step-16"
     resumed = run_launcher("train_diffusion.sh", *args)
     assert_ok(resumed)
     expected, got = losses_by_step(reference), losses_by_step(tmp_path / "killed")
-    assert sorted(got) == list(range(1, 33))
-    for step in range(17, 33):
+    assert sorted(got) == sorted(expected)
+    for step in range(17, max(expected) + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
 
 
