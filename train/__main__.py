@@ -15,10 +15,9 @@ Keys: see train/config/schema.json; unknown keys are errors."""
 
 def main(argv=None):
     make_console_safe()
-    from train.config import ConfigError, RunConfig, resolve_run_config, split_command_line
-    from train.data.records import DataError
+    from train.config import RunConfig, resolve_run_config, split_command_line
+    from train.errors import UserError
     from train.guards import TrainingError
-    from train.models.tiny import ModelReferenceError
 
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
@@ -36,7 +35,7 @@ def main(argv=None):
 
         outcome = run(cfg)
         return outcome.code, outcome.preempted
-    except (ConfigError, DataError, ModelReferenceError) as error:
+    except UserError as error:
         return fail(error, exit_codes.USER_ERROR), False
     except TrainingError as error:
         return fail(error, exit_codes.TRAINING_STOPPED), False

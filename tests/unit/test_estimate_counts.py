@@ -9,7 +9,7 @@ import torch
 
 from train.estimate import (EstimateError, RunSpec, architecture_from_table, base_counts_from_shapes,
                             count_params, flops_per_token, load_architecture)
-from train.estimate.arch_table import ARCHITECTURES, PUBLISHED_PARAMS
+from train.models.arch_table import ARCHITECTURES, PUBLISHED_PARAMS
 from train.estimate.meta_model import describe_meta_model
 from train.models.tiny import random_shape_config
 

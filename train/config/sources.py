@@ -8,6 +8,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from train.errors import ConfigError  # noqa: F401 (re-exported: train.config.ConfigError)
+
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 YAML, COMMAND_LINE = "yaml", "command line"
 LEVELS = {None: 0, YAML: 1, COMMAND_LINE: 2}  # a later source overrides an earlier one
@@ -16,10 +18,6 @@ LEVELS = {None: 0, YAML: 1, COMMAND_LINE: 2}  # a later source overrides an earl
 OVERRIDE_ALIASES = {"zero": "zero_stage", "lr": "learning_rate", "epochs": "num_epochs", "deepspeed": "deepspeed_config",
                     "batch_size": "micro_batch_size", "grad_accum": "gradient_accumulation_steps"}
 REPORT_TO_SINKS = ("tensorboard", "wandb")
-
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message says where and how."""
 
 
 def schema():

@@ -4,16 +4,14 @@ import json
 import random
 from pathlib import Path
 
+from train.errors import DataError  # noqa: F401 (re-exported)
+
 FORMAT_FIELDS = {
     "dolly": (("instruction", "response"), ("context",)),
     "alpaca": (("instruction", "output"), ("input",)),
     "chat": (("messages",), ()),
     "text": (("text",), ()),
 }
-
-
-class DataError(ValueError):
-    """A data problem a user can fix; the message names the file, line and fields."""
 
 
 def read_jsonl(path):

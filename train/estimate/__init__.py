@@ -16,12 +16,12 @@ The peak is the larger of the backward phase (activations alive) and the optimiz
 Time per optimizer step: see step_time.py; `--measure` and `--from-history` refit the throughput term.
 
 Modules: inputs (RunSpec, EstimateError), architectures (+ meta_model: AutoConfig and exact counts on the meta
-device; arch_table: the offline table), parameters, devices (gpu_table.json), model_states, activations,
+device; the offline table is train/models/arch_table.py), parameters, devices (gpu_table.json), model_states, activations,
 step_time, calibration, estimator, report, from_config (+ dataset_size), measurement, trainer_log.
 Importing this package never imports torch; a model given by a config.json does (transformers' AutoConfig).
 """
 from train.estimate.activations import activation_terms, transient_terms
-from train.estimate.arch_table import ARCHITECTURES
+from train.models.arch_table import ARCHITECTURES
 from train.estimate.architectures import (Architecture, architecture_from_config, architecture_from_table,
                                           known_models, load_architecture)
 from train.estimate.calibration import (calibration_factor, calibration_key, calibration_path, fit_calibration,

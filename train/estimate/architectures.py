@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from train.estimate.arch_table import ARCHITECTURES
+from train.models.arch_table import ARCHITECTURES
 from train.estimate.inputs import EstimateError
 from train.estimate.parameters import BaseCounts
 

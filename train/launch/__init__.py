@@ -2,5 +2,8 @@
 pre-flight estimate, signal forwarding, and Slurm submission (slurm)."""
 
 
-class LaunchError(ValueError):
+from train.errors import UserError
+
+
+class LaunchError(UserError):
     """A launcher option or machine layout problem a user can fix."""

@@ -71,8 +71,7 @@ def resolve_for_launch(options, config_path, overrides):
 
 def main(argv=None):
     make_console_safe()
-    from train.config import ConfigError
-    from train.data.records import DataError
+    from train.errors import UserError
     from train.launch.signals import ignore_stop_signals, in_slurm_step
     from train.resources import MissingResource
 
@@ -90,7 +89,7 @@ def main(argv=None):
 
         check_before_launch(cfg)
         refused = run_preflight(cfg, options)
-    except (LaunchError, ConfigError, DataError, MissingResource) as error:
+    except (LaunchError, UserError, MissingResource) as error:
         print(ascii_safe(f"error: {error}"), file=sys.stderr)
         return exit_codes.USER_ERROR
     if refused:

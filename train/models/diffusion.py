@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from train.dtypes import torch_dtype
+from train.errors import ConfigError
 from train.fsutil import apply_umask, fresh_tmp_dir, replace_dir
 from train.models.causal_lm import disable_cpu_weight_repacking
 from train.models.tiny import resolve_model_path
@@ -25,7 +26,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_PREFIX = "base_model.model."  # how peft's PeftModel names the wrapped model's modules
 
 
-class DiffusionModelError(ValueError):
+class DiffusionModelError(ConfigError):
     """A model setting a user can fix; the message names the config key."""
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from train.data.image_captions import mixed_seed
+from train.errors import ConfigError
 
 
-class ObjectiveError(ValueError):
+class ObjectiveError(ConfigError):
     """A diffusion setting a user can fix; the message names the key."""
 
 

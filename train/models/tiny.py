@@ -4,7 +4,7 @@
   tokenizer trained on the shipped data, saved like any hub checkpoint (config.json, safetensors, tokenizer files)
   so the real `from_pretrained` path loads it.
 - `random:<architecture>` (e.g. `random:qwen2.5-1.5b`, `random:llama-3-8b`, `random:qwen2.5-32b`): the exact shape of
-  a real model from train/arch_table.py, randomly initialised where it is trained (on the GPUs, under zero.Init for
+  a real model from train/models/arch_table.py, randomly initialised where it is trained (on the GPUs, under zero.Init for
   ZeRO-3), for benchmarks; only config.json and the tiny tokenizer are written. QLoRA needs weights on disk to
   quantise while loading: `materialize_random_weights` writes them once.
 """
@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from train.data.prompts import TINY_CHAT_TEMPLATE, render_instruction_prompt
+from train.errors import ConfigError
 from train.fsutil import apply_umask
 from train.resources import PACKAGE_DIR, resource
 
@@ -37,7 +38,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<
 TOKENIZER_CORPUS = "data/tiny_instruct.jsonl"
 
 
-class ModelReferenceError(ValueError):
+class ModelReferenceError(ConfigError):
     """A `builtin:` or `random:` name that does not exist; the message lists the known ones."""
 
 
@@ -180,7 +181,7 @@ def random_shape_config(arch_key):
     """A transformers config of the exact shape of a real architecture (from the estimator's offline table)."""
     from transformers import AutoConfig
 
-    from train.estimate import ARCHITECTURES
+    from train.models.arch_table import ARCHITECTURES
 
     if arch_key not in ARCHITECTURES:
         raise ModelReferenceError(f"unknown architecture '{arch_key}' for random:; known: "

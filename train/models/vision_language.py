@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.dtypes import torch_dtype
 from train.models.causal_lm import disable_cpu_weight_repacking, zero3_init_context
 from train.models.tiny import resolve_model_path
