@@ -8,6 +8,7 @@ from train.estimate.devices import Device
 from train.estimate.inputs import GIB, RunSpec
 from train.estimate.model_states import dtype_bytes, reduce_bucket
 from train.estimate.parameters import ParamCounts
+from train.estimate.vision import describe_vision
 
 
 @dataclass
@@ -138,9 +139,11 @@ def assumptions_for(result):
         notes.append("QLoRA: nn.Linear layers in NF4 with double quantisation (0.516 bytes/param), embeddings, "
                      "norms and lm_head in the compute dtype; de-quantised on every forward, backward and "
                      "recompute at 2.5 bytes/param of memory traffic")
-    if arch.vision_params:
+    if arch.vision:
+        notes.append(describe_vision(arch.vision, spec))
+    elif arch.vision_params:
         notes.append(f"vision tower: {arch.vision_params:,} parameters, counted in the weights and model states; "
-                     f"its activations and FLOPs are not modelled yet")
+                     f"its activations and FLOPs are not modelled for this model type")
     if arch.is_moe:
         notes.append(f"MoE: {arch.num_experts} experts, {arch.num_experts_per_tok} active per token: active "
                      f"parameters for FLOPs, all parameters for memory and ZeRO-3 traffic; expert weights are 3D "
