@@ -240,7 +240,8 @@ def render_table(result):
 
 
 MEMORY_LABELS = {"gradients": "gradients (backward)", "gradients_at_step": "gradients (optimizer step)",
-                 "activations": "activations (saved for backward)"}
+                 "activations": "activations (saved for backward)",
+                 "vae_encode": "VAE encode (a phase of its own)"}
 
 
 def _other_without_margin(result):
