@@ -190,14 +190,16 @@ def memory_terms(pipe, spec, device, counts, base, step, e):
         transients["zero3_gathered_parameters"] = zero3_live_bytes(spec, counts, e)
     memory.update({f"transient.{k}": v for k, v in transients.items()})
     memory["runtime"] = (CPU_RUNTIME_GIB if device.kind == "cpu" else GPU_RUNTIME_GIB) * GIB
-    first = dict(pipe.vae)["block_out_channels"][0]  # the encoder's full-resolution width
-    memory["vae_encode"] = micro * (3 + 4 * first) * spec.resolution ** 2 * e
+    # The encoder's working set at full resolution: the picture and six tensors of its first width (measured on an
+    # H200: 0.377 GiB for SD1.5 at 512 px in bf16, docs/estimation.md)
+    first = dict(pipe.vae)["block_out_channels"][0]
+    memory["vae_encode"] = micro * (3 + 6 * first) * spec.resolution ** 2 * e
     return memory
 
 
 def diffusion_peak(memory, device, margin):
     """peak_memory's two phases, and a third: the VAE's encode, before the UNet runs (weights, optimizer states and
-    the encoder's working set: input, a block's input, norm, activation and convolution outputs)."""
+    the encoder's working set)."""
     from train.estimate.estimator import peak_memory
 
     peak, phase, breakdown = peak_memory({k: v for k, v in memory.items() if k != "vae_encode"}, device, margin)
