@@ -4,6 +4,9 @@
     python tools/estimate_time.py --model Qwen/Qwen2.5-32B-Instruct --mode lora --gpus-per-node 8 --nodes 1 \\
         --gpu H100-80GB --seq-len 4096 --micro-batch 1 --grad-accum 8 --zero 3 --gradient-checkpointing \\
         --lora-rank 16 --examples 50000 --epochs 2 [--json]
+    python tools/estimate_time.py --model Qwen/Qwen3-VL-8B-Instruct --mode qlora --gpu A100-40GB --seq-len 1024 \
+        --image-size 640x480 --images-per-row 1          # vision-language: pictures in every row
+    python tools/estimate_time.py --config configs/sd15_lora.yaml --gpu RTX-4090   # diffusion (--resolution 512)
     python tools/estimate_time.py --config configs/tiny_lora.yaml --measure 5     # run 5 real steps, refit
     python tools/estimate_time.py --from-history outputs/my_run/training_history.json   # refit from a run
 
@@ -37,7 +40,11 @@ FLAG_FIELDS = {"model": "model", "mode": "mode", "gpus_per_node": "gpus_per_node
                "tokens": "tokens", "avg_tokens_per_example": "avg_tokens_per_example", "epochs": "epochs",
                "max_steps": "max_steps", "interconnect": "interconnect", "precision": "precision",
                "attn": "attn_implementation", "packing": "packing", "overlap_comm": "overlap_comm",
-               "margin": "margin", "fill": "fill", "liger": "liger_kernel"}
+               "margin": "margin", "fill": "fill", "liger": "liger_kernel", "recipe": "recipe",
+               "image_size": "image_size", "images_per_row": "images_per_row", "min_pixels": "min_pixels",
+               "max_pixels": "max_pixels", "resolution": "resolution", "cache_latents": "cache_latents",
+               "text_encoder_lora": "text_encoder_lora"}
+DIFFUSION_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusion recipe's default (train.config)
 
 
 def parse_args(argv):
@@ -74,12 +81,31 @@ def parse_args(argv):
     p.add_argument("--max-steps", type=int)
     p.add_argument("--margin", type=float, help="memory margin as a fraction (default 0.10)")
     p.add_argument("--fill", type=float, help="fraction of each row holding real tokens")
+    p.add_argument("--recipe", choices=["causal_lm", "vision_language", "diffusion"],
+                   help="what is trained (default: from the model: a diffusers pipeline, a vision tower, or text)")
+    p.add_argument("--image-size", type=image_size, metavar="WxH",
+                   help="vision-language: the typical picture (default: max_pixels square, cut to a row)")
+    p.add_argument("--images-per-row", type=float, help="vision-language: pictures per row (default 1)")
+    p.add_argument("--min-pixels", type=int, help="vision-language: the processor's lower pixel bound")
+    p.add_argument("--max-pixels", type=int, help="vision-language: the processor's upper pixel bound")
+    p.add_argument("--resolution", type=int, help="diffusion: square picture side in pixels (default 512)")
+    p.add_argument("--cache-latents", action="store_true", default=None, help="diffusion: VAE latents cached")
+    p.add_argument("--text-encoder-lora", action="store_true", default=None, help="diffusion: LoRA on the text "
+                   "encoder too")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--measure", type=int, metavar="N", help="run N real steps of --config and refit the throughput")
     p.add_argument("--from-history", metavar="PATH", help="refit the throughput from a run's training_history.json")
     p.add_argument("--calibration", metavar="FILE", help="calibration file (default .cache/estimate_calibration.json)")
     p.add_argument("--no-calibration", action="store_true", help="ignore saved calibrations (cold estimate)")
     return p.parse_args(argv)
+
+
+def image_size(text):
+    """WxH (e.g. 640x480) -> (640, 480)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or not int(width) or not int(height):
+        raise argparse.ArgumentTypeError(f"'{text}' is not WIDTHxHEIGHT in pixels, e.g. 640x480")
+    return int(width), int(height)
 
 
 def explicit_fields(args):
@@ -110,14 +136,32 @@ def build_spec(args):
         return replace(spec, **fields), device
     if "model" not in fields:
         raise EstimateError("give --config CONFIG or --model NAME_OR_DIR (with --mode, --gpu, --seq-len, ...)")
+    fields.setdefault("recipe", recipe_of(fields["model"]))
+    if fields["recipe"] == "diffusion":
+        fields.setdefault("lora_targets", DIFFUSION_LORA_TARGETS)
+        fields.setdefault("packing", False)
+    if fields["recipe"] == "vision_language":
+        fields["packing"] = False  # length-grouped rows (train/data/vision_language.py)
     # the trainer's defaults: liger_kernel auto, gradient_checkpointing auto (off when it fits without)
-    fields.setdefault("liger_kernel", device.kind != "cpu")
+    fields.setdefault("liger_kernel", device.kind != "cpu" and fields["recipe"] != "diffusion")
     spec = RunSpec(**fields)
     if "gradient_checkpointing" not in fields:
         without = replace(spec, gradient_checkpointing=False)
         fits = estimate(without, calibration={}, device=device, with_alternatives=False).fits
         spec = without if fits else replace(spec, gradient_checkpointing=True)
     return spec, device
+
+
+def recipe_of(model):
+    """What the trainer's recipe: auto picks for `model`: diffusion for a diffusers pipeline, vision_language for
+    a model with a vision tower, else causal_lm."""
+    from train.estimate.diffusion import is_pipeline
+
+    if is_pipeline(model):
+        return "diffusion"
+    from train.estimate import load_architecture
+
+    return "vision_language" if load_architecture(model).vision_params else "causal_lm"
 
 
 def local_processes():
@@ -148,12 +192,13 @@ def config_overrides(args):
     """The flags that change the run itself, passed to the measuring run as run-config overrides."""
     keys = {"seq_len": "max_length", "micro_batch": "micro_batch_size", "grad_accum": "gradient_accumulation_steps",
             "zero": "zero_stage", "lora_rank": "lora_r", "model": "model", "precision": "precision",
-            "attn": "attn_implementation"}
+            "attn": "attn_implementation", "resolution": "resolution", "min_pixels": "min_pixels",
+            "max_pixels": "max_pixels"}
     overrides = []
     for flag, key in keys.items():
         if getattr(args, flag) is not None:
             overrides += [f"--{key}", str(getattr(args, flag))]
-    for flag in ("offload", "gradient_checkpointing", "packing"):
+    for flag in ("offload", "gradient_checkpointing", "packing", "cache_latents", "text_encoder_lora"):
         if getattr(args, flag) is not None:
             overrides += [f"--{flag}", str(getattr(args, flag)).lower()]
     return overrides

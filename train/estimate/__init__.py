@@ -15,10 +15,16 @@ The peak is the larger of the backward phase (activations alive) and the optimiz
 
 Time per optimizer step: see step_time.py; `--measure` and `--from-history` refit the throughput term.
 
+The run config's recipe picks the model of the run: causal_lm as above; vision_language adds the vision tower
+(vision.py: image tokens by the processor's rules, its weights in the compute dtype, what it keeps for backward, its
+FLOPs); diffusion has its own terms (diffusion.py, with diffusion_meta.py: the UNet's step on the meta device).
+
 Modules: inputs (RunSpec, EstimateError), architectures (+ meta_model: AutoConfig and exact counts on the meta
 device; the offline table is train/models/arch_table.py), parameters, devices (gpu_table.json), model_states, activations,
-step_time, calibration, estimator, report, from_config (+ dataset_size), measurement, trainer_log.
-Importing this package never imports torch; a model given by a config.json does (transformers' AutoConfig).
+step_time, calibration, estimator, report, from_config (+ dataset_size), measurement, trainer_log; vision
+(+ vision_table), diffusion (+ diffusion_meta, diffusion_table).
+Importing this package never imports torch; a model given by a config.json does (transformers' AutoConfig), and so
+does every diffusion estimate (diffusers' models on the meta device).
 """
 from train.estimate.activations import activation_terms, transient_terms
 from train.models.arch_table import ARCHITECTURES
@@ -28,6 +34,7 @@ from train.estimate.calibration import (calibration_factor, calibration_key, cal
                                         load_calibration, measured_step_time, save_calibration)
 from train.estimate.devices import (Device, cpu_device, detect_device, device_from_cuda_name, known_gpus,
                                     known_interconnects, resolve_device)
+from train.estimate.diffusion import estimate_diffusion, is_pipeline, load_pipeline
 from train.estimate.estimator import estimate, peak_memory, total_optimizer_steps
 from train.estimate.from_config import (estimate_from_config, liger_expected, resolve_gradient_checkpointing,
                                         spec_from_config)
@@ -39,15 +46,18 @@ from train.estimate.parameters import BaseCounts, ParamCounts, base_counts_from_
 from train.estimate.report import Estimate, format_hours, preflight_text, render_table
 from train.estimate.step_time import flops_per_token
 from train.estimate.trainer_log import EstimateLog, log_estimate_vs_measured
+from train.estimate.vision import VisionTower, image_tokens, smart_resize
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "BaseCounts", "Device", "Estimate", "EstimateError", "EstimateLog", "GIB",
-    "ParamCounts", "RunSpec", "activation_terms", "architecture_from_config", "architecture_from_table",
+    "ParamCounts", "RunSpec", "VisionTower", "activation_terms", "architecture_from_config", "architecture_from_table",
     "base_counts_from_shapes", "calibrate_from_history", "calibration_factor", "calibration_key", "calibration_path",
-    "count_params", "cpu_device", "detect_device", "device_from_cuda_name", "estimate", "estimate_from_config",
-    "fit_calibration", "flops_per_token", "format_hours", "known_gpus", "known_interconnects", "known_models",
+    "count_params", "cpu_device", "detect_device", "device_from_cuda_name", "estimate", "estimate_diffusion", "estimate_from_config",
+    "fit_calibration", "flops_per_token", "format_hours", "image_tokens", "is_pipeline", "known_gpus",
+    "known_interconnects", "known_models", "load_pipeline",
     "liger_expected", "load_architecture", "load_calibration", "log_estimate_vs_measured", "measured_step_time",
     "measurement_overrides", "nf4_tensor_bytes", "peak_memory", "preflight_text", "render_table", "resolve_device",
-    "resolve_gradient_checkpointing", "run_measurement", "save_calibration", "spec_from_config", "spec_from_history",
+    "resolve_gradient_checkpointing", "run_measurement", "save_calibration", "smart_resize", "spec_from_config",
+    "spec_from_history",
     "total_optimizer_steps", "transient_terms",
 ]

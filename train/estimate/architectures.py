@@ -7,6 +7,8 @@ from pathlib import Path
 from train.models.arch_table import ARCHITECTURES
 from train.estimate.inputs import EstimateError
 from train.estimate.parameters import BaseCounts
+from train.estimate.vision import VisionTower, processor_pixel_bounds, tower_from_config
+from train.estimate.vision_table import VL_ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Architecture:
     moe_intermediate_size: int = 0
     source: str = "table"
     counts: BaseCounts = None
+    vision: VisionTower = None  # the vision tower of a vision-language model (its shapes: train/estimate/vision.py)
 
     @property
     def hd(self):
@@ -50,7 +53,9 @@ class Architecture:
     @property
     def vision_params(self):
         """Parameters of the vision tower and its projector (0 for text-only models)."""
-        return self.counts.vision if self.counts else 0
+        if self.counts:
+            return self.counts.vision
+        return self.vision.params if self.vision else 0
 
 
 def _normalise_name(name):
@@ -60,7 +65,7 @@ def _normalise_name(name):
 
 def _table_index():
     index = {}
-    for key, entry in ARCHITECTURES.items():
+    for key, entry in {**ARCHITECTURES, **VL_ARCHITECTURES}.items():
         index[_normalise_name(key)] = key
         for alias in entry["names"]:
             index[_normalise_name(alias)] = key
@@ -69,19 +74,26 @@ def _table_index():
 
 
 def known_models():
-    return sorted(ARCHITECTURES)
+    return sorted(ARCHITECTURES) + sorted(VL_ARCHITECTURES)
 
 
 def architecture_from_table(key, source="table"):
+    if key in VL_ARCHITECTURES:
+        entry = VL_ARCHITECTURES[key]
+        vision = {k: v for k, v in entry["vision"].items() if k != "model_type"}
+        pixels = (entry["pixels"]["min_pixels"], entry["pixels"]["max_pixels"])
+        return Architecture(name=key, source=source, vision=tower_from_config(vision, entry["vision"]["model_type"],
+                                                                              pixels), **entry["text"])
     if key not in ARCHITECTURES:
         raise EstimateError(f"unknown architecture '{key}'; known architectures: {', '.join(known_models())}")
     entry = {k: v for k, v in ARCHITECTURES[key].items() if k != "names"}
     return Architecture(name=key, source=source, **entry)
 
 
-def architecture_from_config(config, name, source):
-    """Shapes from a transformers config object (vision-language configs keep the LM's in text_config), with
-    transformers' own defaults for what the file leaves out."""
+def architecture_from_config(config, name, source, pixels=None):
+    """Shapes from a transformers config object (vision-language configs keep the LM's in text_config, the vision
+    tower's in vision_config; `pixels`: the image processor's bounds), with transformers' own defaults for what the
+    file leaves out."""
     text = config.get_text_config()
     model_type = getattr(text, "model_type", "") or getattr(config, "model_type", "")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -93,7 +105,10 @@ def architecture_from_config(config, name, source):
     experts = int(getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0)
     inter = int(getattr(text, "intermediate_size", None) or 4 * h)
     bias = getattr(text, "attention_bias", None)
+    vision = getattr(config, "vision_config", None)
+    tower = tower_from_config(vision.to_dict(), config.model_type, pixels) if vision is not None else None
     return Architecture(
+        vision=tower,
         name=name, source=source, hidden_size=h, intermediate_size=inter,
         num_hidden_layers=int(text.num_hidden_layers), num_attention_heads=heads,
         num_key_value_heads=int(getattr(text, "num_key_value_heads", None) or heads),
@@ -115,7 +130,7 @@ def architecture_from_config_dir(directory, name):
 
     config_file = Path(directory) / "config.json"
     config = load_auto_config(directory, config_file)
-    arch = architecture_from_config(config, name, str(config_file))
+    arch = architecture_from_config(config, name, str(config_file), processor_pixel_bounds(directory))
     return replace(arch, **describe_meta_model(config, arch, str(config_file)))
 
 

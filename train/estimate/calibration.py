@@ -16,8 +16,10 @@ def calibration_path():
     return Path(os.environ.get(CALIBRATION_PATH_ENV) or cache_root() / "estimate_calibration.json")
 
 
-def calibration_key(device, precision):
-    return f"{device.name}/{precision}"
+def calibration_key(device, precision, recipe="causal_lm"):
+    """Language models (text or vision-language) share a factor per device and precision; diffusion has its own
+    (a UNet's convolutions reach another fraction of the peak)."""
+    return f"{device.name}/{precision}" + ("/diffusion" if recipe == "diffusion" else "")
 
 
 def load_calibration(path=None):
@@ -41,11 +43,11 @@ def save_calibration(entry, path=None):
     return path
 
 
-def calibration_factor(calibration, device, precision):
-    """Multiplier on the device-bound terms fitted on this device and precision, or None."""
+def calibration_factor(calibration, device, precision, recipe="causal_lm"):
+    """Multiplier on the device-bound terms fitted on this device and precision (and recipe kind), or None."""
     if not calibration:
         return None
-    entry = calibration.get(calibration_key(device, precision))
+    entry = calibration.get(calibration_key(device, precision, recipe))
     return entry["factor"] if entry else None
 
 
@@ -56,7 +58,7 @@ def fit_calibration(estimate, measured_step_s, source):
     fixed = timing["terms"]["overhead_s"] + timing["terms"]["comm_s"]
     device_bound = timing["device_bound_s"]
     factor = max(0.05, (measured_step_s - fixed) / device_bound) if device_bound > 0 else 1.0
-    return {"key": calibration_key(estimate.device, estimate.precision), "factor": factor,
+    return {"key": calibration_key(estimate.device, estimate.precision, estimate.spec.recipe), "factor": factor,
             "device": estimate.device.name, "precision": estimate.precision, "mode": estimate.spec.mode,
             "measured_step_time_s": measured_step_s, "cold_step_time_s": timing["cold_s"],
             "effective_tflops_per_rank": estimate.flops_per_step / max(1e-9, measured_step_s) / 1e12,

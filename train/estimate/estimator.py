@@ -12,6 +12,7 @@ from train.estimate.model_states import (dtype_bytes, gradient_bytes, host_bytes
 from train.estimate.parameters import count_params
 from train.estimate.report import Estimate, assumptions_for
 from train.estimate.step_time import step_time
+from train.estimate.vision import vision_activation_terms, vision_transient_bytes
 
 GPU_RUNTIME_GIB = 1.0  # CUDA context, cuBLAS workspace, NCCL buffers
 CPU_RUNTIME_GIB = 0.6  # python + torch + deepspeed per process (RSS of an idle rank here)
@@ -20,6 +21,13 @@ CPU_RUNTIME_GIB = 0.6  # python + torch + deepspeed per process (RSS of an idle 
 def estimate(spec, calibration=None, device=None, with_alternatives=True):
     """The full estimate for `spec`. `calibration`: a dict as load_calibration() returns (None: cold)."""
     spec.validate()
+    if spec.recipe == "diffusion":
+        from train.estimate.diffusion import estimate_diffusion
+
+        result = estimate_diffusion(spec, calibration, device)
+        if with_alternatives:
+            result.alternatives = rank_alternatives(result, calibration, result.device)
+        return result
     arch = load_architecture(spec.model)
     device = device or resolve_device(spec.gpu, spec.gpus_per_node)
     precision = resolve_precision(spec, device)
@@ -45,15 +53,18 @@ def memory_terms(arch, spec, device, counts, precision):
     e = dtype_bytes(precision)
     grads, grads_at_step = gradient_bytes(spec, arch, counts, e)
     saved, one_layer = activation_terms(arch, spec, precision, device.kind)
+    if arch.vision:
+        saved.update(vision_activation_terms(arch.vision, spec, e))
     memory = {"weights": weight_bytes(spec, counts, e), "gradients": grads,
               "gradients_at_step": grads_at_step, "optimizer": optimizer_bytes(spec, counts),
               "activations": sum(saved.values())}
     memory.update({f"activations.{k}": v for k, v in saved.items()})
     for key, value in transient_terms(arch, spec, counts, precision, one_layer).items():
         memory[f"transient.{key}"] = value
+    if arch.vision:
+        memory["transient.vision_forward"] = vision_transient_bytes(arch.vision, spec, e)
     memory["runtime"] = (CPU_RUNTIME_GIB if device.kind == "cpu" else GPU_RUNTIME_GIB) * GIB
     return memory, one_layer
-
 
 
 def peak_memory(memory, device, margin):

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from train.estimate.calibration import load_calibration
-from train.estimate.dataset_size import with_dataset_size
+from train.estimate.dataset_size import with_dataset_size, with_image_count, with_vl_dataset_size
 from train.estimate.devices import detect_device, resolve_device
 from train.estimate.estimator import estimate
 from train.estimate.inputs import GIB, EstimateError, RunSpec
@@ -15,20 +15,31 @@ from train.estimate.report import preflight_text
 
 
 def spec_from_config(config, nproc, nnodes, gpu=None):
-    """A RunSpec for a validated run config (a Mapping of its keys) and the launcher's process counts."""
+    """A RunSpec for a validated run config (a Mapping of its keys) and the launcher's process counts; what the
+    recipe (config["recipe"]: causal_lm, vision_language or diffusion) trains decides which keys count."""
     if config["gradient_checkpointing"] == "auto":
         config = dict(config, gradient_checkpointing=resolve_gradient_checkpointing(config, nproc, nnodes, gpu)[0])
-    spec = RunSpec(
+    recipe = config.get("recipe") or "causal_lm"
+    common = dict(
         model=config["model"], mode=config["mode"], lora_rank=config["lora_r"],
         lora_targets=config["lora_target_modules"], lora_dropout=config["lora_dropout"],
-        seq_len=config["max_length"], micro_batch=config["micro_batch_size"],
-        grad_accum=config["gradient_accumulation_steps"], zero=config["zero_stage"], offload=config["offload"],
-        gradient_checkpointing=config["gradient_checkpointing"], packing=config["packing"],
+        micro_batch=config["micro_batch_size"], grad_accum=config["gradient_accumulation_steps"],
+        zero=config["zero_stage"], offload=config["offload"], gradient_checkpointing=config["gradient_checkpointing"],
         gpus_per_node=nproc, nodes=nnodes, gpu=gpu or "cpu", precision=config["precision"],
-        attn_implementation=config["attn_implementation"], overlap_comm=config["overlap_comm"],
-        liger_kernel=liger_expected(config, gpu),
-        epochs=config["num_epochs"], max_steps=config["max_steps"])
-    spec = with_dataset_size(spec, config)
+        overlap_comm=config["overlap_comm"], epochs=config["num_epochs"], max_steps=config["max_steps"],
+        recipe=recipe)
+    if recipe == "diffusion":
+        spec = RunSpec(**common, resolution=config["resolution"], cache_latents=config["cache_latents"],
+                       text_encoder_lora=config["text_encoder_lora"])
+        return with_deepspeed_settings(with_image_count(spec, config), config)
+    spec = RunSpec(**common, seq_len=config["max_length"], attn_implementation=config["attn_implementation"],
+                   liger_kernel=liger_expected(config, gpu), packing=config["packing"])
+    if recipe == "vision_language":  # length-grouped rows, never packed (train/data/vision_language.py)
+        spec = with_vl_dataset_size(replace(spec, packing=False, min_pixels=config["min_pixels"],
+                                            max_pixels=config["max_pixels"], train_merger=config["train_merger"],
+                                            lora_vision=config["lora_vision"]), config)
+    else:
+        spec = with_dataset_size(spec, config)
     return with_deepspeed_settings(spec, config)
 
 
@@ -56,7 +67,6 @@ def resolve_gradient_checkpointing(config, nproc, nnodes, gpu=None):
     if result.fits:
         return False, f"auto: off (predicted {need:.1f} GiB of {have:.1f} GiB per {device.name} without it)"
     return True, f"auto: on (without it {need:.1f} GiB > {have:.1f} GiB per {device.name})"
-
 
 
 def deepspeed_zero_settings(config):

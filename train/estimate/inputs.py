@@ -6,6 +6,7 @@ DEFAULT_MARGIN = 0.10
 PACKED_FILL = 0.95  # fraction of a packed row holding real tokens (best-fit packing of instruction data)
 UNPACKED_FILL = 0.6
 WARMUP_STEPS = 2  # steps excluded from measured step times (first-step allocation, lazy init)
+RECIPES = ("causal_lm", "vision_language", "diffusion")
 
 
 class EstimateError(ValueError):
@@ -44,6 +45,18 @@ class RunSpec:
     max_live_parameters: int = None  # ZeRO-3's stage3_max_live_parameters; None: 1e9
     fill: float = None
     liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy outside ZeRO-3)
+    recipe: str = "causal_lm"   # causal_lm | vision_language | diffusion (the run config's recipe)
+    # vision-language: the pictures of a row and the processor's pixel bounds (None: the model's own)
+    image_size: tuple = None    # (width, height); None: a square of max_pixels, cut to what a row holds
+    images_per_row: float = 1.0
+    min_pixels: int = None
+    max_pixels: int = None
+    train_merger: bool = False
+    lora_vision: bool = False
+    # diffusion: square pictures of `resolution`, the VAE's latents cached, LoRA on the text encoder too
+    resolution: int = 512
+    cache_latents: bool = False
+    text_encoder_lora: bool = False
 
     @property
     def world(self):
@@ -52,6 +65,8 @@ class RunSpec:
     @property
     def row_fill(self):
         """Fraction of each (padded) row that holds real tokens."""
+        if self.recipe == "diffusion":
+            return 1.0  # a "row" is one picture
         if self.fill:
             return self.fill
         return PACKED_FILL if self.packing else UNPACKED_FILL
@@ -65,6 +80,12 @@ class RunSpec:
         for name in ("seq_len", "micro_batch", "grad_accum", "gpus_per_node", "nodes", "lora_rank"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.recipe not in RECIPES:
+            problems.append(f"recipe must be one of {', '.join(RECIPES)} (got '{self.recipe}')")
+        if self.recipe == "diffusion" and int(self.resolution) < 8:
+            problems.append(f"resolution must be at least 8 (got {self.resolution})")
+        if self.images_per_row < 0:
+            problems.append(f"images_per_row must be 0 or more (got {self.images_per_row})")
         if self.mode == "qlora" and self.offload:
             problems.append("qlora does not support offload (bitsandbytes 4-bit weights stay on the GPU)")
         if problems:

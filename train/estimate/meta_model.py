@@ -73,12 +73,12 @@ def layer_matmul_params(layer, arch):
     return total
 
 
-def quantizable_linear_sizes(model):
-    """numel of every nn.Linear weight but the output head: what BitsAndBytesConfig(load_in_4bit) converts."""
+def quantizable_linear_sizes(decoder):
+    """numel of every nn.Linear weight of the language model: what BitsAndBytesConfig(load_in_4bit) converts (the
+    output head and a vision tower are in its skip list: train/models/vision_language.py)."""
     from torch import nn
 
-    head = model.get_output_embeddings()
-    return tuple(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    return tuple(m.weight.numel() for m in decoder.modules() if isinstance(m, nn.Linear))
 
 
 def norms_of(layer):
@@ -96,7 +96,7 @@ def describe_meta_model(config, arch, source):
     attention = getattr(first, "self_attn", None)
     counts = BaseCounts(
         total=total, embedding=model.get_input_embeddings().weight.numel(), lm_head=lm_head,
-        linear_sizes=quantizable_linear_sizes(model),
+        linear_sizes=quantizable_linear_sizes(decoder),
         matmul_per_token=sum(layer_matmul_params(layer, arch) for layer in layers) + arch.vocab_size * arch.hidden_size,
         largest_module=max(unique_numel(m.parameters(recurse=False)) for m in model.modules()),
         vision=total - unique_numel(decoder.parameters()) - lm_head, source="meta-device model")

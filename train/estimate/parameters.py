@@ -3,6 +3,7 @@ the meta device, see meta_model.py) and of the run (LoRA adapters, what trains, 
 from dataclasses import dataclass
 
 from train.estimate.inputs import EstimateError
+from train.estimate.vision import vision_trainable
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class ParamCounts:
     matmul_per_token: int
     largest_module: int
     vision: int = 0
+    vision_lora: int = 0         # LoRA on the vision blocks (lora_vision), part of `lora`
+    merger_trainable: int = 0    # merger parameters that train (train_merger), part of `trainable`
 
 
 def layer_linears(arch):
@@ -85,20 +88,27 @@ def base_counts_from_shapes(arch):
     small = arch.norms_per_layer * h + (2 * arch.hd if arch.qk_norm else 0) + biases
     active_mlp = 3 * arch.num_experts_per_tok * h * arch.moe_intermediate_size
     largest = max([embedding, lm_head, experts] + [i * o for _, i, o in layer_linears(arch)])
-    return BaseCounts(total=embedding + lm_head + layers * (linear + experts + small) + h,
+    vision = arch.vision.params if arch.vision else 0
+    return BaseCounts(total=embedding + lm_head + layers * (linear + experts + small) + h + vision,
                       embedding=embedding, lm_head=lm_head,
                       linear_sizes=tuple(i * o for _, i, o in quantized_linears(arch)) * layers,
                       matmul_per_token=layers * (linear + active_mlp) + arch.vocab_size * h,
-                      largest_module=largest)
+                      largest_module=largest, vision=vision)
 
 
 def count_params(arch, spec):
     """The run's counts for `spec` (mode, LoRA rank and targets) on `arch`."""
     base = arch.counts or base_counts_from_shapes(arch)
     lora_sizes = lora_tensor_sizes(arch, spec.lora_rank, spec.lora_targets) if spec.mode != "full" else []
-    lora = arch.num_hidden_layers * sum(lora_sizes)
+    vision_lora, merger = vision_trainable(arch.vision, spec) if arch.vision else (0, 0)
+    lora = arch.num_hidden_layers * sum(lora_sizes) + vision_lora
     quantized_sizes = base.linear_sizes if spec.mode == "qlora" else ()
-    return ParamCounts(total=base.total + lora, trainable=(base.total if spec.mode == "full" else lora), lora=lora,
+    if spec.mode == "full":  # the language model trains; the vision tower is frozen but for trained mergers
+        total, trainable = base.total, base.total - base.vision + merger
+    else:  # modules_to_save: peft trains a copy of each merger beside the frozen original
+        total, trainable = base.total + lora + merger, lora + merger
+    return ParamCounts(total=total, trainable=trainable, lora=lora,
                        embedding=base.embedding, lm_head=base.lm_head, quantized=sum(quantized_sizes),
                        quantized_sizes=quantized_sizes, matmul_per_token=base.matmul_per_token,
-                       largest_module=base.largest_module, vision=base.vision)
+                       largest_module=base.largest_module, vision=base.vision, vision_lora=vision_lora,
+                       merger_trainable=merger)

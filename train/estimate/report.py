@@ -8,6 +8,7 @@ from train.estimate.devices import Device
 from train.estimate.inputs import GIB, RunSpec
 from train.estimate.model_states import dtype_bytes, reduce_bucket
 from train.estimate.parameters import ParamCounts
+from train.estimate.vision import describe_vision, picture
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Estimate:
         return self.timing["tokens_per_rank_step"] * self.spec.world * self.fill / self.step_time_s
 
     @property
+    def unit(self):
+        """What a step's rows are: tokens, or pictures for diffusion (tokens_per_s then counts images)."""
+        return "images" if self.spec.recipe == "diffusion" else "tokens"
+
+    @property
     def fill(self):
         return self.spec.row_fill
 
@@ -66,6 +72,13 @@ class Estimate:
         return (f"predicted peak memory {need:.1f} GiB per {self.device.name} exceeds its {have:.1f} GiB "
                 f"({self._breakdown_text()}); {fix_text}; pass --force to launch anyway")
 
+    def _vision_json(self):
+        if not getattr(self.arch, "vision", None):
+            return {}
+        width, height, tokens, _ = picture(self.arch.vision, self.spec)
+        return {"image_size": [width, height], "image_tokens_per_image": tokens,
+                "images_per_row": self.spec.images_per_row}
+
     def _breakdown_text(self):
         return ", ".join(f"{k} {v / GIB:.1f}" for k, v in self.breakdown.items())
 
@@ -77,7 +90,7 @@ class Estimate:
             "world_size": self.spec.world, "gpus_per_node": self.spec.gpus_per_node, "nodes": self.spec.nodes,
             "params_total": self.counts.total, "params_trainable": self.counts.trainable,
             "params_lora": self.counts.lora, "params_quantized_nf4": self.counts.quantized,
-            "params_vision": self.counts.vision,
+            "params_vision": self.counts.vision, **self._vision_json(),
             "memory_per_gpu_gib": {"total": round(self.peak_bytes / GIB, 3), **gib},
             "memory_peak_phase": self.peak_phase,
             "memory_terms_gib": {k: round(v / GIB, 4) for k, v in self.memory.items()},
@@ -92,7 +105,7 @@ class Estimate:
             "step_time_terms_s": {k: round(v, 5) for k, v in self.timing["terms"].items()},
             "communication": self.timing["comm"],
             "flops_per_token": self.timing["flops_per_token"],
-            "tokens_per_s": round(self.tokens_per_s, 2),
+            "tokens_per_s": round(self.tokens_per_s, 2), "unit": self.unit,
             "tokens_per_step": int(self.timing["tokens_per_rank_step"] * self.spec.world * self.fill),
             "total_steps": self.total_steps, "total_steps_note": self.steps_note,
             "total_time_h": None if self.total_time_h is None else round(self.total_time_h, 4),
@@ -138,9 +151,11 @@ def assumptions_for(result):
         notes.append("QLoRA: nn.Linear layers in NF4 with double quantisation (0.516 bytes/param), embeddings, "
                      "norms and lm_head in the compute dtype; de-quantised on every forward, backward and "
                      "recompute at 2.5 bytes/param of memory traffic")
-    if arch.vision_params:
+    if arch.vision:
+        notes.append(describe_vision(arch.vision, spec))
+    elif arch.vision_params:
         notes.append(f"vision tower: {arch.vision_params:,} parameters, counted in the weights and model states; "
-                     f"its activations and FLOPs are not modelled yet")
+                     f"its activations and FLOPs are not modelled for this model type")
     if arch.is_moe:
         notes.append(f"MoE: {arch.num_experts} experts, {arch.num_experts_per_tok} active per token: active "
                      f"parameters for FLOPs, all parameters for memory and ZeRO-3 traffic; expert weights are 3D "
@@ -159,7 +174,8 @@ def preflight_text(result):
     lines = [f"pre-flight estimate ({result.device.name} x {result.spec.world}, {result.precision}): "
              f"{mem:.2f} GiB of {result.device.memory_gib:.1f} GiB per rank ({verdict}; "
              f"{result._breakdown_text().replace(', ', ' + ')} GiB); "
-             f"{result.step_time_s:.2f} s/step, {result.tokens_per_s:,.0f} tokens/s{total} ({calibrated})"]
+             f"{result.step_time_s:.2f} s/step, {result.tokens_per_s:,.{2 if result.unit == 'images' else 0}f} "
+             f"{result.unit}/s{total} ({calibrated})"]
     if result.alternatives and result.fits:
         best = result.alternatives[0]
         lines.append(f"pre-flight: faster option that fits: {best['change']} ({best['step_time_s']:.2f} s/step)")
@@ -184,7 +200,8 @@ def render_table(result):
         ("mode", f"{s.mode}{f' r={s.lora_rank}' if s.mode != 'full' else ''}, ZeRO-{s.zero}"
                  f"{' + offload' if s.offload else ''}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"),
         ("ranks", f"{s.gpus_per_node} per node x {s.nodes} node(s) of {result.device.name}"),
-        ("batch", f"micro {s.micro_batch} x seq {s.seq_len} x accum {s.grad_accum} x {s.world} ranks"),
+        ("batch", f"micro {s.micro_batch} x " + (f"{s.resolution}px pictures" if s.recipe == "diffusion" else
+                                                  f"seq {s.seq_len}") + f" x accum {s.grad_accum} x {s.world} ranks"),
         ("parameters", f"{c.total / 1e9:.3f} B total, {c.trainable / 1e6:.2f} M trainable"
                        f"{f', {c.quantized / 1e9:.3f} B in NF4' if c.quantized else ''}"
                        f"{f', {c.vision / 1e6:.1f} M in the vision tower' if c.vision else ''}"),
@@ -208,7 +225,8 @@ def render_table(result):
     lines.append(f"  {'step (cold)':<38} {t['cold_s']:10.4f}")
     if t["calibrated_s"] is not None:
         lines.append(f"  {'step (calibrated, x%.3f)' % t['calibration_factor']:<38} {t['calibrated_s']:10.4f}")
-    lines.append(f"  {'tokens/s (all ranks, real tokens)':<38} {result.tokens_per_s:10.1f}")
+    lines.append(f"  {result.unit + '/s (all ranks' + (', real tokens)' if result.unit == 'tokens' else ')'):<38} "
+                 f"{result.tokens_per_s:10.1f}")
     lines.append(f"  {'total steps':<38} {str(result.total_steps):>10}  ({result.steps_note})")
     lines.append(f"  {'total time':<38} {format_hours(result.total_time_h):>10}")
     if result.alternatives:
@@ -222,7 +240,8 @@ def render_table(result):
 
 
 MEMORY_LABELS = {"gradients": "gradients (backward)", "gradients_at_step": "gradients (optimizer step)",
-                 "activations": "activations (saved for backward)"}
+                 "activations": "activations (saved for backward)",
+                 "vae_encode": "VAE encode (a phase of its own)"}
 
 
 def _other_without_margin(result):

@@ -6,6 +6,7 @@ from train.estimate.calibration import calibration_factor
 from train.estimate.devices import CPU_MEMORY_GBPS_PER_RANK, inter_node_busbw
 from train.estimate.model_states import NF4_BYTES_PER_PARAM
 from train.estimate.parameters import layer_linears, lora_target_names
+from train.estimate.vision import vision_flops
 
 OPTIMIZER_BYTES_PER_PARAM = 60  # DeepSpeed step: gradient flatten, norm, clip, AdamW, copy back to 16-bit
 # Per transformer layer and pass (forward, backward, recompute): python dispatch, kernel launches, hooks. Priors
@@ -35,7 +36,7 @@ def flops_per_token(arch, spec, counts, masked):
     n = counts.matmul_per_token
     n_layers = n - arch.vocab_size * arch.hidden_size - recompute_skipped_per_token(arch, spec)
     attn = attention_flops_per_token(arch, spec, masked)
-    lora = counts.lora if spec.mode != "full" else 0
+    lora = counts.lora - counts.vision_lora if spec.mode != "full" else 0  # vision LoRA: see vision.py
     forward = 2 * n + attn + 2 * lora
     backward = (4 * n if spec.mode == "full" else 2 * n) + 2 * attn + 4 * lora
     recompute = (2 * n_layers + attn + 2 * lora) if spec.gradient_checkpointing else 0
@@ -89,7 +90,9 @@ def step_time(arch, spec, device, counts, precision, activations_per_layer, cali
         "optimizer_s": counts.trainable / spec.world * OPTIMIZER_BYTES_PER_PARAM /
         (bandwidth if not spec.offload else CPU_MEMORY_GBPS_PER_RANK * 1e9),
     }
-    compute_bound = terms["matmul_s"] + terms["elementwise_s"] + terms["dequant_s"] + terms["optimizer_s"]
+    if arch.vision:
+        terms["vision_s"] = sum(vision_flops(arch.vision, spec).values()) * spec.grad_accum / (peak * mfu)
+    compute_bound = sum(terms.values())
     terms["overhead_s"] = overhead_seconds(arch, spec, device, passes, compute_bound) + \
         zero3_fetch_seconds(arch, spec, device, passes)
     comm, comm_detail = comm_seconds(spec, device, counts, e, interconnect)
