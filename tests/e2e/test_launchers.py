@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO, launcher_env, read_history, resolve
 
 LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
-MAX_STEPS = 20
+MAX_STEPS = 16
 EXPECTED_COMMAND = {"torchrun": "-m torch.distributed.run", "accelerate": "-m accelerate.commands.launch",
                     "deepspeed": "-m deepspeed.launcher.runner"}
 
