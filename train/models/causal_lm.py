@@ -2,6 +2,7 @@
 import torch
 
 from train.dtypes import torch_dtype
+from train.models.compiled_layers import compile_decoder_layers
 from train.models.tiny import is_random, materialize_random_weights, resolve_model_path
 
 
@@ -66,6 +67,8 @@ def load_model(cfg, device):
     if cfg.liger_kernel:
         apply_liger_kernels(model, cfg.zero_stage)
     model = prepare_for_training(model, cfg)
+    if cfg.compile_layers:
+        compile_decoder_layers(model)
     return model, keepalive
 
 
