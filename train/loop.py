@@ -32,6 +32,7 @@ from train.exit_codes import OK
 from train.guards import (TrainingError, fp16_skipped_step, is_finite, nonfinite, nothing_to_learn,
                           with_debug_faults)
 from train.history import History, MetricSinks, plot_history
+from train.profiling import StepProfiler
 from train.schedule import EvalTracker, LRSchedule
 from train.schedule import total_steps as total_steps_for
 
@@ -122,6 +123,7 @@ class Trainer:
         self.total_steps, self.stop = total_steps, stop
         self.saved_state_at = None  # the step of the last training-state checkpoint
         self.prefetched = None  # (step, StepBatches) built ahead of that step
+        self.profiler = StepProfiler.from_env(ctx.is_main)  # only when a benchmark asks (FTL_PROFILE_JSON)
 
     # ------------------------------------------------------------ the loop
 
@@ -135,7 +137,8 @@ class Trainer:
             self.evaluate_baseline()
         try:
             for step in range(start_step + 1, self.total_steps + 1):
-                record = self.train_step(step)
+                with self.profiler.step(step):
+                    record = self.train_step(step)
                 estimate_log.observe(step, record)
                 progress.update(step, {"loss": f"{record['loss']:.4f}", "lr": f"{record['learning_rate']:.2e}",
                                        "s/step": f"{record['step_time_s']:.2f}"})
