@@ -62,3 +62,11 @@ def test_the_ddp_engine_is_part_of_what_a_checkpoint_was_trained_with():
 
     assert training_identity(resolved())["engine"] == "ddp"
     assert "engine" not in training_identity(resolved(engine="deepspeed")), "older checkpoints still match"
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    """The profile's GPU-busy fraction: kernels on two streams that overlap are one busy stretch, gaps are idle."""
+    from train.profiling import busy_seconds
+
+    assert busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
+    assert busy_seconds([]) == 0
