@@ -63,7 +63,7 @@ def parse_args():
     p.add_argument("--cases", default=",".join(DEFAULT_CASES))
     p.add_argument("--profile", default="", metavar="CASE[,CASE]", help="profile these cases (3 extra steps)")
     p.add_argument("--work-dir", default=".cache/bench")
-    p.add_argument("--case-timeout", type=int, default=150)
+    p.add_argument("--case-timeout", type=int, default=180)
     p.add_argument("--budget", type=int, default=500, help="seconds for all cases: a case starts only with at "
                                                           "least 60 s left, and never runs past the budget")
     p.add_argument("--json", metavar="FILE")
