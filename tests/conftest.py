@@ -48,7 +48,8 @@ def vl_settings(**overrides):
     settings = dict(mode="lora", model="builtin:tiny-qwen3-vl", precision="fp32", zero_stage=2,
                     gradient_checkpointing=False, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                     lora_target_modules="all-linear", bnb_4bit_quant_storage="uint8", attn_implementation="sdpa",
-                    trust_remote_code=False, train_merger=False, lora_vision=False, max_pixels=None, min_pixels=None)
+                    trust_remote_code=False, train_merger=False, lora_vision=False, max_pixels=None, min_pixels=None,
+                    compile_layers=False)
     settings.update(overrides)
     return SimpleNamespace(**settings)
 

@@ -5,15 +5,22 @@ step, same precision (a benchmark, not a test).
     python tools/bench.py --json docs/benchmarks/bench_h200.json              # Llama-3-8B shape, seq 2048, mb 2
     python tools/bench.py --model builtin:small-llama --seq-len 256 --steps 6 --cases hf-gc,ours,ours-gc   # CPU
 
-Cases:
+Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps the call inside a device call):
   hf-gc       baseline with gradient checkpointing (what most users run)
+  hf-liger    baseline + Liger's kernels (TrainingArguments use_liger_kernel=True), no checkpointing
   hf          baseline without gradient checkpointing
-  ours        our defaults: gradient_checkpointing auto (off where it fits), liger_kernel auto (on a GPU)
+  ours        our defaults: gradient_checkpointing auto (off where it fits), liger_kernel, engine and compile_layers
+              auto (on a GPU: Liger, the ddp engine, compiled decoder layers)
+  ours-deepspeed  ours with engine: deepspeed (ZeRO-2): the engine's share
+  ours-eager  ours with engine: deepspeed and compile_layers: false (the trainer before issue 20)
   ours-gc     ours with gradient checkpointing forced on (compare with hf-gc at equal memory)
   ours-mb2x   ours with twice the micro-batch and half the accumulation (same tokens per optimizer step)
   ours-qlora  QLoRA (NF4, double quant) with our defaults: step time against `ours`
+  ours-z3     LoRA under ZeRO-3 (engine deepspeed, no compilation): step time against ours-eager (ZeRO-2)
   ours-full   full fine-tune of --full-model (a shape that fits one GPU with ZeRO-2): MFU
   ours-full-bucket5e8   the same with DeepSpeed's reduce_bucket_size at 5e8 elements (DeepSpeed's own default)
+--profile CASE[,CASE]: those cases run 3 more steps under torch.profiler (not measured); the summary (wall vs kernel
+time, GPU busy fraction, top kernels and CPU ops, syncs and launches: train/profiling.py) goes into the case's row.
 FLOP accounting (MFU = model FLOPs per second / the GPU's dense bf16 peak from train/estimate/gpu_table.json): per token
 6N (full) or 4N (LoRA: forward 2N, input gradients 2N; frozen weights get no weight gradient) with N all
 parameters, plus attention 12 x layers x seq x hidden (PaLM's convention, no causal discount); recomputation by
@@ -21,6 +28,7 @@ gradient checkpointing is not counted.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,9 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.benchlib import (REPO, log_tail, measured, run_launcher, versions, write_json,  # noqa: E402
                             write_text_corpus)
 from train.console import ascii_safe, make_console_safe  # noqa: E402
+from train.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 
 WARMUP = 3
-CASES = ("hf-gc", "hf", "ours", "ours-gc", "ours-mb2x", "ours-qlora", "ours-full", "ours-full-bucket5e8")
+CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
+         "ours-z3", "ours-full", "ours-full-bucket5e8")
+# the targets' cases first: with --budget, the last ones are the ones skipped
+DEFAULT_CASES = ("hf-gc", "hf-liger", "ours", "ours-eager", "ours-gc", "ours-qlora", "ours-z3", "ours-full",
+                 "ours-deepspeed")
+PROFILED_STEPS = 3
+HF_BASELINES = ("hf-gc", "hf-liger")  # the two ratio columns
 
 
 def parse_args():
@@ -44,10 +59,13 @@ def parse_args():
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--steps", type=int, default=8, help=f"measured: the steps after the first {WARMUP}")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES))
+    p.add_argument("--profile", default="", metavar="CASE[,CASE]", help="profile these cases (3 extra steps)")
     p.add_argument("--work-dir", default=".cache/bench")
-    p.add_argument("--case-timeout", type=int, default=300)
+    p.add_argument("--case-timeout", type=int, default=180)
+    p.add_argument("--budget", type=int, default=500, help="seconds for all cases: a case starts only with at "
+                                                          "least 60 s left, and never runs past the budget")
     p.add_argument("--json", metavar="FILE")
     return p.parse_args()
 
@@ -64,40 +82,55 @@ def our_config(args, corpus, **change):
     return config
 
 
-def run_ours(args, corpus, name, **change):
+def run_ours(args, corpus, name, timeout, **change):
     config = our_config(args, corpus, **change)
-    code, history, wall, log = run_launcher(config, Path(args.work_dir) / name, 1, timeout=args.case_timeout)
-    got = measured(history, WARMUP) if history and code == 0 else None
+    profiled = name in args.profile.split(",")
+    env = {}
+    if profiled:
+        profile_file = (Path(args.work_dir) / name / "profile.json").resolve()
+        profile_file.unlink(missing_ok=True)
+        config["max_steps"] = args.steps + PROFILED_STEPS
+        env = {PROFILE_ENV: str(profile_file), STEPS_ENV: f"{args.steps + 1}-{args.steps + PROFILED_STEPS}"}
+    code, history, wall, log = run_launcher(config, Path(args.work_dir) / name, 1, timeout=timeout, env=env,
+                                            stop_after_step=config["max_steps"])
+    got = measured(history, WARMUP, last=args.steps) if history and code == 0 else None
     row = {"case": name, "stack": "finetune-launcher", "exit_code": code, "wall_s": round(wall, 1),
            "config": config}
     if got is None:
         return dict(row, error=log_tail(log))
     text = Path(log).read_text(encoding="utf-8", errors="replace")
-    row["gradient_checkpointing"] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                                          if line.startswith("gradient checkpointing:")), None)
-    row["losses"] = [r["loss"] for r in history["records"]]
+    for key, prefix in (("gradient_checkpointing", "gradient checkpointing:"), ("engine", "engine:"),
+                        ("compile_layers", "compile layers:"), ("liger_kernel", "liger kernels:")):
+        row[key] = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(prefix)), None)
+    row["losses"] = [r["loss"] for r in history["records"] if r["step"] <= args.steps]
     row["tokens_per_step"] = args.micro_batch * args.grad_accum * args.seq_len
+    if profiled and profile_file.exists():
+        row["profile"] = json.loads(profile_file.read_text())
     return dict(row, **got)
 
 
-def run_hf(args, corpus, name, checkpointing):
+def run_hf(args, corpus, name, timeout, checkpointing=False, liger=False):
     out = Path(args.work_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(REPO / "tools" / "hf_baseline.py"), "--model", args.model, "--data", str(corpus),
            "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--grad-accum",
            str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(WARMUP), "--lora-r", str(args.lora_r),
-           "--json", str(out / "result.json")] + (["--gradient-checkpointing"] if checkpointing else [])
+           "--json", str(out / "result.json")] + (["--gradient-checkpointing"] if checkpointing else []) + \
+        (["--liger"] if liger else []) + (["--profile", str(out / "profile.json")]
+                                          if name in args.profile.split(",") else [])
+    (out / "result.json").unlink(missing_ok=True)
     t0 = time.time()
     with open(out / "train.log", "w", encoding="utf-8") as f:
         try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=args.case_timeout).returncode
+            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = 124
     row = {"case": name, "stack": "HF Trainer + PEFT", "exit_code": code, "wall_s": round(time.time() - t0, 1),
            "command": " ".join(cmd)}
     if code != 0 or not (out / "result.json").exists():
         return dict(row, error=log_tail(out / "train.log"))
+    if (out / "profile.json").exists() and "--profile" in cmd:
+        row["profile"] = json.loads((out / "profile.json").read_text())
     return dict(row, **json.loads((out / "result.json").read_text()))
 
 
@@ -134,71 +167,118 @@ def add_ratios(rows, args):
         model = r.get("config", {}).get("model", args.model)
         r["model_flops_per_token"] = model_flops_per_token(model, mode, args.seq_len)
         r["mfu"] = r["model_flops_per_token"] * r["tokens_per_s"] / peak
-    base = by_name.get("hf-gc", {}).get("tokens_per_s")
-    for r in rows:
         r["peak_gib"] = r.get("peak_reserved_gib")
-        if base and "tokens_per_s" in r and r["case"] not in ("ours-full", "ours-full-bucket5e8"):
-            r["vs_hf_gc"] = r["ratio_vs_baseline"] = r["tokens_per_s"] / base
-    ours = by_name.get("ours", {}).get("step_time_s")
-    if ours and "step_time_s" in by_name.get("ours-qlora", {}):
-        by_name["ours-qlora"]["step_time_vs_ours_lora"] = by_name["ours-qlora"]["step_time_s"] / ours
+        for base in HF_BASELINES:
+            base_rate = by_name.get(base, {}).get("tokens_per_s")
+            if base_rate and not r["case"].startswith("ours-full"):
+                r[f"vs_{base.replace('-', '_')}"] = r["tokens_per_s"] / base_rate
+    for case, against, key in (("ours-qlora", "ours", "step_time_vs_ours_lora"),
+                               ("ours-z3", "ours-eager", "step_time_vs_zero2"),
+                               ("ours-z3", "ours", "step_time_vs_ours_lora")):
+        if "step_time_s" in by_name.get(case, {}) and "step_time_s" in by_name.get(against, {}):
+            by_name[case][key] = by_name[case]["step_time_s"] / by_name[against]["step_time_s"]
     return rows, device
 
 
 def render(rows, args, device):
-    lines = [f"{'case':<11} {'stack':<18} {'s/step':>7} {'tok/s':>8} {'MFU':>6} {'x hf-gc':>8} {'peak GiB':>9} "
-             f"{'loss first->last':>17}"]
+    lines = [f"{'case':<15} {'stack':<18} {'s/step':>7} {'tok/s':>8} {'MFU':>6} {'x hf-liger':>10} {'x hf-gc':>8} "
+             f"{'peak GiB':>9} {'loss first->last':>17}"]
     for r in rows:
         if "tokens_per_s" not in r:
-            lines.append(f"{r['case']:<11} {r['stack']:<18} FAILED (exit {r['exit_code']})")
+            lines.append(f"{r['case']:<15} {r['stack']:<18} {r.get('skipped') or 'FAILED (exit %s)' % r['exit_code']}")
             continue
         losses = r.get("losses") or [float("nan")]
-        lines.append(f"{r['case']:<11} {r['stack']:<18} {r['step_time_s']:7.3f} {r['tokens_per_s']:8,.0f} "
-                     f"{r['mfu']:6.1%} {r.get('vs_hf_gc', float('nan')):8.2f} "
-                     f"{r.get('peak_reserved_gib') or float('nan'):9.1f} {losses[0]:8.3f}->{losses[-1]:.3f}")
-    qlora = next((r for r in rows if "step_time_vs_ours_lora" in r), None)
-    if qlora:
-        lines.append(f"QLoRA step time / our LoRA step time: {qlora['step_time_vs_ours_lora']:.2f}")
+        lines.append(f"{r['case']:<15} {r['stack']:<18} {r['step_time_s']:7.3f} {r['tokens_per_s']:8,.0f} "
+                     f"{r['mfu']:6.1%} {r.get('vs_hf_liger', float('nan')):10.2f} "
+                     f"{r.get('vs_hf_gc', float('nan')):8.2f} {r.get('peak_reserved_gib') or float('nan'):9.1f} "
+                     f"{losses[0]:8.3f}->{losses[-1]:.3f}")
+    by_name = {r["case"]: r for r in rows}
+    for case, key, what in (("ours-qlora", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
+                            ("ours-z3", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (ours-eager)"),
+                            ("ours-z3", "step_time_vs_ours_lora", "LoRA ZeRO-3 step time / ours (defaults)")):
+        if key in by_name.get(case, {}):
+            lines.append(f"{what}: {by_name[case][key]:.2f}")
+    for r in rows:
+        if "profile" in r:
+            prof = r["profile"]
+            lines.append(f"profile {r['case']}: {prof['wall_s_per_step']:.3f} s/step wall, kernels "
+                         f"{prof['kernel_s'] / prof['steps']:.3f} s/step, "
+                         f"GPU busy {prof['gpu_busy_fraction'] or 0:.0%}")
     lines.append(f"device {device.name}; LoRA model {args.model} r={args.lora_r} all linears; seq {args.seq_len}; "
                  f"micro-batch {args.micro_batch} x accumulation {args.grad_accum}; {args.steps} steps, median after "
                  f"{WARMUP}; peak = max reserved")
     return "\n".join(lines)
 
 
+def runners(args, corpus):
+    """name -> function(timeout) -> row."""
+    full = dict(mode="full", model=args.full_model)
+    bucket = lambda: str(ds_file_with(args, reduce_bucket_size=5e8))  # noqa: E731 - written only when run
+    return {
+        "hf-gc": lambda t: run_hf(args, corpus, "hf-gc", t, checkpointing=True),
+        "hf-liger": lambda t: run_hf(args, corpus, "hf-liger", t, liger=True),
+        "hf": lambda t: run_hf(args, corpus, "hf", t),
+        "ours": lambda t: run_ours(args, corpus, "ours", t),
+        "ours-deepspeed": lambda t: run_ours(args, corpus, "ours-deepspeed", t, engine="deepspeed"),
+        "ours-eager": lambda t: run_ours(args, corpus, "ours-eager", t, engine="deepspeed", compile_layers=False),
+        "ours-gc": lambda t: run_ours(args, corpus, "ours-gc", t, gradient_checkpointing=True),
+        "ours-mb2x": lambda t: run_ours(args, corpus, "ours-mb2x", t, micro_batch_size=2 * args.micro_batch,
+                                        gradient_accumulation_steps=max(1, args.grad_accum // 2)),
+        "ours-qlora": lambda t: run_ours(args, corpus, "ours-qlora", t, mode="qlora"),
+        "ours-z3": lambda t: run_ours(args, corpus, "ours-z3", t, zero_stage=3),
+        "ours-full": lambda t: run_ours(args, corpus, "ours-full", t, **full),
+        "ours-full-bucket5e8": lambda t: run_ours(args, corpus, "ours-full-bucket5e8", t, **full,
+                                                  deepspeed_config=bucket()),
+    }
+
+
+def prepare_models(args, cases):
+    """Build the random shapes' directories (and the QLoRA case's random weights, written once) before any case,
+    so no case's time or timeout includes them."""
+    t0 = time.time()
+    code = ("import sys, torch; from train.models.tiny import resolve_model_path, materialize_random_weights\n"
+            "paths = [resolve_model_path(m) for m in sys.argv[2:]]\n"
+            "if sys.argv[1] == 'qlora' and sys.argv[2].startswith('random:'):\n"
+            "    materialize_random_weights(paths[0], torch.bfloat16 if torch.cuda.is_available() else torch.float32)")
+    models = [args.model] + ([args.full_model] if any(c.startswith("ours-full") for c in cases) else [])
+    subprocess.run([sys.executable, "-c", code, "qlora" if "ours-qlora" in cases else "-", *models], cwd=REPO,
+                   check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    print(f"models ready ({time.time() - t0:.0f} s)", flush=True)
+
+
 def main():
     make_console_safe()
     args = parse_args()
     cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in CASES]
+    unknown = [c for c in cases + [c for c in args.profile.split(",") if c] if c not in CASES]
     if unknown:
         sys.exit(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
-    rows_needed = (args.steps + 2) * args.micro_batch * args.grad_accum
+    started = time.time()
+    rows_needed = (args.steps + PROFILED_STEPS + 2) * args.micro_batch * args.grad_accum
     corpus = write_text_corpus(Path(args.work_dir) / "corpus.jsonl", words=rows_needed * args.seq_len)
-    runners = {"hf-gc": lambda: run_hf(args, corpus, "hf-gc", True),
-               "hf": lambda: run_hf(args, corpus, "hf", False),
-               "ours": lambda: run_ours(args, corpus, "ours"),
-               "ours-gc": lambda: run_ours(args, corpus, "ours-gc", gradient_checkpointing=True),
-               "ours-qlora": lambda: run_ours(args, corpus, "ours-qlora", mode="qlora"),
-               "ours-mb2x": lambda: run_ours(args, corpus, "ours-mb2x", micro_batch_size=2 * args.micro_batch,
-                                             gradient_accumulation_steps=max(1, args.grad_accum // 2)),
-               "ours-full": lambda: run_ours(args, corpus, "ours-full", mode="full", model=args.full_model),
-               "ours-full-bucket5e8": lambda: run_ours(args, corpus, "ours-full-bucket5e8", mode="full",
-                                                       model=args.full_model,
-                                                       deepspeed_config=str(ds_file_with(args, reduce_bucket_size=5e8)))}
+    prepare_models(args, cases)
+    run = runners(args, corpus)
     rows = []
-    for name in cases:
-        row = runners[name]()
+    for i, name in enumerate(cases, 1):
+        left = args.budget - (time.time() - started)
+        if left < 60:
+            rows.append({"case": name, "stack": "-", "exit_code": None, "skipped": f"skipped ({left:.0f} s of the "
+                         f"{args.budget} s budget left)"})
+            print(f"[{i}/{len(cases)}] {name}: {rows[-1]['skipped']}", flush=True)
+            continue
+        print(f"[{i}/{len(cases)}] {name} ... ({time.time() - started:.0f} s so far)", flush=True)
+        row = run[name](int(min(args.case_timeout, left)))
         rows.append(row)
         status = (f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_time_s']:.3f} s/step" if "tokens_per_s" in row
                   else f"FAILED (exit {row['exit_code']})\n{row.get('error', '')}")
-        print(ascii_safe(f"{name}: {status} ({row['wall_s']:.0f} s)"), flush=True)
+        print(ascii_safe(f"[{i}/{len(cases)}] {name}: {status} ({row['wall_s']:.0f} s)"), flush=True)
         if args.json:
             write_json({"command": " ".join(sys.argv), "partial": True, "cases": rows}, args.json)
     rows, device = add_ratios(rows, args)
     print(ascii_safe(render(rows, args, device)))
     if args.json:
         write_json({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "device": device.name,
-                    "versions": versions(), "cases": rows}, args.json)
+                    "versions": versions(), "total_s": round(time.time() - started, 1), "cases": rows}, args.json)
     return 0 if all("tokens_per_s" in r for r in rows) else 1
 
 

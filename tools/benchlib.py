@@ -45,25 +45,72 @@ def write_config(config, path):
     return path
 
 
-def run_launcher(config, out_dir, nproc, extra=(), timeout=600, log_name="train.log"):
-    """Run one case through the shell launcher the users type; return (exit code, history or None, wall s, log)."""
+def run_launcher(config, out_dir, nproc, extra=(), timeout=600, log_name="train.log", env=None, stop_after_step=None):
+    """Run one case through the shell launcher the users type; return (exit code, history or None, wall s, log).
+    `stop_after_step`: once the history records that step, the run is ended (SIGKILL to its process group) instead
+    of writing final/ and the last checkpoint, which a benchmark does not measure (minutes for a full 3B state);
+    the exit code is then 0."""
     out_dir = Path(out_dir)
     config = dict(config, output_dir=str(out_dir), run_name="run")
     path = write_config(config, out_dir / "config.yaml")
     cmd = ["bash", str(REPO / "launch" / f"train_{config['mode']}.sh"), str(path), "--nproc-per-node", str(nproc),
            "--no-preflight", *map(str, extra)]
     log = out_dir / log_name
+    history_file = out_dir / "run" / "training_history.json"
     t0 = time.time()
     with open(log, "w", encoding="utf-8") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
-    history_file = out_dir / "run" / "training_history.json"
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+        code = wait_for(proc, history_file, t0 + timeout, stop_after_step)
     history = json.loads(history_file.read_text()) if history_file.exists() else None
     return code, history, time.time() - t0, log
+
+
+def wait_for(proc, history_file, deadline, stop_after_step):
+    """The run's exit code: its own, 0 when it was ended after `stop_after_step`, 124 past the deadline."""
+    while proc.poll() is None:
+        if time.time() > deadline:
+            stop_group(proc)
+            return 124
+        if stop_after_step and recorded_step(history_file) >= stop_after_step:
+            stop_group(proc)
+            return 0
+        time.sleep(0.5)
+    return proc.returncode
+
+
+def recorded_step(history_file):
+    try:
+        records = json.loads(history_file.read_text()).get("records", [])
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return 0
+    return max((r.get("step", 0) for r in records), default=0)
+
+
+def stop_group(proc):
+    """SIGKILL to every process of the run's session (the launcher, torchrun, the ranks), then reap the launcher."""
+    import signal
+
+    for pid in session_members(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def session_members(sid):
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    members.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                pass
+    return members
 
 
 def log_tail(log, chars=1500):
@@ -71,18 +118,20 @@ def log_tail(log, chars=1500):
     return ascii_safe(text[-chars:])
 
 
-def measured(history, warmup):
-    """Median step time, tokens/s and the peak memory of the steps after `warmup`."""
-    records = [r for r in history.get("records", []) if r.get("step", 0) > warmup and "step_time_s" in r]
+def measured(history, warmup, last=None):
+    """Median step time, tokens/s and the peak memory of the steps after `warmup` (up to `last`: later ones were
+    profiled)."""
+    records = [r for r in history.get("records", []) if warmup < r.get("step", 0) <= (last or float("inf"))
+               and "step_time_s" in r]
     if not records:
         return None
     times = sorted(r["step_time_s"] for r in records)
     rates = sorted(r["tokens_per_s"] for r in records)
-    last = records[-1]
+    final = records[-1]
     return {"step_time_s": times[len(times) // 2], "tokens_per_s": rates[len(rates) // 2],
-            "peak_allocated_gib": last.get("peak_memory_allocated_gib"),
-            "peak_reserved_gib": last.get("peak_memory_reserved_gib"),
-            "first_loss": history["records"][0]["loss"], "last_loss": last["loss"], "measured_steps": len(records)}
+            "peak_allocated_gib": final.get("peak_memory_allocated_gib"),
+            "peak_reserved_gib": final.get("peak_memory_reserved_gib"),
+            "first_loss": history["records"][0]["loss"], "last_loss": final["loss"], "measured_steps": len(records)}
 
 
 def predict(config, nproc, device, calibration, margin=0.0):

@@ -16,7 +16,10 @@ for --steps steps on a random-init model of a real shape (random:ARCH builds it 
 with a synthetic text corpus that fills every row. Measured: the median step time and tokens/s after the warm-up
 steps, and the largest peak of allocated and reserved GPU memory over the ranks. Predicted: the estimator cold
 (no calibration) and calibrated leave-one-out (the factor is the median of the factors fitted on the other cases of
-the same precision, so no case predicts itself); memory without the margin.
+the same precision, so no case predicts itself); memory without the margin. Every case runs the DeepSpeed engine
+with eager layers (`engine: deepspeed`, `compile_layers: false`: what the estimator models; tools/bench.py measures
+the switches). A run is ended once its last step is recorded (no final save is timed), and --budget (default 520 s)
+skips the cases that would not fit one device call.
 """
 import argparse
 import sys
@@ -66,6 +69,8 @@ def parse_args():
     p.add_argument("--cases", help=f"comma list of {', '.join(CASES)} (default: the preset's that fit the GPUs)")
     p.add_argument("--work-dir", default=".cache/gpu_matrix")
     p.add_argument("--case-timeout", type=int, default=300)
+    p.add_argument("--budget", type=int, default=520, help="seconds for all cases: a case starts only with at least "
+                                                           "60 s left, and never runs past the budget")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--reuse", metavar="FILE", help="re-predict from an earlier --json's measurements (no runs)")
     args = p.parse_args()
@@ -81,7 +86,9 @@ def base_config(args, corpus):
             "lora_dropout": 0.0, "lora_target_modules": "all-linear", "gradient_checkpointing": False,
             "packing": True, "eval_fraction": 0.0, "max_steps": args.steps, "num_epochs": 1,
             "learning_rate": 1e-4, "lr_scheduler": "constant", "warmup_steps": 0, "logging_steps": 1,
-            "save_steps": 100000, "save_total_limit": 1, "precision": "auto", "seed": 0}
+            "save_steps": 100000, "save_total_limit": 1, "precision": "auto", "seed": 0,
+            # the estimator's modes and stages as calibrated; the issue-20 switches are measured by tools/bench.py
+            "engine": "deepspeed", "compile_layers": False}
 
 
 def available_gpus():
@@ -114,6 +121,7 @@ def run_cases(args, names, on_case=lambda rows: None):
     tokens_needed = (args.steps + 2) * args.seq_len * args.micro_batch * 2
     corpus = write_text_corpus(work / "corpus.jsonl", words=tokens_needed)  # >= 1 token per word
     results = []
+    started = time.time()
     for name in names:
         procs, change = CASES[name]
         procs = processes(procs)
@@ -123,8 +131,17 @@ def run_cases(args, names, on_case=lambda rows: None):
         resumes, extra = config.pop("_resumes", None), config.pop("_extra_steps", 0)
         config["max_steps"] += extra
         t0 = time.time()
-        code, history, wall, log = run_launcher(config, work / (resumes or name), procs, timeout=args.case_timeout,
-                                                log_name=f"{name}.log" if resumes else "train.log")
+        left = args.budget - (time.time() - started)
+        if left < 60:
+            print(f"{name}: skipped ({left:.0f} s of the {args.budget} s budget left)", flush=True)
+            results.append({"case": name, "processes": procs, "config": config, "exit_code": None,
+                            "skipped": True})
+            continue
+        saves = config["save_steps"] <= config["max_steps"]  # else nothing after the last step is measured
+        code, history, wall, log = run_launcher(config, work / (resumes or name), procs,
+                                                timeout=int(min(args.case_timeout, left)),
+                                                log_name=f"{name}.log" if resumes else "train.log",
+                                                stop_after_step=None if saves else config["max_steps"])
         row = {"case": name, "processes": procs, "config": config, "exit_code": code, "wall_s": round(wall, 1)}
         if history:
             row["saves"] = history.get("saves", [])
@@ -183,7 +200,8 @@ def render(rows, args):
     lines = [head]
     for r in rows:
         if "step_time_s" not in r:
-            lines.append(f"{r['case']:<14} {r['processes']:>4} FAILED (exit {r['exit_code']})")
+            lines.append(f"{r['case']:<14} {r['processes']:>4} {'skipped' if r.get('skipped') else 'FAILED'} "
+                         f"(exit {r['exit_code']})")
             continue
         m = r["step_time_s"]
         cal = r.get("calibrated_step_time_s")

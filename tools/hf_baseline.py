@@ -1,8 +1,10 @@
 """The stack our users run today, as the baseline of tools/bench.py: Hugging Face Trainer + PEFT LoRA + SDPA (+ gradient
-checkpointing), one process, same random-init model shape, same data, same tokens per optimizer step.
+checkpointing, or + Liger's kernels through TrainingArguments(use_liger_kernel=True)), one process, same random-init
+model shape, same data, same tokens per optimizer step.
 
     python tools/hf_baseline.py --model random:llama-3-8b --data corpus.jsonl --seq-len 2048 --micro-batch 2 \\
         --grad-accum 2 --steps 12 --gradient-checkpointing --json out.json
+    python tools/hf_baseline.py ... --liger --profile profile.json      # hf-liger, with a torch.profiler summary
 
 Prints and writes: median step time after the warm-up, tokens/s, peak GPU memory and the loss of every step.
 """
@@ -13,6 +15,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.profiling import StepProfiler  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -28,6 +32,9 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--liger", action="store_true", help="TrainingArguments(use_liger_kernel=True)")
+    p.add_argument("--profile", metavar="FILE", help="torch.profiler summary of 3 steps after the measured ones "
+                                                     "(train/profiling.py) as JSON")
     p.add_argument("--json", metavar="FILE")
     return p.parse_args()
 
@@ -75,34 +82,43 @@ def main():
     model = build_model(args.model)
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
-    data = build_dataset(args.data, args.model, args.seq_len, args.steps * args.micro_batch * args.grad_accum)
+    total_steps = args.steps + (3 if args.profile else 0)  # the profiled steps come after the measured ones
+    data = build_dataset(args.data, args.model, args.seq_len, total_steps * args.micro_batch * args.grad_accum)
 
     step_ends = []
+    profiler = StepProfiler(args.profile, args.steps + 1, args.steps + 3)
 
     class Timer(TrainerCallback):
-        def on_step_end(self, *_args, **_kwargs):
+        def on_step_begin(self, _args, state, *_rest, **_kwargs):
+            if profiler.path and state.global_step + 1 == profiler.first:
+                profiler.start()
+
+        def on_step_end(self, _args, state, *_rest, **_kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             step_ends.append(time.perf_counter())
+            if profiler.profile is not None and state.global_step == profiler.last:
+                profiler.stop()
 
     training_args = TrainingArguments(
         output_dir="/tmp/hf_baseline", per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=1e-4,
+        gradient_accumulation_steps=args.grad_accum, max_steps=total_steps, learning_rate=1e-4,
         lr_scheduler_type="constant", warmup_steps=0, bf16=torch.cuda.is_available(), logging_steps=1,
         save_strategy="no", report_to=[], gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0, seed=0,
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), use_liger_kernel=args.liger)
     trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=default_data_collator,
                       callbacks=[Timer()])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
-    times = [b - a for a, b in zip([start] + step_ends[:-1], step_ends)][args.warmup:]
+    times = [b - a for a, b in zip([start] + step_ends[:-1], step_ends)][args.warmup:args.steps]
     median = sorted(times)[len(times) // 2]
     tokens = args.micro_batch * args.grad_accum * args.seq_len
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][:args.steps]
     result = {"stack": "HF Trainer + PEFT", "gradient_checkpointing": args.gradient_checkpointing,
+              "liger": args.liger,
               "step_time_s": median, "tokens_per_s": tokens / median, "tokens_per_step": tokens,
               "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,

@@ -26,6 +26,8 @@ def training_identity(cfg):
     data file, so an edited dataset is not continued silently either."""
     values = cfg.as_dict()
     identity = {key: values[key] for key in TRAINING_IDENTITY_KEYS}
+    if values["engine"] != "deepspeed":  # its own checkpoint format (listed only then: older checkpoints match)
+        identity["engine"] = values["engine"]
     for key in ("dataset", "eval_dataset"):
         if values.get(key) and Path(values[key]).is_file():
             identity[f"{key}_content"] = file_fingerprint(Path(values[key]))

@@ -54,13 +54,27 @@ def free_port():
 
 def _all_reduce(values, device, op):
     """Floats or 0-d tensors (left on the device until here) reduced over all ranks, in float64 so token counts
-    stay exact."""
+    stay exact. With one process, host numbers stay on the host (no copy to the GPU and back, no sync)."""
+    if world_size() == 1 and not any(torch.is_tensor(v) for v in values):
+        return [float(v) for v in values]
+    return reduced_tensor(values, device, op).tolist()
+
+
+def reduced_tensor(values, device, op="SUM"):
+    """The reduction of `values` as one float64 tensor on `device`, not yet copied to the host: the caller decides
+    when to synchronise."""
     import torch.distributed as dist
 
     tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
-    return tensor.tolist()
+    return tensor
+
+
+def world_size():
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def all_reduce_sum(values, device):

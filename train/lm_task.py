@@ -27,11 +27,10 @@ class LanguageModelTask:
 
     def micro_batches(self, epoch, step_in_epoch):
         groups, real_tokens = self.sampler.micro_batches(epoch, step_in_epoch)
-        batches = [self.to_device(self.collate(rows)) for rows in groups]
-        return StepBatches(batches, real_tokens, sum(int(b["input_ids"].numel()) for b in batches))
-
-    def loss_units(self, batch):
-        return supervised_tokens(batch)
+        batches = [self.collate(rows) for rows in groups]
+        units = sum(supervised_tokens(b) for b in batches)  # on the host: no sync
+        padded = sum(int(b["input_ids"].numel()) for b in batches)
+        return StepBatches([self.to_device(b) for b in batches], units, real_tokens, padded)
 
     def loss(self, engine, batch, normaliser):
         return engine(**batch, num_items_in_batch=normaliser, use_cache=False).loss

@@ -5,8 +5,7 @@ A recipe hands it a task (train.lm_task.LanguageModelTask for causal and vision-
 own):
   task.unit                           what the loss averages over ("token", "sample")
   task.steps_per_epoch
-  task.micro_batches(epoch, step)  -> StepBatches for this rank's share of one optimizer step
-  task.loss_units(batch)           -> int: units of the loss in a micro-batch
+  task.micro_batches(epoch, step)  -> StepBatches for this rank's share of one optimizer step (with its loss units)
   task.loss(engine, batch, n)      -> scalar tensor: (sum of unit losses in the batch) / n
   task.evaluate(engine)            -> deterministic eval loss (all ranks, same number of forwards), or None
   task.after_eval(engine, step)    -> dict of extras for the history (e.g. sample images), may be {}
@@ -26,12 +25,13 @@ from train.checkpoint import (latest_checkpoint, load_training_state, resume_pro
                               training_identity)
 from train.config import ConfigError
 from train.console import Progress, say, warn
-from train.distributed import all_reduce_sum, barrier
+from train.distributed import all_reduce_sum, barrier, reduced_tensor
 from train.engine import engine_facts
 from train.exit_codes import OK
 from train.guards import (TrainingError, fp16_skipped_step, is_finite, nonfinite, nothing_to_learn,
                           with_debug_faults)
 from train.history import History, MetricSinks, plot_history
+from train.profiling import StepProfiler
 from train.schedule import EvalTracker, LRSchedule
 from train.schedule import total_steps as total_steps_for
 
@@ -45,6 +45,7 @@ class Outcome:
 @dataclass
 class StepBatches:
     batches: list
+    units: int            # units of the loss (task.unit) in them, counted on the host before the copy to the GPU
     real_tokens: int      # non-pad tokens (or images), for throughput
     padded_tokens: int    # tensor elements, for the non-pad fraction
 
@@ -120,6 +121,8 @@ class Trainer:
         self.schedule, self.tracker, self.history, self.sinks = schedule, tracker, history, sinks
         self.total_steps, self.stop, self.estimate_log = total_steps, watch.stop, watch.estimate
         self.saved_state_at = None  # the step of the last training-state checkpoint
+        self.prefetched = None  # (step, StepBatches) built ahead of that step
+        self.profiler = StepProfiler.from_env(ctx.is_main)  # only when a benchmark asks (FTL_PROFILE_JSON)
 
     # ------------------------------------------------------------ the loop
 
@@ -133,7 +136,8 @@ class Trainer:
             self.evaluate_baseline()
         try:
             for step in range(start_step + 1, self.total_steps + 1):
-                record = self.train_step(step)
+                with self.profiler.step(step):
+                    record = self.train_step(step)
                 estimate_log.observe(step, record)
                 progress.update(step, {"loss": f"{record['loss']:.4f}", "lr": f"{record['learning_rate']:.2e}",
                                        "s/step": f"{record['step_time_s']:.2f}"})
@@ -165,40 +169,56 @@ class Trainer:
     def train_step(self, step):
         engine, task = self.engine, self.task
         t0 = time.time()
-        epoch, step_in_epoch = divmod(step - 1, task.steps_per_epoch)
         lr = self.schedule.lr_at(step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        micro = task.micro_batches(epoch, step_in_epoch)
-        units, = all_reduce_sum([sum(task.loss_units(b) for b in micro.batches)], self.ctx.device)
+        micro = self.batches_of(step)
+        units, real, padded = all_reduce_sum([micro.units, micro.real_tokens, micro.padded_tokens], self.ctx.device)
         if units == 0:
             raise nothing_to_learn(step, task.unit)
         # Each micro-batch's loss is its unit-sum divided by the step's average units per micro-batch, so that
         # DeepSpeed's 1/accumulation and 1/world averaging leave sum(all unit losses) / (all units).
         normaliser = units / (self.ctx.world * len(micro.batches))
         engine.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # no host sync per micro-batch
-        for i, batch in enumerate(micro.batches):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for batch in micro.batches:
             loss = with_debug_faults(task.loss(engine, batch, normaliser), self.c, step)
             engine.backward(loss)
             loss_sum += loss.detach().double() * normaliser
-            if i == len(micro.batches) - 1:  # before the optimizer step: a NaN never reaches the weights
-                mean_loss = all_reduce_sum([loss_sum], self.ctx.device)[0] / units
-                if not math.isfinite(mean_loss):
-                    raise nonfinite(step, "loss", mean_loss, self.last_checkpoint())
             engine.step()
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
+        if step < self.total_steps:  # collated and copied while the GPU still works on this step
+            self.prefetched = (step + 1, self.batches_of(step + 1))
+        mean_loss, grad_norm = self.step_values(loss_sum, units)
+        # Checked after the optimizer step, in the step's one host sync: a failed step is never saved (the run
+        # stops here and the last good checkpoint stays as it was).
+        if not math.isfinite(mean_loss):
+            raise nonfinite(step, "loss", mean_loss, self.last_checkpoint())
         if not is_finite(grad_norm) and not fp16_skipped_step(engine):
             raise nonfinite(step, "grad norm", grad_norm, self.last_checkpoint())
         step_time = time.time() - t0
-        real, padded = all_reduce_sum([micro.real_tokens, micro.padded_tokens], self.ctx.device)
         record = {"step": step, "epoch": round(step / task.steps_per_epoch, 4), "loss": mean_loss,
                   "learning_rate": lr, "grad_norm": grad_norm, f"{task.throughput}_per_s": real / step_time,
                   "step_time_s": step_time, f"supervised_{task.unit}s": int(units)}
         if task.throughput == "tokens":
             record["nonpad_fraction"] = real / max(1.0, padded)
         return record
+
+    def batches_of(self, step):
+        """This rank's micro-batches of `step` (a pure function of the step: prefetched ones are reused)."""
+        prefetched, self.prefetched = self.prefetched, None
+        if prefetched and prefetched[0] == step:
+            return prefetched[1]
+        epoch, step_in_epoch = divmod(step - 1, self.task.steps_per_epoch)
+        return self.task.micro_batches(epoch, step_in_epoch)
+
+    def step_values(self, loss_sum, units):
+        """(mean loss over all ranks, grad norm or None) with one device-to-host copy: the step's only sync."""
+        grad_norm = self.engine.get_global_grad_norm()
+        loss_total = reduced_tensor([loss_sum], self.ctx.device)[0]
+        norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64,
+                               device=self.ctx.device)
+        total, norm = torch.stack([loss_total, norm]).tolist()
+        return total / units, None if grad_norm is None else norm
 
     def last_checkpoint(self):
         return latest_checkpoint(self.c.run_dir / "checkpoints")

@@ -101,6 +101,29 @@ def test_lora_steps_on_a_fixed_batch_lower_the_loss(batch, tiny_vl_path):
     assert losses[-1] < 0.25 * losses[0], losses
 
 
+def test_compiled_language_model_layers_give_the_eager_loss_and_gradients(batch, tiny_vl_path, monkeypatch):
+    """compile_layers: the language model's decoder layers only (not the vision blocks), with LoRA inside them;
+    aot_eager backend (dynamo + AOT autograd without inductor's CPU code generation)."""
+    from train.models.compiled_layers import BACKEND_ENV
+
+    monkeypatch.setenv(BACKEND_ENV, "aot_eager")
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_vl_model(vl_settings(lora_vision=True, compile_layers=compiled), CPU)
+        loss = loss_of(model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager_grads), (loss, grads) = results
+    compiled_layers = [n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled_layers and all(n.startswith("base_model.model.model.language_model.layers.")
+                                   for n in compiled_layers), compiled_layers
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == eager_grads.keys() and any(".visual." in n for n in grads)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_default_lora_targets_the_language_model_only(tiny_vl_path):
     model, _ = load_vl_model(vl_settings(), CPU)
     targets = lora_modules(model)

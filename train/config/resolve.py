@@ -1,6 +1,7 @@
 """Build the one RunConfig of a launch, in this order: YAML, command-line overrides, the schema, the DeepSpeed
-file's settings, then the derived choices (recipe, precision, 4-bit storage, Liger, gradient checkpointing), then
-the DeepSpeed dict with every "auto" filled. Each derived value records why it has its value (`decisions`)."""
+file's settings, then the derived choices (recipe, precision, 4-bit storage, Liger, engine, layer compilation,
+gradient checkpointing), then the DeepSpeed dict with every "auto" filled. Each derived value records why it has
+its value (`decisions`)."""
 import importlib.util
 import os
 from pathlib import Path
@@ -41,6 +42,8 @@ def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nn
     values["bnb_4bit_quant_storage"], decisions["bnb_4bit_quant_storage"] = resolve_quant_storage(values)
     values["liger_kernel"], decisions["liger_kernel"] = resolve_liger(values["liger_kernel"], machine,
                                                                       shape["model_type"])
+    values["engine"], decisions["engine"] = resolve_engine(values, machine)
+    values["compile_layers"], decisions["compile_layers"] = resolve_compile(values, machine)
     check_cross_fields(values, source, sources)
     deepspeed = ds.fill_auto(ds_data, values, world, shape["hidden_size"], largest_adapter(values, shape),
                              machine.on_gpu)
@@ -240,6 +243,78 @@ def liger_problem(machine, model_type):
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"liger-kernel has no kernels for model type '{model_type}'"
     return None
+
+
+def resolve_engine(values, machine):
+    """`engine: auto` -> ddp (plain PyTorch: no ZeRO bookkeeping, no per-parameter hooks) where ZeRO partitions
+    nothing worth it, LoRA/QLoRA on replicated weights on CUDA GPUs; deepspeed otherwise."""
+    setting = values["engine"]
+    if setting == "deepspeed":
+        return "deepspeed", "set in the run config"
+    problem = ddp_problem(values)
+    if problem and setting == "ddp":
+        raise ConfigError(f"key 'engine': ddp, but {problem}; set engine: auto or deepspeed")
+    if setting == "ddp":
+        return "ddp", "set in the run config"
+    if problem:
+        return "deepspeed", f"auto: {problem}"
+    if values["deepspeed_config"]:
+        return "deepspeed", f"auto: a DeepSpeed file was given ({values['deepspeed_config']})"
+    if not machine.on_gpu:
+        return "deepspeed", "auto: deepspeed on the CPU (engine: ddp opts in)"
+    return "ddp", (f"auto: {values['mode']} at zero_stage 2 on replicated weights: plain PyTorch, without ZeRO's "
+                   f"per-parameter gradient hooks")
+
+
+def ddp_problem(values):
+    if values["recipe"] != "causal_lm":
+        return f"the ddp engine runs the causal_lm recipe only (this is {values['recipe']})"
+    if values["mode"] == "full":
+        return "a full fine-tune needs ZeRO's partitioning of gradients and optimizer states"
+    if values["zero_stage"] == 3 or values["offload"]:
+        return "ZeRO-3 and offload are DeepSpeed's"
+    if values["precision"] == "fp16":
+        return "fp16 loss scaling is DeepSpeed's"
+    return None
+
+
+def resolve_compile(values, machine):
+    """`compile_layers: auto` -> on for CUDA GPUs with torch >= 2.5 outside ZeRO-3 (whose hooks gather parameters
+    inside each layer's forward) and outside diffusion (no decoder layers)."""
+    setting = values["compile_layers"]
+    if setting is False:
+        return False, "off (set in the run config)"
+    problem = compile_problem(values, machine)
+    if problem and setting is True:
+        raise ConfigError(f"key 'compile_layers': true, but {problem}; set compile_layers: auto or false")
+    if setting is True:
+        return True, "on (set in the run config)"
+    if problem:
+        return False, f"off (auto: {problem})"
+    if not machine.on_gpu:
+        return False, "off (auto: on CUDA GPUs only; inductor's CPU compile of a layer takes about a minute)"
+    return True, "on (auto: CUDA GPU, torch >= 2.5)"
+
+
+def compile_problem(values, machine):
+    if values["recipe"] == "diffusion":
+        return "the diffusion recipe's UNet has no decoder layers"
+    if values["zero_stage"] == 3:
+        return "ZeRO-3 gathers parameters inside each layer's forward"
+    version = installed_torch_version() if machine.local else None
+    if version and version < (2, 5):
+        return f"torch {'.'.join(map(str, version))} is older than 2.5 (layers would not share one compiled graph)"
+    return None
+
+
+def installed_torch_version():
+    """(major, minor) of the installed torch, without importing it (the launcher never starts CUDA)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(part) for part in version("torch").split("+")[0].split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return None
 
 
 def resolve_checkpointing(values, procs, nnodes, machine):

@@ -103,6 +103,8 @@ class RunConfig:
     deepspeed_config: str = None
     overlap_comm: bool = False
     liger_kernel: object = "auto"
+    compile_layers: object = "auto"
+    engine: str = "auto"
     debug_nan_at_step: int = None
     debug_nan_grad_at_step: int = None
     # ---- resolved at build time (not config keys)

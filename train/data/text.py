@@ -278,14 +278,22 @@ class RowSampler:
         self.micro, self.accum, self.seed = micro_batch_size, grad_accum, seed
         self.rows_per_rank = len(rows) // world_size
         self.steps_per_epoch = steps_per_epoch(len(rows), world_size, micro_batch_size, grad_accum)
+        self._order = (None, None)  # (epoch, this rank's row indices in it)
 
     def micro_batches(self, epoch, step_in_epoch):
         """(this rank's micro-batches of one optimizer step as lists of rows, count of real tokens in them)."""
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 100003 + epoch).shuffle(order)
-        mine = order[self.rank::self.world][: self.rows_per_rank]
+        mine = self.epoch_order(epoch)
         per_step = self.micro * self.accum
         start = step_in_epoch * per_step
         chunk = [self.rows[i] for i in mine[start: start + per_step]]
         groups = [chunk[i: i + self.micro] for i in range(0, per_step, self.micro)]
         return groups, sum(len(r["input_ids"]) for r in chunk)
+
+    def epoch_order(self, epoch):
+        """This rank's row indices for `epoch`; shuffled once per epoch, not per step (a large dataset's shuffle
+        costs the host tens of milliseconds)."""
+        if self._order[0] != epoch:
+            order = list(range(len(self.rows)))
+            random.Random(self.seed * 100003 + epoch).shuffle(order)
+            self._order = (epoch, order[self.rank::self.world][: self.rows_per_rank])
+        return self._order[1]

@@ -110,6 +110,8 @@ def report_decisions(cfg):
         f"{cfg.precision} ({cfg.decisions['precision']}), {cfg.world_size} process(es)")
     say(f"gradient checkpointing: {cfg.decisions['gradient_checkpointing']}")
     say(f"liger kernels: {cfg.decisions['liger_kernel']}")
+    say(f"engine: {cfg.engine} ({cfg.decisions['engine']})")
+    say(f"compile layers: {cfg.decisions['compile_layers']}")
 
 
 def run_preflight(cfg, options):

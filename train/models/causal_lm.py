@@ -2,6 +2,7 @@
 import torch
 
 from train.dtypes import torch_dtype
+from train.models.compiled_layers import compile_decoder_layers
 from train.models.tiny import is_random, materialize_random_weights, resolve_model_path
 
 
@@ -64,8 +65,10 @@ def load_model(cfg, device):
     if cfg.mode == "qlora":
         disable_cpu_weight_repacking(model)
     if cfg.liger_kernel:
-        apply_liger_kernels(model, cfg.zero_stage)
+        apply_liger_kernels(model, cfg.zero_stage, in_layers=not cfg.compile_layers)
     model = prepare_for_training(model, cfg)
+    if cfg.compile_layers:
+        compile_decoder_layers(model)
     return model, keepalive
 
 
@@ -86,9 +89,11 @@ def prepare_for_training(model, cfg, task_type="CAUSAL_LM", target_modules=None)
     return model
 
 
-def apply_liger_kernels(model, zero_stage):
+def apply_liger_kernels(model, zero_stage, in_layers=True):
     """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, and outside ZeRO-3 the fused linear cross-entropy); the run
-    config decided before launch that they run here (config.resolve.resolve_liger)."""
+    config decided before launch that they run here (config.resolve.resolve_liger). `in_layers=False` (compiled
+    decoder layers): only the fused cross-entropy, outside the layers; inductor fuses the norm, MLP and RoPE itself
+    (Liger's in-layer kernels under torch.compile: Liger-Kernel issue #174, open)."""
     import logging
 
     # Liger probes optional backends (CuTe DSL, Ascend) and warns on every rank when they are absent; the Triton
@@ -101,9 +106,13 @@ def apply_liger_kernels(model, zero_stage):
     # The fused linear cross-entropy reads lm_head.weight directly, outside the module's forward, so under ZeRO-3
     # it would see an empty partition: there only the norm, MLP and RoPE kernels are used.
     fused_ce = zero_stage != 3
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=fused_ce)
-    extra = ", fused linear cross-entropy" if fused_ce else "; no fused cross-entropy under ZeRO-3"
-    say(f"liger kernels: on (RMSNorm, SwiGLU, RoPE{extra})")
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=fused_ce, rms_norm=in_layers,
+                                    swiglu=in_layers, rope=in_layers)
+    kernels = ["RMSNorm", "SwiGLU", "RoPE"] if in_layers else []
+    kernels += ["fused linear cross-entropy"] if fused_ce else []
+    note = "" if fused_ce else "; no fused cross-entropy under ZeRO-3"
+    note += "" if in_layers else "; the compiled layers fuse norm, MLP and RoPE"
+    say(f"liger kernels: on ({', '.join(kernels)}{note})")
 
 
 def random_model(path, kwargs, device, zero_stage):

@@ -19,6 +19,7 @@ import torch
 from train.errors import ConfigError
 from train.dtypes import torch_dtype
 from train.models.causal_lm import disable_cpu_weight_repacking, zero3_init_context
+from train.models.compiled_layers import compile_decoder_layers
 from train.models.tiny import resolve_model_path
 
 PROJECTOR_WORDS = ("merger", "projector")
@@ -211,13 +212,17 @@ def load_vl_model(cfg, device):
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input-grad hook, so frozen embeddings stay as they are.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decoder = model.get_decoder()  # the same module once peft has wrapped the model
     if cfg.mode == "full":
         freeze_vision(model, layout, cfg.train_merger)
-        return model, keepalive
-    from peft import get_peft_model
+    else:
+        from peft import get_peft_model
 
-    # No prepare_model_for_kbit_training: it would cast the vision tower (and everything else not 4-bit) to fp32.
-    return get_peft_model(model, lora_config(cfg, layout)), keepalive
+        # No prepare_model_for_kbit_training: it would cast the vision tower (and all else not 4-bit) to fp32.
+        model = get_peft_model(model, lora_config(cfg, layout))
+    if cfg.compile_layers:  # the language model's layers; the vision blocks see varying image sizes
+        compile_decoder_layers(decoder)
+    return model, keepalive
 
 
 def freeze_vision(model, layout, train_merger):

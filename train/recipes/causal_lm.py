@@ -23,9 +23,9 @@ def run(cfg, ctx, watch):
     model, keepalive = load_model(cfg, ctx.device)
     params = count_parameters(model)
     say(f"model {cfg.model}: {params[1] / 1e6:.2f}M parameters, {params[0] / 1e6:.3f}M trainable ({cfg.mode}, "
-        f"ZeRO-{cfg.zero_stage}{' + offload' if cfg.offload else ''}, {cfg.precision}, {ctx.world} "
+        f"{engine_name(cfg)}, {cfg.precision}, {ctx.world} "
         f"process{'es' if ctx.world > 1 else ''})")
-    engine = build_engine(model, cfg)
+    engine = build_engine(model, cfg, ctx.device, ctx.world)
     sampler = RowSampler(data.train_rows, ctx.rank, ctx.world, cfg.micro_batch_size,
                          cfg.gradient_accumulation_steps, cfg.seed)
     task = LanguageModelTask(cfg, ctx, model, tokenizer, sampler, data.eval_rows,
@@ -34,6 +34,10 @@ def run(cfg, ctx, watch):
     outcome = train(cfg, ctx, task, engine, watch, params)
     del keepalive
     return outcome
+
+
+def engine_name(cfg):
+    return "ddp engine" if cfg.engine == "ddp" else f"ZeRO-{cfg.zero_stage}{' + offload' if cfg.offload else ''}"
 
 
 def report_data(stats, cfg):

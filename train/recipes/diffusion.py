@@ -64,14 +64,11 @@ class DiffusionTask:
     def micro_batches(self, epoch, step_in_epoch):
         batches = [self.to_device(b) for b in self.sampler.micro_batches(epoch, step_in_epoch)]
         images = sum(int(b["pixel_values"].shape[0]) for b in batches)
-        return StepBatches(batches, images, images)
+        return StepBatches(batches, images, images, images)
 
     def to_device(self, batch):
         return {k: v.to(self.ctx.device) if torch.is_tensor(v) and k != "noise_seed" else v
                 for k, v in batch.items()}
-
-    def loss_units(self, batch):
-        return int(batch["pixel_values"].shape[0])
 
     def loss(self, engine, batch, normaliser):
         losses = training_loss(engine, self.parts.vae, self.parts.noise_scheduler, batch, self.cache,

@@ -1,0 +1,72 @@
+"""What `engine: auto` and `compile_layers: auto` decide before launch, and the clear refusals of `ddp` / `true`
+where they cannot run (the training equivalence is in tests/e2e/test_speed_switches.py)."""
+import pytest
+
+from tests.conftest import resolve
+from train.config import ConfigError
+
+TINY = {"mode": "lora", "model": "builtin:tiny-llama", "dataset": "data/tiny_instruct.jsonl"}
+
+
+def resolved(on="H200", procs=1, **overrides):
+    return resolve(None, {**TINY, **overrides}, on=on, procs=procs)
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_lora_on_a_gpu_runs_the_ddp_engine_with_compiled_layers(mode):
+    cfg = resolved(mode=mode)
+    assert cfg.engine == "ddp" and "replicated weights" in cfg.decisions["engine"]
+    assert cfg.compile_layers is True and "CUDA GPU" in cfg.decisions["compile_layers"]
+
+
+def test_on_the_cpu_auto_keeps_deepspeed_and_eager_layers():
+    cfg = resolved(on="cpu", procs=2)
+    assert (cfg.engine, cfg.compile_layers) == ("deepspeed", False)
+    assert "CPU" in cfg.decisions["engine"] and "CUDA GPUs only" in cfg.decisions["compile_layers"]
+
+
+@pytest.mark.parametrize("overrides,why", [
+    ({"mode": "full"}, "full fine-tune needs ZeRO's partitioning"),
+    ({"zero_stage": 3}, "ZeRO-3 and offload are DeepSpeed's"),
+    ({"offload": True}, "ZeRO-3 and offload are DeepSpeed's"),
+    ({"precision": "fp16"}, "fp16 loss scaling is DeepSpeed's"),
+    ({"deepspeed_config": "ds_configs/zero2.json"}, "a DeepSpeed file was given"),
+])
+def test_engine_auto_keeps_deepspeed_where_it_does_something(overrides, why):
+    cfg = resolved(**overrides)
+    assert cfg.engine == "deepspeed" and why in cfg.decisions["engine"]
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"engine": "ddp", "mode": "full"}, "key 'engine': ddp, but a full fine-tune needs ZeRO's partitioning"),
+    ({"engine": "ddp", "zero_stage": 3}, "key 'engine': ddp, but ZeRO-3 and offload are DeepSpeed's"),
+    ({"compile_layers": True, "zero_stage": 3},
+     "key 'compile_layers': true, but ZeRO-3 gathers parameters inside each layer's forward"),
+])
+def test_switches_forced_where_they_cannot_run_are_refused_naming_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as error:
+        resolved(**overrides)
+    assert needle in str(error.value) and "auto" in str(error.value)
+
+
+def test_compile_auto_is_off_under_zero3_and_forced_choices_are_kept():
+    cfg = resolved(zero_stage=3)
+    assert cfg.compile_layers is False and "ZeRO-3" in cfg.decisions["compile_layers"]
+    assert resolved(compile_layers=False).compile_layers is False
+    assert resolved(on="cpu", procs=2, compile_layers=True, engine="ddp").compile_layers is True
+    assert resolved(engine="deepspeed").engine == "deepspeed"
+
+
+def test_the_ddp_engine_is_part_of_what_a_checkpoint_was_trained_with():
+    from train.checkpoint import training_identity
+
+    assert training_identity(resolved())["engine"] == "ddp"
+    assert "engine" not in training_identity(resolved(engine="deepspeed")), "older checkpoints still match"
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    """The profile's GPU-busy fraction: kernels on two streams that overlap are one busy stretch, gaps are idle."""
+    from train.profiling import busy_seconds
+
+    assert busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
+    assert busy_seconds([]) == 0
