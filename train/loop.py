@@ -25,7 +25,7 @@ from train.checkpoint import (latest_checkpoint, load_training_state, resume_pro
                               training_identity)
 from train.config import ConfigError
 from train.console import Progress, say, warn
-from train.distributed import all_reduce_sum, barrier, reduced_tensor
+from train.distributed import all_reduce_max, all_reduce_sum, barrier, reduced_tensor
 from train.engine import engine_facts
 from train.exit_codes import OK
 from train.guards import (TrainingError, fp16_skipped_step, is_finite, nonfinite, nothing_to_learn,
@@ -163,6 +163,7 @@ class Trainer:
 
     def log_step(self, step, record):
         if step % self.c.logging_steps == 0 or step == 1 or step == self.total_steps:
+            record.update(self.peak_memory())
             self.history.log_step(record)
             self.sinks.log(step, {f"train/{k}": v for k, v in record.items() if k != "step"})
 
@@ -219,6 +220,16 @@ class Trainer:
                                device=self.ctx.device)
         total, norm = torch.stack([loss_total, norm]).tolist()
         return total / units, None if grad_norm is None else norm
+
+    def peak_memory(self):
+        """The largest GPU memory peak over the ranks since the run started (GiB), on CUDA; on logged steps only
+        (a collective and a host sync)."""
+        if self.ctx.device.type != "cuda":
+            return {}
+        allocated, reserved = all_reduce_max([torch.cuda.max_memory_allocated(self.ctx.device) / 2**30,
+                                              torch.cuda.max_memory_reserved(self.ctx.device) / 2**30],
+                                             self.ctx.device)
+        return {"peak_memory_allocated_gib": round(allocated, 3), "peak_memory_reserved_gib": round(reserved, 3)}
 
     def last_checkpoint(self):
         return latest_checkpoint(self.c.run_dir / "checkpoints")

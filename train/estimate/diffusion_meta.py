@@ -70,7 +70,7 @@ def meta_unet(unet_config):
     from diffusers import UNet2DConditionModel
 
     with quiet_diffusers(), torch.device("meta"):
-        return UNet2DConditionModel.from_config(dict(unet_config))
+        return UNet2DConditionModel.from_config(as_config(unet_config))
 
 
 def meta_vae(vae_config):
@@ -78,7 +78,13 @@ def meta_vae(vae_config):
     from diffusers import AutoencoderKL
 
     with quiet_diffusers(), torch.device("meta"):
-        return AutoencoderKL.from_config(dict(vae_config))
+        return AutoencoderKL.from_config(as_config(vae_config))
+
+
+def as_config(items):
+    """A config dict from its hashable items (lists back from tuples: transformers 5.17's configs validate types)."""
+    pairs = items.items() if isinstance(items, dict) else items
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in pairs}
 
 
 def meta_text_encoder(text_config):
@@ -86,7 +92,7 @@ def meta_text_encoder(text_config):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        return CLIPTextModel(CLIPTextConfig.from_dict(dict(text_config)))
+        return CLIPTextModel(CLIPTextConfig.from_dict(as_config(text_config)))
 
 
 def numel(module):
