@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.after.cli import run_tool  # noqa: E402
-from train.after.loading import DTYPES, QLORA_BASES  # noqa: E402
+from train.after.bases import QLORA_BASES  # noqa: E402
+from train.after.loading import DTYPES  # noqa: E402
 from train.after.merge import merge_adapter  # noqa: E402
 
 
