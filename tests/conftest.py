@@ -132,3 +132,12 @@ class ModeRuns:
 @pytest.fixture(scope="session")
 def mode_runs(tmp_path_factory):
     return ModeRuns(tmp_path_factory.mktemp("modes"))
+
+
+@pytest.fixture(scope="session")
+def vl_lora_run(tmp_path_factory):
+    """The vision-language default, configs/tiny_vl_lora.yaml unchanged, through launch/train_lora.sh (2 processes),
+    shared by the VL tests of the tools after training."""
+    out = tmp_path_factory.mktemp("vl_runs")
+    proc = run_launcher("train_lora.sh", REPO / "configs" / "tiny_vl_lora.yaml", "--output_dir", out, timeout=600)
+    return proc, out / "tiny_vl_lora"
