@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.after.cli import run_tool  # noqa: E402
-from train.after.bases import QLORA_BASES  # noqa: E402
+from train.after.bases import QLORA_BASES, VISION_LANGUAGE  # noqa: E402
 from train.after.loading import DTYPES, AdapterError  # noqa: E402
 from train.console import ascii_safe  # noqa: E402
 
@@ -110,7 +110,7 @@ def main():
     from train.after.generation import GenerationSettings, PromptCase, read_prompt_file, resolve_prompt_format
 
     loaded = load(args)
-    vision = loaded.kind == "vision_language"
+    vision = loaded.kind == VISION_LANGUAGE
     if args.images and not vision:
         raise AdapterError(f"--image needs a vision-language model; {loaded.source} is a causal language model "
                            f"(pass a vision-language run's adapter, e.g. outputs/tiny_vl_lora/best)")
@@ -149,7 +149,7 @@ def answerer(loaded, fmt, settings):
     """case -> generated text, for the loaded model's kind."""
     from train.after.generation import generate_for_case
 
-    if loaded.kind == "vision_language":
+    if loaded.kind == VISION_LANGUAGE:
         from train.after.vision_language import VLPrompter, generate_vl
 
         prompter = VLPrompter(loaded.processor)

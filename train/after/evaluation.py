@@ -9,13 +9,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.after.generation import case_from_record, generate_for_case
 from train.after.bases import VISION_LANGUAGE, model_kind, qlora_note, uses_dequantized_base
+from train.after.generation import case_from_record, generate_for_case
 from train.after.loading import (AdapterError, adapter_kind, check_adapter_dir, load_adapters, load_full_model,
                                  read_training_info, resolve_base, same_kind)
-from train.models.tiny import resolve_model_path
 from train.data.records import DataError, check_fields, detect_format, load_records
 from train.data.text import DataStats, collate, make_rows, supervised_tokens, tokenize_records
+from train.models.tiny import resolve_model_path
 
 DEFAULT_MAX_LENGTH = 1024
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.after.bases import VISION_LANGUAGE
 from train.data.records import DataError, read_jsonl
 from train.data.text import IGNORE_INDEX, tokenize_chat, tokenize_instructions
 
@@ -33,14 +34,14 @@ class GenerationSettings:
     seed: int = 0
 
 
-def resolve_prompt_format(requested, info, kind="causal_lm"):
+def resolve_prompt_format(requested, info, kind=None):
     """The template to apply: as asked, else the format the model was trained on (training_info.json). A
     vision-language model always uses its processor's chat template."""
-    if kind == "vision_language":
+    if kind == VISION_LANGUAGE:
         if requested not in (None, "auto", "chat"):
             raise DataError(f"--format {requested}: a vision-language model is prompted with its processor's chat "
                             f"template; drop --format")
-        return "vision_language"
+        return VISION_LANGUAGE
     if requested and requested != "auto":
         return requested
     return info.get("dataset_format") or DEFAULT_FORMAT

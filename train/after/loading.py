@@ -55,8 +55,9 @@ def check_adapter_dir(adapter_dir):
         raise AdapterError(f"{path} is a file; --adapter takes the directory that holds {ADAPTER_CONFIG}")
     if not is_adapter_dir(path):
         if (path / DIFFUSION_LORA).is_file() or read_training_info(path).get("recipe") == "diffusion":
-            raise AdapterError(f"{path} holds a diffusion run's weights, not a language-model adapter; generate "
-                               f"images with: python tools/generate_images.py --adapter {path} --prompt ...")
+            raise AdapterError(f"{path} holds a diffusion run's weights, not a language-model adapter; use "
+                               f"tools/generate_images.py --adapter {path} (--prompt ... to draw, --fuse OUT_DIR to "
+                               f"merge it into a pipeline)")
         if (path / "config.json").is_file():
             raise AdapterError(f"{path} holds a full model (config.json), not an adapter; pass it with --model")
         raise AdapterError(f"{path} has no {ADAPTER_CONFIG}; pass the best/ or final/ directory of a LoRA or "

@@ -16,6 +16,7 @@ SAMPLE_TEXT = ("Sort the numbers from smallest to largest.", "92 99 36 86 87", "
 @dataclass
 class MergeResult:
     out_dir: Path
+    kind: str
     base_reference: str
     dtype: str
     files: list
@@ -129,7 +130,7 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out_dir.glob("*.safetensors"))
-    return MergeResult(out_dir, reference, dtype_name(saved_dtype), files, diff, tolerance)
+    return MergeResult(out_dir, kind, reference, dtype_name(saved_dtype), files, diff, tolerance)
 
 
 def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trust_remote_code,

@@ -9,7 +9,7 @@ over the rows whose conversation ends in its one assistant answer: the answer ge
 whitespace (exact match)."""
 import string
 
-from train.after.bases import qlora_note, uses_dequantized_base
+from train.after.bases import VISION_LANGUAGE, qlora_note, uses_dequantized_base
 from train.after.evaluation import perplexity, unique_label
 from train.after.generation import PromptCase
 from train.after.loading import load_adapters, load_full_model, read_training_info
@@ -164,7 +164,7 @@ def evaluate_vl(options, log, new_report):
         note = qlora_note(options.adapters, options.qlora_base)
         if note:
             log(note)
-        report = new_report(options, "vision_language", read_training_info(options.adapters[0]))
+        report = new_report(options, VISION_LANGUAGE, read_training_info(options.adapters[0]))
         evaluation = VLEvaluation(conversations, loaded.processor, options, report)
         log(f"{len(evaluation.rows)} rows, {len(evaluation.cases)} with one reference answer")
         if not options.no_base:
@@ -184,7 +184,7 @@ def evaluate_vl(options, log, new_report):
         model = load_full_model(reference, options.dtype, trust_remote_code=options.trust_remote_code)
         if evaluation is None:
             evaluation = VLEvaluation(conversations, model.processor, options,
-                                      new_report(options, "vision_language", model.info))
+                                      new_report(options, VISION_LANGUAGE, model.info))
         evaluation.measure(model.name.rstrip("/").rpartition("/")[2] or model.name, str(reference), model.model,
                            model.info)
         del model
