@@ -120,7 +120,7 @@ def test_wrong_directories_are_one_line_errors(run_dir, tmp_path, tiny_model_pat
     (lm_adapter / "adapter_config.json").write_text("{}")
     (lm_adapter / "training_info.json").write_text(json.dumps({"recipe": "causal_lm"}))
     assert_clear_error(run_tool("generate_images.py", "--adapter", lm_adapter, "--prompt", PROMPT),
-                       "causal-lm run's adapter, not diffusion weights", "tools/generate.py")
+                       "causal-LM run's adapter, not diffusion weights", "tools/generate.py")
     not_a_pipeline = run_tool("generate_images.py", "--adapter", run_dir / "best", "--base", tiny_model_path,
                               "--prompt", PROMPT)
     assert_clear_error(not_a_pipeline, "is not a diffusers pipeline (no model_index.json)", "--base")

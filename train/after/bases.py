@@ -8,6 +8,7 @@ from train.after.run_files import AdapterError
 from train.dtypes import precision_of, torch_dtype
 
 CAUSAL_LM, VISION_LANGUAGE = "causal_lm", "vision_language"
+KIND_NAMES = {CAUSAL_LM: "causal-LM", VISION_LANGUAGE: "vision-language"}  # for messages
 QLORA_BASES = ("dequantized", "original")  # what a QLoRA adapter is applied to: dequantize(quantize_nf4(W)), or W
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

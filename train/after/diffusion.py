@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.after.bases import KIND_NAMES
 from train.after.run_files import TRAINING_INFO, AdapterError, read_training_info
 from train.fsutil import apply_umask, atomic_write_json, fresh_tmp_dir, replace_dir
 from train.models.tiny import resolve_model_path
@@ -42,8 +43,8 @@ def check_diffusion_dir(directory):
     if not path.is_dir():
         raise AdapterError(f"{path} is a file; --adapter takes the best/ or final/ directory of a diffusion run")
     recipe = read_training_info(path).get("recipe")
-    if (path / "adapter_config.json").is_file() or recipe in ("causal_lm", "vision_language"):
-        what = f"a {recipe.replace('_', '-')} run's" if recipe else "a language-model"
+    if (path / "adapter_config.json").is_file() or recipe in KIND_NAMES:
+        what = f"a {KIND_NAMES[recipe]} run's" if recipe in KIND_NAMES else "a language-model"
         raise AdapterError(f"{path} holds {what} adapter, not diffusion weights; use tools/generate.py (text) or "
                            f"tools/evaluate.py for it")
     if (path / LORA_WEIGHTS).is_file():

@@ -12,8 +12,8 @@ their own tool (tools/generate_images.py, train/after/diffusion.py)."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.after.bases import (CAUSAL_LM, VISION_LANGUAGE, has_tokenizer, load_base_for, load_model,
-                               load_preprocessor, meta_model, model_kind, pick_device, text_tokenizer,
+from train.after.bases import (CAUSAL_LM, KIND_NAMES, VISION_LANGUAGE, has_tokenizer, load_base_for,
+                               load_model, load_preprocessor, meta_model, model_kind, pick_device, text_tokenizer,
                                torch_dtype_for)
 from train.after.run_files import TRAINING_INFO, AdapterError, read_json_file, read_training_info
 from train.models.tiny import resolve_model_path
@@ -178,11 +178,11 @@ def adapter_kind(adapter_dir, base_path, trust_remote_code=False):
     return model_kind(base_path, trust_remote_code)
 
 
-def same_kind(adapter_dirs, kinds):
-    """The one kind of all adapters; AdapterError when causal-LM and vision-language adapters are mixed."""
+def same_kind(sources, kinds):
+    """The one kind of all adapters / models; AdapterError when causal-LM and vision-language ones are mixed."""
     if len(set(kinds)) > 1:
-        listed = ", ".join(f"{d} ({k.replace('_', '-')})" for d, k in zip(adapter_dirs, kinds))
-        raise AdapterError(f"adapters of different kinds: {listed}; evaluate them in separate runs")
+        listed = ", ".join(f"{d} ({KIND_NAMES[k]})" for d, k in zip(sources, kinds))
+        raise AdapterError(f"models of different kinds: {listed}; evaluate them in separate runs")
     return kinds[0]
 
 
