@@ -13,7 +13,9 @@ comes from a CPU generator seeded by --seed, so a seed gives the same picture on
 alike. Images go to --out (default: generated/ in the run directory), one file per prompt and seed; with --compare
 each file holds the base's image (left) beside the tuned one (right). --fuse writes a complete pipeline (loadable
 with StableDiffusionPipeline.from_pretrained, no adapter needed), checked to draw what base + weights draw for a
-fixed prompt and seed before the directory appears.
+fixed prompt and seed before the directory appears. A QLoRA run's LoRA goes on the UNet it was trained against
+(the base's linear weights quantized to NF4 as in training, then de-quantized; needs bitsandbytes), and so do the
+base's images of --compare; --qlora-base original uses the stored UNet instead.
 """
 import argparse
 import sys
@@ -42,6 +44,9 @@ def parse_args():
     parser.add_argument("--out", help="directory for the PNGs (default: generated/ beside --adapter)")
     parser.add_argument("--fuse", metavar="OUT_DIR", help="write a standalone pipeline with the weights fused in")
     parser.add_argument("--overwrite", action="store_true", help="with --fuse: replace an earlier fused pipeline")
+    parser.add_argument("--qlora-base", choices=("dequantized", "original"), default="dequantized",
+                        help="a QLoRA run's LoRA goes on the de-quantized NF4 UNet it was trained against (default) "
+                             "or on the stored UNet")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bf16/fp16 on GPU")
     parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1")
     return parser.parse_args()
@@ -79,7 +84,7 @@ def main():
     weights = diffusion_weights(args.adapter, args.base) if args.adapter else None
     base_path = weights.base_path if weights else check_pipeline(args.base, "given with --base")
     if args.fuse:
-        fuse_weights(weights, args.fuse, args.overwrite, log=say)
+        fuse_weights(weights, args.fuse, args.overwrite, log=say, qlora_base=args.qlora_base)
         say(f"wrote a fused pipeline to {args.fuse}; use it: python tools/generate_images.py --base {args.fuse} "
             f"--prompt \"...\"")
         if not args.prompts:
@@ -92,11 +97,15 @@ def main():
 def generate_all(args, weights, base_path):
     """Base images first (for --compare), then the weights go on the same pipeline for the tuned ones."""
     from train.after.bases import pick_device
-    from train.after.diffusion import (apply_weights, default_resolution, generate, image_name, load_pipeline,
-                                       pipeline_dtype, side_by_side)
+    from train.after.diffusion import (apply_weights, default_resolution, dequantize_unet, generate, image_name,
+                                       load_pipeline, pipeline_dtype, side_by_side, uses_dequantized_unet)
 
     device = pick_device(args.device)
     pipeline = load_pipeline(base_path, pipeline_dtype(args.dtype, device), device)
+    if uses_dequantized_unet(weights, args.qlora_base):
+        dequantize_unet(pipeline)
+        say("QLoRA run: its LoRA goes on the de-quantized UNet it was trained against (the base's linear weights "
+            "quantized to NF4 as in training, then de-quantized; --qlora-base original: the stored UNet)")
     resolution = args.resolution or default_resolution(weights.info if weights else {}, pipeline)
     jobs = [(i, prompt, seed) for i, prompt in enumerate(args.prompts) for seed in (args.seeds or [0])]
 

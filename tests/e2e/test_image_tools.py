@@ -26,13 +26,13 @@ def sd_path():
     return resolve_model_path("builtin:tiny-sd")
 
 
-@pytest.fixture(scope="module")
-def run_dir(sd_path, tmp_path_factory):
-    """outputs/<run>/best of a LoRA run with text-encoder LoRA: random LoRA B matrices stand in for training (they
-    start at zero, where the LoRA changes nothing)."""
+def saved_run(tmp_path_factory, mode):
+    """outputs/<run>/best of a LoRA (or QLoRA) run with text-encoder LoRA, as the diffusion recipe saves it, and the
+    model as trained: random LoRA B matrices stand in for training (they start at zero, where the LoRA changes
+    nothing)."""
     from train.models.diffusion import load_diffusion, save_diffusion_lora
 
-    cfg = types.SimpleNamespace(model="builtin:tiny-sd", mode="lora", precision="fp32", lora_r=4, lora_alpha=8,
+    cfg = types.SimpleNamespace(model="builtin:tiny-sd", mode=mode, precision="fp32", lora_r=4, lora_alpha=8,
                                 lora_dropout=0.0, lora_target_modules=None, gradient_checkpointing=False,
                                 text_encoder_lora=True, zero_stage=2)
     parts = load_diffusion(cfg, torch.device("cpu"))
@@ -41,11 +41,16 @@ def run_dir(sd_path, tmp_path_factory):
         for name, p in parts.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    run = tmp_path_factory.mktemp("sd_run") / "tiny_sd_lora"
+    run = tmp_path_factory.mktemp("sd_run") / f"tiny_sd_{mode}"
     best = save_diffusion_lora(parts.model.unet, parts.model.text_encoder, run / "best")
-    (best / "training_info.json").write_text(json.dumps({"recipe": "diffusion", "mode": "lora", "resolution": 64,
+    (best / "training_info.json").write_text(json.dumps({"recipe": "diffusion", "mode": mode, "resolution": 64,
                                                          "base_model": "builtin:tiny-sd", "step": 10}))
-    return run
+    return run, parts
+
+
+@pytest.fixture(scope="module")
+def run_dir(sd_path, tmp_path_factory):
+    return saved_run(tmp_path_factory, "lora")[0]
 
 
 def pipeline_image(pipeline, seed):
@@ -126,3 +131,30 @@ def test_wrong_directories_are_one_line_errors(run_dir, tmp_path, tiny_model_pat
     assert_clear_error(not_a_pipeline, "is not a diffusers pipeline (no model_index.json)", "--base")
     text_tool = run_tool("generate.py", "text", "--adapter", run_dir / "best", "--prompt", PROMPT)
     assert_clear_error(text_tool, "diffusion run's weights", "tools/generate_images.py")
+
+
+def test_a_qlora_lora_draws_on_the_dequantized_unet_what_the_4bit_model_draws(tmp_path_factory, tmp_path):
+    """The QLoRA run's LoRA on the de-quantized UNet (the default) draws what the 4-bit model + LoRA drew in
+    training; on the stored UNet (--qlora-base original) it does not; fused, the de-quantized one stays so."""
+    from diffusers import StableDiffusionPipeline
+
+    from train.models.diffusion_sampling import sample_images
+
+    run, parts = saved_run(tmp_path_factory, "qlora")
+    trained = np.asarray(sample_images(parts.model, parts.vae, parts.tokenizer, parts.sample_scheduler, [PROMPT],
+                                       [0], 64, steps=int(STEPS), guidance_scale=7.5)[0], dtype=np.float32) / 255
+    drawn, notes = {}, {}
+    for qlora_base in ("dequantized", "original"):
+        proc = run_tool("generate_images.py", "--adapter", run / "best", "--prompt", PROMPT, "--steps", STEPS,
+                        "--qlora-base", qlora_base, "--out", tmp_path / qlora_base)
+        assert_ok(proc)
+        drawn[qlora_base] = png(tmp_path / qlora_base / "00-a-red-circle-on-a-white-background-seed0.png")
+        notes[qlora_base] = "goes on the de-quantized UNet" in proc.stdout
+    assert notes == {"dequantized": True, "original": False}
+    assert np.abs(drawn["dequantized"] - trained).max() <= 2 / 255
+    assert np.abs(drawn["original"] - trained).max() > 4 / 255, "NF4 changed nothing: the test shows nothing"
+    fused = run_tool("generate_images.py", "--adapter", run / "best", "--fuse", tmp_path / "fused")
+    assert_ok(fused)
+    assert json.loads((tmp_path / "fused" / "training_info.json").read_text())["fused"]["qlora_base"] == "dequantized"
+    image = pipeline_image(StableDiffusionPipeline.from_pretrained(tmp_path / "fused"), 0)
+    assert np.abs(image - trained).max() <= 2 / 255

@@ -5,7 +5,9 @@ tuned side by side; and the weights fused into a complete pipeline directory, ch
 appears.
 
 Each image's starting noise comes from a CPU generator seeded by its seed (as the training samples do), so a seed
-gives the same picture on any device, for the base and the tuned pipeline alike."""
+gives the same picture on any device, for the base and the tuned pipeline alike. A QLoRA run's LoRA goes on the UNet
+it was trained against, as the language-model tools do: every linear weight quantized to NF4 as training quantizes it
+(train.models.diffusion.quantize_unet_linears), then de-quantized (`qlora_base="original"`: the stored UNet)."""
 import re
 import shutil
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # train.models.diffusion.LORA
 PIPELINE_INDEX = "model_index.json"
 FUSE_TOLERANCE = 2 / 255  # fused vs base + LoRA: the largest pixel difference allowed (images in [0, 1])
 CHECK_PROMPT, CHECK_SEED, CHECK_STEPS = "a red circle on a white background", 0, 4
+QLORA_BASES = ("dequantized", "original")
+NF4_BLOCK = 64  # bitsandbytes' Params4bit default, which training's Linear4bit layers use
 
 
 @dataclass
@@ -113,6 +117,32 @@ def load_pipeline(path, dtype, device):
     return pipeline.to(device)
 
 
+def uses_dequantized_unet(weights, qlora_base):
+    if qlora_base not in QLORA_BASES:
+        raise AdapterError(f"unknown QLoRA base '{qlora_base}'; use one of {', '.join(QLORA_BASES)}")
+    return weights is not None and weights.info.get("mode") == "qlora" and qlora_base == "dequantized"
+
+
+def dequantize_unet(pipeline):
+    """The UNet as a QLoRA run trained against it, in place: each nn.Linear weight becomes
+    dequantize(quantize_nf4(W)) (double quant, blocks of 64, on the pipeline's device) in its own dtype."""
+    import torch
+
+    try:
+        from bitsandbytes import functional as nf4
+    except ImportError:
+        raise AdapterError("a QLoRA run's LoRA goes on the de-quantized UNet it was trained against, which needs "
+                           "bitsandbytes: pip install bitsandbytes. Or pass --qlora-base original to use the stored "
+                           "UNet (pictures then differ slightly from the model as trained)") from None
+    for module in pipeline.unet.modules():
+        if type(module) is torch.nn.Linear:  # exactly the layers training quantized
+            weight = module.weight.data
+            packed, state = nf4.quantize_4bit(weight.contiguous(), blocksize=NF4_BLOCK, compress_statistics=True,
+                                              quant_type="nf4")
+            module.weight.data = nf4.dequantize_4bit(packed, state).to(weight.dtype)
+    return pipeline
+
+
 def apply_weights(pipeline, weights):
     """Put the run's weights on the (base) pipeline in place: the LoRA with diffusers' loader, or the full UNet."""
     if weights.kind == "lora":
@@ -166,7 +196,14 @@ def check_fuse_target(out_dir, protected, overwrite):
                            f"delete it even with --overwrite. Choose another directory")
 
 
-def fuse_weights(weights, out_dir, overwrite=False, log=print):
+def tuned_base(weights, dtype, device, qlora_base):
+    """The base pipeline the run's weights go on: for a QLoRA run's LoRA the de-quantized UNet (see
+    uses_dequantized_unet)."""
+    pipeline = load_pipeline(weights.base_path, dtype, device)
+    return dequantize_unet(pipeline) if uses_dequantized_unet(weights, qlora_base) else pipeline
+
+
+def fuse_weights(weights, out_dir, overwrite=False, log=print, qlora_base="dequantized"):
     """Write a complete pipeline with the run's weights in it (the LoRA fused into the UNet, and the text encoder if
     it has one, by train.models.diffusion.fuse_lora_into_pipeline; a full fine-tune's UNet in place of the base's).
     It is reloaded with StableDiffusionPipeline.from_pretrained and must draw the picture base + weights draw for a
@@ -177,24 +214,25 @@ def fuse_weights(weights, out_dir, overwrite=False, log=print):
     out_dir = Path(out_dir)
     check_fuse_target(out_dir, [weights.directory, weights.base_path], overwrite)
     cpu = torch.device("cpu")
-    expected = apply_weights(load_pipeline(weights.base_path, torch.float32, cpu), weights)
+    expected = apply_weights(tuned_base(weights, torch.float32, cpu, qlora_base), weights)
     resolution = default_resolution(weights.info, expected)
     reference = np.asarray(generate(expected, CHECK_PROMPT, CHECK_SEED, resolution, CHECK_STEPS, 7.5), np.float32)
     del expected
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_tmp_dir(out_dir)
     try:
-        write_fused(weights, tmp / "pipeline")
+        write_fused(weights, tmp / "pipeline", qlora_base)
         fused = load_pipeline(str(tmp / "pipeline"), torch.float32, cpu)
         image = np.asarray(generate(fused, CHECK_PROMPT, CHECK_SEED, resolution, CHECK_STEPS, 7.5), np.float32)
         diff = float(np.abs(image - reference).max()) / 255
         if diff > FUSE_TOLERANCE:
             raise AdapterError(f"the fused pipeline draws a different picture than base + weights (max pixel "
                                f"difference {diff:.3g} > {FUSE_TOLERANCE:.3g}); nothing was written to {out_dir}")
-        atomic_write_json(tmp / "pipeline" / TRAINING_INFO,
-                          {**weights.info, "fused": {"weights": str(weights.directory.resolve()),
-                                                     "base_model": weights.base_reference,
-                                                     "max_pixel_diff": diff}})
+        fused_info = {"weights": str(weights.directory.resolve()), "base_model": weights.base_reference,
+                      "max_pixel_diff": diff}
+        if weights.info.get("mode") == "qlora":
+            fused_info["qlora_base"] = qlora_base
+        atomic_write_json(tmp / "pipeline" / TRAINING_INFO, {**weights.info, "fused": fused_info})
         apply_umask(tmp / "pipeline")
         replace_dir(tmp / "pipeline", out_dir)
     finally:
@@ -204,13 +242,18 @@ def fuse_weights(weights, out_dir, overwrite=False, log=print):
     return diff
 
 
-def write_fused(weights, directory):
-    if weights.kind == "lora":
+def write_fused(weights, directory, qlora_base="dequantized"):
+    """A LoRA on the stored base: train.models.diffusion.fuse_lora_into_pipeline; on a de-quantized UNet or a full
+    UNet: the same steps on the pipeline built here."""
+    if weights.kind == "lora" and not uses_dequantized_unet(weights, qlora_base):
         from train.models.diffusion import fuse_lora_into_pipeline
 
         return fuse_lora_into_pipeline(weights.base_path, weights.directory, directory)
     import torch
 
-    pipeline = apply_weights(load_pipeline(weights.base_path, torch.float32, torch.device("cpu")), weights)
+    pipeline = apply_weights(tuned_base(weights, torch.float32, torch.device("cpu"), qlora_base), weights)
+    if weights.kind == "lora":
+        pipeline.fuse_lora()
+        pipeline.unload_lora_weights()
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
