@@ -1,7 +1,8 @@
 """The tools after training on the vision-language default (configs/tiny_vl_lora.yaml through the real launcher, 2
 processes): the run learns, its best/ answers held-out pictures correctly more often than the base (evaluate.py's
 accuracy), evaluate.py measures the loss as training does, merge_lora.py writes a model that loads with
-AutoModelForImageTextToText and gives base + adapter's logits, and generate.py answers about a picture."""
+AutoModelForImageTextToText and gives base + adapter's logits, and generate.py answers about a picture. A short QLoRA
+run's adapter is evaluated and merged on the de-quantized base, as trained."""
 import json
 import shutil
 
@@ -149,3 +150,34 @@ def test_an_image_for_a_text_model_is_a_clear_error(tmp_path):
     missing = run_tool("generate.py", "text", "--model", "builtin:tiny-llama", "--image", tmp_path / "no.png",
                        "--prompt", QUESTION)
     assert_clear_error(missing, "image file not found", "no.png")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    """A short QLoRA run of the vision-language default (its config with mode: qlora) through launch/train_qlora.sh."""
+    from tests.conftest import run_launcher
+
+    root = tmp_path_factory.mktemp("vl_qlora")
+    config = root / "tiny_vl_qlora.yaml"
+    config.write_text((REPO / "configs" / "tiny_vl_lora.yaml").read_text().replace("\nmode: lora\n", "\nmode: qlora\n"))
+    proc = run_launcher("train_qlora.sh", config, "--max_steps", 12, "--eval_steps", 6, "--save_steps", 12,
+                        "--output_dir", root, "--run_name", "vl_qlora")
+    assert_ok(proc)
+    return root / "vl_qlora"
+
+
+def test_a_qlora_vl_adapter_and_its_merge_are_evaluated_as_trained(qlora_run, tmp_path):
+    """On the de-quantized base the tools reproduce the trainer's 4-bit eval losses (step 0 for the base, best/'s),
+    and the merged model gives best/'s loss."""
+    merged = tmp_path / "merged"
+    assert_ok(run_tool("merge_lora.py", "--adapter", qlora_run / "best", "--out", merged))
+    proc = run_tool("evaluate.py", "--adapter", qlora_run / "best", "--model", merged, "--data", HELD_OUT, "--json",
+                    "--no-accuracy")
+    assert_ok(proc)
+    models = json.loads(proc.stdout)["models"]
+    recorded = json.loads((qlora_run / "best" / "training_info.json").read_text())
+    assert recorded["mode"] == "qlora" and models["base"]["model"].endswith("(NF4 de-quantized)")
+    assert models["base"]["eval_loss"] == pytest.approx(read_history(qlora_run)["evals"][0]["eval_loss"], rel=1e-3)
+    assert models["best"]["eval_loss"] == pytest.approx(recorded["eval_loss"], rel=1e-3)
+    assert models["merged"]["eval_loss"] == pytest.approx(models["best"]["eval_loss"], rel=1e-4)
+    assert "accuracy" not in models["best"]
