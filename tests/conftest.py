@@ -189,3 +189,10 @@ def train_then_sigkill(script, args, run_dir, at_step, timeout=300):
 
 def losses_by_step(run_dir):
     return {r["step"]: r["loss"] for r in read_history(run_dir)["records"]}
+
+
+@pytest.fixture(scope="session")
+def vl_lora_run(recipe_runs):
+    """The vision-language default (configs/tiny_vl_lora.yaml, every step logged) through launch/train_lora.sh with
+    2 processes, shared by the recipe's tests and the tools' tests."""
+    return recipe_runs["vl-lora"]

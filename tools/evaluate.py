@@ -1,15 +1,22 @@
 """Eval loss and perplexity on a held-out file for the base model, best/ and final/ (and merged models), side by
-side, as a table and JSON.
+side, as a table and JSON; for vision-language runs also the answer accuracy.
 
     python tools/evaluate.py --adapter outputs/tiny_lora/best --adapter outputs/tiny_lora/final --data held_out.jsonl
     python tools/evaluate.py --adapter outputs/tiny_lora/best --data held_out.jsonl --json          # JSON on stdout
     python tools/evaluate.py --adapter outputs/tiny_lora/best --data held_out.jsonl --json r.json --save-examples 5
+    python tools/evaluate.py --adapter outputs/tiny_vl_lora/best --adapter outputs/tiny_vl_lora/final \
+        --data data/tiny_vl/held_out.jsonl                                    # loss + accuracy on held-out images
 
 The base is read from the adapters (they must share it) unless --base is given; --no-base skips it. QLoRA adapters
 run on the de-quantized 4-bit base they were trained against (so does the base row; --qlora-base original: the
 full-precision base); LoRA and QLoRA adapters are evaluated in separate runs. The file may be
 in any training format (dolly, alpaca, chat, text); examples are tokenised and masked as in training, with the
 run's max_length. With --json and no file name the JSON goes to stdout and the table to stderr.
+
+Vision-language adapters and models take an image + text JSONL as training does (same rows and labels). The
+accuracy is over the rows that end in their one assistant answer: the greedy answer, lower-cased, without
+punctuation and extra spaces, must equal the reference so normalised (--no-accuracy skips it). --save-examples N
+writes the first N prompts, image paths, references and generations.
 """
 import argparse
 import json
@@ -19,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.after.cli import run_tool  # noqa: E402
-from train.after.loading import DTYPES, QLORA_BASES, check_adapter_dir  # noqa: E402
+from train.after.bases import QLORA_BASES  # noqa: E402
+from train.after.loading import DTYPES, check_adapter_dir  # noqa: E402
 from train.console import ascii_safe  # noqa: E402
 
 EXAMPLES_FILE = "eval_examples.jsonl"
@@ -46,7 +54,10 @@ def parse_args():
                         help="generate for the first N examples and write them beside the references")
     parser.add_argument("--examples-out", help=f"where --save-examples writes (default: {EXAMPLES_FILE} in the "
                                                f"run directory of the first adapter, or beside --json FILE)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="for --save-examples (greedy decoding)")
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="for --save-examples and the vision-language accuracy (greedy decoding)")
+    parser.add_argument("--no-accuracy", action="store_true",
+                        help="vision-language models: the loss only, no answers generated")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--trust-remote-code", action="store_true")
     return parser.parse_args()

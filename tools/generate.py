@@ -1,14 +1,19 @@
 """Generate text from a base model, an adapter (best/ or final/) or a merged model, with the prompt template the
-model was trained with applied exactly as in training.
+model was trained with applied exactly as in training; vision-language models also take images.
 
     python tools/generate.py text --adapter outputs/tiny_lora/best --prompt "What color is the fox?"
     python tools/generate.py text --model outputs/tiny_lora/merged --prompt "Sort the numbers." --context "3 1 2"
     python tools/generate.py demo --adapter outputs/tiny_lora/best [--prompts tools/demo_prompts.jsonl]
     python tools/generate.py interactive --adapter outputs/tiny_lora/best
+    python tools/generate.py text --adapter outputs/tiny_vl_lora/best --image picture.png --prompt "What color is it?"
 
 `text` prints only the generated text on stdout (notes go to stderr), so it can be used in scripts. Decoding is
 greedy unless --temperature > 0. The template is the run's dataset format from training_info.json; a model without
-one gets the instruction template of train/prompts.py (override with --format).
+one gets the instruction template of train/prompts.py (override with --format). A vision-language model is prompted
+with its processor's chat template, as training tokenises it; --image (repeatable) goes with the prompt (in demo and
+interactive mode with every prompt that names no image of its own: an "image" / "images" field of a prompts-file
+line, relative to the file, or a line `/image PATH` before an interactive prompt). Without an image it answers from
+the text alone.
 """
 import argparse
 import sys
@@ -17,11 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.after.cli import run_tool  # noqa: E402
-from train.after.loading import DTYPES, QLORA_BASES, AdapterError  # noqa: E402
+from train.after.bases import QLORA_BASES, VISION_LANGUAGE  # noqa: E402
+from train.after.loading import DTYPES, AdapterError  # noqa: E402
 from train.console import ascii_safe  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "demo_prompts.jsonl"
+DEFAULT_VL_PROMPTS = Path(__file__).resolve().parent / "demo_prompts_vl.jsonl"
 QUIT_WORDS = ("exit", "quit", ":q")
+IMAGE_COMMAND = "/image"
 
 
 def model_options():
@@ -35,6 +43,8 @@ def model_options():
                              "or on the original full-precision base")
     common.add_argument("--format", default="auto", choices=("auto", "dolly", "alpaca", "chat", "text"),
                         help="prompt template; auto = the format the model was trained on")
+    common.add_argument("--image", dest="images", action="append", default=[], metavar="PATH",
+                        help="an image for a vision-language model (repeatable: several images, in order)")
     common.add_argument("--max-new-tokens", type=int, default=128)
     common.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     common.add_argument("--top-p", type=float, default=1.0)
@@ -53,10 +63,13 @@ def parse_args():
     text.add_argument("--prompt", required=True, help="the instruction (or user message)")
     text.add_argument("--context", default="", help="optional context/input for the instruction")
     demo = modes.add_parser("demo", parents=[common], help="generate for a fixed set of prompts from a file")
-    demo.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
-                      help="JSONL ({prompt, context, reference} or dataset records) or .txt, one prompt a line")
+    demo.add_argument("--prompts", help=f"JSONL ({{prompt, context, reference, image}} or dataset records) or .txt, "
+                                        f"one prompt a line (default: {DEFAULT_PROMPTS.name}, for a vision-language "
+                                        f"model {DEFAULT_VL_PROMPTS.name})")
     demo.add_argument("--limit", type=int, default=0, help="only the first N prompts")
-    modes.add_parser("interactive", parents=[common], help="a prompt loop; empty line or 'exit' to stop")
+    modes.add_parser("interactive", parents=[common],
+                     help=f"a prompt loop; '{IMAGE_COMMAND} PATH' attaches an image to the next prompt; empty line or "
+                          f"'exit' to stop")
     return parser.parse_args()
 
 
@@ -78,7 +91,8 @@ def check_source(args):
 
 
 def load(args):
-    from train.after.loading import load_adapter, load_full_model, pick_device, qlora_note
+    from train.after.bases import pick_device, qlora_note
+    from train.after.loading import load_adapter, load_full_model
 
     device = pick_device(args.device)
     if args.adapter:
@@ -92,48 +106,102 @@ def load(args):
 def main():
     args = parse_args()
     check_source(args)
-    from train.after.generation import (GenerationSettings, PromptCase, generate_for_case, read_prompt_file,
-                                  resolve_prompt_format)
+    check_images(args.images)
+    from train.after.generation import GenerationSettings, PromptCase, read_prompt_file, resolve_prompt_format
 
-    cases = read_prompt_file(args.prompts) if args.mode == "demo" else None
     loaded = load(args)
-    fmt = resolve_prompt_format(args.format, loaded.info)
+    vision = loaded.kind == VISION_LANGUAGE
+    if args.images and not vision:
+        raise AdapterError(f"--image needs a vision-language model; {loaded.source} is a causal language model "
+                           f"(pass a vision-language run's adapter, e.g. outputs/tiny_vl_lora/best)")
+    cases = None
+    if args.mode == "demo":
+        cases = read_prompt_file(args.prompts or (DEFAULT_VL_PROMPTS if vision else DEFAULT_PROMPTS))
+        cases = [with_default_images(c, args.images) for c in (cases[:args.limit] if args.limit else cases)]
+    fmt = resolve_prompt_format(args.format, loaded.info, loaded.kind)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     note(f"model: {loaded.source}; prompt template: {fmt}; "
          f"{'greedy' if settings.temperature <= 0 else f'sampling at temperature {settings.temperature}'}")
-
-    def answer(case):
-        return generate_for_case(loaded.model, loaded.tokenizer, case, fmt, settings)
-
+    answer = answerer(loaded, fmt, settings)
     if args.mode == "text":
-        print(ascii_safe(answer(PromptCase(args.prompt, args.context))))
+        print(ascii_safe(answer(PromptCase(args.prompt, args.context, images=args.images or None))))
     elif args.mode == "demo":
-        run_demo(cases[:args.limit] if args.limit else cases, answer)
+        run_demo(cases, answer)
     else:
-        run_interactive(answer, PromptCase)
+        run_interactive(answer, PromptCase, args.images, vision)
     return 0
+
+
+def check_images(paths):
+    for path in paths:
+        if not Path(path).is_file():
+            raise AdapterError(f"--image {path}: image file not found")
+
+
+def with_default_images(case, images):
+    """--image goes with the prompts that name no image of their own."""
+    if images and not case.images and not case.messages:
+        case.images = list(images)
+    return case
+
+
+def answerer(loaded, fmt, settings):
+    """case -> generated text, for the loaded model's kind."""
+    from train.after.generation import generate_for_case
+
+    if loaded.kind == VISION_LANGUAGE:
+        from train.after.vision_language import VLPrompter, generate_vl
+
+        prompter = VLPrompter(loaded.processor)
+        return lambda case: generate_vl(loaded.model, prompter, case, settings)
+    return lambda case: generate_for_case(loaded.model, loaded.tokenizer, case, fmt, settings)
 
 
 def run_demo(cases, answer):
     for number, case in enumerate(cases, start=1):
         context = f" [{case.context}]" if case.context else ""
-        print(ascii_safe(f"[{number}/{len(cases)}] {case.instruction}{context}"))
+        images = f" (image{'s' if len(case.images) > 1 else ''} {', '.join(map(str, case.images))})" \
+            if case.images else ""
+        print(ascii_safe(f"[{number}/{len(cases)}] {case.instruction}{context}{images}"))
         print(ascii_safe(f"  -> {answer(case)}"))
         if case.reference:
             print(ascii_safe(f"  reference: {case.reference}"))
 
 
-def run_interactive(answer, make_case):
-    note("type a prompt and press Enter; an empty line, 'exit' or Ctrl-D ends. Each prompt is answered on its own.")
+def run_interactive(answer, make_case, default_images, vision):
+    """Answer each line; `/image PATH` lines attach images to the next prompt (else --image's go with it). A bad
+    image is reported and the loop goes on."""
+    from train.data.records import DataError
+
+    note("type a prompt and press Enter; an empty line, 'exit' or Ctrl-D ends. Each prompt is answered on its own."
+         + (f" '{IMAGE_COMMAND} PATH' attaches an image to the next prompt." if vision else ""))
+    pending = []
     while True:
         try:
-            line = input("> ")
+            line = input("> ").strip()
         except EOFError:
             print()
             return
-        if not line.strip() or line.strip().lower() in QUIT_WORDS:
+        if not line or line.lower() in QUIT_WORDS:
             return
-        print(ascii_safe(answer(make_case(line.strip()))), flush=True)
+        if line.startswith(IMAGE_COMMAND + " ") or line == IMAGE_COMMAND:
+            attach_image(line[len(IMAGE_COMMAND):].strip(), pending, vision)
+            continue
+        try:
+            print(ascii_safe(answer(make_case(line, images=pending or list(default_images) or None))), flush=True)
+        except DataError as error:
+            note(f"error: {error}")
+        pending = []
+
+
+def attach_image(path, pending, vision):
+    if not vision:
+        note(f"error: {IMAGE_COMMAND} needs a vision-language model; this one reads text only")
+    elif not path or not Path(path).is_file():
+        note(f"error: image file not found: '{path}'; type {IMAGE_COMMAND} PATH")
+    else:
+        pending.append(path)
+        note(f"image {path} goes with the next prompt ({len(pending)} attached)")
 
 
 if __name__ == "__main__":

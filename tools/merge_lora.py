@@ -1,12 +1,15 @@
-"""Merge a LoRA or QLoRA adapter into its base and save a standalone model (sharded safetensors + tokenizer).
+"""Merge a LoRA or QLoRA adapter into its base and save a standalone model (sharded safetensors + tokenizer; for a
+vision-language run + processor, loadable with AutoModelForImageTextToText).
 
     python tools/merge_lora.py --adapter outputs/tiny_lora/best --out outputs/tiny_lora/merged
+    python tools/merge_lora.py --adapter outputs/tiny_vl_lora/best --out outputs/tiny_vl_lora/merged
 
 The base is read from the adapter (training_info.json, else adapter_config.json) unless --base is given. A QLoRA
 adapter is merged into the de-quantized base, the weights it was trained against: the base loaded in 4-bit NF4 as
 training loads it (bitsandbytes, on the CPU), then de-quantized; --qlora-base original merges it into the stored
 full-precision base instead. The saved model is reloaded and its logits are checked against base + adapter before
-the output directory appears.
+the output directory appears (a vision-language model: on a picture with a question and answer, and a text row).
+Diffusion runs are fused into a pipeline by tools/generate_images.py --fuse.
 """
 import argparse
 import sys
@@ -15,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.after.cli import run_tool  # noqa: E402
-from train.after.loading import DTYPES, QLORA_BASES  # noqa: E402
+from train.after.bases import QLORA_BASES, VISION_LANGUAGE  # noqa: E402
+from train.after.loading import DTYPES  # noqa: E402
 from train.after.merge import merge_adapter  # noqa: E402
 
 
@@ -40,11 +44,13 @@ def main():
     args = parse_args()
     result = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.max_shard_size, args.overwrite,
                            args.device, args.trust_remote_code, qlora_base=args.qlora_base)
-    print(f"saved {len(result.files)} safetensors shard(s) + tokenizer to {result.out_dir}: "
-          f"{', '.join(result.files)}")
-    print(f"check: merged vs base + adapter logits, max abs diff {result.max_abs_diff:.3g} "
-          f"(tolerance {result.tolerance:.3g}) OK")
-    print(f"use it: python tools/generate.py text --model {result.out_dir} --prompt \"...\"")
+    vision = result.kind == VISION_LANGUAGE
+    print(f"saved {len(result.files)} safetensors shard(s) + {'processor' if vision else 'tokenizer'} to "
+          f"{result.out_dir}: {', '.join(result.files)}")
+    print(f"check: merged vs base + adapter logits{' (an image row and a text row)' if vision else ''}, max abs "
+          f"diff {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g}) OK")
+    print(f"use it: python tools/generate.py text --model {result.out_dir}{' --image PICTURE' if vision else ''} "
+          f"--prompt \"...\"")
     return 0
 
 

@@ -20,8 +20,9 @@ SHARD_SIZE = "2MB"  # the tiny model is ~8 MB in float32: several shards
 
 
 def run_tool(script, *args, stdin=None, timeout=300):
-    """Run tools/<script> as a user would, on an ASCII-only console."""
-    env = launcher_env(PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C")
+    """Run tools/<script> as a user would, on an ASCII-only console. One thread: the tiny models' small matrix
+    products run up to 20x slower with two threads on a loaded 2-core machine."""
+    env = launcher_env(PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C", OMP_NUM_THREADS=1)
     return subprocess.run([sys.executable, str(REPO / "tools" / script), *map(str, args)], cwd=REPO, env=env,
                           input=stdin, capture_output=True, text=True, timeout=timeout)
 

@@ -2,17 +2,20 @@
 side. Examples are tokenised and masked by train.data exactly as in training (prompt tokens and each example's first
 token unsupervised); the loss is the sum of token losses over all supervised tokens divided by their count, as the
 trainer's eval computes it. Rows are not packed: each example is attended to on its own, which is what packing's
-block-diagonal mask does too."""
+block-diagonal mask does too. Vision-language models are evaluated by train/after/vl_evaluation.py (loss and answer
+accuracy), into the same report."""
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.after.bases import VISION_LANGUAGE, model_kind, qlora_note, uses_dequantized_base
 from train.after.generation import case_from_record, generate_for_case
-from train.after.loading import (AdapterError, load_adapters, load_full_model, qlora_note, read_training_info,
-                                 uses_dequantized_base)
+from train.after.loading import (AdapterError, adapter_kind, check_adapter_dir, load_adapters, load_full_model,
+                                 read_training_info, resolve_base, same_kind)
 from train.data.records import DataError, check_fields, detect_format, load_records
 from train.data.text import DataStats, collate, make_rows, supervised_tokens, tokenize_records
+from train.models.tiny import resolve_model_path
 
 DEFAULT_MAX_LENGTH = 1024
 
@@ -114,10 +117,23 @@ def add_generations(label, model, tokenizer, data, options, report):
         row["generations"][label] = generate_for_case(model, tokenizer, case, data.fmt, options.generation)
 
 
+def evaluation_kind(options):
+    """The one kind (causal LM or vision-language) of everything to evaluate, from configs only."""
+    sources = [str(d) for d in options.adapters] + [str(m) for m in options.models]
+    kinds = [adapter_kind(check_adapter_dir(d), resolve_base(d, options.base)[1], options.trust_remote_code)
+             for d in options.adapters]
+    kinds += [model_kind(resolve_model_path(str(m)), options.trust_remote_code) for m in options.models]
+    return same_kind(sources, kinds)
+
+
 def evaluate_all(options, log=print):
     """Evaluate the base (unless options.no_base), each adapter and each --model on options.data."""
     if not options.adapters and not options.models:
         raise AdapterError("nothing to evaluate: pass --adapter DIR and/or --model REF")
+    if evaluation_kind(options) == VISION_LANGUAGE:
+        from train.after.vl_evaluation import evaluate_vl
+
+        return evaluate_vl(options, log, new_report)
     data = read_eval_data(options.data, options.format)
     if options.save_examples:
         prompt_cases(data, options.save_examples)  # fail before loading any model
@@ -125,7 +141,7 @@ def evaluate_all(options, log=print):
     for reference in options.models:
         log(f"loading model {reference}")
         loaded = load_full_model(reference, options.dtype, trust_remote_code=options.trust_remote_code)
-        report = report or new_report(options, data, loaded.info)
+        report = report or new_report(options, data.fmt, loaded.info)
         rows = eval_rows(data, loaded.tokenizer, report.max_length)
         measure(Path(str(reference)).name or str(reference), str(reference), loaded.model, loaded.tokenizer, rows,
                 data, options, report, loaded.info)
@@ -138,22 +154,22 @@ def evaluate_adapters(options, data, log):
     adapters the base is the de-quantized one they were trained against, and the base row says so."""
     qlora_base = options.qlora_base
     log(f"loading base and {len(options.adapters)} adapter(s)")
-    model, tokenizer, base_reference, names = load_adapters(options.adapters, options.base, options.dtype,
-                                                            trust_remote_code=options.trust_remote_code,
-                                                            qlora_base=qlora_base)
+    loaded = load_adapters(options.adapters, options.base, options.dtype,
+                           trust_remote_code=options.trust_remote_code, qlora_base=qlora_base)
+    model, tokenizer = loaded.model, loaded.tokenizer
     note = qlora_note(options.adapters, qlora_base)
     if note:
         log(note)
-    base_source = str(base_reference)
+    base_source = str(loaded.reference)
     if uses_dequantized_base(options.adapters, qlora_base):
         base_source += " (NF4 de-quantized)"
-    report = new_report(options, data, read_training_info(options.adapters[0]))
+    report = new_report(options, data.fmt, read_training_info(options.adapters[0]))
     rows = eval_rows(data, tokenizer, report.max_length)
     if not options.no_base:
         log(f"evaluating base {base_source}")
         with model.disable_adapter():
             measure("base", base_source, model, tokenizer, rows, data, options, report)
-    for (label, peft_name), adapter_dir in zip(names.items(), options.adapters):
+    for (label, peft_name), adapter_dir in zip(loaded.names.items(), options.adapters):
         log(f"evaluating {label} ({adapter_dir})")
         model.set_adapter(peft_name)
         measure(label, str(adapter_dir), model, tokenizer, rows, data, options, report,
@@ -161,18 +177,25 @@ def evaluate_adapters(options, data, log):
     return report
 
 
-def new_report(options, data, info):
+def new_report(options, fmt, info):
     max_length = options.max_length or info.get("max_length") or DEFAULT_MAX_LENGTH
-    return Report(str(options.data), data.fmt, int(max_length))
+    return Report(str(options.data), fmt, int(max_length))
 
 
 # ---------------------------------------------------------------- output
 
 def format_table(report):
-    header = f"{'model':<14} {'eval_loss':>10} {'perplexity':>12} {'tokens':>8}  source"
+    """One line per model; an accuracy column (correct/answers) when the models were scored on answers."""
+    scored = any("accuracy" in r for r in report.results.values())
+    accuracy = f" {'accuracy':>16}" if scored else ""
+    header = f"{'model':<14} {'eval_loss':>10} {'perplexity':>12} {'tokens':>8}{accuracy}  source"
     lines = [f"eval on {report.data} ({report.fmt}, max_length {report.max_length})", header, "-" * len(header)]
     for label, r in report.results.items():
-        lines.append(f"{label:<14} {r['eval_loss']:>10.4f} {r['perplexity']:>12.3f} {r['tokens']:>8d}  {r['model']}")
+        cell = ""
+        if scored:
+            cell = f" {r['accuracy']:>7.1%} {r['correct']:>4d}/{r['answers']:<4d}" if "accuracy" in r else " " * 17
+        lines.append(f"{label:<14} {r['eval_loss']:>10.4f} {r['perplexity']:>12.3f} {r['tokens']:>8d}{cell}  "
+                     f"{r['model']}")
     return "\n".join(lines)
 
 

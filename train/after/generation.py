@@ -1,10 +1,13 @@
 """Prompts and generation after training. A prompt is tokenised by the same functions training used
 (train.data.tokenize_instructions / tokenize_chat with an empty response), and the tokens before the first
 supervised label are what the model is given: the template, BOS and token boundaries are exactly the training ones.
+Prompts with images go to vision-language models (train/after/vision_language.py, the same rule).
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.after.bases import VISION_LANGUAGE
 from train.data.records import DataError, read_jsonl
 from train.data.text import IGNORE_INDEX, tokenize_chat, tokenize_instructions
 
@@ -20,6 +23,7 @@ class PromptCase:
     context: str = ""
     reference: str = None
     messages: list = None
+    images: list = None  # image file paths, for a vision-language model
 
 
 @dataclass
@@ -30,8 +34,14 @@ class GenerationSettings:
     seed: int = 0
 
 
-def resolve_prompt_format(requested, info):
-    """The template to apply: as asked, else the format the model was trained on (training_info.json)."""
+def resolve_prompt_format(requested, info, kind=None):
+    """The template to apply: as asked, else the format the model was trained on (training_info.json). A
+    vision-language model always uses its processor's chat template."""
+    if kind == VISION_LANGUAGE:
+        if requested not in (None, "auto", "chat"):
+            raise DataError(f"--format {requested}: a vision-language model is prompted with its processor's chat "
+                            f"template; drop --format")
+        return VISION_LANGUAGE
     if requested and requested != "auto":
         return requested
     return info.get("dataset_format") or DEFAULT_FORMAT
@@ -39,8 +49,13 @@ def resolve_prompt_format(requested, info):
 
 # ---------------------------------------------------------------- prompt sources
 
-def case_from_record(record, where):
-    """A PromptCase from a prompt-file line or a dataset record (dolly, alpaca, chat, text, or {prompt, context})."""
+def case_from_record(record, where, base_dir="."):
+    """A PromptCase from a prompt-file line or a dataset record (dolly, alpaca, chat, text, a vision-language row, or
+    {prompt, context, image / images}); image paths are relative to `base_dir`."""
+    if "messages" in record and is_vision_record(record):
+        from train.after.vision_language import vl_case_from_record
+
+        return vl_case_from_record(record, base_dir, where, PromptCase)
     if "messages" in record:
         messages = list(record["messages"])
         reference = None
@@ -54,9 +69,28 @@ def case_from_record(record, where):
         if key in record:
             context = record.get("context") or record.get("input") or ""
             reference = record.get("response") or record.get("output") or record.get("reference")
-            return PromptCase(record[key], context, reference)
+            return PromptCase(record[key], context, reference, images=record_images(record, base_dir, where))
     raise DataError(f"{where}: found fields {sorted(record)}; a prompt needs 'prompt' or 'instruction' (optional "
                     f"'context'), 'messages', or 'text'")
+
+
+def is_vision_record(record):
+    """A conversation with images: an `images` list, or content lists (the TRL / transformers form)."""
+    messages = record.get("messages")
+    return bool(record.get("images")) or (isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages))
+
+
+def record_images(record, base_dir, where):
+    """The `image` (one path) or `images` (a list) of a prompt line, relative to `base_dir`; None when neither."""
+    from train.data.vision_language import resolve_image_path
+
+    images = record.get("images", [record["image"]] if "image" in record else None)
+    if images is None:
+        return None
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DataError(f"{where}: 'image' must be an image file path, 'images' a list of them")
+    return [os.path.normpath(resolve_image_path(p, Path(base_dir), where)) for p in images]
 
 
 def read_prompt_file(path):
@@ -66,7 +100,7 @@ def read_prompt_file(path):
         raise DataError(f"prompt file not found: {path}; pass a .jsonl file of {{\"prompt\": ...}} lines or a .txt "
                         f"file with one prompt per line")
     if path.suffix in (".jsonl", ".json"):
-        return [case_from_record(record, f"{path}:{number}") for number, record in read_jsonl(path)]
+        return [case_from_record(record, f"{path}:{number}", path.parent) for number, record in read_jsonl(path)]
     lines = path.read_text(encoding="utf-8").splitlines()
     return [PromptCase(line.strip()) for line in lines if line.strip()]
 
@@ -130,17 +164,28 @@ def generate_text(model, tokenizer, ids, fmt, settings):
 
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
-    kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=stop_token_ids(tokenizer, fmt),
-                  pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(input_ids))
-    if settings.temperature > 0:
-        torch.manual_seed(settings.seed)
-        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs = decoding_kwargs(settings, stop_token_ids(tokenizer, fmt), tokenizer.pad_token_id)
+    kwargs["attention_mask"] = torch.ones_like(input_ids)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, **kwargs)
     return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
 
 
+def decoding_kwargs(settings, stop_ids, pad_id):
+    """generate() arguments: greedy (settings.temperature 0) or seeded sampling, stopping on `stop_ids`."""
+    import torch
+
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id)
+    if settings.temperature > 0:
+        torch.manual_seed(settings.seed)
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
 def generate_for_case(model, tokenizer, case, fmt, settings):
+    if case.images:
+        raise DataError("an image was given, but this is a causal language model without a vision tower; images "
+                        "need a vision-language run's adapter (e.g. outputs/tiny_vl_lora/best)")
     return generate_text(model, tokenizer, prompt_ids(case, fmt, tokenizer), fmt, settings)

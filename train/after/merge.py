@@ -1,11 +1,12 @@
-"""Merging a LoRA / QLoRA adapter into its base: sharded safetensors + tokenizer, checked against base + adapter
-before the output directory appears."""
+"""Merging a LoRA / QLoRA adapter into its base: sharded safetensors + tokenizer (a vision-language model: + its
+processor), checked against base + adapter before the output directory appears."""
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.after.loading import (TRAINING_INFO, AdapterError, check_adapter_dir, has_tokenizer, is_qlora,
-                                 load_base_for, load_causal_lm, load_tokenizer_from, pick_device, prepare_adapters,
-                                 read_training_info, require_bitsandbytes, resolve_base, uses_dequantized_base)
+from train.after.bases import (VISION_LANGUAGE, has_tokenizer, is_qlora, load_base_for, load_model,
+                               load_preprocessor, pick_device, require_bitsandbytes, uses_dequantized_base)
+from train.after.loading import check_adapter_dir, prepare_adapters, resolve_base
+from train.after.run_files import TRAINING_INFO, AdapterError, read_training_info
 from train.dtypes import dtype_name, torch_dtype
 
 MERGE_TOLERANCE = {"float32": (1e-4, 1e-5), "16-bit": (1e-2, 1e-2)}  # (absolute, relative to the largest logit)
@@ -15,6 +16,7 @@ SAMPLE_TEXT = ("Sort the numbers from smallest to largest.", "92 99 36 86 87", "
 @dataclass
 class MergeResult:
     out_dir: Path
+    kind: str
     base_reference: str
     dtype: str
     files: list
@@ -44,7 +46,8 @@ def merge_dtype(name):
 
 
 def verification_samples(tokenizer, vocab_size):
-    """A templated instruction example (the kind of text the adapter was trained on) and random token ids."""
+    """A templated instruction example (the kind of text the adapter was trained on) and random token ids, as
+    forward() inputs."""
     import torch
 
     from train.data.prompts import render_instruction_prompt
@@ -54,7 +57,17 @@ def verification_samples(tokenizer, vocab_size):
     real = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     generator = torch.Generator().manual_seed(0)
     random_ids = torch.randint(0, vocab_size, (1, 48), generator=generator)
-    return [real, random_ids]
+    return [{"input_ids": real}, {"input_ids": random_ids}]
+
+
+def samples_for(kind, preprocessor, model, image_dir):
+    """forward() inputs to compare merged and unmerged logits on: for a vision-language model a real image row
+    (through the training tokenisation and collator) and a text-only one."""
+    if kind == VISION_LANGUAGE:
+        from train.after.vision_language import check_batches
+
+        return check_batches(preprocessor, image_dir)
+    return verification_samples(preprocessor, model.get_input_embeddings().weight.shape[0])
 
 
 def sample_logits(model, samples):
@@ -62,7 +75,7 @@ def sample_logits(model, samples):
 
     device = next(model.parameters()).device
     with torch.no_grad():
-        return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in samples]
+        return [model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu() for batch in samples]
 
 
 def logits_difference(reference, merged, dtype):
@@ -86,7 +99,7 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
     adapter_dir, out_dir = check_adapter_dir(adapter_dir), Path(out_dir)
     reference, base_path = resolve_base(adapter_dir, base)
     check_merge_target(out_dir, adapter_dir, base_path, overwrite)
-    prepare_adapters([adapter_dir], base, trust_remote_code)
+    _, _, kind = prepare_adapters([adapter_dir], base, trust_remote_code)
     dequantized = uses_dequantized_base([adapter_dir], qlora_base)
     if dequantized:
         require_bitsandbytes()
@@ -102,9 +115,9 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
     tmp = fresh_tmp_dir(out_dir)
     try:
         samples, expected, saved_dtype = save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device,
-                                                     trust_remote_code, qlora_base)
+                                                     trust_remote_code, qlora_base, kind)
         log(f"merged {adapter_dir} into {reference} ({dtype_name(saved_dtype)}); checking the saved model")
-        reloaded = load_causal_lm(tmp, saved_dtype, device, trust_remote_code)
+        reloaded = load_model(tmp, saved_dtype, device, trust_remote_code, kind)
         diff, tolerance = logits_difference(expected, sample_logits(reloaded, samples), saved_dtype)
         del reloaded
         if diff > tolerance:
@@ -117,25 +130,30 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out_dir.glob("*.safetensors"))
-    return MergeResult(out_dir, reference, dtype_name(saved_dtype), files, diff, tolerance)
+    return MergeResult(out_dir, kind, reference, dtype_name(saved_dtype), files, diff, tolerance)
 
 
 def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trust_remote_code,
-                qlora_base="dequantized"):
+                qlora_base="dequantized", kind="causal_lm"):
     """Load base (de-quantized for a QLoRA adapter, see load_base_for) + adapter, record logits on the samples,
-    merge, save model and tokenizer into `tmp`. Returns (samples, logits before merging, dtype saved). Frees the
-    model before returning, so that the check which reloads the saved copy never holds two models."""
+    merge, save model and tokenizer (or processor) into `tmp`. Returns (samples, logits before merging, dtype
+    saved). Frees the model before returning, so that the check which reloads the saved copy never holds two
+    models."""
+    import tempfile
+
     from peft import PeftModel
 
-    model = load_base_for([adapter_dir], base_path, merge_dtype(dtype), device, trust_remote_code, qlora_base)
+    model = load_base_for([adapter_dir], base_path, merge_dtype(dtype), device, trust_remote_code, qlora_base, kind)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
-    tokenizer = load_tokenizer_from(adapter_dir if has_tokenizer(adapter_dir) else base_path, trust_remote_code)
-    samples = verification_samples(tokenizer, model.get_input_embeddings().weight.shape[0])
+    preprocessor = load_preprocessor(kind, adapter_dir if has_tokenizer(adapter_dir) else base_path,
+                                     trust_remote_code)
+    with tempfile.TemporaryDirectory() as image_dir:
+        samples = samples_for(kind, preprocessor, model, image_dir)
     expected = sample_logits(model, samples)
     merged = model.merge_and_unload()
     saved_dtype = next(merged.parameters()).dtype
     merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(tmp)
+    preprocessor.save_pretrained(tmp)
     return samples, expected, saved_dtype
 
 
