@@ -49,8 +49,11 @@ def saved_run(tmp_path_factory, mode):
 
 
 @pytest.fixture(scope="module")
-def run_dir(sd_path, tmp_path_factory):
-    return saved_run(tmp_path_factory, "lora")[0]
+def run_dir(sd_path, recipe_runs):
+    """The diffusion default's run (tests/e2e/test_diffusion.py trains it): best/ as the recipe writes it."""
+    proc, path = recipe_runs["sd-lora"]
+    assert_ok(proc)
+    return path
 
 
 def pipeline_image(pipeline, seed):

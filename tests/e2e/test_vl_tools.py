@@ -153,17 +153,11 @@ def test_an_image_for_a_text_model_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def qlora_run(tmp_path_factory):
-    """A short QLoRA run of the vision-language default (its config with mode: qlora) through launch/train_qlora.sh."""
-    from tests.conftest import run_launcher
-
-    root = tmp_path_factory.mktemp("vl_qlora")
-    config = root / "tiny_vl_qlora.yaml"
-    config.write_text((REPO / "configs" / "tiny_vl_lora.yaml").read_text().replace("\nmode: lora\n", "\nmode: qlora\n"))
-    proc = run_launcher("train_qlora.sh", config, "--max_steps", 12, "--eval_steps", 6, "--save_steps", 12,
-                        "--output_dir", root, "--run_name", "vl_qlora")
+def qlora_run(recipe_runs):
+    """The vision-language QLoRA default (configs/tiny_vl_qlora.yaml, shortened), shared with the recipe's tests."""
+    proc, run_dir = recipe_runs["vl-qlora"]
     assert_ok(proc)
-    return root / "vl_qlora"
+    return run_dir
 
 
 def test_a_qlora_vl_adapter_and_its_merge_are_evaluated_as_trained(qlora_run, tmp_path):
