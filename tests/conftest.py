@@ -108,12 +108,12 @@ MODE_CASES = {  # name: (launcher, extra args): every mode x ZeRO stage, and one
     "full-z2": ("train_full.sh", ["--zero", "2"]),
     "full-z3": ("train_full.sh", ["--zero", "3"]),
     "full-z3-offload": ("train_full.sh", ["--zero", "3", "--offload"]),
-    "lora-z2": ("train_lora.sh", ["--zero", "2"]),
+    "lora-z2": ("train_lora.sh", ["--zero", "2", "--lora_dropout", "0.1"]),  # also the SIGKILL test's reference
     "lora-z3": ("train_lora.sh", ["--zero", "3"]),
     "qlora-z2": ("train_qlora.sh", ["--zero", "2"]),
     "qlora-z3": ("train_qlora.sh", ["--zero", "3"]),
 }
-MODE_STEPS = ["--max_steps", "24", "--eval_steps", "12", "--save_steps", "12", "--logging_steps", "1"]
+MODE_STEPS = ["--max_steps", "24", "--eval_steps", "12", "--save_steps", "8", "--logging_steps", "1"]
 
 
 class TrainedRuns:

@@ -10,15 +10,15 @@ from tests.conftest import REPO, assert_ok, read_history, run_launcher
 pytestmark = pytest.mark.slow
 
 
-def launch_here(capsys, *args):
-    """train.launch's main in this process (what launch/train_lora.sh execs), for checks that end before any rank
-    starts; returns a CompletedProcess-like result."""
+def launch_here(capsys, *args, launcher=("--mode", "lora")):
+    """train.launch's main in this process (what launch/train_lora.sh execs; launch/train_diffusion.sh passes
+    --recipe diffusion), for checks that end before any rank starts; returns a CompletedProcess-like result."""
     from types import SimpleNamespace
 
     from train.launch.cli import main
 
     capsys.readouterr()
-    code = main(["--mode", "lora", *map(str, args)])
+    code = main([*launcher, *map(str, args)])
     out = capsys.readouterr()
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
@@ -63,10 +63,10 @@ def test_a_dataset_smaller_than_one_step_is_named(tmp_path, capsys):
                                  "2 processes x micro_batch_size 4 x gradient_accumulation_steps 2 = 16")
 
 
-def test_a_deepspeed_file_contradicting_the_config_is_named(tmp_path):
+def test_a_deepspeed_file_contradicting_the_config_is_named(tmp_path, capsys):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    proc = run_launcher("train_lora.sh", "--deepspeed", ds, "--zero", "2", "--output_dir", tmp_path)
+    proc = launch_here(capsys, "--deepspeed", ds, "--zero", "2", "--output_dir", tmp_path)
     assert_refused_before_launch(proc, f"{ds} gives zero_stage 3 but the command line also sets zero_stage: 2")
 
 

@@ -39,16 +39,6 @@ def test_alpaca_trains_and_truncation_is_reported_and_recorded(tmp_path):
             f"{data['dropped_no_response']} had no response token left and were dropped") in proc.stderr
 
 
-def test_plain_text_is_cut_into_full_blocks(tmp_path):
-    proc = run_launcher("train_full.sh", "--dataset", "data/tiny_text.jsonl", "--max_length", "128",
-                        "--max_steps", "12", "--eval_steps", "6", "--output_dir", tmp_path, "--run_name", "text")
-    assert_ok(proc)
-    history = read_history(tmp_path / "text")
-    assert history["metadata"]["data"]["format"] == "text"
-    assert all(r["nonpad_fraction"] == 1.0 for r in history["records"])
-    assert history["evals"][-1]["eval_loss"] < 0.8 * history["evals"][0]["eval_loss"]
-
-
 def test_missing_wandb_or_bad_field_names_fail_before_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "answer": "b"}\n')

@@ -14,13 +14,14 @@ from tests.conftest import (REPO, assert_ok, kill_tree, launcher_env, losses_by_
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("script,what", [("train_full.sh", "loss"), ("train_qlora.sh", "grad norm")])
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, script, what):
+@pytest.mark.parametrize("script,what,engine", [("train_full.sh", "loss", "deepspeed"),
+                                                ("train_qlora.sh", "grad norm", "ddp")])
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, script, what, engine):
     """A NaN loss, or a finite loss whose gradients are NaN (an overflow in the backward pass), stops the run at
-    that step: never logged as 0.0, never trained through."""
+    that step: never logged as 0.0, never trained through; with DeepSpeed and with the plain ddp engine."""
     debug = "--debug_nan_at_step" if what == "loss" else "--debug_nan_grad_at_step"
     proc = run_launcher(script, "--max_steps", "8", "--save_steps", "2", "--eval_steps", "100", debug, "5",
-                        "--output_dir", tmp_path, "--run_name", "nan")
+                        "--engine", engine, "--output_dir", tmp_path, "--run_name", "nan")
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert re.search(rf"step 5: {what} is (nan|inf) \(not finite\)", proc.stderr), proc.stderr[-3000:]
     assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr, "one message, no report wall"
@@ -40,25 +41,25 @@ def assert_saved_once(history):
     assert len(saves) == len(set(saves)), saves
 
 
-def _run_args(out, name):
-    return ["--max_steps", "24", "--save_steps", "8", "--save_total_limit", "1", "--eval_steps", "12",
-            "--logging_steps", "1", "--lora_dropout", "0.1", "--output_dir", str(out), "--run_name", name]
+def test_sigkilled_run_resumes_and_repeats_the_same_losses(mode_runs, tmp_path):
+    """The lora-z2 case (LoRA dropout 0.1: the per-rank RNG must be restored too) killed after step 18, with
+    checkpoints every 8 steps and only the newest kept, then rerun: steps 17-24 repeat the uninterrupted run's."""
+    from tests.conftest import MODE_CASES_ARGS
 
-
-def test_sigkilled_run_resumes_and_repeats_the_same_losses(tmp_path):
-    reference = run_launcher("train_lora.sh", *_run_args(tmp_path, "reference"))
-    assert_ok(reference)
-
-    train_then_sigkill("train_lora.sh", _run_args(tmp_path, "killed"), tmp_path / "killed", 19)
+    proc, reference = mode_runs["lora-z2"]
+    assert_ok(proc)
+    script, args = MODE_CASES_ARGS["lora-z2"]
+    args = [*args, "--save_total_limit", "1", "--output_dir", tmp_path, "--run_name", "killed"]
+    train_then_sigkill(script, args, tmp_path / "killed", 18)
     checkpoints = tmp_path / "killed" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-16"
     assert (checkpoints / "step-16" / "state").is_dir()
     assert not (checkpoints / "step-8").exists(), "save_total_limit 1 keeps only the newest checkpoint"
 
-    resumed = run_launcher("train_lora.sh", *_run_args(tmp_path, "killed"))
+    resumed = run_launcher(script, *args)
     assert_ok(resumed)
     assert "resumed from" in resumed.stdout and "step 16" in resumed.stdout
-    expected, got = losses_by_step(tmp_path / "reference"), losses_by_step(tmp_path / "killed")
+    expected, got = losses_by_step(reference), losses_by_step(tmp_path / "killed")
     assert sorted(got) == list(range(1, 25)), "every step exactly once in the history"
     for step in range(17, 25):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step

@@ -4,7 +4,6 @@ losses, the grad norms and the trained adapters equal those of the DeepSpeed eag
 accumulation 2. torch.compile runs with the aot_eager backend here (FTL_COMPILE_BACKEND): the same dynamo graphs and
 AOT autograd as inductor, without inductor's CPU code generation (about a minute per run on 2 cores)."""
 import json
-import re
 
 import pytest
 import torch
@@ -17,13 +16,11 @@ pytestmark = pytest.mark.slow
 STEPS = ["--logging_steps", "1", "--eval_steps", "100", "--save_steps", "100", "--gradient_accumulation_steps", "2",
          "--micro_batch_size", "2", "--lr_scheduler", "constant", "--warmup_steps", "0"]
 COMPILED = launcher_env(FTL_COMPILE_BACKEND="aot_eager")
+# The reference: DeepSpeed ZeRO-2, eager layers; against it both switches at once (with checkpointing, which runs
+# inside the compiled layers): 3 launches in all, CI's budget being tight.
 RUNS = {  # name: (max steps, arguments, environment)
-    "reference": (6, ["--engine", "deepspeed", "--compile_layers", "false"], None),
-    "ddp": (4, ["--engine", "ddp"], None),
-    "compiled": (4, ["--engine", "deepspeed", "--compile_layers", "true"], COMPILED),
-    "reference-gc": (4, ["--engine", "deepspeed", "--gradient_checkpointing", "true"], None),
-    "ddp-compiled-gc": (4, ["--engine", "ddp", "--compile_layers", "true", "--gradient_checkpointing", "true"],
-                        COMPILED),
+    "reference": (6, ["--engine", "deepspeed", "--compile_layers", "false", "--gradient_checkpointing", "true"], None),
+    "switched": (4, ["--engine", "ddp", "--compile_layers", "true", "--gradient_checkpointing", "true"], COMPILED),
 }
 
 
@@ -35,8 +32,9 @@ def runs(tmp_path_factory):
     def get(name):
         if name not in done:
             steps, args, env = RUNS[name]
-            if name == "ddp":  # also profiled, as tools/bench.py --profile does (steps 2-3)
-                env = launcher_env(FTL_PROFILE_JSON=str(out / "profile.json"), FTL_PROFILE_STEPS="2-3")
+            if name == "switched":  # also profiled, as tools/bench.py --profile does (steps 2-3)
+                env = launcher_env(FTL_COMPILE_BACKEND="aot_eager", FTL_PROFILE_JSON=str(out / "profile.json"),
+                                   FTL_PROFILE_STEPS="2-3")
             proc = run_launcher("train_lora.sh", *STEPS, "--max_steps", steps, *args, "--output_dir", out,
                                 "--run_name", name, env=env)
             done[name] = (proc, out / name)
@@ -65,68 +63,37 @@ def assert_same_adapters(run_dir, reference_dir):
         torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_ddp_engine_trains_like_deepspeed(runs):
-    (proc, run_dir), (ref_proc, ref_dir) = runs("ddp"), runs("reference")
+def test_ddp_engine_with_compiled_layers_trains_like_eager_deepspeed(runs):
+    (proc, run_dir), (ref_proc, ref_dir) = runs("switched"), runs("reference")
     assert_ok(proc)
     assert_ok(ref_proc)
     assert "engine: ddp (set in the run config)" in proc.stdout and "ddp engine" in proc.stdout
+    assert "compile_layers: 4 LlamaDecoderLayer modules compiled (torch.compile, aot_eager" in proc.stdout
     facts = read_history(run_dir)["metadata"]["engine"]
     assert facts["engine"] == "ddp" and facts["world_size"] == 2 and facts["zero_stage"] == 0
     assert read_history(ref_dir)["metadata"]["engine"]["engine"] == "deepspeed"
     assert_same_training(run_dir, ref_dir, range(1, 5))
-    first, last = records(run_dir)[1]["loss"], records(run_dir)[4]["loss"]
-    assert last < first, "the adapters learn"
+    assert records(run_dir)[4]["loss"] < records(run_dir)[1]["loss"], "the adapters learn"
 
 
-def test_ddp_checkpoint_resumes_where_deepspeed_would_be(runs):
-    """The ddp run's final state (step 4) continued to step 6 gives the reference's steps 5 and 6 and its adapters."""
-    (_, run_dir), (_, ref_dir) = runs("ddp"), runs("reference")
-    proc = run_launcher("train_lora.sh", *STEPS, "--max_steps", 6, "--engine", "ddp", "--output_dir", run_dir.parent,
-                        "--run_name", "ddp")
+def test_a_ddp_checkpoint_resumes_where_deepspeed_would_be(runs):
+    """The switched run's final state (step 4) continued to step 6 gives the reference's steps 5 and 6 and its
+    adapters."""
+    (_, run_dir), (_, ref_dir) = runs("switched"), runs("reference")
+    steps, args, _ = RUNS["switched"]
+    proc = run_launcher("train_lora.sh", *STEPS, "--max_steps", 6, *args, "--output_dir", run_dir.parent,
+                        "--run_name", "switched", env=COMPILED)
     assert_ok(proc)
     assert "resumed from" in proc.stdout and "step 4" in proc.stdout
     assert_same_training(run_dir, ref_dir, range(5, 7))
     assert_same_adapters(run_dir, ref_dir)
 
 
-def test_a_deepspeed_checkpoint_is_not_continued_by_the_ddp_engine(runs):
-    _, ref_dir = runs("reference")
-    proc = run_launcher("train_lora.sh", *STEPS, "--max_steps", 8, "--engine", "ddp", "--output_dir", ref_dir.parent,
-                        "--run_name", "reference")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert re.search(r"engine: None in the checkpoint, 'ddp' now", proc.stderr), proc.stderr[-2000:]
-
-
-def test_compiled_layers_train_like_eager(runs):
-    (proc, run_dir), (_, ref_dir) = runs("compiled"), runs("reference")
-    assert_ok(proc)
-    assert "compile_layers: 4 LlamaDecoderLayer modules compiled (torch.compile, aot_eager" in proc.stdout
-    assert_same_training(run_dir, ref_dir, range(1, 5))
-
-
-def test_compiled_layers_with_checkpointing_on_the_ddp_engine_train_like_eager_deepspeed(runs):
-    (proc, run_dir), (ref_proc, ref_dir) = runs("ddp-compiled-gc"), runs("reference-gc")
-    assert_ok(proc)
-    assert_ok(ref_proc)
-    assert "gradient checkpointing: set in the run config" in proc.stdout
-    assert_same_training(run_dir, ref_dir, range(1, 5))
-    assert_same_adapters(run_dir, ref_dir)
-
-
 def test_profile_summary_names_where_the_step_time_goes(runs):
     """FTL_PROFILE_JSON (what tools/bench.py --profile sets): a summary of the profiled steps from rank 0."""
-    runs("ddp")
+    runs("switched")
     summary = json.loads((runs.out / "profile.json").read_text())
     assert summary["steps"] == 2 and summary["wall_s"] > 0
     names = [op["name"] for op in summary["top_cpu_ops"]]
-    assert "aten::mm" in names or "aten::addmm" in names, names
+    assert "aten::mm" in names or "aten::addmm" in names or any("Compiled" in n for n in names), names
     assert summary["kernel_s"] == 0 and summary["gpu_busy_fraction"] == 0, "no GPU here: no kernel time"
-
-
-def test_ddp_engine_stops_on_a_non_finite_grad_norm_at_that_step(tmp_path):
-    proc = run_launcher("train_lora.sh", *STEPS, "--max_steps", 5, "--engine", "ddp", "--save_steps", "2",
-                        "--debug_nan_grad_at_step", "3", "--output_dir", tmp_path, "--run_name", "nan")
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    assert re.search(r"step 3: grad norm is (nan|inf) \(not finite\)", proc.stderr), proc.stderr[-3000:]
-    assert (tmp_path / "nan" / "checkpoints" / "latest").read_text().strip() == "step-2"
-    assert all(r["step"] < 3 for r in read_history(tmp_path / "nan")["records"])

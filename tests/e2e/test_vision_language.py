@@ -121,15 +121,15 @@ def conversation(image, answer="red"):
                          {"role": "assistant", "content": answer}], "images": [image]}
 
 
-def test_a_corrupt_image_is_named_with_its_line_before_launch(tmp_path):
-    from tests.e2e.test_before_launch import assert_refused_before_launch
+def test_a_corrupt_image_is_named_with_its_line_before_launch(tmp_path, capsys):
+    from tests.e2e.test_before_launch import assert_refused_before_launch, launch_here
 
     (tmp_path / "broken.png").write_bytes(b"not a picture")
     picture = str(REPO / "data" / "tiny_vl" / "images" / "train_0000.png")
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [conversation(picture)] * 20 +
                             [conversation("broken.png")]))
-    proc = run_launcher("train_lora.sh", "configs/tiny_vl_lora.yaml", "--dataset", data, "--output_dir", tmp_path)
+    proc = launch_here(capsys, "configs/tiny_vl_lora.yaml", "--dataset", data, "--output_dir", tmp_path)
     assert_refused_before_launch(proc, f"{data}:21", "broken.png")
 
 

@@ -99,3 +99,15 @@ def test_chat_loss_covers_assistant_turns_only(tiny_tokenizer):
     assert "hi there" not in supervised and "again" not in supervised and "<|user|>" not in supervised
     full = tiny_tokenizer.apply_chat_template(record["messages"], tokenize=False)
     assert tiny_tokenizer.decode(example.input_ids) == full
+
+
+def test_plain_text_is_cut_into_full_blocks_with_every_token_supervised(tiny_tokenizer):
+    """Text records are concatenated (EOS between documents) and cut into max_length blocks, unpacked: every row is
+    full and every token is a label."""
+    from tests.conftest import REPO
+
+    data = prepare_data(config_for(REPO / "data" / "tiny_text.jsonl", max_length=64, eval_fraction=0.1),
+                        tiny_tokenizer)
+    assert data.stats.format == "text" and not data.packed and data.train_rows
+    for row in data.train_rows + data.eval_rows:
+        assert len(row["input_ids"]) == 64 and row["labels"][1:] == row["input_ids"][1:]
