@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.dtypes import torch_dtype
 
 STATE_FILE = "plain_engine.pt"

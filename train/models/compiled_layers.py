@@ -4,7 +4,7 @@ per layer, and the step launches fused kernels instead of one Python-dispatched 
 step (many small LoRA ops) gains from. The embeddings, the loss and DeepSpeed's or DDP's hooks stay eager."""
 import os
 
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.console import say
 
 BACKEND_ENV = "FTL_COMPILE_BACKEND"  # inductor unless set (the CPU tests use aot_eager: same graphs, no codegen)
