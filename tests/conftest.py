@@ -109,7 +109,7 @@ MODE_CASES = {  # name: (launcher, extra args): every mode x ZeRO stage, and one
     "full-z3": ("train_full.sh", ["--zero", "3"]),
     "full-z3-offload": ("train_full.sh", ["--zero", "3", "--offload"]),
     "lora-z2": ("train_lora.sh", ["--zero", "2", "--lora_dropout", "0.1"]),  # also the SIGKILL test's reference
-    "lora-z3": ("train_lora.sh", ["--zero", "3"]),
+    "lora-z3": ("train_lora.sh", ["--zero", "3", "--lora_dropout", "0.1"]),  # dropout as in lora-z2
     "qlora-z2": ("train_qlora.sh", ["--zero", "2"]),
     "qlora-z3": ("train_qlora.sh", ["--zero", "3"]),
 }

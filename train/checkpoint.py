@@ -59,7 +59,8 @@ def resume_differences(checkpoint, identity):
 # ---------------------------------------------------------------- training state (resume)
 
 def resume_problem(cfg, checkpoint, total_steps):
-    """Why checkpoint `checkpoint` should not be continued silently, or None."""
+    """Why checkpoint `checkpoint` should not be continued silently, or None. A checkpoint at the last step of a
+    run that did not finish (killed or requeued while it saved final/) is not a problem: resuming finishes it."""
     differences = resume_differences(checkpoint, training_identity(cfg))
     step = int(checkpoint.name.split("-")[-1])
     fix = ("start fresh with --resume never (the checkpoint is overwritten) or another --run_name, or continue "
@@ -67,11 +68,20 @@ def resume_problem(cfg, checkpoint, total_steps):
     if differences:
         lines = "\n".join(f"  - {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences)
         return (f"{checkpoint} was trained with other settings than this run:\n{lines}\nNothing was trained; {fix}")
-    if total_steps <= step:
+    if total_steps < step or (total_steps == step and run_completed(checkpoint.parent.parent)):
         more = "it already finished" if total_steps == step else f"max_steps {total_steps} is below it"
         return (f"{checkpoint} is at step {step} and this run has {total_steps} steps: {more}, so there is nothing to "
                 f"train. Raise max_steps (or num_epochs) to continue it, or {fix.split(', or continue')[0]}")
     return None
+
+
+def run_completed(run_dir):
+    """Whether the run in `run_dir` wrote final/ and marked its history completed."""
+    try:
+        history = json.loads((Path(run_dir) / "training_history.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return history.get("status") == "completed"
 
 
 def rng_state():

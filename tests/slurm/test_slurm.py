@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_lora.yaml"
-PLAIN_STEPS, PREEMPT_STEPS, ACT_AT_STEP = 12, 12, 4
+PLAIN_STEPS, PREEMPT_STEPS, ACT_AT_STEP = 20, 20, 4
 JOB_TIMEOUT_S = 360
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
