@@ -62,4 +62,4 @@ def exit_for_launcher(code, preempted):
 
 
 if __name__ == "__main__":
-    sys.exit(exit_for_launcher(*main()))
+    exit_codes.exit_without_teardown(exit_for_launcher(*main()))

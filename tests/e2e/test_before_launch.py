@@ -109,6 +109,27 @@ def test_max_steps_at_or_below_the_checkpoint_says_there_is_nothing_to_train(fin
         assert_refused_before_launch(proc, "checkpoints/step-6 is at step 6", words, "nothing to train")
 
 
+def test_a_run_stopped_while_saving_its_last_step_is_finished_on_resume(finished_run, tmp_path):
+    """Killed or requeued after checkpoints/step-6 of 6 but before final/ and the completed history: the same
+    command finishes it (final/ written, history completed), where a finished run would be refused."""
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(finished_run / "old", run)
+    shutil.rmtree(run / "final")
+    history = read_history(run)
+    history["status"] = "running"
+    (run / "training_history.json").write_text(json.dumps(history))
+    proc = run_launcher("train_lora.sh", "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3",
+                        "--output_dir", tmp_path, "--run_name", "old")
+    assert_ok(proc)
+    assert f"resumed from {run / 'checkpoints' / 'step-6'} at step 6" in proc.stdout
+    assert "training 0 steps" in proc.stdout
+    finished = read_history(run)
+    assert finished["status"] == "completed" and [r["step"] for r in finished["records"]][-1] == 6
+    assert (run / "final" / "adapter_model.safetensors").stat().st_size > 0
+
+
 def test_resume_always_continues_a_changed_run_and_says_so(finished_run):
     proc = run_launcher("train_lora.sh", "--max_steps", "8", "--save_steps", "3", "--eval_steps", "3",
                         "--learning_rate", "1e-3", "--resume", "always", "--output_dir", finished_run,

@@ -1,6 +1,5 @@
 """python -m train.launch: see train/launch/cli.py."""
-import sys
-
+from train.exit_codes import exit_without_teardown
 from train.launch.cli import main
 
-sys.exit(main())
+exit_without_teardown(main())
