@@ -1,4 +1,5 @@
 """Atomic file and directory writes: a crash or kill leaves either the old or the new version, never half."""
+import contextlib
 import json
 import os
 import shutil
@@ -75,3 +76,20 @@ def fresh_tmp_dir(final_dir):
     if tmp.exists():
         shutil.rmtree(tmp)
     return tmp
+
+
+@contextlib.contextmanager
+def built_into(target):
+    """`with built_into(target) as tmp:` write a directory into `tmp` (a sibling of `target`); on success it replaces
+    `target` at once with shared modes (the umask's, not mkdtemp's private ones), on failure it is removed and
+    `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        apply_umask(tmp)
+        replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

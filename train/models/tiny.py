@@ -13,12 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from train.data.prompts import TINY_CHAT_TEMPLATE, render_instruction_prompt
 from train.errors import ConfigError
-from train.fsutil import apply_umask
+from train.fsutil import apply_umask, built_into
 from train.resources import PACKAGE_DIR, resource
 
 BUILTIN_PREFIX = "builtin:"
@@ -141,10 +140,7 @@ def build_tiny_model(name, target):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = TINY_SPECS[name]
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with built_into(target) as tmp:
         tokenizer = train_tokenizer(spec["vocab_size"])
         config = LlamaConfig(**spec, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                              bos_token_id=None, tie_word_embeddings=False, rope_theta=10000.0,
@@ -157,14 +153,7 @@ def build_tiny_model(name, target):
             model.lm_head.weight.mul_(5.0)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        apply_umask(tmp)  # shared cache: not the private modes mkdtemp and safetensors give
-        os.rename(tmp, target)
-    finally:
-        if tmp.exists() and tmp != target:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return Path(target)
 
 
 def _locked(path):
@@ -207,13 +196,11 @@ def build_random_shape(arch_key):
     with _locked(target):
         if not (target / "config.json").exists():
             tiny = Path(resolve_model_path("builtin:tiny-llama"))
-            tmp = Path(tempfile.mkdtemp(prefix=f".random-{arch_key}-", dir=target.parent))
-            random_shape_config(arch_key).save_pretrained(tmp)
-            for name in os.listdir(tiny):
-                if name.startswith(("tokenizer", "chat_template")):
-                    shutil.copy(tiny / name, tmp / name)
-            apply_umask(tmp)  # shared cache: not the private modes mkdtemp and safetensors give
-            os.rename(tmp, target)
+            with built_into(target) as tmp:
+                random_shape_config(arch_key).save_pretrained(tmp)
+                for name in os.listdir(tiny):
+                    if name.startswith(("tokenizer", "chat_template")):
+                        shutil.copy(tiny / name, tmp / name)
     return target
 
 

@@ -7,12 +7,9 @@ Sized for 2 CPU processes: 64x64 pictures, a VAE that downsamples 4x (16x16x4 la
 (32, 64) with cross-attention in every block, a 2-layer CLIP text encoder of width 32.
 """
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from train.fsutil import apply_umask
+from train.fsutil import built_into
 from train.resources import resource
 
 CAPTIONS_DIR = "data/tiny_sd"
@@ -99,10 +96,7 @@ def build_tiny_sd(target):
     """Write the tiny pipeline into `target` atomically (a temporary sibling directory renamed into place)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=target.parent))
-    try:
+    with built_into(target) as tmp:
         tokenizer = train_clip_tokenizer()
         unet, vae, text_encoder = tiny_components(tokenizer)
         vae.register_to_config(scaling_factor=calibrate_latent_scale(vae))
@@ -111,11 +105,4 @@ def build_tiny_sd(target):
                                            feature_extractor=None, image_encoder=None,
                                            requires_safety_checker=False)
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        if target.exists():
-            shutil.rmtree(target)
-        apply_umask(tmp)  # shared cache: not the private modes mkdtemp and safetensors give
-        os.rename(tmp, target)
-    finally:
-        if tmp.exists() and tmp != target:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return Path(target)

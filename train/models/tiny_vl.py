@@ -9,12 +9,9 @@ processor_config.json -- so the ecosystem's own `from_pretrained` paths load it.
 of data/tiny_vl (64x64): 8-pixel patches merged 2x2 give 16 image tokens per picture.
 """
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from train.fsutil import apply_umask
+from train.fsutil import built_into
 from train.resources import resource
 from train.models.tiny import _corpus_lines
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -125,17 +122,14 @@ def build_tiny_vl(kind, target):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=target.parent))
-    try:
+    with built_into(target) as tmp:
         tokenizer = train_vl_tokenizer()
         config = vl_config(kind, tokenizer)
         torch.manual_seed(1234)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
         with torch.no_grad():
-            # As in train/tiny.py: a frozen head at the default init (std 0.02) caps the logits so low that LoRA
-            # cannot fit anything; std 0.1 behaves like a pretrained head.
+            # As in train/models/tiny.py: a frozen head at the default init (std 0.02) caps the logits so low that
+            # LoRA cannot fit anything; std 0.1 behaves like a pretrained head.
             model.lm_head.weight.mul_(5.0)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -144,11 +138,4 @@ def build_tiny_vl(kind, target):
         image_processor().save_pretrained(tmp)
         for name, content in processor_files(kind).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        apply_umask(tmp)  # shared cache: not the private modes mkdtemp and safetensors give
-        os.rename(tmp, target)
-    finally:
-        if tmp.exists() and tmp != target:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return Path(target)
