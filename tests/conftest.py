@@ -91,6 +91,30 @@ def assert_ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
 
 
+def launch_here(capsys, *args, launcher=("--mode", "lora")):
+    """train.launch's main in this process (what launch/train_lora.sh execs; launch/train_diffusion.sh passes
+    --recipe diffusion), for checks that end before any rank starts; returns a CompletedProcess-like result."""
+    from types import SimpleNamespace
+
+    from train.launch.cli import main
+
+    capsys.readouterr()
+    code = main([*launcher, *map(str, args)])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+def assert_refused_before_launch(proc, *needles):
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "torch.distributed.run" not in output, "torchrun must not start"
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in output, (needle, output[-3000:])
+
+
 def read_history(run_dir):
     return json.loads((Path(run_dir) / "training_history.json").read_text())
 

@@ -68,20 +68,25 @@ def resume_problem(cfg, checkpoint, total_steps):
     if differences:
         lines = "\n".join(f"  - {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences)
         return (f"{checkpoint} was trained with other settings than this run:\n{lines}\nNothing was trained; {fix}")
-    if total_steps < step or (total_steps == step and run_completed(checkpoint.parent.parent)):
+    history = finished_history(checkpoint.parent.parent)
+    if history and history.get("stopped_early_at") == step:
+        return (f"{checkpoint.parent.parent} stopped early at step {step} ({history['stop_reason']}), so there is "
+                f"nothing to train. Continue past the stop with --resume always, or "
+                f"{fix.split(', or continue')[0]}")
+    if total_steps < step or (total_steps == step and history):
         more = "it already finished" if total_steps == step else f"max_steps {total_steps} is below it"
         return (f"{checkpoint} is at step {step} and this run has {total_steps} steps: {more}, so there is nothing to "
                 f"train. Raise max_steps (or num_epochs) to continue it, or {fix.split(', or continue')[0]}")
     return None
 
 
-def run_completed(run_dir):
-    """Whether the run in `run_dir` wrote final/ and marked its history completed."""
+def finished_history(run_dir):
+    """The history of the run in `run_dir` when it wrote final/ and marked itself completed, else None."""
     try:
         history = json.loads((Path(run_dir) / "training_history.json").read_text())
     except (OSError, ValueError):
-        return False
-    return history.get("status") == "completed"
+        return None
+    return history if history.get("status") == "completed" else None
 
 
 def rng_state():

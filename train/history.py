@@ -18,7 +18,7 @@ class History:
         self.path = Path(path)
         self.enabled = enabled
         self.data = {"metadata": metadata, "records": [], "evals": [], "saves": [], "best": None,
-                     "stop_reason": None, "status": "running"}
+                     "stop_reason": None, "stopped_early_at": None, "status": "running"}
 
     def resume_from(self, step):
         """Keep what happened up to `step` (the checkpoint being resumed); later records will be written again."""

@@ -305,6 +305,7 @@ class Trainer:
         self.save_weights("final", step, last_eval)
         self.save_state(step)
         self.history.set("stop_reason", stop_reason or f"completed {step} steps")
+        self.history.set("stopped_early_at", step if stop_reason else None)
         self.history.set("status", "completed")
         self.history.set("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.history.save()

@@ -5,33 +5,9 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, assert_ok, read_history, run_launcher
+from tests.conftest import REPO, assert_ok, assert_refused_before_launch, launch_here, read_history, run_launcher
 
 pytestmark = pytest.mark.slow
-
-
-def launch_here(capsys, *args, launcher=("--mode", "lora")):
-    """train.launch's main in this process (what launch/train_lora.sh execs; launch/train_diffusion.sh passes
-    --recipe diffusion), for checks that end before any rank starts; returns a CompletedProcess-like result."""
-    from types import SimpleNamespace
-
-    from train.launch.cli import main
-
-    capsys.readouterr()
-    code = main([*launcher, *map(str, args)])
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-
-def assert_refused_before_launch(proc, *needles):
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 2, output[-3000:]
-    assert "torch.distributed.run" not in output, "torchrun must not start"
-    assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in output, (needle, output[-3000:])
 
 
 def lines_of(path, records):

@@ -79,7 +79,7 @@ def test_a_nan_loss_stops_the_diffusion_run(tmp_path):
 
 
 def test_a_bad_picture_is_named_with_its_line_before_launch(tmp_path, capsys):
-    from tests.e2e.test_before_launch import assert_refused_before_launch, launch_here
+    from tests.conftest import assert_refused_before_launch, launch_here
 
     folder = tmp_path / "pictures"
     folder.mkdir()

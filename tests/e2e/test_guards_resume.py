@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests.conftest import (REPO, assert_ok, kill_tree, launcher_env, losses_by_step, read_history, run_launcher,
-                            train_then_sigkill)
+from tests.conftest import (REPO, assert_ok, kill_tree, launch_here, launcher_env, losses_by_step, read_history,
+                            run_launcher, train_then_sigkill)
 
 pytestmark = pytest.mark.slow
 
@@ -116,11 +116,12 @@ def test_two_ranks_with_accumulation_follow_one_rank_with_the_whole_batch(tmp_pa
         assert b[step] == pytest.approx(a[step], rel=2e-4), (step, a[step], b[step])
 
 
-def test_eval_driven_stop_writes_its_reason_and_best_follows_the_evals(tmp_path):
+def test_eval_driven_stop_writes_its_reason_and_best_follows_the_evals(tmp_path, capsys):
     """The plateau schedule with min_eval_loss: the run stops at the first eval below it, says why in the history,
-    and best/ is the eval with the lowest loss."""
-    proc = run_launcher("train_lora.sh", "--lr_scheduler", "plateau", "--min_eval_loss", "4.0", "--eval_steps", "4",
-                        "--max_steps", "150", "--logging_steps", "4", "--output_dir", tmp_path, "--run_name", "stop")
+    and best/ is the eval with the lowest loss. The same command again does not train on past the stop."""
+    args = ["--lr_scheduler", "plateau", "--min_eval_loss", "4.0", "--eval_steps", "4", "--max_steps", "150",
+            "--logging_steps", "4", "--output_dir", tmp_path, "--run_name", "stop"]
+    proc = run_launcher("train_lora.sh", *args)
     assert_ok(proc)
     history = read_history(tmp_path / "stop")
     evals = [e for e in history["evals"] if e["step"] > 0]
@@ -132,3 +133,8 @@ def test_eval_driven_stop_writes_its_reason_and_best_follows_the_evals(tmp_path)
     assert history["best"]["step"] == best["step"]
     info = json.loads((tmp_path / "stop" / "best" / "training_info.json").read_text())
     assert info["step"] == best["step"]
+    assert history["stopped_early_at"] == evals[-1]["step"]
+    again = launch_here(capsys, *args)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert f"stopped early at step {evals[-1]['step']}" in again.stderr and "--resume always" in again.stderr
+    assert read_history(tmp_path / "stop") == history, "the refused rerun changed nothing"

@@ -122,7 +122,7 @@ def conversation(image, answer="red"):
 
 
 def test_a_corrupt_image_is_named_with_its_line_before_launch(tmp_path, capsys):
-    from tests.e2e.test_before_launch import assert_refused_before_launch, launch_here
+    from tests.conftest import assert_refused_before_launch, launch_here
 
     (tmp_path / "broken.png").write_bytes(b"not a picture")
     picture = str(REPO / "data" / "tiny_vl" / "images" / "train_0000.png")
@@ -134,7 +134,7 @@ def test_a_corrupt_image_is_named_with_its_line_before_launch(tmp_path, capsys):
 
 
 def test_rows_whose_image_max_length_would_cut_are_refused_by_the_switch(tmp_path, capsys):
-    from tests.e2e.test_before_launch import assert_refused_before_launch, launch_here
+    from tests.conftest import assert_refused_before_launch, launch_here
 
     proc = launch_here(capsys, "configs/tiny_vl_lora.yaml", "--max_length", "12", "--image_overflow", "error",
                        "--output_dir", tmp_path)
