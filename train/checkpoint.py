@@ -63,20 +63,19 @@ def resume_problem(cfg, checkpoint, total_steps):
     run that did not finish (killed or requeued while it saved final/) is not a problem: resuming finishes it."""
     differences = resume_differences(checkpoint, training_identity(cfg))
     step = int(checkpoint.name.split("-")[-1])
-    fix = ("start fresh with --resume never (the checkpoint is overwritten) or another --run_name, or continue "
-           "it anyway with --resume always")
+    start_fresh = "start fresh with --resume never (the checkpoint is overwritten) or another --run_name"
+    fix = f"{start_fresh}, or continue it anyway with --resume always"
     if differences:
         lines = "\n".join(f"  - {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences)
         return (f"{checkpoint} was trained with other settings than this run:\n{lines}\nNothing was trained; {fix}")
     history = finished_history(checkpoint.parent.parent)
     if history and history.get("stopped_early_at") == step:
         return (f"{checkpoint.parent.parent} stopped early at step {step} ({history['stop_reason']}), so there is "
-                f"nothing to train. Continue past the stop with --resume always, or "
-                f"{fix.split(', or continue')[0]}")
+                f"nothing to train. Continue past the stop with --resume always, or {start_fresh}")
     if total_steps < step or (total_steps == step and history):
         more = "it already finished" if total_steps == step else f"max_steps {total_steps} is below it"
         return (f"{checkpoint} is at step {step} and this run has {total_steps} steps: {more}, so there is nothing to "
-                f"train. Raise max_steps (or num_epochs) to continue it, or {fix.split(', or continue')[0]}")
+                f"train. Raise max_steps (or num_epochs) to continue it, or {start_fresh}")
     return None
 
 
