@@ -64,8 +64,7 @@ def read_history(run_dir):
         return None
 
 
-def last_step(run_dir):
-    history = read_history(run_dir)
+def last_step(history):
     return max((r["step"] for r in history["records"]), default=0) if history else 0
 
 
@@ -98,18 +97,16 @@ class Job:
 
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
-    """Submit the jobs at once, requeue / signal two of them once they have trained a few steps, and wait for all to
-    finish. A requeued job waits out Slurm's own delay (cred_expire + 1 s, 11 s with the test cluster's
-    AuthInfo=cred_expire=10) before it restarts: a start forced earlier (StartTime=now) reaches a node that still
-    holds the revoked credential of the job's last run, and the restart fails at once with exit 1."""
+    """Submit the jobs, requeue / signal two of them once they have trained a few steps, and wait for all to
+    finish. The test cluster runs one 2-node job at a time, in submission order: the two to interrupt are submitted
+    last, so they start while this loop watches them (a submission takes seconds on a loaded host: a job submitted
+    first could finish before the last submission returned). A requeued job waits out Slurm's own delay
+    (cred_expire + 1 s, 11 s with the test cluster's AuthInfo=cred_expire=10) before it restarts: a start forced
+    earlier (StartTime=now) reaches a node that still holds the revoked credential of the job's last run, and the
+    restart fails at once with exit 1."""
     _, env = slurm_cluster
     t0 = time.time()
     made = {}
-    for name, steps, action, overrides in (
-            ("requeue", PREEMPT_STEPS, "requeue", ()), ("signal", PREEMPT_STEPS, "usr1", ()),
-            ("plain", PLAIN_STEPS, None, ()), ("broken", PLAIN_STEPS, None, ("--debug_nan_at_step", "3"))):
-        out = tmp_path_factory.mktemp(f"slurm-{name}")
-        made[name] = Job(name, submit(env, out, steps, *overrides), out, steps, action)
     # A job whose scontrol cannot name the head node's address (a stand-in scontrol first on its PATH).
     fake_bin = tmp_path_factory.mktemp("fake-scontrol")
     (fake_bin / "scontrol").write_text("#!/bin/sh\necho 'scontrol: error: Invalid node name specified' >&2\nexit 1\n")
@@ -117,6 +114,11 @@ def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("slurm-nohead")
     made["nohead"] = Job("nohead", submit(dict(env, PATH=f"{fake_bin}:{env['PATH']}"), out, PLAIN_STEPS), out,
                          PLAIN_STEPS)
+    for name, steps, action, overrides in (
+            ("plain", PLAIN_STEPS, None, ()), ("broken", PLAIN_STEPS, None, ("--debug_nan_at_step", "3")),
+            ("requeue", PREEMPT_STEPS, "requeue", ()), ("signal", PREEMPT_STEPS, "usr1", ())):
+        out = tmp_path_factory.mktemp(f"slurm-{name}")
+        made[name] = Job(name, submit(env, out, steps, *overrides), out, steps, action)
     deadline = time.time() + JOB_TIMEOUT_S
     pending, next_state_check = set(made), 0.0
     while pending and time.time() < deadline:
@@ -125,7 +127,7 @@ def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
         for job in made.values():
             if job.action and job.acted_at_step is None and job.name in pending:
                 history = read_history(job.run_dir)
-                step = last_step(job.run_dir) if history and history.get("status") == "running" else 0
+                step = last_step(history) if history and history.get("status") == "running" else 0
                 if step >= ACT_AT_STEP:
                     if job.action == "requeue":
                         proc = scontrol(env, "requeue", job.id)
