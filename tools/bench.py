@@ -16,8 +16,11 @@ Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps th
   ours-gc     ours with gradient checkpointing forced on (compare with hf-gc at equal memory)
   ours-mb2x   ours with twice the micro-batch and half the accumulation (same tokens per optimizer step)
   ours-qlora  QLoRA (NF4, double quant) with our defaults: step time against `ours`
-  ours-z3     LoRA under ZeRO-3 (engine deepspeed, no compilation): step time against ours-eager (ZeRO-2)
-  ours-full   full fine-tune of --full-model (a shape that fits one GPU with ZeRO-2): MFU
+  ours-z3     LoRA under ZeRO-3 with our defaults (zero3_gather: layer, compiled layers): step time against ours
+  ours-z3-module  LoRA under ZeRO-3 gathered module by module, eager (the trainer before zero3_gather)
+  ours-full   full fine-tune of --full-model (a shape that fits one GPU) with our defaults (one process: the ddp
+              engine, compiled layers): MFU
+  ours-full-deepspeed  the same with engine: deepspeed (ZeRO-2; the trainer before)
   ours-full-bucket5e8   the same with DeepSpeed's reduce_bucket_size at 5e8 elements (DeepSpeed's own default)
 --profile CASE[,CASE]: those cases run 3 more steps under torch.profiler (not measured); the summary (wall vs kernel
 time, GPU busy fraction, top kernels and CPU ops, syncs and launches: train/profiling.py) goes into the case's row.
@@ -43,10 +46,10 @@ from train.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 
 WARMUP = 3
 CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
-         "ours-z3", "ours-full", "ours-full-bucket5e8")
+         "ours-z3", "ours-z3-module", "ours-full", "ours-full-deepspeed", "ours-full-bucket5e8")
 # the targets' cases first: with --budget, the last ones are the ones skipped
-DEFAULT_CASES = ("hf-gc", "hf-liger", "ours", "ours-eager", "ours-gc", "ours-qlora", "ours-z3", "ours-full",
-                 "ours-deepspeed")
+DEFAULT_CASES = ("hf-gc", "hf-liger", "ours", "ours-gc", "ours-z3", "ours-full", "ours-qlora", "ours-z3-module",
+                 "ours-full-deepspeed", "ours-eager")
 PROFILED_STEPS = 3
 HF_BASELINES = ("hf-gc", "hf-liger")  # the two ratio columns
 
@@ -173,8 +176,9 @@ def add_ratios(rows, args):
             if base_rate and not r["case"].startswith("ours-full"):
                 r[f"vs_{base.replace('-', '_')}"] = r["tokens_per_s"] / base_rate
     for case, against, key in (("ours-qlora", "ours", "step_time_vs_ours_lora"),
-                               ("ours-z3", "ours-eager", "step_time_vs_zero2"),
-                               ("ours-z3", "ours", "step_time_vs_ours_lora")):
+                               ("ours-z3", "ours", "step_time_vs_zero2"),
+                               ("ours-z3-module", "ours-eager", "step_time_vs_zero2"),
+                               ("ours-full", "ours-full-deepspeed", "step_time_vs_deepspeed")):
         if "step_time_s" in by_name.get(case, {}) and "step_time_s" in by_name.get(against, {}):
             by_name[case][key] = by_name[case]["step_time_s"] / by_name[against]["step_time_s"]
     return rows, device
@@ -194,8 +198,9 @@ def render(rows, args, device):
                      f"{losses[0]:8.3f}->{losses[-1]:.3f}")
     by_name = {r["case"]: r for r in rows}
     for case, key, what in (("ours-qlora", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
-                            ("ours-z3", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (ours-eager)"),
-                            ("ours-z3", "step_time_vs_ours_lora", "LoRA ZeRO-3 step time / ours (defaults)")):
+                            ("ours-z3", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (both defaults)"),
+                            ("ours-z3-module", "step_time_vs_zero2", "LoRA ZeRO-3 per module / ZeRO-2, both eager"),
+                            ("ours-full", "step_time_vs_deepspeed", "full fine-tune step time, ddp / deepspeed")):
         if key in by_name.get(case, {}):
             lines.append(f"{what}: {by_name[case][key]:.2f}")
     for r in rows:
@@ -226,7 +231,10 @@ def runners(args, corpus):
                                         gradient_accumulation_steps=max(1, args.grad_accum // 2)),
         "ours-qlora": lambda t: run_ours(args, corpus, "ours-qlora", t, mode="qlora"),
         "ours-z3": lambda t: run_ours(args, corpus, "ours-z3", t, zero_stage=3),
+        "ours-z3-module": lambda t: run_ours(args, corpus, "ours-z3-module", t, zero_stage=3, zero3_gather="module",
+                                             compile_layers=False),
         "ours-full": lambda t: run_ours(args, corpus, "ours-full", t, **full),
+        "ours-full-deepspeed": lambda t: run_ours(args, corpus, "ours-full-deepspeed", t, **full, engine="deepspeed"),
         "ours-full-bucket5e8": lambda t: run_ours(args, corpus, "ours-full-bucket5e8", t, **full,
                                                   deepspeed_config=bucket()),
     }

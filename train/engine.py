@@ -13,6 +13,8 @@ def build_engine(model, cfg, device=None, world_size=1):
         return PlainEngine(model, cfg, partial(torch_adamw, cfg=cfg), device, world_size)
     import deepspeed
 
+    if cfg.zero_stage == 3 and cfg.zero3_gather == "layer":
+        gather_whole_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.offload and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -24,6 +26,36 @@ def build_engine(model, cfg, device=None, world_size=1):
         optimizer = torch_adamw(params, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg.deepspeed_dict())
     return engine
+
+
+def gather_whole_layers(model):
+    """ZeRO-3 gathers each decoder layer's parameters in one hook before the layer runs (DeepSpeed's leaf modules,
+    as FSDP wraps per layer) instead of one hook and gather per linear: about 15 times fewer on every pass, and no
+    hook inside a layer, so the layer can be compiled. Models without decoder layers (a UNet) keep per-module
+    gathers."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    from train.models.compiled_layers import decoder_layers
+
+    for layer in decoder_layers(model):
+        set_z3_leaf_module(layer, True)
+        layer.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True)
+
+
+def _hidden_states_require_grad(module, args, kwargs):
+    """DeepSpeed reduces a leaf layer's gradients and releases its parameters from a full backward hook, which fires
+    once the gradient of the layer's input is computed, or, for an input without grad (the first layer after frozen
+    embeddings), as soon as the output's gradient arrives: before the layer's own backward, whose LoRA gradients then
+    meet released parameters. An input that requires grad keeps the hook after the layer's backward; the price is
+    the first layer's input gradient (about 1/layers of the backward's input-gradient matmuls)."""
+    if not (module.training and torch.is_grad_enabled()):
+        return None
+    if args and torch.is_tensor(args[0]) and not args[0].requires_grad and args[0].is_floating_point():
+        return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+    hidden = kwargs.get("hidden_states")
+    if torch.is_tensor(hidden) and not hidden.requires_grad and hidden.is_floating_point():
+        return args, {**kwargs, "hidden_states": hidden.detach().requires_grad_()}
+    return None
 
 
 def torch_adamw(params, cfg):

@@ -102,14 +102,18 @@ def test_usr1_to_the_launcher_alone_checkpoints_and_exits_zero(tmp_path):
 
 
 def test_two_ranks_with_accumulation_follow_one_rank_with_the_whole_batch(tmp_path):
+    """Two DeepSpeed ZeRO-2 ranks x accumulation 2 against one process with the whole batch on the ddp engine (what
+    `engine: auto` runs a one-process full fine-tune with on a GPU): the same losses."""
     common = ["--max_steps", "6", "--logging_steps", "1", "--eval_fraction", "0", "--lr_scheduler", "constant"]
     one = run_launcher("train_full.sh", *common, "--micro_batch_size", "8", "--gradient_accumulation_steps", "1",
-                       "--output_dir", tmp_path, "--run_name", "one", env=launcher_env(FTL_CPU_PROCS=1))
+                       "--engine", "ddp", "--output_dir", tmp_path, "--run_name", "one",
+                       env=launcher_env(FTL_CPU_PROCS=1))
     two = run_launcher("train_full.sh", *common, "--micro_batch_size", "2", "--gradient_accumulation_steps", "2",
                        "--output_dir", tmp_path, "--run_name", "two")
     assert_ok(one)
     assert_ok(two)
     assert read_history(tmp_path / "two")["metadata"]["world_size"] == 2
+    assert read_history(tmp_path / "one")["metadata"]["engine"]["engine"] == "ddp"
     a, b = losses_by_step(tmp_path / "one"), losses_by_step(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:

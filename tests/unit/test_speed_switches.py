@@ -25,8 +25,17 @@ def test_on_the_cpu_auto_keeps_deepspeed_and_eager_layers():
     assert "CPU" in cfg.decisions["engine"] and "CUDA GPUs only" in cfg.decisions["compile_layers"]
 
 
+def test_a_full_fine_tune_on_one_process_runs_the_ddp_engine_and_on_several_deepspeed():
+    one = resolved(mode="full")
+    assert one.engine == "ddp" and "one process, where ZeRO-2 partitions nothing" in one.decisions["engine"]
+    several = resolved(mode="full", procs=8)
+    assert several.engine == "deepspeed" and "several processes needs ZeRO's partitioning" in \
+        several.decisions["engine"]
+    assert resolved(mode="full", procs=1, zero_stage=3).engine == "deepspeed"
+
+
 @pytest.mark.parametrize("overrides,why", [
-    ({"mode": "full"}, "full fine-tune needs ZeRO's partitioning"),
+    ({"mode": "full", "procs": 2}, "full fine-tune on several processes needs ZeRO's partitioning"),
     ({"zero_stage": 3}, "ZeRO-3 and offload are DeepSpeed's"),
     ({"offload": True}, "ZeRO-3 and offload are DeepSpeed's"),
     ({"precision": "fp16"}, "fp16 loss scaling is DeepSpeed's"),
@@ -38,10 +47,12 @@ def test_engine_auto_keeps_deepspeed_where_it_does_something(overrides, why):
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    ({"engine": "ddp", "mode": "full"}, "key 'engine': ddp, but a full fine-tune needs ZeRO's partitioning"),
+    ({"engine": "ddp", "mode": "full", "procs": 2},
+     "key 'engine': ddp, but a full fine-tune on several processes needs ZeRO's partitioning"),
     ({"engine": "ddp", "zero_stage": 3}, "key 'engine': ddp, but ZeRO-3 and offload are DeepSpeed's"),
-    ({"compile_layers": True, "zero_stage": 3},
-     "key 'compile_layers': true, but ZeRO-3 gathers parameters inside each layer's forward"),
+    ({"compile_layers": True, "zero_stage": 3, "zero3_gather": "module"},
+     "key 'compile_layers': true, but ZeRO-3 with zero3_gather: module gathers parameters inside each layer's "
+     "forward"),
 ])
 def test_switches_forced_where_they_cannot_run_are_refused_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError) as error:
@@ -49,8 +60,9 @@ def test_switches_forced_where_they_cannot_run_are_refused_naming_the_key(overri
     assert needle in str(error.value) and "auto" in str(error.value)
 
 
-def test_compile_auto_is_off_under_zero3_and_forced_choices_are_kept():
-    cfg = resolved(zero_stage=3)
+def test_compile_auto_under_zero3_follows_the_gather_and_forced_choices_are_kept():
+    assert resolved(zero_stage=3).compile_layers is True, "per-layer gathers leave no hook inside a layer"
+    cfg = resolved(zero_stage=3, zero3_gather="module")
     assert cfg.compile_layers is False and "ZeRO-3" in cfg.decisions["compile_layers"]
     assert resolved(compile_layers=False).compile_layers is False
     assert resolved(on="cpu", procs=2, compile_layers=True, engine="ddp").compile_layers is True

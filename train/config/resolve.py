@@ -42,7 +42,7 @@ def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nn
     values["bnb_4bit_quant_storage"], decisions["bnb_4bit_quant_storage"] = resolve_quant_storage(values)
     values["liger_kernel"], decisions["liger_kernel"] = resolve_liger(values["liger_kernel"], machine,
                                                                       shape["model_type"])
-    values["engine"], decisions["engine"] = resolve_engine(values, machine)
+    values["engine"], decisions["engine"] = resolve_engine(values, machine, world)
     values["compile_layers"], decisions["compile_layers"] = resolve_compile(values, machine)
     check_cross_fields(values, source, sources)
     deepspeed = ds.fill_auto(ds_data, values, world, shape["hidden_size"], largest_adapter(values, shape),
@@ -245,13 +245,13 @@ def liger_problem(machine, model_type):
     return None
 
 
-def resolve_engine(values, machine):
-    """`engine: auto` -> ddp (plain PyTorch: no ZeRO bookkeeping, no per-parameter hooks) where ZeRO partitions
-    nothing worth it, LoRA/QLoRA on replicated weights on CUDA GPUs; deepspeed otherwise."""
+def resolve_engine(values, machine, world):
+    """`engine: auto` -> ddp (plain PyTorch: no ZeRO bookkeeping, no per-parameter hooks) on CUDA GPUs where ZeRO
+    partitions nothing worth it: LoRA/QLoRA on replicated weights, or any mode on one process; deepspeed otherwise."""
     setting = values["engine"]
     if setting == "deepspeed":
         return "deepspeed", "set in the run config"
-    problem = ddp_problem(values)
+    problem = ddp_problem(values, world)
     if problem and setting == "ddp":
         raise ConfigError(f"key 'engine': ddp, but {problem}; set engine: auto or deepspeed")
     if setting == "ddp":
@@ -262,15 +262,18 @@ def resolve_engine(values, machine):
         return "deepspeed", f"auto: a DeepSpeed file was given ({values['deepspeed_config']})"
     if not machine.on_gpu:
         return "deepspeed", "auto: deepspeed on the CPU (engine: ddp opts in)"
+    if values["mode"] == "full":
+        return "ddp", ("auto: full fine-tune on one process, where ZeRO-2 partitions nothing: plain PyTorch with fp32 "
+                       "master weights, without ZeRO's per-parameter gradient hooks and buckets")
     return "ddp", (f"auto: {values['mode']} at zero_stage 2 on replicated weights: plain PyTorch, without ZeRO's "
                    f"per-parameter gradient hooks")
 
 
-def ddp_problem(values):
+def ddp_problem(values, world):
     if values["recipe"] != "causal_lm":
         return f"the ddp engine runs the causal_lm recipe only (this is {values['recipe']})"
-    if values["mode"] == "full":
-        return "a full fine-tune needs ZeRO's partitioning of gradients and optimizer states"
+    if values["mode"] == "full" and world > 1:
+        return "a full fine-tune on several processes needs ZeRO's partitioning of gradients and optimizer states"
     if values["zero_stage"] == 3 or values["offload"]:
         return "ZeRO-3 and offload are DeepSpeed's"
     if values["precision"] == "fp16":
@@ -279,8 +282,8 @@ def ddp_problem(values):
 
 
 def resolve_compile(values, machine):
-    """`compile_layers: auto` -> on for CUDA GPUs with torch >= 2.5 outside ZeRO-3 (whose hooks gather parameters
-    inside each layer's forward) and outside diffusion (no decoder layers)."""
+    """`compile_layers: auto` -> on for CUDA GPUs with torch >= 2.5, outside diffusion (no decoder layers) and outside
+    ZeRO-3 with zero3_gather: module (whose hooks gather parameters inside each layer's forward)."""
     setting = values["compile_layers"]
     if setting is False:
         return False, "off (set in the run config)"
@@ -299,8 +302,8 @@ def resolve_compile(values, machine):
 def compile_problem(values, machine):
     if values["recipe"] == "diffusion":
         return "the diffusion recipe's UNet has no decoder layers"
-    if values["zero_stage"] == 3:
-        return "ZeRO-3 gathers parameters inside each layer's forward"
+    if values["zero_stage"] == 3 and values["zero3_gather"] == "module":
+        return "ZeRO-3 with zero3_gather: module gathers parameters inside each layer's forward"
     version = installed_torch_version() if machine.local else None
     if version and version < (2, 5):
         return f"torch {'.'.join(map(str, version))} is older than 2.5 (layers would not share one compiled graph)"

@@ -104,6 +104,7 @@ class RunConfig:
     overlap_comm: bool = False
     liger_kernel: object = "auto"
     compile_layers: object = "auto"
+    zero3_gather: str = "layer"
     engine: str = "auto"
     debug_nan_at_step: int = None
     debug_nan_grad_at_step: int = None

@@ -27,7 +27,7 @@ def spec_from_config(config, nproc, nnodes, gpu=None):
         zero=config["zero_stage"], offload=config["offload"], gradient_checkpointing=config["gradient_checkpointing"],
         gpus_per_node=nproc, nodes=nnodes, gpu=gpu or "cpu", precision=config["precision"],
         overlap_comm=config["overlap_comm"], epochs=config["num_epochs"], max_steps=config["max_steps"],
-        recipe=recipe)
+        recipe=recipe, zero3_gather=config.get("zero3_gather", "layer"))
     if recipe == "diffusion":
         spec = RunSpec(**common, resolution=config["resolution"], cache_latents=config["cache_latents"],
                        text_encoder_lora=config["text_encoder_lora"])

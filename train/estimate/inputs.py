@@ -43,6 +43,7 @@ class RunSpec:
     margin: float = DEFAULT_MARGIN
     reduce_bucket_size: int = None  # elements; None: hidden^2 as our ds_configs fill "auto"
     max_live_parameters: int = None  # ZeRO-3's stage3_max_live_parameters; None: 1e9
+    zero3_gather: str = "layer"  # ZeRO-3 gathers a decoder layer at once, or module by module
     fill: float = None
     liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy outside ZeRO-3)
     recipe: str = "causal_lm"   # causal_lm | vision_language | diffusion (the run config's recipe)

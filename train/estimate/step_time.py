@@ -121,11 +121,13 @@ def overhead_seconds(arch, spec, device, passes, compute_bound):
 
 
 def zero3_fetch_seconds(arch, spec, device, passes):
-    """Hook time of ZeRO-3's per-module gathers: the layer's linears (norms and LoRA matrices stay whole: below the
-    persistence threshold), the embedding and the output head, on every pass of every micro-batch."""
+    """Hook time of ZeRO-3's gathers: one per decoder layer (zero3_gather: layer) or one per linear of it (module;
+    norms and LoRA matrices stay whole: below the persistence threshold), plus the embedding and the output head, on
+    every pass of every micro-batch. Diffusion's UNet has no decoder layers: module by module."""
     if spec.zero != 3 or device.kind == "cpu":
         return 0.0
-    modules = len(layer_linears(arch)) * arch.num_hidden_layers + 2
+    per_layer = 1 if spec.zero3_gather == "layer" and spec.recipe != "diffusion" else len(layer_linears(arch))
+    modules = per_layer * arch.num_hidden_layers + 2
     return ZERO3_FETCH_S * modules * passes * spec.grad_accum
 
 

@@ -68,7 +68,7 @@ def load_model(cfg, device):
         apply_liger_kernels(model, cfg.zero_stage, in_layers=not cfg.compile_layers)
     model = prepare_for_training(model, cfg)
     if cfg.compile_layers:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, hooks_outside=cfg.zero_stage == 3)
     return model, keepalive
 
 

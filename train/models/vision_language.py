@@ -221,7 +221,7 @@ def load_vl_model(cfg, device):
         # No prepare_model_for_kbit_training: it would cast the vision tower (and all else not 4-bit) to fp32.
         model = get_peft_model(model, lora_config(cfg, layout))
     if cfg.compile_layers:  # the language model's layers; the vision blocks see varying image sizes
-        compile_decoder_layers(decoder)
+        compile_decoder_layers(decoder, hooks_outside=cfg.zero_stage == 3)
     return model, keepalive
 
 
