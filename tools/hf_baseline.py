@@ -6,7 +6,12 @@ model shape, same data, same tokens per optimizer step.
         --grad-accum 2 --steps 12 --gradient-checkpointing --json out.json
     python tools/hf_baseline.py ... --liger --profile profile.json      # hf-liger, with a torch.profiler summary
 
-Prints and writes: median step time after the warm-up, tokens/s, peak GPU memory and the loss of every step.
+    python tools/hf_baseline.py --model DIR --vl-data data/tiny_vl/train.jsonl --seq-len 512 ...   # image + text
+
+Prints and writes: median step time after the warm-up, tokens/s, peak GPU memory and the loss of every step. With
+--vl-data (a vision-language model directory, tools/bench_vl.py): AutoModelForImageTextToText and its processor,
+the rows and micro-batches our VL recipe makes (train/data), LoRA on the language model's linears; tokens/s counts
+the non-pad tokens of each step, image tokens included, as our trainer does.
 """
 import argparse
 import json
@@ -24,7 +29,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:llama-3-8b")
-    p.add_argument("--data", required=True, help="JSONL with a `text` field")
+    p.add_argument("--data", help="JSONL with a `text` field")
+    p.add_argument("--vl-data", help="image + text conversations (JSONL) for a vision-language --model directory")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=2)
@@ -73,17 +79,60 @@ def build_dataset(path, model_ref, seq_len, rows_needed):
     return [{"input_ids": torch.tensor(r.input_ids), "labels": torch.tensor(r.labels)} for r in rows[:rows_needed]]
 
 
+def build_vl(args, rows_needed):
+    """(LoRA model, rows, collator counting non-pad tokens) for a vision-language model directory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForImageTextToText
+
+    from train.data.vision_language import load_vl_rows
+    from train.data.vl_batching import VLCollator
+    from train.models.vision_language import load_processor, lora_target_pattern, module_layout
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    target = lora_target_pattern(module_layout(model), "all-linear", False, args.model)
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                             target_modules=target, task_type="CAUSAL_LM"))
+    # AutoProcessor (without torchvision, as on this project's CPU stack, the same class without its video processor)
+    processor = load_processor(SimpleNamespace(model=args.model, trust_remote_code=False, min_pixels=None,
+                                               max_pixels=None))
+    rows, _ = load_vl_rows(args.vl_data, processor, args.seq_len)
+    if len(rows) < rows_needed:
+        sys.exit(f"{args.vl_data}: {len(rows)} rows, need {rows_needed}")
+    collate = VLCollator(processor)
+    counted = []
+
+    def collate_and_count(batch_rows):
+        batch = collate(batch_rows)
+        counted.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    return model, rows[:rows_needed], collate_and_count, counted
+
+
 def main():
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     args = parse_args()
-    model = build_model(args.model)
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    if bool(args.data) == bool(args.vl_data):
+        sys.exit("give --data (text) or --vl-data (image + text), one of them")
     total_steps = args.steps + (3 if args.profile else 0)  # the profiled steps come after the measured ones
-    data = build_dataset(args.data, args.model, args.seq_len, total_steps * args.micro_batch * args.grad_accum)
+    rows_needed = total_steps * args.micro_batch * args.grad_accum
+    counted = None
+    if args.vl_data:
+        model, data, collator, counted = build_vl(args, rows_needed)
+    else:
+        model = build_model(args.model)
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        data, collator = build_dataset(args.data, args.model, args.seq_len, rows_needed), default_data_collator
 
     step_ends = []
     profiler = StepProfiler(args.profile, args.steps + 1, args.steps + 3)
@@ -107,7 +156,7 @@ def main():
         save_strategy="no", report_to=[], gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0, seed=0,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), use_liger_kernel=args.liger)
-    trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=default_data_collator,
+    trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=collator,
                       callbacks=[Timer()])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -116,10 +165,15 @@ def main():
     times = [b - a for a, b in zip([start] + step_ends[:-1], step_ends)][args.warmup:args.steps]
     median = sorted(times)[len(times) // 2]
     tokens = args.micro_batch * args.grad_accum * args.seq_len
+    if counted:  # the measured steps' own token counts (rows vary in length)
+        per_step = [sum(counted[i:i + args.grad_accum]) for i in range(0, len(counted), args.grad_accum)]
+        rates = sorted(n / t for n, t in zip(per_step[args.warmup:args.steps], times))
+        tokens = sorted(per_step[args.warmup:args.steps])[len(times) // 2]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][:args.steps]
     result = {"stack": "HF Trainer + PEFT", "gradient_checkpointing": args.gradient_checkpointing,
               "liger": args.liger,
-              "step_time_s": median, "tokens_per_s": tokens / median, "tokens_per_step": tokens,
+              "step_time_s": median, "tokens_per_s": rates[len(rates) // 2] if counted else tokens / median,
+              "tokens_per_step": tokens,
               "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
               "losses": losses, "optimizer": training_args.optim if isinstance(training_args.optim, str)

@@ -28,6 +28,10 @@ def build_engine(model, cfg, device=None, world_size=1):
     return engine
 
 
+def engine_name(cfg):
+    return "ddp engine" if cfg.engine == "ddp" else f"ZeRO-{cfg.zero_stage}{' + offload' if cfg.offload else ''}"
+
+
 def gather_whole_layers(model):
     """ZeRO-3 gathers each decoder layer's parameters in one hook before the layer runs (DeepSpeed's leaf modules,
     as FSDP wraps per layer) instead of one hook and gather per linear: about 15 times fewer on every pass, and no

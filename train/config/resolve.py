@@ -270,8 +270,8 @@ def resolve_engine(values, machine, world):
 
 
 def ddp_problem(values, world):
-    if values["recipe"] != "causal_lm":
-        return f"the ddp engine runs the causal_lm recipe only (this is {values['recipe']})"
+    if values["recipe"] not in ("causal_lm", "vision_language"):
+        return f"the ddp engine runs the causal_lm and vision_language recipes (this is {values['recipe']})"
     if values["mode"] == "full" and world > 1:
         return "a full fine-tune on several processes needs ZeRO's partitioning of gradients and optimizer states"
     if values["zero_stage"] == 3 or values["offload"]:

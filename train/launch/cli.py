@@ -16,6 +16,7 @@ launcher options:
   --dry-run              check everything, print the command and exit
 Anything else is a run-config override (--lora_r 8, --zero 3, --offload, --max_steps 100, ...).
 """
+import json
 import shlex
 import sys
 import tempfile
@@ -88,14 +89,14 @@ def main(argv=None):
         from train.launch.prechecks import check_before_launch
 
         check_before_launch(cfg)
-        refused = run_preflight(cfg, options)
+        refused, verdict = run_preflight(cfg, options)
     except (LaunchError, UserError, MissingResource) as error:
         print(ascii_safe(f"error: {error}"), file=sys.stderr)
         return exit_codes.USER_ERROR
     if refused:
         return refused
     try:
-        return start_ranks(cfg, options)
+        return start_ranks(cfg, options, verdict)
     except LaunchError as error:
         print(ascii_safe(f"error: {error}"), file=sys.stderr)
         return exit_codes.USER_ERROR
@@ -115,19 +116,20 @@ def report_decisions(cfg):
 
 
 def run_preflight(cfg, options):
-    """The exit code that refuses the run, or None to go on."""
+    """(the exit code that refuses the run or None to go on, the estimate or None)."""
     if options.get("--no-preflight"):
-        return None
+        return None, None
     from train.launch.preflight import preflight
 
     verdict = preflight(cfg)
     if verdict is not None and not verdict.fits and not options.get("--force"):
         print(ascii_safe(f"error: {verdict.refusal}"), file=sys.stderr)
-        return exit_codes.WONT_FIT
-    return None
+        return exit_codes.WONT_FIT, verdict
+    return None, verdict
 
 
-def start_ranks(cfg, options):
+def start_ranks(cfg, options, verdict=None):
+    from train.estimate.trainer_log import LAUNCH_ESTIMATE_ENV, estimate_figures
     from train.launch.commands import build_command, launch_env
     from train.launch.signals import run_and_report
 
@@ -138,7 +140,12 @@ def start_ranks(cfg, options):
         print(ascii_safe("+ " + " ".join(shlex.quote(c) for c in cmd)), flush=True)
         if options.get("--dry-run"):
             return exit_codes.OK
-        return run_and_report(cmd, launch_env(cfg.procs_per_node), Path(scratch) / "exit_code")
+        env = launch_env(cfg.procs_per_node)
+        if verdict is not None:  # rank 0 logs and records the pre-flight's figures instead of estimating again
+            figures = Path(scratch) / "estimate.json"
+            figures.write_text(json.dumps(estimate_figures(verdict, cfg.nnodes)))
+            env[LAUNCH_ESTIMATE_ENV] = str(figures)
+        return run_and_report(cmd, env, Path(scratch) / "exit_code")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from functools import partial
 
 from train.console import say, warn
 from train.data.text import RowSampler, collate, prepare_data, require_one_step
-from train.engine import build_engine
+from train.engine import build_engine, engine_name
 from train.lm_task import LanguageModelTask
 from train.loop import train
 from train.models.causal_lm import count_parameters, load_model, load_tokenizer
@@ -34,10 +34,6 @@ def run(cfg, ctx, watch):
     outcome = train(cfg, ctx, task, engine, watch, params)
     del keepalive
     return outcome
-
-
-def engine_name(cfg):
-    return "ddp engine" if cfg.engine == "ddp" else f"ZeRO-{cfg.zero_stage}{' + offload' if cfg.offload else ''}"
 
 
 def report_data(stats, cfg):

@@ -11,7 +11,7 @@ from train.console import say, warn
 from train.data.text import require_one_step
 from train.data.vision_language import prepare_vl_data
 from train.data.vl_batching import LengthGroupedSampler, VLCollator
-from train.engine import build_engine
+from train.engine import build_engine, engine_name
 from train.lm_task import LanguageModelTask
 from train.loop import train
 from train.models.causal_lm import count_parameters
@@ -29,9 +29,9 @@ def run(cfg, ctx, watch):
     params = count_parameters(model)
     say(f"model {cfg.model}: {params[1] / 1e6:.2f}M parameters, {params[0] / 1e6:.3f}M trainable ({cfg.mode}, "
         f"vision tower {'with LoRA' if cfg.lora_vision else 'frozen'}, merger "
-        f"{'trained' if cfg.train_merger else 'frozen'}; ZeRO-{cfg.zero_stage}, {cfg.precision}, {ctx.world} "
+        f"{'trained' if cfg.train_merger else 'frozen'}; {engine_name(cfg)}, {cfg.precision}, {ctx.world} "
         f"process{'es' if ctx.world > 1 else ''})")
-    engine = build_engine(model, cfg)
+    engine = build_engine(model, cfg, ctx.device, ctx.world)
     sampler = LengthGroupedSampler(data.train_rows, ctx.rank, ctx.world, cfg.micro_batch_size,
                                    cfg.gradient_accumulation_steps, cfg.seed)
     task = LanguageModelTask(cfg, ctx, model, processor, sampler, data.eval_rows, VLCollator(processor), data.stats)
