@@ -75,8 +75,8 @@ def vl_config(kind, tokenizer, text=None, vision=None, rope_theta=10000.0, mrope
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    text = dict(TEXT, vocab_size=len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                bos_token_id=None, **(text or {}))
+    text = {**TEXT, "vocab_size": len(tokenizer), "pad_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"], "bos_token_id": None, **(text or {})}
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     # M-RoPE splits the rotary half of each head (tiny: head_dim / 2 = 16) into temporal, height and width sections.
     rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": list(mrope_section)}
@@ -84,7 +84,7 @@ def vl_config(kind, tokenizer, text=None, vision=None, rope_theta=10000.0, mrope
         from transformers import Qwen3VLConfig
 
         text.update(head_dim=head_dim, rope_parameters=dict(rope, mrope_interleaved=True))
-        vision = dict(VISION, num_position_embeddings=64, deepstack_visual_indexes=[0], **(vision or {}))
+        vision = {**VISION, "num_position_embeddings": 64, "deepstack_visual_indexes": [0], **(vision or {})}
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
                              **tokens)
     if kind == "qwen2.5-vl":
