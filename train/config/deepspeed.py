@@ -169,6 +169,8 @@ def fill_auto(data, values, world_size, hidden_size, largest_adapter, on_gpu):
         # (14 extra fetches per layer for all-linear); LoRA ZeRO-3 measured 3.4x ZeRO-2's step time on one H200.
         _set_auto(zero, "stage3_param_persistence_threshold", max(10 * hidden_size, largest_adapter))
         _set_auto(zero, "stage3_gather_16bit_weights_on_model_save", True)
+        if values["compile_layers"]:  # DeepSpeed's own linear is an autograd Function dynamo cannot trace: every
+            zero.setdefault("memory_efficient_linear", False)  # linear would break the compiled layer's graph
     data.pop("optimizer", None)  # the trainer builds the optimizer and the LR schedule from the run config
     data.pop("scheduler", None)
     if values["offload"] and not on_gpu:
