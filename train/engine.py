@@ -51,8 +51,9 @@ def _hidden_states_require_grad(module, args, kwargs):
     once the gradient of the layer's input is computed, or, for an input without grad (the first layer after frozen
     embeddings), as soon as the output's gradient arrives: before the layer's own backward, whose LoRA gradients then
     meet released parameters. An input that requires grad keeps the hook after the layer's backward; the price is
-    the first layer's input gradient (about 1/layers of the backward's input-gradient matmuls)."""
-    if not (module.training and torch.is_grad_enabled()):
+    the first layer's input gradient (about 1/layers of the backward's input-gradient matmuls). Keyed on grad
+    mode, not `module.training`: a model left in eval mode (no dropout) still trains."""
+    if not torch.is_grad_enabled():
         return None
     if args and torch.is_tensor(args[0]) and not args[0].requires_grad and args[0].is_floating_point():
         return (args[0].detach().requires_grad_(), *args[1:]), kwargs

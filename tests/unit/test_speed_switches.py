@@ -82,3 +82,20 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
 
     assert busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
     assert busy_seconds([]) == 0
+
+
+def test_zero3_whole_layer_gather_makes_the_first_layers_input_require_grad_even_in_eval_mode():
+    """A model straight from from_pretrained is in eval mode; its ZeRO-3 leaf layers must still keep their
+    parameters until their own backward (the hook's input grad), or LoRA's gradients meet released weights."""
+    import torch
+
+    from train.engine import _hidden_states_require_grad
+
+    layer = torch.nn.Linear(4, 4).eval()
+    frozen_input = torch.zeros(2, 4)
+    args, _ = _hidden_states_require_grad(layer, (frozen_input,), {})
+    assert args[0].requires_grad
+    _, kwargs = _hidden_states_require_grad(layer, (), {"hidden_states": frozen_input})
+    assert kwargs["hidden_states"].requires_grad
+    with torch.no_grad():
+        assert _hidden_states_require_grad(layer, (frozen_input,), {}) is None
