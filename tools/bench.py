@@ -39,8 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchlib import (REPO, log_tail, measured, run_launcher, versions, write_json,  # noqa: E402
-                            write_text_corpus)
+from tools.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
+                            versions, write_json, write_text_corpus)
 from train.console import ascii_safe, make_console_safe  # noqa: E402
 from train.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 
@@ -101,10 +101,7 @@ def run_ours(args, corpus, name, timeout, **change):
            "config": config}
     if got is None:
         return dict(row, error=log_tail(log))
-    text = Path(log).read_text(encoding="utf-8", errors="replace")
-    for key, prefix in (("gradient_checkpointing", "gradient checkpointing:"), ("engine", "engine:"),
-                        ("compile_layers", "compile layers:"), ("liger_kernel", "liger kernels:")):
-        row[key] = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(prefix)), None)
+    row.update(launch_decisions(log))
     row["losses"] = [r["loss"] for r in history["records"] if r["step"] <= args.steps]
     row["tokens_per_step"] = args.micro_batch * args.grad_accum * args.seq_len
     if profiled and profile_file.exists():
@@ -121,20 +118,12 @@ def run_hf(args, corpus, name, timeout, checkpointing=False, liger=False):
            "--json", str(out / "result.json")] + (["--gradient-checkpointing"] if checkpointing else []) + \
         (["--liger"] if liger else []) + (["--profile", str(out / "profile.json")]
                                           if name in args.profile.split(",") else [])
-    (out / "result.json").unlink(missing_ok=True)
-    t0 = time.time()
-    with open(out / "train.log", "w", encoding="utf-8") as f:
-        try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
-    row = {"case": name, "stack": "HF Trainer + PEFT", "exit_code": code, "wall_s": round(time.time() - t0, 1),
-           "command": " ".join(cmd)}
-    if code != 0 or not (out / "result.json").exists():
-        return dict(row, error=log_tail(out / "train.log"))
+    row = run_hf_baseline(cmd, out, name, timeout)
+    if "error" in row:
+        return row
     if (out / "profile.json").exists() and "--profile" in cmd:
         row["profile"] = json.loads((out / "profile.json").read_text())
-    return dict(row, **json.loads((out / "result.json").read_text()))
+    return row
 
 
 def ds_file_with(args, **zero_settings):

@@ -11,16 +11,15 @@ compiled language-model layers, checkpointing as the estimate decides). tokens/s
 step, image tokens included, on both sides; rows vary in length, so the median of the measured steps is compared.
 """
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchlib import REPO, log_tail, measured, run_launcher, versions, write_json  # noqa: E402
+from tools.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
+                            versions, write_json)
 from train.console import ascii_safe, make_console_safe  # noqa: E402
 
 WARMUP = 3
@@ -82,10 +81,7 @@ def run_ours(args, model_dir, timeout):
     got = measured(history, WARMUP, last=args.steps) if history and code == 0 else None
     if got is None:
         return dict(row, error=log_tail(log))
-    text = Path(log).read_text(encoding="utf-8", errors="replace")
-    for key, prefix in (("gradient_checkpointing", "gradient checkpointing:"), ("engine", "engine:"),
-                        ("compile_layers", "compile layers:"), ("liger_kernel", "liger kernels:")):
-        row[key] = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(prefix)), None)
+    row.update(launch_decisions(log))
     row["losses"] = [r["loss"] for r in history["records"] if r["step"] <= args.steps]
     return dict(row, **got)
 
@@ -93,22 +89,11 @@ def run_ours(args, model_dir, timeout):
 def run_hf(args, model_dir, name, timeout):
     out = Path(args.work_dir) / name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").unlink(missing_ok=True)
     cmd = [sys.executable, str(REPO / "tools" / "hf_baseline.py"), "--model", str(model_dir), "--vl-data", args.data,
            "--seq-len", str(args.max_length), "--micro-batch", str(args.micro_batch), "--grad-accum",
            str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(WARMUP), "--json",
            str(out / "result.json")] + (["--liger"] if name == "hf-liger" else [])
-    t0 = time.time()
-    with open(out / "train.log", "w", encoding="utf-8") as f:
-        try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
-    row = {"case": name, "stack": "HF Trainer + PEFT", "exit_code": code, "wall_s": round(time.time() - t0, 1),
-           "command": " ".join(cmd)}
-    if code != 0 or not (out / "result.json").exists():
-        return dict(row, error=log_tail(out / "train.log"))
-    return dict(row, **json.loads((out / "result.json").read_text()))
+    return run_hf_baseline(cmd, out, name, timeout)
 
 
 def main():

@@ -113,6 +113,33 @@ def session_members(sid):
     return members
 
 
+def launch_decisions(log):
+    """What the launcher decided (checkpointing, engine, compiled layers, Liger), as it printed them in `log`."""
+    lines = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
+    found = {}
+    for key, prefix in (("gradient_checkpointing", "gradient checkpointing:"), ("engine", "engine:"),
+                        ("compile_layers", "compile layers:"), ("liger_kernel", "liger kernels:")):
+        found[key] = next((line.split(":", 1)[1].strip() for line in lines if line.startswith(prefix)), None)
+    return found
+
+
+def run_hf_baseline(cmd, out, name, timeout):
+    """Run tools/hf_baseline.py's `cmd` (writing out/result.json), its output in out/train.log; the row of the
+    case, with the baseline's result or the log's tail as the error."""
+    (out / "result.json").unlink(missing_ok=True)
+    t0 = time.time()
+    with open(out / "train.log", "w", encoding="utf-8") as f:
+        try:
+            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    row = {"case": name, "stack": "HF Trainer + PEFT", "exit_code": code, "wall_s": round(time.time() - t0, 1),
+           "command": " ".join(cmd)}
+    if code != 0 or not (out / "result.json").exists():
+        return dict(row, error=log_tail(out / "train.log"))
+    return dict(row, **json.loads((out / "result.json").read_text()))
+
+
 def log_tail(log, chars=1500):
     text = Path(log).read_text(encoding="utf-8", errors="replace")
     return ascii_safe(text[-chars:])
