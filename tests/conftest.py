@@ -224,3 +224,17 @@ def vl_lora_run(recipe_runs):
     """The vision-language default (configs/tiny_vl_lora.yaml, every step logged) through launch/train_lora.sh with
     2 processes, shared by the recipe's tests and the tools' tests."""
     return recipe_runs["vl-lora"]
+
+
+def peak_of(profiler):
+    """The maximum of live bytes over a torch.profiler run's CPU memory events (allocations positive, frees
+    negative): the peak of live tensor bytes."""
+    import torch
+
+    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak

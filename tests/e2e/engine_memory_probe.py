@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from tests.conftest import resolve
+from tests.conftest import peak_of, resolve
 from train.console import make_console_safe
 from train.data.text import collate
 from train.distributed import init_distributed, shutdown_distributed
@@ -126,17 +126,6 @@ def packed_batch(micro, seq, step):
             positions += list(range(length))
         rows.append({"input_ids": ids, "labels": list(ids), "position_ids": positions})
     return collate(rows, 0, True)
-
-
-def peak_of(profiler):
-    """The maximum of live bytes over the profiler's CPU memory events (allocations positive, frees negative)."""
-    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def train_two_steps(config, world, snapshot, peak):

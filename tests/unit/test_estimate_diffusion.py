@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+from tests.conftest import peak_of
 from train.estimate import RunSpec, calibrate_from_history, estimate
 from train.estimate.diffusion import load_pipeline
 from train.estimate.diffusion_meta import lora_counts, pipeline_counts
@@ -94,17 +95,6 @@ def real_step(checkpointing, dropout, flops=False):
             torch.nn.functional.mse_loss(prediction, torch.randn_like(prediction)).backward()
         optimizer.step()
     return sum(sizes.values()), peak_of(profiler), (forward, counter.get_total_flops()) if flops else None
-
-
-def peak_of(profiler):
-    """The most bytes alive over the profiler's CPU memory events (allocations positive, frees negative)."""
-    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("checkpointing,dropout", [(False, 0.0), (False, 0.1), (True, 0.0)])
