@@ -119,9 +119,7 @@ def run_hf(args, corpus, name, timeout, checkpointing=False, liger=False):
         (["--liger"] if liger else []) + (["--profile", str(out / "profile.json")]
                                           if name in args.profile.split(",") else [])
     row = run_hf_baseline(cmd, out, name, timeout)
-    if "error" in row:
-        return row
-    if (out / "profile.json").exists() and "--profile" in cmd:
+    if "error" not in row and "--profile" in cmd and (out / "profile.json").exists():
         row["profile"] = json.loads((out / "profile.json").read_text())
     return row
 
