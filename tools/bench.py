@@ -17,6 +17,8 @@ Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps th
   ours-mb2x   ours with twice the micro-batch and half the accumulation (same tokens per optimizer step)
   ours-qlora  QLoRA (NF4, double quant) with our defaults: step time against `ours`
   ours-z3     LoRA under ZeRO-3 with our defaults (zero3_gather: layer, compiled layers): step time against ours
+  ours-z3-keep    ours-z3 with stage3_max_live_parameters / max_reuse_distance 1e11 (nothing re-gathered in backward)
+  ours-z3-prefetch  ours-z3 with stage3_prefetch_bucket_size 1e9
   ours-z3-module  LoRA under ZeRO-3 gathered module by module, eager (the trainer before zero3_gather)
   ours-full   full fine-tune of --full-model (a shape that fits one GPU) with our defaults (one process: the ddp
               engine, compiled layers): MFU
@@ -46,7 +48,7 @@ from train.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 
 WARMUP = 3
 CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
-         "ours-z3", "ours-z3-module", "ours-full", "ours-full-deepspeed", "ours-full-bucket5e8")
+         "ours-z3", "ours-z3-keep", "ours-z3-prefetch", "ours-z3-module", "ours-full", "ours-full-deepspeed", "ours-full-bucket5e8")
 # the targets' cases first: with --budget, the last ones are the ones skipped
 DEFAULT_CASES = ("hf-gc", "hf-liger", "ours", "ours-gc", "ours-z3", "ours-full", "ours-qlora", "ours-z3-module",
                  "ours-full-deepspeed", "ours-eager")
@@ -124,11 +126,11 @@ def run_hf(args, corpus, name, timeout, checkpointing=False, liger=False):
     return row
 
 
-def ds_file_with(args, **zero_settings):
-    """A copy of ds_configs/zero2.json with some zero_optimization values set (as a user's --deepspeed file)."""
-    data = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+def ds_file_with(args, base="zero2", **zero_settings):
+    """A copy of ds_configs/<base>.json with some zero_optimization values set (as a user's --deepspeed file)."""
+    data = json.loads((REPO / "ds_configs" / f"{base}.json").read_text())
     data["zero_optimization"].update(zero_settings)
-    path = Path(args.work_dir) / ("zero2_" + "_".join(f"{k}{v:g}" for k, v in zero_settings.items()) + ".json")
+    path = Path(args.work_dir) / (f"{base}_" + "_".join(f"{k}{v:g}" for k, v in zero_settings.items()) + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
     return path.resolve()
@@ -164,6 +166,8 @@ def add_ratios(rows, args):
                 r[f"vs_{base.replace('-', '_')}"] = r["tokens_per_s"] / base_rate
     for case, against, key in (("ours-qlora", "ours", "step_time_vs_ours_lora"),
                                ("ours-z3", "ours", "step_time_vs_zero2"),
+                               ("ours-z3-keep", "ours", "step_time_vs_zero2"),
+                               ("ours-z3-prefetch", "ours", "step_time_vs_zero2"),
                                ("ours-z3-module", "ours-eager", "step_time_vs_zero2"),
                                ("ours-full", "ours-full-deepspeed", "step_time_vs_deepspeed")):
         if "step_time_s" in by_name.get(case, {}) and "step_time_s" in by_name.get(against, {}):
@@ -186,6 +190,8 @@ def render(rows, args, device):
     by_name = {r["case"]: r for r in rows}
     for case, key, what in (("ours-qlora", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
                             ("ours-z3", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (both defaults)"),
+                            ("ours-z3-keep", "step_time_vs_zero2", "LoRA ZeRO-3, nothing re-gathered / ZeRO-2"),
+                            ("ours-z3-prefetch", "step_time_vs_zero2", "LoRA ZeRO-3, 1e9 prefetch / ZeRO-2"),
                             ("ours-z3-module", "step_time_vs_zero2", "LoRA ZeRO-3 per module / ZeRO-2, both eager"),
                             ("ours-full", "step_time_vs_deepspeed", "full fine-tune step time, ddp / deepspeed")):
         if key in by_name.get(case, {}):
@@ -206,6 +212,10 @@ def runners(args, corpus):
     """name -> function(timeout) -> row."""
     full = dict(mode="full", model=args.full_model)
     bucket = lambda: str(ds_file_with(args, reduce_bucket_size=5e8))  # noqa: E731 - written only when run
+    # ZeRO-3 keeping every parameter gathered for the forward until its backward (no re-gather in the backward)
+    z3_keep = lambda: str(ds_file_with(args, "zero3", stage3_max_live_parameters=1e11,  # noqa: E731
+                                       stage3_max_reuse_distance=1e11))
+    z3_prefetch = lambda: str(ds_file_with(args, "zero3", stage3_prefetch_bucket_size=1e9))  # noqa: E731
     return {
         "hf-gc": lambda t: run_hf(args, corpus, "hf-gc", t, checkpointing=True),
         "hf-liger": lambda t: run_hf(args, corpus, "hf-liger", t, liger=True),
@@ -218,6 +228,9 @@ def runners(args, corpus):
                                         gradient_accumulation_steps=max(1, args.grad_accum // 2)),
         "ours-qlora": lambda t: run_ours(args, corpus, "ours-qlora", t, mode="qlora"),
         "ours-z3": lambda t: run_ours(args, corpus, "ours-z3", t, zero_stage=3),
+        "ours-z3-keep": lambda t: run_ours(args, corpus, "ours-z3-keep", t, zero_stage=3, deepspeed_config=z3_keep()),
+        "ours-z3-prefetch": lambda t: run_ours(args, corpus, "ours-z3-prefetch", t, zero_stage=3,
+                                               deepspeed_config=z3_prefetch()),
         "ours-z3-module": lambda t: run_ours(args, corpus, "ours-z3-module", t, zero_stage=3, zero3_gather="module",
                                              compile_layers=False),
         "ours-full": lambda t: run_ours(args, corpus, "ours-full", t, **full),
