@@ -10,8 +10,8 @@ GPUs for ZeRO-3 (no checkpoint on disk; QLoRA writes random bf16 weights once to
 LoRA r=64 ZeRO-2 and ZeRO-3, QLoRA r=8, full fine-tune ZeRO-3 with a checkpoint at step 10 and a resumed run from
 it; the consolidated save and the resume are timed from the history's `saves`.
 
-Cases (1 GPU): LoRA, QLoRA and full fine-tune under ZeRO-2 and ZeRO-3, and LoRA ZeRO-2 in fp16 with dynamic loss
-scaling; with 2 or more GPUs also LoRA ZeRO-2 and full ZeRO-3 on 2. Each case runs `bash launch/train_<mode>.sh`
+Cases (1 GPU): LoRA, QLoRA and full fine-tune under ZeRO-2 and ZeRO-3, LoRA ZeRO-2 in fp16 with dynamic loss
+scaling, and LoRA / full ZeRO-2 at twice the micro-batch (what of the step is host time and what device time); with 2 or more GPUs also LoRA ZeRO-2 and full ZeRO-3 on 2. Each case runs `bash launch/train_<mode>.sh`
 for --steps steps on a random-init model of a real shape (random:ARCH builds it on the GPU: nothing downloaded),
 with a synthetic text corpus that fills every row. Measured: the median step time and tokens/s after the warm-up
 steps, and the largest peak of allocated and reserved GPU memory over the ranks. Predicted: the estimator cold
@@ -43,6 +43,9 @@ MATRIX = {
     "full-z2": (1, {"mode": "full", "zero_stage": 2}),
     "full-z3": (1, {"mode": "full", "zero_stage": 3}),
     "lora-z2-fp16": (1, {"mode": "lora", "zero_stage": 2, "precision": "fp16"}),
+    # twice the tokens per step: a host-bound step barely moves, a device-bound one doubles
+    "lora-z2-mb8": (1, {"mode": "lora", "zero_stage": 2, "micro_batch_size": 8}),
+    "full-z2-mb8": (1, {"mode": "full", "zero_stage": 2, "micro_batch_size": 8}),
     "lora-z2-2gpu": (2, {"mode": "lora", "zero_stage": 2}),
     "full-z3-2gpu": (2, {"mode": "full", "zero_stage": 3}),
 }
