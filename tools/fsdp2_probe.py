@@ -1,6 +1,7 @@
 """Experiment (a benchmark, not a test): is torch's FSDP2 (`fully_shard` per decoder layer) a cheaper ZeRO-3 than
 DeepSpeed's hooks? One process on one GPU, the bench's shape (random init, LoRA r=16 on all linears through peft,
-bf16, compiled decoder layers), the same step timed three ways side by side in this process:
+bf16, compiled decoder layers), the same step timed in fresh processes one after another in one call (plain,
+fsdp2, plain again: the two plain runs show the host's drift):
 
   plain    replicated weights (what the ddp engine runs)
   fsdp2    every decoder layer and the root sharded with fully_shard (bf16 params, fp32 gradient reduction)
