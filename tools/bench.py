@@ -48,7 +48,16 @@ from train.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 
 WARMUP = 3
 CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
-         "ours-z3", "ours-z3-keep", "ours-z3-prefetch", "ours-z3-module", "ours-full", "ours-full-deepspeed", "ours-full-bucket5e8")
+         "ours-z3", "ours-z3-keep", "ours-z3-prefetch", "ours-z3-module", "ours-full", "ours-full-deepspeed",
+         "ours-full-bucket5e8")
+# each case's step time against another's: (case, against, key, what the ratio says)
+STEP_RATIOS = (("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
+               ("ours-z3", "ours", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (both defaults)"),
+               ("ours-z3-keep", "ours", "step_time_vs_zero2", "LoRA ZeRO-3, nothing re-gathered / ZeRO-2"),
+               ("ours-z3-prefetch", "ours", "step_time_vs_zero2", "LoRA ZeRO-3, 1e9 prefetch / ZeRO-2"),
+               ("ours-z3-module", "ours-eager", "step_time_vs_zero2", "LoRA ZeRO-3 per module / ZeRO-2, both eager"),
+               ("ours-full", "ours-full-deepspeed", "step_time_vs_deepspeed",
+                "full fine-tune step time, ddp / deepspeed"))
 # the targets' cases first: with --budget, the last ones are the ones skipped
 DEFAULT_CASES = ("hf-gc", "hf-liger", "ours", "ours-gc", "ours-z3", "ours-full", "ours-qlora", "ours-z3-module",
                  "ours-full-deepspeed", "ours-eager")
@@ -164,12 +173,7 @@ def add_ratios(rows, args):
             base_rate = by_name.get(base, {}).get("tokens_per_s")
             if base_rate and not r["case"].startswith("ours-full"):
                 r[f"vs_{base.replace('-', '_')}"] = r["tokens_per_s"] / base_rate
-    for case, against, key in (("ours-qlora", "ours", "step_time_vs_ours_lora"),
-                               ("ours-z3", "ours", "step_time_vs_zero2"),
-                               ("ours-z3-keep", "ours", "step_time_vs_zero2"),
-                               ("ours-z3-prefetch", "ours", "step_time_vs_zero2"),
-                               ("ours-z3-module", "ours-eager", "step_time_vs_zero2"),
-                               ("ours-full", "ours-full-deepspeed", "step_time_vs_deepspeed")):
+    for case, against, key, _ in STEP_RATIOS:
         if "step_time_s" in by_name.get(case, {}) and "step_time_s" in by_name.get(against, {}):
             by_name[case][key] = by_name[case]["step_time_s"] / by_name[against]["step_time_s"]
     return rows, device
@@ -188,12 +192,7 @@ def render(rows, args, device):
                      f"{r.get('vs_hf_gc', float('nan')):8.2f} {r.get('peak_reserved_gib') or float('nan'):9.1f} "
                      f"{losses[0]:8.3f}->{losses[-1]:.3f}")
     by_name = {r["case"]: r for r in rows}
-    for case, key, what in (("ours-qlora", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
-                            ("ours-z3", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (both defaults)"),
-                            ("ours-z3-keep", "step_time_vs_zero2", "LoRA ZeRO-3, nothing re-gathered / ZeRO-2"),
-                            ("ours-z3-prefetch", "step_time_vs_zero2", "LoRA ZeRO-3, 1e9 prefetch / ZeRO-2"),
-                            ("ours-z3-module", "step_time_vs_zero2", "LoRA ZeRO-3 per module / ZeRO-2, both eager"),
-                            ("ours-full", "step_time_vs_deepspeed", "full fine-tune step time, ddp / deepspeed")):
+    for case, _, key, what in STEP_RATIOS:
         if key in by_name.get(case, {}):
             lines.append(f"{what}: {by_name[case][key]:.2f}")
     for r in rows:
@@ -228,7 +227,8 @@ def runners(args, corpus):
                                         gradient_accumulation_steps=max(1, args.grad_accum // 2)),
         "ours-qlora": lambda t: run_ours(args, corpus, "ours-qlora", t, mode="qlora"),
         "ours-z3": lambda t: run_ours(args, corpus, "ours-z3", t, zero_stage=3),
-        "ours-z3-keep": lambda t: run_ours(args, corpus, "ours-z3-keep", t, zero_stage=3, deepspeed_config=z3_keep()),
+        "ours-z3-keep": lambda t: run_ours(args, corpus, "ours-z3-keep", t, zero_stage=3,
+                                           deepspeed_config=z3_keep()),
         "ours-z3-prefetch": lambda t: run_ours(args, corpus, "ours-z3-prefetch", t, zero_stage=3,
                                                deepspeed_config=z3_prefetch()),
         "ours-z3-module": lambda t: run_ours(args, corpus, "ours-z3-module", t, zero_stage=3, zero3_gather="module",

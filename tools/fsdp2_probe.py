@@ -18,12 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def build(model_ref, lora_r, compile_layers):
+def build(model_ref, lora_r, compile_layers, sharded):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from train.models.compiled_layers import compile_decoder_layers, decoder_layers
     from train.models.tiny import resolve_model_path
+    from train.plain_engine import cast_floating_parameters
 
     config = AutoConfig.from_pretrained(resolve_model_path(model_ref))
     with torch.device("cuda"):
@@ -31,13 +33,10 @@ def build(model_ref, lora_r, compile_layers):
     model.requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                              target_modules="all-linear"))
-    for p in model.parameters():  # as DeepSpeed's bf16 mode and our ddp engine compute: the run's dtype
-        p.data = p.data.to(torch.bfloat16)
-    layers = model.base_model.model.model.layers
-    if compile_layers:
-        for layer in layers:
-            layer.compile(dynamic=False)
-    return model, layers
+    cast_floating_parameters(model, torch.bfloat16)  # as our ddp engine and DeepSpeed's bf16 mode compute
+    if compile_layers:  # FSDP2's gather / release hooks stay eager, as ZeRO-3's do
+        compile_decoder_layers(model, hooks_outside=sharded)
+    return model, decoder_layers(model)
 
 
 def shard(model, layers):
@@ -106,7 +105,7 @@ def main():
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("nccl", rank=0, world_size=1)
     torch.cuda.set_device(0)
-    model, layers = build(args.model, 16, not args.no_compile)
+    model, layers = build(args.model, 16, not args.no_compile, args.case == "fsdp2")
     if args.case == "fsdp2":
         shard(model, layers)
     result = time_steps(model, args.steps, 3, args.micro_batch, args.grad_accum, args.seq_len,

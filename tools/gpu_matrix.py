@@ -11,8 +11,9 @@ LoRA r=64 ZeRO-2 and ZeRO-3, QLoRA r=8, full fine-tune ZeRO-3 with a checkpoint 
 it; the consolidated save and the resume are timed from the history's `saves`.
 
 Cases (1 GPU): LoRA, QLoRA and full fine-tune under ZeRO-2 and ZeRO-3, LoRA ZeRO-2 in fp16 with dynamic loss
-scaling, and LoRA / full ZeRO-2 at twice the micro-batch (what of the step is host time and what device time); with 2 or more GPUs also LoRA ZeRO-2 and full ZeRO-3 on 2. Each case runs `bash launch/train_<mode>.sh`
-for --steps steps on a random-init model of a real shape (random:ARCH builds it on the GPU: nothing downloaded),
+scaling, and LoRA / full ZeRO-2 at twice the micro-batch (what of the step is host time and what device time);
+with 2 or more GPUs also LoRA ZeRO-2 and full ZeRO-3 on 2. Each case runs `bash launch/train_<mode>.sh` for
+--steps steps on a random-init model of a real shape (random:ARCH builds it on the GPU: nothing downloaded),
 with a synthetic text corpus that fills every row. Measured: the median step time and tokens/s after the warm-up
 steps, and the largest peak of allocated and reserved GPU memory over the ranks. Predicted: the estimator cold
 (no calibration) and calibrated leave-one-out (the factor is the median of the factors fitted on the other cases of

@@ -4,8 +4,8 @@
   attributed by identity (engine_memory_probe.py), match the estimate within 5%, and nothing the DeepSpeed
   optimizer holds is left unclaimed;
 - peak: the most tensor bytes a rank holds over loading and two training steps, from torch's own CPU allocation
-  counter (the profiler's memory events; the smallest of three runs, as the probe explains), matches the estimate's peak (without its margin and the runtime)
-  within 10%;
+  counter (the profiler's memory events; the smallest of three runs, as the probe explains), matches the
+  estimate's peak (without its margin and the runtime) within 10%;
 - activations: the bytes saved for backward, counted exactly with saved_tensors_hooks (each storage once,
   parameters left out), on builtin:tiny-llama and builtin:small-llama (hidden 512), with and without gradient
   checkpointing, match the activation term within 15%.
