@@ -60,13 +60,20 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.time()
+        self.first = None  # (step, time) of the first update: the rate is measured from there
         self.enabled = is_main_process()
 
     def eta_seconds(self, step):
-        done = step - self.start
-        if done <= 0:
+        """Seconds left at the rate since the first step ended, so the first step's one-off costs (compiling the
+        layers, CUDA and allocator warm-up) do not inflate the estimate; from the start while only one is done."""
+        now = time.time()
+        if self.first is not None and step > self.first[0]:
+            since_step, since = self.first
+        elif step > self.start:
+            since_step, since = self.start, self.t0
+        else:
             return None
-        return (time.time() - self.t0) / done * (self.total - step)
+        return (now - since) / (step - since_step) * (self.total - step)
 
     def line(self, step, metrics):
         width = 20
@@ -81,6 +88,8 @@ class Progress:
     def update(self, step, metrics):
         if not self.enabled:
             return
+        if self.first is None and step > self.start:
+            self.first = (step, time.time())
         if self.tty:
             self.stream.write("\r" + self.line(step, metrics) + "\033[K")
             self.stream.flush()
