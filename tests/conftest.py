@@ -1,4 +1,5 @@
 """Shared fixtures: the built tiny model, and runs of the real launchers (2 CPU processes) shared across tests."""
+import contextlib
 import json
 import os
 import signal
@@ -80,14 +81,37 @@ def launcher_env(**extra):
     return env
 
 
+MACHINE_LOCK = {"path": None}  # set per session by machine_lock_file
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_lock_file(tmp_path_factory):
+    MACHINE_LOCK["path"] = shared_dir(tmp_path_factory, "locks") / "machine.lock"
+
+
+@contextlib.contextmanager
+def holding_machine(exclusive=False):
+    """Every launch holds the machine shared; a test that times real steps holds it alone, so the other xdist
+    worker's launches wait instead of skewing its measurement."""
+    import fcntl
+
+    if MACHINE_LOCK["path"] is None:
+        yield
+        return
+    with open(MACHINE_LOCK["path"], "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
 def run_launcher(script, *args, env=None, timeout=300, umask=None):
     """Run launch/<script> exactly as a user would (under `umask` when given); returns CompletedProcess with output
     captured."""
     cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]
     if umask is not None:
         cmd = ["bash", "-c", f"umask {umask:03o} && exec \"$@\"", "run-launcher", *cmd]
-    return subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    with holding_machine():
+        return subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
+                              timeout=timeout)
 
 
 def assert_ok(proc):
@@ -122,12 +146,39 @@ def read_history(run_dir):
     return json.loads((Path(run_dir) / "training_history.json").read_text())
 
 
+def shared_dir(tmp_path_factory, name):
+    """A directory every pytest-xdist worker of this session sees (plain tmp without xdist), so a run that tests in
+    several modules need is trained once per session, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train_once(out, name, launch):
+    """`launch()` (a CompletedProcess) run once per session under a lock in `out`: the first worker to ask runs it
+    and records the result; the others wait for it and read the record. A launch that raises (a timeout) records
+    nothing, so the next caller tries again."""
+    import fcntl
+
+    record = out / f"{name}.result.json"
+    with open(out / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            proc = launch()
+            record.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout,
+                                          "stderr": proc.stderr}))
+    done = json.loads(record.read_text())
+    return subprocess.CompletedProcess(done["args"], done["returncode"], done["stdout"], done["stderr"])
+
+
 @pytest.fixture(scope="session")
 def default_lora_run(tmp_path_factory):
     """The embedded default, unchanged, through launch/train_lora.sh, on an ASCII-only console, under umask 022."""
-    out = tmp_path_factory.mktemp("runs")
-    proc = run_launcher("train_lora.sh", "--output_dir", out,
-                        env=launcher_env(PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C"), umask=0o022)
+    out = shared_dir(tmp_path_factory, "runs")
+    proc = train_once(out, "tiny_lora", lambda: run_launcher(
+        "train_lora.sh", "--output_dir", out, env=launcher_env(PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C"),
+        umask=0o022))
     return proc, out / "tiny_lora"
 
 
@@ -154,7 +205,8 @@ class TrainedRuns:
     def __getitem__(self, name):
         if name not in self.done:
             script, args = self.cases[name]
-            proc = run_launcher(script, *args, "--output_dir", self.out, "--run_name", name)
+            proc = train_once(self.out, name, lambda: run_launcher(script, *args, "--output_dir", self.out,
+                                                                    "--run_name", name))
             self.done[name] = (proc, self.out / name)
         return self.done[name]
 
@@ -176,12 +228,12 @@ RECIPE_CASES = {
 
 @pytest.fixture(scope="session")
 def mode_runs(tmp_path_factory):
-    return TrainedRuns(MODE_CASES_ARGS, tmp_path_factory.mktemp("modes"))
+    return TrainedRuns(MODE_CASES_ARGS, shared_dir(tmp_path_factory, "modes"))
 
 
 @pytest.fixture(scope="session")
 def recipe_runs(tmp_path_factory):
-    return TrainedRuns(RECIPE_CASES, tmp_path_factory.mktemp("recipes"))
+    return TrainedRuns(RECIPE_CASES, shared_dir(tmp_path_factory, "recipes"))
 
 
 def kill_tree(pid):
@@ -198,6 +250,11 @@ def kill_tree(pid):
 def train_then_sigkill(script, args, run_dir, at_step, timeout=300):
     """Start launch/<script> ARGS and SIGKILL the launcher, torchrun and the ranks at once (a node failure) as soon
     as the history has a record of step `at_step` or later."""
+    with holding_machine():
+        _sigkill_at(script, args, run_dir, at_step, timeout)
+
+
+def _sigkill_at(script, args, run_dir, at_step, timeout):
     import time
 
     cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]

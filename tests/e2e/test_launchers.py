@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, launcher_env, read_history, resolve
+from tests.conftest import REPO, holding_machine, launcher_env, read_history, resolve
 
 LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
 MAX_STEPS = 16
@@ -30,6 +30,11 @@ slow = pytest.mark.slow
 @pytest.fixture(scope="module")
 def launcher_runs(tiny_model_path, tmp_path_factory):
     """{launcher: (returncode, stdout, stderr, run_dir)}; the model is built first so the runs do not race."""
+    with holding_machine():
+        return _run_side_by_side(tmp_path_factory)
+
+
+def _run_side_by_side(tmp_path_factory):
     procs = {}
     for name in LAUNCHERS:
         out = tmp_path_factory.mktemp(f"launcher-{name}")

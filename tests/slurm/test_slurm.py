@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import holding_machine
+
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,6 +107,11 @@ def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
     earlier (StartTime=now) reaches a node that still holds the revoked credential of the job's last run, and the
     restart fails at once with exit 1."""
     _, env = slurm_cluster
+    with holding_machine():
+        return _run_jobs(env, tmp_path_factory)
+
+
+def _run_jobs(env, tmp_path_factory):
     t0 = time.time()
     made = {}
     # A job whose scontrol cannot name the head node's address (a stand-in scontrol first on its PATH).
