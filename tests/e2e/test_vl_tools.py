@@ -132,7 +132,8 @@ def test_demo_and_interactive_take_images(run_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": QUESTION, "image": "picture.png", "reference": "yellow circle"}) + "\n"
                        + json.dumps({"prompt": "Reverse the order of the words.", "context": "red blue"}) + "\n")
-    demo = run_tool("generate.py", "demo", "--adapter", run_dir / "best", "--prompts", prompts, "--max-new-tokens", 8)
+    demo = run_tool("generate.py", "demo", "--adapter", run_dir / "best", "--prompts", prompts, "--max-new-tokens", 8,
+                    fresh=True)  # a new interpreter on an ASCII-only console
     assert_ok(demo)
     assert f"(image {tmp_path / 'picture.png'})" in demo.stdout and "[2/2]" in demo.stdout, demo.stdout
     interactive = run_tool("generate.py", "interactive", "--adapter", run_dir / "best", "--max-new-tokens", 8,
