@@ -90,16 +90,23 @@ def machine_lock_file(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def holding_machine(exclusive=False):
-    """Every launch holds the machine shared; a test that times real steps holds it alone, so the other xdist
-    worker's launches wait instead of skewing its measurement."""
+def flocked(path, exclusive=True):
+    """An flock on `path` (created if missing) held for the block: exclusive, or shared with other holders."""
     import fcntl
 
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
+@contextlib.contextmanager
+def holding_machine(exclusive=False):
+    """Every launch holds the machine shared; a test that times real steps holds it alone, so the other xdist
+    worker's launches wait instead of skewing its measurement. Also a decorator: @holding_machine()."""
     if MACHINE_LOCK["path"] is None:
         yield
         return
-    with open(MACHINE_LOCK["path"], "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    with flocked(MACHINE_LOCK["path"], exclusive):
         yield
 
 
@@ -159,11 +166,8 @@ def train_once(out, name, launch):
     """`launch()` (a CompletedProcess) run once per session under a lock in `out`: the first worker to ask runs it
     and records the result; the others wait for it and read the record. A launch that raises (a timeout) records
     nothing, so the next caller tries again."""
-    import fcntl
-
     record = out / f"{name}.result.json"
-    with open(out / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with flocked(out / f".{name}.lock"):
         if not record.exists():
             proc = launch()
             record.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout,
@@ -247,14 +251,10 @@ def kill_tree(pid):
             pass
 
 
+@holding_machine()
 def train_then_sigkill(script, args, run_dir, at_step, timeout=300):
     """Start launch/<script> ARGS and SIGKILL the launcher, torchrun and the ranks at once (a node failure) as soon
     as the history has a record of step `at_step` or later."""
-    with holding_machine():
-        _sigkill_at(script, args, run_dir, at_step, timeout)
-
-
-def _sigkill_at(script, args, run_dir, at_step, timeout):
     import time
 
     cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]

@@ -28,13 +28,9 @@ slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
+@holding_machine()
 def launcher_runs(tiny_model_path, tmp_path_factory):
     """{launcher: (returncode, stdout, stderr, run_dir)}; the model is built first so the runs do not race."""
-    with holding_machine():
-        return _run_side_by_side(tmp_path_factory)
-
-
-def _run_side_by_side(tmp_path_factory):
     procs = {}
     for name in LAUNCHERS:
         out = tmp_path_factory.mktemp(f"launcher-{name}")

@@ -98,6 +98,7 @@ class Job:
 
 
 @pytest.fixture(scope="module")
+@holding_machine()
 def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
     """Submit the jobs, requeue / signal two of them once they have trained a few steps, and wait for all to
     finish. The test cluster runs one 2-node job at a time, in submission order: the two to interrupt are submitted
@@ -107,11 +108,6 @@ def jobs(slurm_cluster, tiny_model_path, tmp_path_factory):
     earlier (StartTime=now) reaches a node that still holds the revoked credential of the job's last run, and the
     restart fails at once with exit 1."""
     _, env = slurm_cluster
-    with holding_machine():
-        return _run_jobs(env, tmp_path_factory)
-
-
-def _run_jobs(env, tmp_path_factory):
     t0 = time.time()
     made = {}
     # A job whose scontrol cannot name the head node's address (a stand-in scontrol first on its PATH).
