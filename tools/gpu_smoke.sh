@@ -2,7 +2,7 @@
 # The embedded defaults of the vision-language and diffusion recipes (LoRA and QLoRA) through the real launchers on
 # whatever GPUs this machine has (a smoke run, not a benchmark). Each case gets LIMIT seconds; a case still running
 # then has every Python process of it dump its stacks (faulthandler on SIGABRT) into its log, so a hang says where.
-#   bash tools/gpu_smoke.sh OUT_DIR [LIMIT]
+#   bash tools/gpu_smoke.sh OUT_DIR [LIMIT]          (GPU_SMOKE_CASES="vl-lora sd-qlora" runs only those)
 # OUT_DIR/<case>.log (launcher output), OUT_DIR/runs/<case>/ (the run), OUT_DIR/summary.json (exit code, seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ echo "{" > "$summary"
 
 run_case() {
     local name="$1"; shift
+    [ -z "${GPU_SMOKE_CASES:-}" ] || [[ " $GPU_SMOKE_CASES " == *" $name "* ]] || return 0
     local start; start=$(date +%s)
     setsid bash "$@" --output_dir "$OUT/runs" --run_name "$name" > "$OUT/$name.log" 2>&1 &
     local pid=$!

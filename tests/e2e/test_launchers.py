@@ -1,6 +1,6 @@
-"""`--launcher torchrun|accelerate|deepspeed`: the same trainer through three launchers gives the same run.
+"""`--launcher fork|torchrun|accelerate|deepspeed`: the same trainer through four launchers gives the same run.
 
-The embedded default with a short --max_steps, 2 processes each (gloo on CPU); the three runs go side by side.
+The embedded default with a short --max_steps, 2 processes each (gloo on CPU); the four runs go side by side.
 The multi-node commands are checked as built (no process started).
 """
 import json
@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import REPO, holding_machine, launcher_env, read_history, resolve
 
-LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
+LAUNCHERS = ("fork", "torchrun", "accelerate", "deepspeed")
 MAX_STEPS = 16
-EXPECTED_COMMAND = {"torchrun": "-m torch.distributed.run", "accelerate": "-m accelerate.commands.launch",
+EXPECTED_COMMAND = {"fork": "fork 2 rank(s) of: ", "torchrun": "-m torch.distributed.run", "accelerate": "-m accelerate.commands.launch",
                     "deepspeed": "-m deepspeed.launcher.runner"}
 
 

@@ -106,3 +106,64 @@ def test_the_trainer_records_its_code_for_the_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("FTL_EXIT_CODE_FILE", str(tmp_path / "code"))
     assert exit_for_launcher(0, True) == 0 and (tmp_path / "code").read_text() == "0 preempted\n"
     assert exit_for_launcher(3, False) == 0 and (tmp_path / "code").read_text() == "3\n"
+
+
+# The default on one node: ranks forked from the launcher (train.launch.forked), here with a stand-in for the
+# trainer's main that installs its handler after a delay (its model load) and records what reached it.
+FORKED_LAUNCHER = r"""
+import os, signal, sys, tempfile, time
+import train.__main__ as trainer
+from train.launch.forked import rank_environments
+from train.launch.signals import StopForwarder, fork_and_report
+
+out, delay, crash = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "crash"
+StopForwarder.GRACE_S = 1
+
+def stand_in(argv):
+    rank = os.environ["LOCAL_RANK"]
+    open(os.path.join(out, "forked" + rank), "w").close()
+    if crash and rank == "1":
+        raise RuntimeError("a bug in rank 1")
+    time.sleep(delay)
+    got = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda s, f: got.append(signal.Signals(s).name))
+    deadline = time.time() + 60
+    while not got and time.time() < deadline:
+        time.sleep(0.05)
+    with open(os.path.join(out, "rank" + rank), "w") as f:
+        f.write(f"{got[0] if got else 'no signal'} {argv} {os.environ['WORLD_SIZE']} {os.environ['MASTER_PORT']}")
+    return 0, bool(got)
+
+trainer.main = stand_in
+envs = rank_environments(dict(os.environ), 2, 29999)
+sys.exit(fork_and_report("RESOLVED.json", envs, os.path.join(tempfile.mkdtemp(), "code")))
+"""
+
+
+def start_forked(tmp_path, delay, mode="run"):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return subprocess.Popen([sys.executable, "-c", FORKED_LAUNCHER, str(tmp_path), str(delay), mode], cwd=REPO,
+                            env=dict(env, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_a_stop_signal_reaches_forked_ranks_once_they_catch_it_and_the_launcher_exits_zero(tmp_path):
+    proc = start_forked(tmp_path, delay=1.5)
+    deadline = time.time() + 60
+    while not (tmp_path / "forked1").exists():  # forked, the handlers not yet installed: a signal would kill them
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert ranks_report(tmp_path) == ["SIGUSR1 ['--resolved', 'RESOLVED.json'] 2 29999"] * 2, out
+    assert "SIGUSR1 received: passed to training rank" in out
+
+
+def test_a_crashed_forked_rank_shows_its_traceback_and_stops_the_others(tmp_path):
+    proc = start_forked(tmp_path, delay=0, mode="crash")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert "RuntimeError: a bug in rank 1" in out and "Traceback" in out, out
+    assert (tmp_path / "rank0").read_text().startswith("SIGTERM"), "the surviving rank is stopped, as torchrun does"

@@ -1,13 +1,14 @@
 """The launcher behind launch/train_*.sh. Before any training process starts it resolves the run config once (YAML,
 overrides, schema, DeepSpeed file, derived choices), checks the model, the dataset and the checkpoint to resume, and
 runs the pre-flight estimate; any problem is one message and exit 2 (4 for a run that will not fit). Then it starts
-the ranks with torchrun (or accelerate / DeepSpeed's runner), each reading the resolved config, and exits with the
-trainer's own code. SIGTERM or SIGUSR1 sent to it reach the training ranks (see train.launch.signals).
+the ranks, each reading the resolved config: forked from this process on one node (train.launch.forked), or with
+torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's own code. SIGTERM or SIGUSR1 sent to it reach the training ranks (see train.launch.signals).
 
 usage: python -m train.launch [--mode lora|qlora|full] [--recipe diffusion] [CONFIG.yaml] [launcher options]
                               [--key value ...]
 launcher options:
-  --launcher torchrun|accelerate|deepspeed   how processes are started (default torchrun)
+  --launcher fork|torchrun|accelerate|deepspeed   how processes are started (default: fork on one node, ranks
+                         forked from the launcher after its imports, with torchrun's environment; torchrun on several)
   --nproc-per-node N     processes per node (default: GPU count; 2 on a CPU machine)
   --nnodes N --node-rank R --master-addr HOST --master-port P   multi-node (Slurm sets these for you)
   --rdzv-endpoint HOST:PORT --rdzv-id ID                         torchrun c10d rendezvous (multi-node)
@@ -26,7 +27,7 @@ from train import exit_codes
 from train.console import ascii_safe, make_console_safe
 from train.launch import LaunchError
 
-LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
+LAUNCHERS = ("fork", "torchrun", "accelerate", "deepspeed")
 MODES = ("lora", "qlora", "full")
 VALUE_OPTIONS = ("--mode", "--recipe", "--launcher", "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
                  "--master-port", "--rdzv-endpoint", "--rdzv-id")
@@ -39,9 +40,14 @@ def parse_launch_args(argv):
     from train.resources import resource
 
     config_path, options, overrides = split_command_line(argv, VALUE_OPTIONS, FLAG_OPTIONS)
-    options.setdefault("--launcher", "torchrun")
+    from train.launch.forked import fork_unavailable
+
+    multi_node = fork_unavailable(options)
+    options.setdefault("--launcher", "torchrun" if multi_node else "fork")
     if options["--launcher"] not in LAUNCHERS:
         raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got '{options['--launcher']}'")
+    if options["--launcher"] == "fork" and multi_node:
+        raise LaunchError(f"--launcher fork starts the ranks of one node; {multi_node}: use --launcher torchrun")
     mode = options.get("--mode")
     if mode is not None and mode not in MODES:
         raise LaunchError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
@@ -130,22 +136,58 @@ def run_preflight(cfg, options):
 
 def start_ranks(cfg, options, verdict=None):
     from train.estimate.trainer_log import LAUNCH_ESTIMATE_ENV, estimate_figures
-    from train.launch.commands import build_command, launch_env
-    from train.launch.signals import run_and_report
+    from train.launch.commands import launch_env
 
     with tempfile.TemporaryDirectory(prefix="ftl-launch-") as scratch:
         resolved = Path(scratch) / "run_config.json"
         resolved.write_text(cfg.to_json())
-        cmd = build_command(options, cfg, resolved)
-        print(ascii_safe("+ " + " ".join(shlex.quote(c) for c in cmd)), flush=True)
-        if options.get("--dry-run"):
-            return exit_codes.OK
         env = launch_env(cfg.procs_per_node)
         if verdict is not None:  # rank 0 logs and records the pre-flight's figures instead of estimating again
             figures = Path(scratch) / "estimate.json"
             figures.write_text(json.dumps(estimate_figures(verdict, cfg.nnodes)))
             env[LAUNCH_ESTIMATE_ENV] = str(figures)
-        return run_and_report(cmd, env, Path(scratch) / "exit_code")
+        code_file = Path(scratch) / "exit_code"
+        if options["--launcher"] == "fork" and fork_ranks_here(cfg, options):
+            return fork_ranks(cfg, options, resolved, env, code_file)
+        return exec_launcher(cfg, options, resolved, env, code_file)
+
+
+def fork_ranks_here(cfg, options):
+    """Whether the ranks can be forked from this process once it has imported what they need; else torchrun."""
+    from train.console import warn
+    from train.launch.forked import cuda_started, import_rank_modules
+
+    if not options.get("--dry-run"):
+        import_rank_modules(cfg)
+    if cuda_started():
+        warn("CUDA started in the launcher and a forked rank could not use it: starting the ranks with torchrun")
+        options["--launcher"] = "torchrun"
+        return False
+    return True
+
+
+def fork_ranks(cfg, options, resolved, env, code_file):
+    from train.distributed import free_port
+    from train.launch.forked import rank_environments
+    from train.launch.signals import fork_and_report
+
+    print(ascii_safe(f"+ fork {cfg.procs_per_node} rank(s) of: {shlex.quote(sys.executable)} -m train --resolved "
+                     f"{resolved}  (torchrun's environment, master port chosen here)"), flush=True)
+    if options.get("--dry-run"):
+        return exit_codes.OK
+    envs = rank_environments(env, cfg.procs_per_node, options.get("--master-port") or free_port())
+    return fork_and_report(resolved, envs, code_file)
+
+
+def exec_launcher(cfg, options, resolved, env, code_file):
+    from train.launch.commands import build_command
+    from train.launch.signals import run_and_report
+
+    cmd = build_command(options, cfg, resolved)
+    print(ascii_safe("+ " + " ".join(shlex.quote(c) for c in cmd)), flush=True)
+    if options.get("--dry-run"):
+        return exit_codes.OK
+    return run_and_report(cmd, env, code_file)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,29 @@ def run_and_report(cmd, env, code_file):
     """Run the launcher command; return the trainer's own exit code, which the ranks write to `code_file` (torchrun
     turns every failure into 1, and the ranks exit 0 after an error they all saw alike). SIGTERM / SIGUSR1 received
     meanwhile are passed to the training ranks (see StopForwarder)."""
+    env = dict(env, FTL_EXIT_CODE_FILE=str(code_file))
+    with StopForwarder() as forwarder:
+        returncode = forwarder.run(cmd, env)
+    return trainer_exit_code(returncode, code_file, forwarder)
+
+
+def fork_and_report(resolved, envs, code_file):
+    """As run_and_report, for ranks forked from this process (train.launch.forked): `envs` maps each local rank to
+    its environment."""
+    from train.launch.forked import start_forked_ranks
+
+    envs = {rank: dict(env, FTL_EXIT_CODE_FILE=str(code_file)) for rank, env in envs.items()}
+    with StopForwarder() as forwarder:
+        returncode = forwarder.watch(start_forked_ranks(resolved, envs))
+    # Here a failure is a rank's own (no launcher tool between): it wins over what the others recorded.
+    return returncode or trainer_exit_code(returncode, code_file, forwarder)
+
+
+def trainer_exit_code(returncode, code_file, forwarder):
+    """The code the ranks wrote to `code_file` where there is one, else the launcher tool's `returncode`."""
     from pathlib import Path
 
     code_file = Path(code_file)
-    env = dict(env, FTL_EXIT_CODE_FILE=str(code_file))
-    forwarder = StopForwarder().install()
-    try:
-        returncode = forwarder.run(cmd, env)
-    finally:
-        forwarder.uninstall()
     words = code_file.read_text().split() if code_file.exists() else []
     if words and words[0].isdigit():
         # After a stop signal the launcher tool itself may report a failure (it was signalled too: the whole process
@@ -57,6 +71,7 @@ class StopForwarder:
     trainer install their own handlers): Slurm has signalled every process of the step already."""
 
     POLL_S = 0.5
+    GRACE_S = 10  # after a forked rank fails, how long the others get to end by themselves before SIGTERM / SIGKILL
 
     def __init__(self):
         self.received = []   # signal numbers, in the order they came
@@ -68,6 +83,12 @@ class StopForwarder:
         for sig in STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, signal.SIG_IGN if slurm else self._on_signal)
         return self
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *_exc):
+        self.uninstall()
 
     def uninstall(self):
         for sig, handler in self.previous.items():
@@ -86,15 +107,31 @@ class StopForwarder:
                     try:
                         return proc.wait(timeout=self.POLL_S)
                     except subprocess.TimeoutExpired:
-                        self.forward(proc.pid)
+                        if self.sent:
+                            self.forward(training_ranks(proc.pid))
             except BaseException:  # KeyboardInterrupt included, as subprocess.run does
                 proc.kill()
                 raise
 
-    def forward(self, root_pid):
-        if not self.sent:
-            return
-        ranks = training_ranks(root_pid)
+    def watch(self, ranks):
+        """Wait for forked ranks (a torch.multiprocessing ProcessContext), passing stop signals on; returns 0, or
+        the exit code of the first rank that failed (the others are then stopped, as torchrun does)."""
+        import torch.multiprocessing as mp
+
+        try:
+            while not ranks.join(timeout=self.POLL_S, grace_period=self.GRACE_S):
+                if self.sent:
+                    self.forward(ranks.pids())
+        except mp.ProcessExitedException as failed:
+            return failed.exit_code if failed.exit_code > 0 else 128 - failed.exit_code
+        except BaseException:
+            for process in ranks.processes:
+                process.kill()
+            raise
+        return 0
+
+    def forward(self, ranks):
+        """Pass each signal received to each of the rank PIDs `ranks` that has not had it, once it catches it."""
         for signum, done in list(self.sent.items()):  # a signal may arrive meanwhile
             new = [pid for pid in ranks if pid not in done and catches_signal(pid, signum)]
             for pid in new:
