@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 def test_default_run_exits_zero_on_an_ascii_console(default_lora_run):
     proc, _ = default_lora_run
     assert_ok(proc)
-    assert "--nproc_per_node 2" in proc.stdout, "the launcher must print the exact command it runs"
+    assert "+ fork 2 rank(s) of: " in proc.stdout and " -m train --resolved " in proc.stdout, \
+        "the launcher must say how it starts the ranks and what each runs"
     assert "ZeRO-2" in proc.stdout and "2 processes" in proc.stdout
     # the speed switches say what they decided, in one line each, also where they cannot run
     assert "liger kernels: off (Liger's kernels are Triton kernels and need a CUDA GPU" in proc.stdout

@@ -157,10 +157,10 @@ def fork_ranks_here(cfg, options):
     from train.console import warn
     from train.launch.forked import cuda_started, import_rank_modules
 
-    if not options.get("--dry-run"):
-        import_rank_modules(cfg)
-    if cuda_started():
-        warn("CUDA started in the launcher and a forked rank could not use it: starting the ranks with torchrun")
+    culprit = None if options.get("--dry-run") else import_rank_modules(cfg)
+    if culprit or cuda_started():
+        warn(f"CUDA started in the launcher ({f'importing {culprit}' if culprit else 'before the ranks'}), and a "
+             f"forked rank could not use it: starting the ranks with torchrun")
         options["--launcher"] = "torchrun"
         return False
     return True

@@ -32,17 +32,21 @@ def cuda_started():
 
 
 def import_rank_modules(cfg):
-    """Import, in the launcher, what the ranks of `cfg` will import."""
+    """Import, in the launcher, what the ranks of `cfg` will import; returns the module whose import started CUDA
+    (the ranks then cannot be forked), or None."""
     from train.__main__ import leave_out_bitsandbytes
     from train.recipes import RECIPE_MODULES
 
     leave_out_bitsandbytes(cfg)
     os.environ.setdefault("MPLBACKEND", "Agg")  # the curves are drawn without a display
-    for name in (*RANK_IMPORTS, RECIPE_MODULES[cfg.recipe]):
+    for name in (RECIPE_MODULES[cfg.recipe], *RANK_IMPORTS):
         try:
             importlib.import_module(name)
         except ImportError:
             continue
+        if cuda_started():
+            return name
+    return None
 
 
 def rank_environments(env, nproc, master_port):
