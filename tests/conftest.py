@@ -133,7 +133,12 @@ def launch_here(capsys, *args, launcher=("--mode", "lora")):
     from train.launch.cli import main
 
     capsys.readouterr()
-    code = main([*launcher, *map(str, args)])
+    environment = dict(os.environ)  # main() keeps its own process on one OpenMP thread, through the environment
+    try:
+        code = main([*launcher, *map(str, args)])
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     out = capsys.readouterr()
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 

@@ -66,10 +66,13 @@ def test_sigkilled_run_resumes_and_repeats_the_same_losses(mode_runs, tmp_path):
     assert read_history(tmp_path / "killed")["metadata"]["resumed_at_steps"] == [16]
 
 
-def test_usr1_to_the_launcher_alone_checkpoints_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("launcher", ["fork", "torchrun"])
+def test_usr1_to_the_launcher_alone_checkpoints_and_exits_zero(tmp_path, launcher):
     """`kill -USR1 <launcher pid>` outside Slurm (the signal reaches neither torchrun nor the ranks by itself): the
-    launcher passes it on, every rank saves a checkpoint at its next step, and the run exits 0 as preempted."""
-    cmd = ["bash", str(REPO / "launch" / "train_lora.sh"), "--max_steps", "200", "--logging_steps", "1",
+    launcher passes it on, every rank saves a checkpoint at its next step, and the run exits 0 as preempted. Both
+    ways of starting ranks on one node: forked (the CPU default) and torchrun (the GPU default)."""
+    cmd = ["bash", str(REPO / "launch" / "train_lora.sh"), "--launcher", launcher, "--max_steps", "200",
+           "--logging_steps", "1",
            "--save_steps", "1", "--save_total_limit", "1", "--output_dir", str(tmp_path), "--run_name", "usr1"]
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
         launcher = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=out, stderr=err,

@@ -167,3 +167,38 @@ def test_a_crashed_forked_rank_shows_its_traceback_and_stops_the_others(tmp_path
     assert proc.returncode == 1, out
     assert "RuntimeError: a bug in rank 1" in out and "Traceback" in out, out
     assert (tmp_path / "rank0").read_text().startswith("SIGTERM"), "the surviving rank is stopped, as torchrun does"
+
+
+THREADED_PARENT = r"""
+import os, sys, tempfile
+from train.launch.forked import compute_single_threaded, rank_environments
+
+if sys.argv[2] == "single":
+    compute_single_threaded()  # what the launcher does first, before it imports torch
+import torch
+import train.__main__ as trainer
+from train.launch.signals import fork_and_report
+
+x = torch.randn(1500, 1500)
+(x @ x).exp().sum()  # a parallel region in the launcher, on as many threads as it has
+print("launcher threads", torch.get_num_threads())
+
+def stand_in(argv):
+    (x @ x).exp().sum()  # hangs in a rank forked after a parallel region on several threads
+    open(os.path.join(sys.argv[1], "threads"), "w").write(str(torch.get_num_threads()))
+    return 0, False
+
+trainer.main = stand_in
+sys.exit(fork_and_report("R.json", rank_environments(dict(os.environ, OMP_NUM_THREADS="2"), 1, 29998),
+                         os.path.join(tempfile.mkdtemp(), "code")))
+"""
+
+
+def test_a_rank_forked_after_the_launcher_computed_runs_on_the_threads_it_was_given(tmp_path):
+    """libgomp's thread pool does not survive fork: the launcher keeps itself on one OpenMP thread, so a forked rank
+    can start a pool of its own (here 2 threads; on several threads the launcher's pool would hang it)."""
+    proc = subprocess.run([sys.executable, "-c", THREADED_PARENT, str(tmp_path), "single"], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2"), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "launcher threads 1" in proc.stdout and (tmp_path / "threads").read_text() == "2"

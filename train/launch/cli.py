@@ -1,14 +1,15 @@
 """The launcher behind launch/train_*.sh. Before any training process starts it resolves the run config once (YAML,
 overrides, schema, DeepSpeed file, derived choices), checks the model, the dataset and the checkpoint to resume, and
 runs the pre-flight estimate; any problem is one message and exit 2 (4 for a run that will not fit). Then it starts
-the ranks, each reading the resolved config: forked from this process on one node (train.launch.forked), or with
-torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's own code. SIGTERM or SIGUSR1 sent to it reach the training ranks (see train.launch.signals).
+the ranks, each reading the resolved config: forked from this process on one CPU node (train.launch.forked), or
+with torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's own code. SIGTERM or SIGUSR1 sent to it reach the training ranks (see train.launch.signals).
 
 usage: python -m train.launch [--mode lora|qlora|full] [--recipe diffusion] [CONFIG.yaml] [launcher options]
                               [--key value ...]
 launcher options:
-  --launcher fork|torchrun|accelerate|deepspeed   how processes are started (default: fork on one node, ranks
-                         forked from the launcher after its imports, with torchrun's environment; torchrun on several)
+  --launcher fork|torchrun|accelerate|deepspeed   how processes are started (default: fork on one node without
+                         GPUs, ranks forked from the launcher after its imports, with torchrun's environment;
+                         torchrun on GPUs and on several nodes)
   --nproc-per-node N     processes per node (default: GPU count; 2 on a CPU machine)
   --nnodes N --node-rank R --master-addr HOST --master-port P   multi-node (Slurm sets these for you)
   --rdzv-endpoint HOST:PORT --rdzv-id ID                         torchrun c10d rendezvous (multi-node)
@@ -42,12 +43,12 @@ def parse_launch_args(argv):
     config_path, options, overrides = split_command_line(argv, VALUE_OPTIONS, FLAG_OPTIONS)
     from train.launch.forked import fork_unavailable
 
-    multi_node = fork_unavailable(options)
-    options.setdefault("--launcher", "torchrun" if multi_node else "fork")
-    if options["--launcher"] not in LAUNCHERS:
-        raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got '{options['--launcher']}'")
-    if options["--launcher"] == "fork" and multi_node:
-        raise LaunchError(f"--launcher fork starts the ranks of one node; {multi_node}: use --launcher torchrun")
+    launcher = options.get("--launcher")
+    if launcher is not None and launcher not in LAUNCHERS:
+        raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got '{launcher}'")
+    if launcher == "fork" and fork_unavailable(options):
+        raise LaunchError(f"--launcher fork starts the ranks of one node; {fork_unavailable(options)}: use "
+                          f"--launcher torchrun")
     mode = options.get("--mode")
     if mode is not None and mode not in MODES:
         raise LaunchError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
@@ -78,6 +79,9 @@ def resolve_for_launch(options, config_path, overrides):
 
 def main(argv=None):
     make_console_safe()
+    from train.launch.forked import compute_single_threaded
+
+    compute_single_threaded()
     from train.errors import UserError
     from train.launch.signals import ignore_stop_signals, in_slurm_step
     from train.resources import MissingResource
@@ -91,6 +95,7 @@ def main(argv=None):
     try:
         options, config_path, overrides = parse_launch_args(argv)
         cfg = resolve_for_launch(options, config_path, overrides)
+        options.setdefault("--launcher", default_launcher(cfg, options))
         report_decisions(cfg)
         from train.launch.prechecks import check_before_launch
 
@@ -106,6 +111,14 @@ def main(argv=None):
     except LaunchError as error:
         print(ascii_safe(f"error: {error}"), file=sys.stderr)
         return exit_codes.USER_ERROR
+
+
+def default_launcher(cfg, options):
+    """fork on one node without GPUs; torchrun otherwise. On a GPU machine the ranks' imports (peft, bitsandbytes,
+    Liger) start CUDA, and a rank forked after that could not use it (seen on an H200: docs/benchmarks.md)."""
+    from train.launch.forked import fork_unavailable
+
+    return "fork" if cfg.device_kind == "cpu" and not fork_unavailable(options) else "torchrun"
 
 
 def report_decisions(cfg):

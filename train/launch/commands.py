@@ -20,7 +20,13 @@ from train.resources import PACKAGE_DIR
 
 
 def launch_env(nproc):
+    from train.launch.forked import RANK_THREADS_ENV
+
     env = dict(os.environ)
+    if RANK_THREADS_ENV in env:  # the launcher runs on one thread; the ranks get what the caller set
+        env["OMP_NUM_THREADS"] = env.pop(RANK_THREADS_ENV)
+        if not env["OMP_NUM_THREADS"]:
+            del env["OMP_NUM_THREADS"]
     env["PYTHONPATH"] = str(PACKAGE_DIR.parent) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if (PACKAGE_DIR.parent / "ds_configs").is_dir():  # a checkout: compiled DeepSpeed ops cached beside it
         env.setdefault("TORCH_EXTENSIONS_DIR", str(PACKAGE_DIR.parent / ".cache" / "torch_extensions"))

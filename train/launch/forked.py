@@ -1,11 +1,12 @@
-"""Ranks forked from the launcher: the default on one node. The launcher has resolved the config and checked the run
+"""Ranks forked from the launcher: the default on one node without GPUs. The launcher has resolved the config and checked the run
 already; it imports what every rank needs (torch, transformers, peft, DeepSpeed, the recipe) once and forks the
 ranks with torch.multiprocessing (start method "fork"), each with the environment torchrun would give it (RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...). A rank then starts training at once instead of spending about 7 s of
 CPU on the same imports, and the imported code is shared between the ranks' memory.
 
-Forking is safe only before CUDA starts in the launcher (the launcher finds GPUs with nvidia-smi, not CUDA), and a
-multi-node run needs torchrun's rendezvous: in those cases `--launcher torchrun` is used (and said)."""
+Forking is safe only while CUDA has not started in the launcher. On an H200 importing peft (through bitsandbytes)
+and Liger started it, so GPU machines default to torchrun; should CUDA start here anyway, the launcher names the
+import and uses torchrun. A multi-node run needs torchrun's rendezvous."""
 import importlib
 import os
 import signal
@@ -17,6 +18,18 @@ from train.launch import LaunchError
 # end): importing them before the fork keeps them out of every rank's start. A name this version lacks is skipped.
 RANK_IMPORTS = ("torch.distributed", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
                 "deepspeed.ops.op_builder.all_ops", "peft", "torch.utils.tensorboard", "matplotlib.pyplot")
+
+
+RANK_THREADS_ENV = "FTL_RANK_OMP_NUM_THREADS"  # the caller's OMP_NUM_THREADS, kept for the ranks
+
+
+def compute_single_threaded():
+    """Keep this process's OpenMP to one thread (call it before torch is imported; the ranks get the caller's
+    OMP_NUM_THREADS back, see train.launch.commands.launch_env). The launcher computes nothing in parallel, and must
+    not: libgomp's thread pool does not survive a fork, so a rank forked after the launcher had run a parallel region
+    on several threads would hang at its own first one."""
+    os.environ.setdefault(RANK_THREADS_ENV, os.environ.get("OMP_NUM_THREADS", ""))
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def fork_unavailable(options):
