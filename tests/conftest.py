@@ -10,6 +10,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Under several xdist workers on as many cores, each test process and each process it launches computes on one
+# OpenMP thread: two workers' threads on 2 cores would otherwise spin against each other (in-process model tests
+# ran 2-5x slower beside a launch).
+ONE_THREAD_EACH = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+
+
+def pytest_configure(config):
+    if ONE_THREAD_EACH:
+        import torch
+
+        torch.set_num_threads(1)
 sys.path.insert(0, str(REPO))
 
 
@@ -77,6 +88,8 @@ def launcher_env(**extra):
     # a run with compile_layers: true compiles with aot_eager here: dynamo's graphs and AOT autograd, without
     # inductor's CPU code generation (about a minute per run on 2 cores)
     env.setdefault("FTL_COMPILE_BACKEND", "aot_eager")
+    if ONE_THREAD_EACH:
+        env.setdefault("OMP_NUM_THREADS", "1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -110,15 +123,20 @@ def holding_machine(exclusive=False):
         yield
 
 
-def run_launcher(script, *args, env=None, timeout=300, umask=None):
-    """Run launch/<script> exactly as a user would (under `umask` when given); returns CompletedProcess with output
-    captured."""
-    cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]
-    if umask is not None:
-        cmd = ["bash", "-c", f"umask {umask:03o} && exec \"$@\"", "run-launcher", *cmd]
+def run_launcher(script, *args, env=None, timeout=300, umask=None, fresh=False):
+    """Run launch/<script> ARGS; returns a CompletedProcess with the output captured. Through the tests' launch
+    forkserver (tests/launch_server.py: the real launcher and ranks, without a fresh interpreter's imports), or,
+    with `fresh`, a `umask`, or an environment the interpreter reads at start, exactly as a user would."""
+    from tests import launch_server
+
+    env = env or launcher_env()
     with holding_machine():
-        return subprocess.run(cmd, cwd=REPO, env=env or launcher_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        if not (fresh or umask is not None or launch_server.needs_fresh_interpreter(env)):
+            return launch_server.launch(script, args, env, timeout)
+        cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]
+        if umask is not None:
+            cmd = ["bash", "-c", f"umask {umask:03o} && exec \"$@\"", "run-launcher", *cmd]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_ok(proc):
@@ -258,23 +276,24 @@ def kill_tree(pid):
 
 @holding_machine()
 def train_then_sigkill(script, args, run_dir, at_step, timeout=300):
-    """Start launch/<script> ARGS and SIGKILL the launcher, torchrun and the ranks at once (a node failure) as soon
-    as the history has a record of step `at_step` or later."""
+    """Start launch/<script> ARGS (through the tests' launch forkserver) and SIGKILL the launcher and the ranks at
+    once (a node failure) as soon as the history has a record of step `at_step` or later."""
+    import tempfile
     import time
 
-    cmd = ["bash", str(REPO / "launch" / script), *map(str, args)]
-    victim = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and victim.poll() is None:
-        try:
-            if max(r["step"] for r in read_history(run_dir)["records"]) >= at_step:
-                break
-        except (FileNotFoundError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    kill_tree(victim.pid)
-    victim.wait()
+    from tests import launch_server
+
+    with tempfile.TemporaryDirectory(prefix="ftl-test-victim-") as scratch:
+        victim = launch_server.start(script, args, launcher_env(), scratch)
+        deadline = time.time() + timeout
+        while time.time() < deadline and victim.is_alive():
+            try:
+                if max(r["step"] for r in read_history(run_dir)["records"]) >= at_step:
+                    break
+            except (FileNotFoundError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        launch_server.kill(victim)
 
 
 def losses_by_step(run_dir):

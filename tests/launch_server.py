@@ -1,0 +1,91 @@
+"""Real launches for the tests without a fresh interpreter for each. A forkserver per test worker imports the
+launcher and everything its ranks import once (torch, transformers, peft, DeepSpeed, diffusers: about 8 CPU-seconds
+a launch otherwise); each launch is a child forked from it that runs `train.launch`'s main with the arguments
+`launch/<script>` passes (read from the script itself), in the test's environment and working directory, its
+output in files. The launcher code, the checks, the forked ranks and the exit code are the real ones; what differs
+from `bash launch/train_*.sh` is only the interpreter start, so the tests that check the shell scripts, the console
+encoding, the umask or signals to the launcher process run them as a user would (tests.conftest.run_launcher
+decides)."""
+import multiprocessing
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# read by the interpreter or at import: a launch that sets them needs a fresh interpreter
+IMPORT_TIME_ENV = ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LC_CTYPE", "LANG", "PYTHONPATH", "HF_HUB_OFFLINE",
+                   "TRANSFORMERS_OFFLINE", "HF_HOME")
+PRELOAD = ["tests.forkserver_init", "train.launch.cli", "train.launch.commands", "train.launch.forked",
+           "train.launch.prechecks", "train.launch.preflight", "train.launch.signals", "train.__main__",
+           "train.recipes.causal_lm", "train.recipes.vision_language", "train.recipes.diffusion",
+           "torch.distributed", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
+           "deepspeed.ops.op_builder.all_ops", "peft", "torch.utils.tensorboard", "matplotlib.pyplot"]
+_context = None
+
+
+def script_arguments(script):
+    """What launch/<script> passes to `python -m train.launch` before the user's arguments."""
+    for line in (REPO / "launch" / script).read_text().splitlines():
+        if line.startswith("ftl_launch "):
+            return [word for word in shlex.split(line)[1:] if word != "$@"]
+    raise ValueError(f"launch/{script} has no ftl_launch line")
+
+
+def needs_fresh_interpreter(env):
+    return any(env.get(key) != os.environ.get(key) for key in IMPORT_TIME_ENV if key != "PYTHONPATH")
+
+
+def start(script, args, env, out_dir):
+    """Start launch/<script> ARGS through the forkserver, its output to out_dir/stdout and out_dir/stderr; returns
+    the child (a multiprocessing Process that leads its own session, with the ranks in it)."""
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    argv = [*script_arguments(script), *map(str, args)]
+    child = _context.Process(target=run_launcher_main, args=(argv, dict(env), str(REPO), str(Path(out_dir) / "stdout"),
+                                                              str(Path(out_dir) / "stderr")))
+    child.start()
+    return child
+
+
+def kill(child):
+    """SIGKILL the launcher and its ranks at once (a node failure), then reap the launcher."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.join()
+
+
+def launch(script, args, env, timeout):
+    """launch/<script> ARGS through the forkserver; a CompletedProcess as subprocess.run(capture_output=True)."""
+    with tempfile.TemporaryDirectory(prefix="ftl-test-launch-") as scratch:
+        out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
+        child = start(script, args, env, scratch)
+        child.join(timeout)
+        if child.is_alive():
+            kill(child)
+            raise subprocess.TimeoutExpired(["launch/" + script, *map(str, args)], timeout, out.read_text(),
+                                            err.read_text())
+        return subprocess.CompletedProcess(["bash", f"launch/{script}", *map(str, args)], child.exitcode,
+                                           out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+
+def run_launcher_main(argv, env, cwd, out_path, err_path):
+    """In the forked child: the test's environment and directory, output to the files, then the launcher."""
+    os.setsid()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out_path), (2, err_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    from train import exit_codes
+    from train.launch.cli import main
+
+    exit_codes.exit_without_teardown(main(argv))
