@@ -11,7 +11,6 @@ Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps th
   hf          baseline without gradient checkpointing
   ours        our defaults: gradient_checkpointing auto (off where it fits), liger_kernel, engine and compile_layers
               auto (on a GPU: Liger, the ddp engine, compiled decoder layers)
-  ours-torchrun   ours with --launcher torchrun (fresh rank processes) instead of ranks forked from the launcher
   ours-deepspeed  ours with engine: deepspeed (ZeRO-2): the engine's share
   ours-eager  ours with engine: deepspeed and compile_layers: false (the trainer before issue 20)
   ours-gc     ours with gradient checkpointing forced on (compare with hf-gc at equal memory)
@@ -48,12 +47,11 @@ from train.console import ascii_safe, make_console_safe  # noqa: E402
 from train.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 
 WARMUP = 3
-CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-torchrun", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
+CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
          "ours-z3", "ours-z3-keep", "ours-z3-prefetch", "ours-z3-module", "ours-full", "ours-full-deepspeed",
          "ours-full-bucket5e8")
 # each case's step time against another's: (case, against, key, what the ratio says)
-STEP_RATIOS = (("ours-torchrun", "ours", "step_time_vs_forked", "step time, torchrun ranks / forked ranks"),
-               ("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
+STEP_RATIOS = (("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
                ("ours-z3", "ours", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (both defaults)"),
                ("ours-z3-keep", "ours", "step_time_vs_zero2", "LoRA ZeRO-3, nothing re-gathered / ZeRO-2"),
                ("ours-z3-prefetch", "ours", "step_time_vs_zero2", "LoRA ZeRO-3, 1e9 prefetch / ZeRO-2"),
@@ -98,7 +96,7 @@ def our_config(args, corpus, **change):
     return config
 
 
-def run_ours(args, corpus, name, timeout, launcher=None, **change):
+def run_ours(args, corpus, name, timeout, **change):
     config = our_config(args, corpus, **change)
     profiled = name in args.profile.split(",")
     env = {}
@@ -108,8 +106,7 @@ def run_ours(args, corpus, name, timeout, launcher=None, **change):
         config["max_steps"] = args.steps + PROFILED_STEPS
         env = {PROFILE_ENV: str(profile_file), STEPS_ENV: f"{args.steps + 1}-{args.steps + PROFILED_STEPS}"}
     code, history, wall, log = run_launcher(config, Path(args.work_dir) / name, 1, timeout=timeout, env=env,
-                                            stop_after_step=config["max_steps"],
-                                            extra=["--launcher", launcher] if launcher else ())
+                                            stop_after_step=config["max_steps"])
     got = measured(history, WARMUP, last=args.steps) if history and code == 0 else None
     row = {"case": name, "stack": "finetune-launcher", "exit_code": code, "wall_s": round(wall, 1),
            "config": config}
@@ -223,7 +220,6 @@ def runners(args, corpus):
         "hf-liger": lambda t: run_hf(args, corpus, "hf-liger", t, liger=True),
         "hf": lambda t: run_hf(args, corpus, "hf", t),
         "ours": lambda t: run_ours(args, corpus, "ours", t),
-        "ours-torchrun": lambda t: run_ours(args, corpus, "ours-torchrun", t, launcher="torchrun"),
         "ours-deepspeed": lambda t: run_ours(args, corpus, "ours-deepspeed", t, engine="deepspeed"),
         "ours-eager": lambda t: run_ours(args, corpus, "ours-eager", t, engine="deepspeed", compile_layers=False),
         "ours-gc": lambda t: run_ours(args, corpus, "ours-gc", t, gradient_checkpointing=True),
