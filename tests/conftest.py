@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 # OpenMP thread: two workers' threads on 2 cores would otherwise spin against each other (in-process model tests
 # ran 2-5x slower beside a launch).
 ONE_THREAD_EACH = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+sys.path.insert(0, str(REPO))
 
 
 def pytest_configure(config):
@@ -21,7 +22,6 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
-sys.path.insert(0, str(REPO))
 
 
 def machine(name="cpu"):

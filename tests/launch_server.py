@@ -14,15 +14,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from train.launch.forked import RANK_IMPORTS
+from train.recipes import RECIPE_MODULES
+
 REPO = Path(__file__).resolve().parent.parent
 # read by the interpreter or at import: a launch that sets them needs a fresh interpreter
-IMPORT_TIME_ENV = ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LC_CTYPE", "LANG", "PYTHONPATH", "HF_HUB_OFFLINE",
+IMPORT_TIME_ENV = ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LC_CTYPE", "LANG", "HF_HUB_OFFLINE",
                    "TRANSFORMERS_OFFLINE", "HF_HOME")
-PRELOAD = ["tests.forkserver_init", "train.launch.cli", "train.launch.commands", "train.launch.forked",
-           "train.launch.prechecks", "train.launch.preflight", "train.launch.signals", "train.__main__",
-           "train.recipes.causal_lm", "train.recipes.vision_language", "train.recipes.diffusion",
-           "torch.distributed", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
-           "deepspeed.ops.op_builder.all_ops", "peft", "torch.utils.tensorboard", "matplotlib.pyplot"]
+# the launcher's modules, then what its ranks import (the same list the launcher imports before it forks)
+PRELOAD = ["tests.forkserver_init", "train.launch.cli", "train.launch.commands", "train.launch.prechecks",
+           "train.launch.preflight", "train.launch.signals", "train.__main__", *RECIPE_MODULES.values(),
+           *RANK_IMPORTS]
 _context = None
 
 
@@ -35,7 +37,7 @@ def script_arguments(script):
 
 
 def needs_fresh_interpreter(env):
-    return any(env.get(key) != os.environ.get(key) for key in IMPORT_TIME_ENV if key != "PYTHONPATH")
+    return any(env.get(key) != os.environ.get(key) for key in IMPORT_TIME_ENV)
 
 
 def start(script, args, env, out_dir):
@@ -46,8 +48,8 @@ def start(script, args, env, out_dir):
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
     argv = [*script_arguments(script), *map(str, args)]
-    child = _context.Process(target=run_launcher_main, args=(argv, dict(env), str(REPO), str(Path(out_dir) / "stdout"),
-                                                              str(Path(out_dir) / "stderr")))
+    outputs = [str(Path(out_dir) / name) for name in ("stdout", "stderr")]
+    child = _context.Process(target=run_launcher_main, args=(argv, dict(env), str(REPO), *outputs))
     child.start()
     return child
 
@@ -63,16 +65,17 @@ def kill(child):
 
 def launch(script, args, env, timeout):
     """launch/<script> ARGS through the forkserver; a CompletedProcess as subprocess.run(capture_output=True)."""
+    shown = ["bash", f"launch/{script}", *map(str, args)]
     with tempfile.TemporaryDirectory(prefix="ftl-test-launch-") as scratch:
-        out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
         child = start(script, args, env, scratch)
         child.join(timeout)
-        if child.is_alive():
+        timed_out = child.is_alive()
+        if timed_out:
             kill(child)
-            raise subprocess.TimeoutExpired(["launch/" + script, *map(str, args)], timeout, out.read_text(),
-                                            err.read_text())
-        return subprocess.CompletedProcess(["bash", f"launch/{script}", *map(str, args)], child.exitcode,
-                                           out.read_text(errors="replace"), err.read_text(errors="replace"))
+        out, err = ((Path(scratch) / name).read_text(errors="replace") for name in ("stdout", "stderr"))
+        if timed_out:
+            raise subprocess.TimeoutExpired(shown, timeout, out, err)
+        return subprocess.CompletedProcess(shown, child.exitcode, out, err)
 
 
 def run_launcher_main(argv, env, cwd, out_path, err_path):

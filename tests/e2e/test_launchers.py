@@ -13,8 +13,8 @@ from tests.conftest import REPO, holding_machine, launcher_env, read_history, re
 
 LAUNCHERS = ("fork", "torchrun", "accelerate", "deepspeed")
 MAX_STEPS = 16
-EXPECTED_COMMAND = {"fork": "fork 2 rank(s) of: ", "torchrun": "-m torch.distributed.run", "accelerate": "-m accelerate.commands.launch",
-                    "deepspeed": "-m deepspeed.launcher.runner"}
+EXPECTED_COMMAND = {"fork": "fork 2 rank(s) of: ", "torchrun": "-m torch.distributed.run",
+                    "accelerate": "-m accelerate.commands.launch", "deepspeed": "-m deepspeed.launcher.runner"}
 
 
 def printed_command(stdout):

@@ -2,7 +2,8 @@
 overrides, schema, DeepSpeed file, derived choices), checks the model, the dataset and the checkpoint to resume, and
 runs the pre-flight estimate; any problem is one message and exit 2 (4 for a run that will not fit). Then it starts
 the ranks, each reading the resolved config: forked from this process on one CPU node (train.launch.forked), or
-with torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's own code. SIGTERM or SIGUSR1 sent to it reach the training ranks (see train.launch.signals).
+with torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's own code. SIGTERM or SIGUSR1 sent to
+it reach the training ranks (see train.launch.signals).
 
 usage: python -m train.launch [--mode lora|qlora|full] [--recipe diffusion] [CONFIG.yaml] [launcher options]
                               [--key value ...]
@@ -38,17 +39,16 @@ FLAG_OPTIONS = ("--force", "--no-preflight", "--dry-run")
 def parse_launch_args(argv):
     """(launcher options, config path, run-config overrides)."""
     from train.config import split_command_line
+    from train.launch.forked import fork_unavailable
     from train.resources import resource
 
     config_path, options, overrides = split_command_line(argv, VALUE_OPTIONS, FLAG_OPTIONS)
-    from train.launch.forked import fork_unavailable
-
     launcher = options.get("--launcher")
     if launcher is not None and launcher not in LAUNCHERS:
         raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got '{launcher}'")
-    if launcher == "fork" and fork_unavailable(options):
-        raise LaunchError(f"--launcher fork starts the ranks of one node; {fork_unavailable(options)}: use "
-                          f"--launcher torchrun")
+    why_not_fork = fork_unavailable(options)
+    if launcher == "fork" and why_not_fork:
+        raise LaunchError(f"--launcher fork starts the ranks of one node; {why_not_fork}: use --launcher torchrun")
     mode = options.get("--mode")
     if mode is not None and mode not in MODES:
         raise LaunchError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")

@@ -1,8 +1,8 @@
-"""Ranks forked from the launcher: the default on one node without GPUs. The launcher has resolved the config and checked the run
-already; it imports what every rank needs (torch, transformers, peft, DeepSpeed, the recipe) once and forks the
-ranks with torch.multiprocessing (start method "fork"), each with the environment torchrun would give it (RANK,
-LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...). A rank then starts training at once instead of spending about 7 s of
-CPU on the same imports, and the imported code is shared between the ranks' memory.
+"""Ranks forked from the launcher: the default on one node without GPUs. The launcher has resolved the config and
+checked the run already; it imports what every rank needs (torch, transformers, peft, DeepSpeed, the recipe) once and
+forks the ranks with torch.multiprocessing (start method "fork"), each with the environment torchrun would give it
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...). A rank then starts training at once instead of spending about 7 s
+of CPU on the same imports, and the imported code is shared between the ranks' memory.
 
 Forking is safe only while CUDA has not started in the launcher. On an H200 importing peft (through bitsandbytes)
 and Liger started it, so GPU machines default to torchrun; should CUDA start here anyway, the launcher names the
@@ -18,8 +18,6 @@ from train.launch import LaunchError
 # end): importing them before the fork keeps them out of every rank's start. A name this version lacks is skipped.
 RANK_IMPORTS = ("torch.distributed", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
                 "deepspeed.ops.op_builder.all_ops", "peft", "torch.utils.tensorboard", "matplotlib.pyplot")
-
-
 RANK_THREADS_ENV = "FTL_RANK_OMP_NUM_THREADS"  # the caller's OMP_NUM_THREADS, kept for the ranks
 
 

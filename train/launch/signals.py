@@ -67,6 +67,8 @@ class StopForwarder:
     rank is signalled as soon as it catches the signal (/proc/PID/status SigCgt): the trainer installs its handler
     after its imports, and before that the signal would kill it. Ranks that start later get it too.
 
+    Forked ranks (train.launch.forked) are known by their PIDs instead, and wait for the signal the same way.
+
     Inside a Slurm step the launcher ignores both signals instead (the child inherits that; torchrun and the
     trainer install their own handlers): Slurm has signalled every process of the step already."""
 
