@@ -1,7 +1,7 @@
 """`--launcher fork|torchrun|accelerate|deepspeed`: the same trainer through four launchers gives the same run.
 
-The embedded default with a short --max_steps, 2 processes each (gloo on CPU); the four runs go side by side.
-The multi-node commands are checked as built (no process started).
+The embedded default with a short --max_steps and micro-batch, 2 processes each (gloo on CPU); the four runs go
+side by side. The multi-node commands are checked as built (no process started).
 """
 import json
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO, holding_machine, launcher_env, read_history, resolve
 
 LAUNCHERS = ("fork", "torchrun", "accelerate", "deepspeed")
-MAX_STEPS = 16
+MAX_STEPS, MICRO_BATCH = 16, 2
 EXPECTED_COMMAND = {"fork": "fork 2 rank(s) of: ", "torchrun": "-m torch.distributed.run",
                     "accelerate": "-m accelerate.commands.launch", "deepspeed": "-m deepspeed.launcher.runner"}
 
@@ -35,7 +35,7 @@ def launcher_runs(tiny_model_path, tmp_path_factory):
     for name in LAUNCHERS:
         out = tmp_path_factory.mktemp(f"launcher-{name}")
         cmd = ["bash", str(REPO / "launch" / "train_lora.sh"), "--launcher", name, "--max_steps", str(MAX_STEPS),
-               "--output_dir", str(out)]
+               "--micro_batch_size", str(MICRO_BATCH), "--output_dir", str(out)]
         env = launcher_env(OMP_NUM_THREADS=1, PYTHONIOENCODING="ascii")
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True), out / "tiny_lora")
@@ -76,7 +76,7 @@ def test_accelerate_config_points_at_our_deepspeed_file(launcher_runs):
     ds_file = run_dir / "launch" / "deepspeed.json"  # the resolved DeepSpeed config the ranks run with
     assert config["deepspeed_config"]["deepspeed_config_file"] == str(ds_file.resolve())
     resolved = json.loads(ds_file.read_text())
-    assert resolved["zero_optimization"]["stage"] == 2 and resolved["train_batch_size"] == 2 * 4
+    assert resolved["zero_optimization"]["stage"] == 2 and resolved["train_batch_size"] == 2 * MICRO_BATCH
     assert "auto" not in json.dumps(resolved)
 
 

@@ -95,18 +95,18 @@ def test_qlora_quantizes_the_language_model_and_its_adapter_loads(recipe_runs):
 
 
 def test_a_killed_vl_run_resumes_with_the_same_losses(recipe_runs, tmp_path):
-    """vl-lora-z3 killed after step 16 (checkpoint at 12) and rerun: steps 13-24 repeat the uninterrupted run's."""
+    """vl-lora-z3 killed after step 10 (checkpoint at 8) and rerun: steps 9-16 repeat the uninterrupted run's."""
     _, reference = recipe_runs["vl-lora-z3"]
     script, args = "train_lora.sh", [*recipe_args("vl-lora-z3"), "--output_dir", tmp_path, "--run_name", "killed"]
-    train_then_sigkill(script, args, tmp_path / "killed", 16)
-    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step-12"
+    train_then_sigkill(script, args, tmp_path / "killed", 10)
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step-8"
     resumed = run_launcher(script, *args)
     assert_ok(resumed)
     expected, got = losses_by_step(reference), losses_by_step(tmp_path / "killed")
-    assert sorted(got) == list(range(1, 25))
-    for step in range(13, 25):
+    assert sorted(got) == list(range(1, 17))
+    for step in range(9, 17):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
-    assert read_history(tmp_path / "killed")["metadata"]["resumed_at_steps"] == [12]
+    assert read_history(tmp_path / "killed")["metadata"]["resumed_at_steps"] == [8]
 
 
 def recipe_args(name):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_lora.yaml"
-PLAIN_STEPS, PREEMPT_STEPS, ACT_AT_STEP = 20, 20, 4
+PLAIN_STEPS, PREEMPT_STEPS, ACT_AT_STEP = 12, 12, 4
 JOB_TIMEOUT_S = 360
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
@@ -41,7 +41,7 @@ def submit_cmd(*extra):
 
 def submit(env, out_dir, max_steps, *overrides):
     proc = subprocess.run(submit_cmd("--nodes", "2", "--gpus-per-node", "0", "--time", "00:15:00",
-                                     "--max_steps", str(max_steps), "--logging_steps", "1",
+                                     "--max_steps", str(max_steps), "--micro_batch_size", "2", "--logging_steps", "1",
                                      "--output_dir", str(out_dir), *overrides),
                           cwd=REPO, env=job_env(env), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
