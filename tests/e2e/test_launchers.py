@@ -92,7 +92,7 @@ def test_deepspeed_runner_gets_a_hostfile(launcher_runs):
 def test_all_launchers_give_the_same_run(launcher_runs):
     histories = {name: read_history(launcher_runs[name][3]) for name in LAUNCHERS}
     reference = histories["torchrun"]
-    for name in ("accelerate", "deepspeed"):
+    for name in ("fork", "accelerate", "deepspeed"):
         other = histories[name]
         assert [r["step"] for r in other["records"]] == [r["step"] for r in reference["records"]]
         for mine, theirs in zip(other["records"], reference["records"]):
@@ -112,7 +112,7 @@ def test_the_same_adapter_weights(launcher_runs):
 
     tensors = {name: load_file(launcher_runs[name][3] / "final" / "adapter_model.safetensors") for name in LAUNCHERS}
     reference = tensors["torchrun"]
-    for name in ("accelerate", "deepspeed"):
+    for name in ("fork", "accelerate", "deepspeed"):
         assert tensors[name].keys() == reference.keys()
         for key, value in reference.items():
             assert (tensors[name][key] - value).abs().max().item() < 1e-4, (name, key)
