@@ -241,11 +241,13 @@ class TrainedRuns:
 
 MODE_CASES_ARGS = {name: (script, [*extra, *MODE_STEPS]) for name, (script, extra) in MODE_CASES.items()}
 # Vision-language and diffusion runs. vl-lora and sd-lora are the embedded defaults (logging every step, which
-# changes nothing else); the others are short variants (vl-qlora on the ddp engine a GPU would pick).
+# changes nothing else); the others are short variants (vl-lora-ddp on the plain-PyTorch engine).
 RECIPE_CASES = {
     "vl-lora": ("train_lora.sh", ["configs/tiny_vl_lora.yaml", "--logging_steps", "1"]),
-    "vl-qlora": ("train_qlora.sh", ["configs/tiny_vl_qlora.yaml", "--engine", "ddp", "--max_steps", "16",
-                                    "--eval_steps", "8", "--logging_steps", "1"]),
+    "vl-qlora": ("train_qlora.sh", ["configs/tiny_vl_qlora.yaml", "--max_steps", "16", "--eval_steps", "8",
+                                    "--logging_steps", "1"]),
+    "vl-lora-ddp": ("train_lora.sh", ["configs/tiny_vl_lora.yaml", "--engine", "ddp", "--max_steps", "8",
+                                      "--warmup_steps", "2", "--eval_steps", "8", "--logging_steps", "1"]),
     "vl-lora-z3": ("train_lora.sh", ["configs/tiny_vl_lora.yaml", "--zero", "3", "--max_steps", "16",
                                      "--eval_steps", "8", "--save_steps", "8", "--logging_steps", "1"]),
     "sd-lora": ("train_diffusion.sh", ["configs/tiny_sd_lora.yaml", "--logging_steps", "1"]),

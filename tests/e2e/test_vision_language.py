@@ -1,7 +1,7 @@
 """The vision-language recipe through the real launchers with 2 CPU processes: the embedded default (LoRA, ZeRO-2)
-learns, QLoRA quantizes only the language model, LoRA under ZeRO-3 trains with text-only and image micro-batches
-side by side, saved adapters load with peft and change the model, a killed run resumes with the same losses, and
-bad images or rows are named before launch."""
+learns, QLoRA (ZeRO-2) quantizes only the language model, the plain-PyTorch ddp engine trains it too, LoRA under
+ZeRO-3 trains with text-only and image micro-batches side by side, saved adapters load with peft and change the
+model, a killed run resumes with the same losses, and bad images or rows are named before launch."""
 import json
 
 import pytest
@@ -13,14 +13,15 @@ from tests.conftest import (REPO, assert_ok, losses_by_step, read_history, run_l
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["vl-lora", "vl-qlora", "vl-lora-z3"])
+@pytest.mark.parametrize("name", ["vl-lora", "vl-qlora", "vl-lora-z3", "vl-lora-ddp"])
 def test_vl_runs_learn_and_record_what_the_engine_ran(recipe_runs, name):
     proc, run_dir = recipe_runs[name]
     assert_ok(proc)
     history = read_history(run_dir)
     meta = history["metadata"]
     assert meta["recipe"] == "vision_language" and meta["engine"]["world_size"] == 2
-    expected = {"vl-lora": ("deepspeed", 2), "vl-qlora": ("ddp", 0), "vl-lora-z3": ("deepspeed", 3)}[name]
+    expected = {"vl-lora": ("deepspeed", 2), "vl-qlora": ("deepspeed", 2), "vl-lora-z3": ("deepspeed", 3),
+                "vl-lora-ddp": ("ddp", 0)}[name]
     assert (meta["engine"]["engine"], meta["engine"]["zero_stage"]) == expected
     evals = history["evals"]
     assert evals[0]["step"] == 0 and evals[-1]["eval_loss"] < 0.7 * evals[0]["eval_loss"], evals
