@@ -128,6 +128,18 @@ def test_every_shipped_config_resolves_and_names_its_command(path):
         f"{path.name}: the header comment must give the exact command that runs it"
 
 
+@pytest.mark.parametrize("argv", [[*recipe, "--mode", mode] for recipe in ([], ["--recipe", "diffusion"])
+                                  for mode in ("lora", "qlora", "full")], ids=" ".join)
+def test_every_launchers_mode_without_a_config_has_its_embedded_default(argv):
+    """`bash launch/train_full.sh`, `bash launch/train_diffusion.sh --mode full`, ...: each starts a shipped tiny
+    config of that recipe and mode (train_diffusion.sh --mode full looked for a file that did not exist)."""
+    from train.launch.cli import parse_launch_args
+
+    _, path, _ = parse_launch_args(argv)
+    cfg = resolve(path, on="cpu", procs=2, require_model=False)
+    assert cfg.mode == argv[-1] and (cfg.recipe == "diffusion") == ("diffusion" in argv), (path, cfg.recipe)
+
+
 QLORA_ZERO3 = MINIMAL.replace("lora", "qlora", 1) + "zero_stage: 3\n"
 
 
