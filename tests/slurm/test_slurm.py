@@ -194,6 +194,18 @@ def test_dry_run_prints_the_job_script(tmp_path):
     assert script.isascii()
 
 
+@pytest.mark.parametrize("config,args", [("configs/tiny_sd_qlora.yaml", "--mode qlora --recipe diffusion"),
+                                         ("configs/tiny_vl_lora.yaml", "--mode lora")])
+def test_the_job_script_starts_the_configs_recipe(config, args):
+    """A diffusion config's job starts the launcher with --recipe diffusion (what launch/train_diffusion.sh passes);
+    a vision-language config's job is a plain LoRA launch: the recipe comes from the model."""
+    proc = subprocess.run([sys.executable, "-m", "train.submit", "--config", config, "--nodes", "2",
+                           "--gpus-per-node", "8", "--time", "01:00:00", "--dry-run"],
+                          cwd=REPO, env=job_env(os.environ), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"FTL_ARGS=({args} {REPO / config})" in proc.stdout.splitlines(), proc.stdout[:3000]
+
+
 def test_submit_refuses_a_mode_the_config_does_not_have():
     proc = subprocess.run(submit_cmd("--mode", "full", "--dry-run"), cwd=REPO, env=job_env(os.environ),
                           capture_output=True, text=True, timeout=60)
