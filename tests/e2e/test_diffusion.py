@@ -1,7 +1,7 @@
 """The diffusion recipe through launch/train_diffusion.sh with 2 CPU processes: the embedded default (UNet LoRA,
 ZeRO-2) lowers its validation loss, samples at every eval, and its best/ loads with diffusers' own
-load_lora_weights and changes the pictures; QLoRA puts the UNet in NF4; a killed run resumes with the same losses;
-a NaN stops the run; a bad picture is named before launch."""
+load_lora_weights and changes the pictures; ZeRO-3 saves the whole LoRA; QLoRA puts the UNet in NF4; a killed run
+resumes with the same losses; a NaN stops the run; a bad picture is named before launch."""
 import json
 
 import numpy as np
@@ -68,6 +68,31 @@ def test_a_killed_qlora_diffusion_run_resumes_with_the_same_losses(recipe_runs, 
     assert sorted(got) == sorted(expected) == list(range(1, 17))
     for step in range(9, 17):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+
+
+def test_zero3_trains_and_saves_the_whole_lora_not_a_ranks_shard(recipe_runs, tmp_path):
+    """ZeRO-3 partitions the UNet over the 2 ranks: the run lowers its validation loss, and best/ holds every LoRA
+    tensor whole (gathered at the save), with the keys and shapes of the ZeRO-2 default's, in the format diffusers'
+    load_lora_weights takes. No samples, to keep it short."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from train.models.tiny import resolve_model_path
+
+    proc = run_launcher("train_diffusion.sh", "--zero", "3", "--max_steps", "4", "--eval_steps", "4",
+                        "--warmup_steps", "1", "--validation_prompts", "[]", "--output_dir", tmp_path,
+                        "--run_name", "z3")
+    assert_ok(proc)
+    history = read_history(tmp_path / "z3")
+    assert history["metadata"]["engine"]["zero_stage"] == 3, history["metadata"]["engine"]
+    evals = history["evals"]
+    assert evals[-1]["step"] == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals
+    _, zero2 = recipe_runs["sd-lora"]
+    got, reference = (load_file(run / "best" / "pytorch_lora_weights.safetensors") for run in (tmp_path / "z3", zero2))
+    assert got.keys() == reference.keys()
+    assert all(got[key].shape == reference[key].shape and got[key].numel() > 0 for key in got)
+    pipeline = StableDiffusionPipeline.from_pretrained(resolve_model_path("builtin:tiny-sd"), safety_checker=None)
+    pipeline.load_lora_weights(str(tmp_path / "z3" / "best"))
 
 
 def test_a_nan_loss_stops_the_diffusion_run(tmp_path):
