@@ -30,6 +30,16 @@ def test_validation_loss_falls_and_samples_are_written(recipe_runs, name):
     assert json.loads((run_dir / "best" / "training_info.json").read_text())["mode"] == name.split("-")[1]
 
 
+def tiny_sd_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    from train.models.tiny import resolve_model_path
+
+    pipeline = StableDiffusionPipeline.from_pretrained(resolve_model_path("builtin:tiny-sd"), safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def pipeline_image(pipeline, prompt="a red circle on a white background", seed=0):
     import torch
 
@@ -40,13 +50,8 @@ def pipeline_image(pipeline, prompt="a red circle on a white background", seed=0
 
 @pytest.mark.parametrize("which", ["best", "final"])
 def test_load_lora_weights_of_best_and_final_changes_the_pictures(recipe_runs, which):
-    from diffusers import StableDiffusionPipeline
-
-    from train.models.tiny import resolve_model_path
-
     _, run_dir = recipe_runs["sd-lora"]
-    pipeline = StableDiffusionPipeline.from_pretrained(resolve_model_path("builtin:tiny-sd"), safety_checker=None)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = tiny_sd_pipeline()
     base = pipeline_image(pipeline)
     pipeline.load_lora_weights(str(run_dir / which))
     tuned = pipeline_image(pipeline)
@@ -74,10 +79,7 @@ def test_zero3_trains_and_saves_the_whole_lora_not_a_ranks_shard(recipe_runs, tm
     """ZeRO-3 partitions the UNet over the 2 ranks: the run lowers its validation loss, and best/ holds every LoRA
     tensor whole (gathered at the save), with the keys and shapes of the ZeRO-2 default's, in the format diffusers'
     load_lora_weights takes. No samples, to keep it short."""
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
-
-    from train.models.tiny import resolve_model_path
 
     proc = run_launcher("train_diffusion.sh", "--zero", "3", "--max_steps", "4", "--eval_steps", "4",
                         "--warmup_steps", "1", "--validation_prompts", "[]", "--output_dir", tmp_path,
@@ -91,8 +93,7 @@ def test_zero3_trains_and_saves_the_whole_lora_not_a_ranks_shard(recipe_runs, tm
     got, reference = (load_file(run / "best" / "pytorch_lora_weights.safetensors") for run in (tmp_path / "z3", zero2))
     assert got.keys() == reference.keys()
     assert all(got[key].shape == reference[key].shape and got[key].numel() > 0 for key in got)
-    pipeline = StableDiffusionPipeline.from_pretrained(resolve_model_path("builtin:tiny-sd"), safety_checker=None)
-    pipeline.load_lora_weights(str(tmp_path / "z3" / "best"))
+    tiny_sd_pipeline().load_lora_weights(str(tmp_path / "z3" / "best"))
 
 
 def test_a_nan_loss_stops_the_diffusion_run(tmp_path):

@@ -44,7 +44,7 @@ def assert_saved_once(history):
 def test_sigkilled_run_resumes_and_repeats_the_same_losses(mode_runs, tmp_path):
     """The lora-z2 case (LoRA dropout 0.1: the per-rank RNG must be restored too) killed after step 11, with
     checkpoints every 5 steps and only the newest kept, then rerun: steps 11-16 repeat the uninterrupted run's
-    (saved every 8 steps: when a run saves changes nothing it trains)."""
+    (which saved every 8 steps: when a run saves does not change what it trains)."""
     from tests.conftest import MODE_CASES_ARGS
 
     proc, reference = mode_runs["lora-z2"]

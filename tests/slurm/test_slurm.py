@@ -35,8 +35,8 @@ def job_env(base):
     return env
 
 
-def submit_cmd(*extra):
-    return [sys.executable, "-m", "train.submit", "--config", CONFIG, *extra]
+def submit_cmd(*extra, config=CONFIG):
+    return [sys.executable, "-m", "train.submit", "--config", config, *extra]
 
 
 def submit(env, out_dir, max_steps, *overrides):
@@ -199,8 +199,8 @@ def test_dry_run_prints_the_job_script(tmp_path):
 def test_the_job_script_starts_the_configs_recipe(config, args):
     """A diffusion config's job starts the launcher with --recipe diffusion (what launch/train_diffusion.sh passes);
     a vision-language config's job is a plain LoRA launch: the recipe comes from the model."""
-    proc = subprocess.run([sys.executable, "-m", "train.submit", "--config", config, "--nodes", "2",
-                           "--gpus-per-node", "8", "--time", "01:00:00", "--dry-run"],
+    proc = subprocess.run(submit_cmd("--nodes", "2", "--gpus-per-node", "8", "--time", "01:00:00", "--dry-run",
+                                     config=config),
                           cwd=REPO, env=job_env(os.environ), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert f"FTL_ARGS=({args} {REPO / config})" in proc.stdout.splitlines(), proc.stdout[:3000]
