@@ -5,5 +5,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
 ftl_launch() {
     local py
     py="$(ftl_python)" || exit 1
-    PYTHONPATH="$FTL_ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m train.launch "$@"
+    PYTHONPATH="$FTL_ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m finetune_launcher.launch "$@"
 }

@@ -27,21 +27,21 @@ def pytest_configure(config):
 def machine(name="cpu"):
     """The machine a config is resolved for: this CPU, or a GPU type from the estimator's table (as a pre-flight
     for that GPU resolves it)."""
-    from train.config.machine import Machine, named
+    from finetune_launcher.config.machine import Machine, named
 
     return Machine("cpu") if name == "cpu" else named(name)
 
 
 def resolve(path=None, overrides=None, on="cpu", procs=2, nnodes=1, **kwargs):
     """The RunConfig a launch of `path` + `overrides` resolves to, for 2 processes on this CPU (or `on` a GPU)."""
-    from train.config import resolve_run_config
+    from finetune_launcher.config import resolve_run_config
 
     return resolve_run_config(path, overrides, procs_per_node=procs, nnodes=nnodes, machine=machine(on), **kwargs)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path():
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.models.references import resolve_model_path
 
     return resolve_model_path("builtin:tiny-llama")
 
@@ -68,14 +68,14 @@ def vl_settings(**overrides):
 
 @pytest.fixture(scope="session")
 def tiny_vl_path():
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.models.references import resolve_model_path
 
     return resolve_model_path("builtin:tiny-qwen3-vl")
 
 
 @pytest.fixture(scope="session")
 def vl_processor(tiny_vl_path):
-    from train.models.vision_language import load_processor
+    from finetune_launcher.recipes.vision_language.model import load_processor
 
     return load_processor(vl_settings())
 
@@ -144,11 +144,11 @@ def assert_ok(proc):
 
 
 def launch_here(capsys, *args, launcher=("--mode", "lora")):
-    """train.launch's main in this process (what launch/train_lora.sh execs; launch/train_diffusion.sh passes
+    """finetune_launcher.launch's main in this process (what launch/train_lora.sh execs; launch/train_diffusion.sh passes
     --recipe diffusion), for checks that end before any rank starts; returns a CompletedProcess-like result."""
     from types import SimpleNamespace
 
-    from train.launch.cli import main
+    from finetune_launcher.launch.cli import main
 
     capsys.readouterr()
     environment = dict(os.environ)  # main() keeps its own process on one OpenMP thread, through the environment

@@ -1,6 +1,6 @@
 """Real launches for the tests without a fresh interpreter for each. A forkserver per test worker imports the
 launcher and everything its ranks import once (torch, transformers, peft, DeepSpeed, diffusers: about 8 CPU-seconds
-a launch otherwise); each launch is a child forked from it that runs `train.launch`'s main with the arguments
+a launch otherwise); each launch is a child forked from it that runs `finetune_launcher.launch`'s main with the arguments
 `launch/<script>` passes (read from the script itself), in the test's environment and working directory, its
 output in files. The launcher code, the checks, the forked ranks and the exit code are the real ones; what differs
 from `bash launch/train_*.sh` is only the interpreter start, so the tests that check the shell scripts, the console
@@ -14,22 +14,22 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from train.launch.forked import RANK_IMPORTS
-from train.recipes import RECIPE_MODULES
+from finetune_launcher.launch.forked import RANK_IMPORTS
+from finetune_launcher.rank import RECIPE_MODULES
 
 REPO = Path(__file__).resolve().parent.parent
 # read by the interpreter or at import: a launch that sets them needs a fresh interpreter
 IMPORT_TIME_ENV = ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LC_CTYPE", "LANG", "HF_HUB_OFFLINE",
                    "TRANSFORMERS_OFFLINE", "HF_HOME")
 # the launcher's modules, then what its ranks import (the same list the launcher imports before it forks)
-PRELOAD = ["tests.forkserver_init", "train.launch.cli", "train.launch.commands", "train.launch.prechecks",
-           "train.launch.preflight", "train.launch.signals", "train.__main__", *RECIPE_MODULES.values(),
+PRELOAD = ["tests.forkserver_init", "finetune_launcher.launch.cli", "finetune_launcher.launch.commands", "finetune_launcher.launch.prechecks",
+           "finetune_launcher.launch.preflight", "finetune_launcher.launch.signals", "finetune_launcher.__main__", *RECIPE_MODULES.values(),
            *RANK_IMPORTS]
 _context = None
 
 
 def script_arguments(script):
-    """What launch/<script> passes to `python -m train.launch` before the user's arguments."""
+    """What launch/<script> passes to `python -m finetune_launcher.launch` before the user's arguments."""
     for line in (REPO / "launch" / script).read_text().splitlines():
         if line.startswith("ftl_launch "):
             return [word for word in shlex.split(line)[1:] if word != "$@"]
@@ -88,7 +88,7 @@ def run_launcher_main(argv, env, cwd, out_path, err_path):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
         os.close(target)
-    from train import exit_codes
-    from train.launch.cli import main
+    from finetune_launcher import exit_codes
+    from finetune_launcher.launch.cli import main
 
     exit_codes.exit_without_teardown(main(argv))

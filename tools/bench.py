@@ -25,8 +25,8 @@ Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps th
   ours-full-deepspeed  the same with engine: deepspeed (ZeRO-2; the trainer before)
   ours-full-bucket5e8   the same with DeepSpeed's reduce_bucket_size at 5e8 elements (DeepSpeed's own default)
 --profile CASE[,CASE]: those cases run 3 more steps under torch.profiler (not measured); the summary (wall vs kernel
-time, GPU busy fraction, top kernels and CPU ops, syncs and launches: train/profiling.py) goes into the case's row.
-FLOP accounting (MFU = model FLOPs per second / the GPU's dense bf16 peak from train/estimate/gpu_table.json): per token
+time, GPU busy fraction, top kernels and CPU ops, syncs and launches: finetune_launcher/profiling.py) goes into the case's row.
+FLOP accounting (MFU = model FLOPs per second / the GPU's dense bf16 peak from finetune_launcher/estimate/gpu_table.json): per token
 6N (full) or 4N (LoRA: forward 2N, input gradients 2N; frozen weights get no weight gradient) with N all
 parameters, plus attention 12 x layers x seq x hidden (PaLM's convention, no causal discount); recomputation by
 gradient checkpointing is not counted.
@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
                             versions, write_json, write_text_corpus)
-from train.console import ascii_safe, make_console_safe  # noqa: E402
-from train.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
+from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
+from finetune_launcher.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 
 WARMUP = 3
 CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
@@ -146,7 +146,7 @@ def ds_file_with(args, base="zero2", **zero_settings):
 
 
 def model_flops_per_token(model_ref, mode, seq_len):
-    from train.estimate import count_params, load_architecture, RunSpec
+    from finetune_launcher.estimate import count_params, load_architecture, RunSpec
 
     arch = load_architecture(model_ref)
     spec = RunSpec(model=model_ref, mode=mode, seq_len=seq_len)
@@ -156,7 +156,7 @@ def model_flops_per_token(model_ref, mode, seq_len):
 
 
 def add_ratios(rows, args):
-    from train.estimate import detect_device
+    from finetune_launcher.estimate import detect_device
 
     device = detect_device(1)
     peak = device.peak_flops("bf16") if device.kind != "cpu" else device.peak_flops("fp32")
@@ -244,7 +244,7 @@ def prepare_models(args, cases):
     """Build the random shapes' directories (and the QLoRA case's random weights, written once) before any case,
     so no case's time or timeout includes them."""
     t0 = time.time()
-    code = ("import sys, torch; from train.models.tiny import resolve_model_path, materialize_random_weights\n"
+    code = ("import sys, torch; from finetune_launcher.models.references import resolve_model_path, materialize_random_weights\n"
             "paths = [resolve_model_path(m) for m in sys.argv[2:]]\n"
             "if sys.argv[1] == 'qlora' and sys.argv[2].startswith('random:'):\n"
             "    materialize_random_weights(paths[0], torch.bfloat16 if torch.cuda.is_available() else torch.float32)")

@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
                             versions, write_json)
-from train.console import ascii_safe, make_console_safe  # noqa: E402
+from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 
 WARMUP = 3
 CASES = ("hf", "hf-liger", "ours")
-SHAPES = {  # vl_config keyword arguments (train/models/tiny_vl.py)
+SHAPES = {  # vl_config keyword arguments (finetune_launcher/recipes/vision_language/tiny.py)
     "qwen2.5-vl-3b": dict(
         text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                   num_key_value_heads=2, max_position_embeddings=32768, vocab_size=151936),
@@ -56,7 +56,7 @@ def build_model(args):
     image side), built once under --work-dir."""
     import torch
 
-    from train.models.tiny_vl import build_vl_directory
+    from finetune_launcher.recipes.vision_language.tiny import build_vl_directory
 
     target = Path(args.work_dir).resolve() / f"{args.shape}-{args.image_side}px"
     if not (target / "config.json").exists():

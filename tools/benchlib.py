@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from train.console import ascii_safe  # noqa: E402
+from finetune_launcher.console import ascii_safe  # noqa: E402
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega red green blue cat dog bird fish "
          "river mountain cloud stone tree leaf wind rain north south east west one two three four five six seven "
@@ -163,9 +163,9 @@ def measured(history, warmup, last=None):
 
 def predict(config, nproc, device, calibration, margin=0.0):
     """The estimator's figures for this run config (no memory margin: compared with what the GPU held)."""
-    from train.config import resolve_run_config
-    from train.config.machine import named
-    from train.estimate import estimate, spec_from_config
+    from finetune_launcher.config import resolve_run_config
+    from finetune_launcher.config.machine import named
+    from finetune_launcher.estimate import estimate, spec_from_config
 
     resolved = resolve_run_config(None, config, procs_per_node=nproc, machine=named(device.name), require_model=False)
     spec = spec_from_config(resolved.as_dict(), nproc, 1, gpu=device.name)

@@ -1,6 +1,6 @@
 """Which imports start CUDA (a benchmark probe, GPU machines only): each module imported alone in a fresh
 interpreter, then torch.cuda.is_initialized(). A rank cannot be forked from a launcher in which CUDA has started
-(train/launch/forked.py); docs/benchmarks.md has what an H200 showed.
+(finetune_launcher/launch/forked.py); docs/benchmarks.md has what an H200 showed.
 
     python tools/cuda_at_import.py [MODULE ...]
 """
@@ -9,9 +9,9 @@ import sys
 
 MODULES = ["torch", "deepspeed", "deepspeed.ops.op_builder.all_ops", "deepspeed.runtime.zero.muon.muon_optimizer",
            "peft", "torch.utils.tensorboard", "matplotlib.pyplot", "transformers", "liger_kernel.transformers",
-           "triton", "bitsandbytes", "diffusers", "train.recipes", "train.recipes.causal_lm",
-           "train.recipes.vision_language", "train.recipes.diffusion", "train.models.vision_language",
-           "train.models.diffusion", "train.engine", "train.loop"]
+           "triton", "bitsandbytes", "diffusers", "finetune_launcher.rank", "finetune_launcher.recipes.causal_lm.recipe",
+           "finetune_launcher.recipes.vision_language.recipe", "finetune_launcher.recipes.diffusion.recipe", "finetune_launcher.recipes.vision_language.model",
+           "finetune_launcher.recipes.diffusion.model", "finetune_launcher.engines", "finetune_launcher.loop"]
 
 
 def main(modules):

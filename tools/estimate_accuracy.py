@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.benchlib import predict  # noqa: E402
-from train.console import ascii_safe, make_console_safe  # noqa: E402
-from train.estimate import detect_device, fit_calibration, measured_step_time, run_measurement  # noqa: E402
+from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
+from finetune_launcher.estimate import detect_device, fit_calibration, measured_step_time, run_measurement  # noqa: E402
 
 # (label, run-config overrides relative to the base case)
 CASES = [
@@ -135,8 +135,8 @@ def wait_for_quiet(max_load, limit_s=180):
 
 
 def _default_nproc():
-    from train.config.machine import detect
-    from train.config.resolve import default_procs_per_node
+    from finetune_launcher.config.machine import detect
+    from finetune_launcher.config.resolve import default_procs_per_node
 
     return default_procs_per_node(detect())
 

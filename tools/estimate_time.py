@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train import exit_codes  # noqa: E402
-from train.console import ascii_safe, make_console_safe  # noqa: E402
-from train.estimate import (EstimateError, RunSpec, calibrate_from_history, calibration_path,  # noqa: E402
+from finetune_launcher import exit_codes  # noqa: E402
+from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
+from finetune_launcher.estimate import (EstimateError, RunSpec, calibrate_from_history, calibration_path,  # noqa: E402
                             detect_device, estimate, known_gpus, load_calibration, render_table, resolve_device,
                             run_measurement, spec_from_config)
 
@@ -44,7 +44,7 @@ FLAG_FIELDS = {"model": "model", "mode": "mode", "gpus_per_node": "gpus_per_node
                "image_size": "image_size", "images_per_row": "images_per_row", "min_pixels": "min_pixels",
                "max_pixels": "max_pixels", "resolution": "resolution", "cache_latents": "cache_latents",
                "text_encoder_lora": "text_encoder_lora"}
-DIFFUSION_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusion recipe's default (train.config)
+DIFFUSION_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusion recipe's default (finetune_launcher.config)
 
 
 def parse_args(argv):
@@ -127,8 +127,8 @@ def build_spec(args):
     device = resolve_device(fields["gpu"], gpus) if "gpu" in fields else detect_device(gpus)
     fields["gpu"] = device.name
     if args.config:
-        from train.config import resolve_run_config
-        from train.config.machine import named
+        from finetune_launcher.config import resolve_run_config
+        from finetune_launcher.config.machine import named
 
         config = resolve_run_config(args.config, procs_per_node=gpus, nnodes=fields.get("nodes", 1),
                                     machine=named(device.name), require_model=False)
@@ -141,7 +141,7 @@ def build_spec(args):
         fields.setdefault("lora_targets", DIFFUSION_LORA_TARGETS)
         fields.setdefault("packing", False)
     if fields["recipe"] == "vision_language":
-        fields["packing"] = False  # length-grouped rows (train/data/vision_language.py)
+        fields["packing"] = False  # length-grouped rows (finetune_launcher/recipes/vision_language/data.py)
     # the trainer's defaults: liger_kernel auto, gradient_checkpointing auto (off when it fits without)
     fields.setdefault("liger_kernel", device.kind != "cpu" and fields["recipe"] != "diffusion")
     spec = RunSpec(**fields)
@@ -155,11 +155,11 @@ def build_spec(args):
 def recipe_of(model):
     """What the trainer's recipe: auto picks for `model`: diffusion for a diffusers pipeline, vision_language for
     a model with a vision tower, else causal_lm."""
-    from train.estimate.diffusion import is_pipeline
+    from finetune_launcher.recipes.diffusion.estimate import is_pipeline
 
     if is_pipeline(model):
         return "diffusion"
-    from train.estimate import load_architecture
+    from finetune_launcher.estimate import load_architecture
 
     return "vision_language" if load_architecture(model).vision_params else "causal_lm"
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.after.cli import run_tool  # noqa: E402
-from train.after.bases import QLORA_BASES  # noqa: E402
-from train.after.loading import DTYPES, check_adapter_dir  # noqa: E402
-from train.console import ascii_safe  # noqa: E402
+from finetune_launcher.after.cli import run_tool  # noqa: E402
+from finetune_launcher.after.bases import QLORA_BASES  # noqa: E402
+from finetune_launcher.after.loading import DTYPES, check_adapter_dir  # noqa: E402
+from finetune_launcher.console import ascii_safe  # noqa: E402
 
 EXAMPLES_FILE = "eval_examples.jsonl"
 
@@ -77,8 +77,8 @@ def main():
     args = parse_args()
     for adapter in args.adapters:
         check_adapter_dir(adapter)  # a wrong path fails before the slow imports
-    from train.after.evaluation import evaluate_all, format_table, write_examples
-    from train.after.generation import GenerationSettings
+    from finetune_launcher.after.evaluation import evaluate_all, format_table, write_examples
+    from finetune_launcher.after.generation import GenerationSettings
 
     args.generation = GenerationSettings(max_new_tokens=args.max_new_tokens)
     json_to_stdout = args.json == "-"

@@ -23,9 +23,9 @@ def build(model_ref, lora_r, compile_layers, sharded):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from train.models.compiled_layers import compile_decoder_layers, decoder_layers
-    from train.models.tiny import resolve_model_path
-    from train.plain_engine import cast_floating_parameters
+    from finetune_launcher.models.compiled_layers import compile_decoder_layers, decoder_layers
+    from finetune_launcher.models.references import resolve_model_path
+    from finetune_launcher.engines.plain import cast_floating_parameters
 
     config = AutoConfig.from_pretrained(resolve_model_path(model_ref))
     with torch.device("cuda"):

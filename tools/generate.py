@@ -9,7 +9,7 @@ model was trained with applied exactly as in training; vision-language models al
 
 `text` prints only the generated text on stdout (notes go to stderr), so it can be used in scripts. Decoding is
 greedy unless --temperature > 0. The template is the run's dataset format from training_info.json; a model without
-one gets the instruction template of train/prompts.py (override with --format). A vision-language model is prompted
+one gets the instruction template of finetune_launcher/prompts.py (override with --format). A vision-language model is prompted
 with its processor's chat template, as training tokenises it; --image (repeatable) goes with the prompt (in demo and
 interactive mode with every prompt that names no image of its own: an "image" / "images" field of a prompts-file
 line, relative to the file, or a line `/image PATH` before an interactive prompt). Without an image it answers from
@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.after.cli import run_tool  # noqa: E402
-from train.after.bases import QLORA_BASES, VISION_LANGUAGE  # noqa: E402
-from train.after.loading import DTYPES, AdapterError  # noqa: E402
-from train.console import ascii_safe  # noqa: E402
+from finetune_launcher.after.cli import run_tool  # noqa: E402
+from finetune_launcher.after.bases import QLORA_BASES, VISION_LANGUAGE  # noqa: E402
+from finetune_launcher.after.loading import DTYPES, AdapterError  # noqa: E402
+from finetune_launcher.console import ascii_safe  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "demo_prompts.jsonl"
 DEFAULT_VL_PROMPTS = Path(__file__).resolve().parent / "demo_prompts_vl.jsonl"
@@ -79,7 +79,7 @@ def note(message):
 
 def check_source(args):
     """Fail on a wrong model choice or adapter path before the slow imports."""
-    from train.after.loading import check_adapter_dir
+    from finetune_launcher.after.loading import check_adapter_dir
 
     if bool(args.adapter) == bool(args.model):
         raise AdapterError("pass exactly one of --adapter DIR (an adapter on its base) and --model REF (a base or "
@@ -91,8 +91,8 @@ def check_source(args):
 
 
 def load(args):
-    from train.after.bases import pick_device, qlora_note
-    from train.after.loading import load_adapter, load_full_model
+    from finetune_launcher.after.bases import pick_device, qlora_note
+    from finetune_launcher.after.loading import load_adapter, load_full_model
 
     device = pick_device(args.device)
     if args.adapter:
@@ -107,7 +107,7 @@ def main():
     args = parse_args()
     check_source(args)
     check_images(args.images)
-    from train.after.generation import GenerationSettings, PromptCase, read_prompt_file, resolve_prompt_format
+    from finetune_launcher.after.generation import GenerationSettings, PromptCase, read_prompt_file, resolve_prompt_format
 
     loaded = load(args)
     vision = loaded.kind == VISION_LANGUAGE
@@ -147,10 +147,10 @@ def with_default_images(case, images):
 
 def answerer(loaded, fmt, settings):
     """case -> generated text, for the loaded model's kind."""
-    from train.after.generation import generate_for_case
+    from finetune_launcher.after.generation import generate_for_case
 
     if loaded.kind == VISION_LANGUAGE:
-        from train.after.vision_language import VLPrompter, generate_vl
+        from finetune_launcher.recipes.vision_language.after import VLPrompter, generate_vl
 
         prompter = VLPrompter(loaded.processor)
         return lambda case: generate_vl(loaded.model, prompter, case, settings)
@@ -171,7 +171,7 @@ def run_demo(cases, answer):
 def run_interactive(answer, make_case, default_images, vision):
     """Answer each line; `/image PATH` lines attach images to the next prompt (else --image's go with it). A bad
     image is reported and the loop goes on."""
-    from train.data.records import DataError
+    from finetune_launcher.data.records import DataError
 
     note("type a prompt and press Enter; an empty line, 'exit' or Ctrl-D ends. Each prompt is answered on its own."
          + (f" '{IMAGE_COMMAND} PATH' attaches an image to the next prompt." if vision else ""))

@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.after.cli import run_tool  # noqa: E402
-from train.after.run_files import AdapterError  # noqa: E402
-from train.console import ascii_safe  # noqa: E402
+from finetune_launcher.after.cli import run_tool  # noqa: E402
+from finetune_launcher.after.run_files import AdapterError  # noqa: E402
+from finetune_launcher.console import ascii_safe  # noqa: E402
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -79,7 +79,7 @@ def out_dir(args):
 def main():
     args = parse_args()
     check_args(args)
-    from train.after.diffusion import check_pipeline, diffusion_weights, fuse_weights
+    from finetune_launcher.recipes.diffusion.after import check_pipeline, diffusion_weights, fuse_weights
 
     weights = diffusion_weights(args.adapter, args.base) if args.adapter else None
     base_path = weights.base_path if weights else check_pipeline(args.base, "given with --base")
@@ -96,8 +96,8 @@ def main():
 
 def generate_all(args, weights, base_path):
     """Base images first (for --compare), then the weights go on the same pipeline for the tuned ones."""
-    from train.after.bases import pick_device
-    from train.after.diffusion import (apply_weights, default_resolution, dequantize_unet, generate, image_name,
+    from finetune_launcher.after.bases import pick_device
+    from finetune_launcher.recipes.diffusion.after import (apply_weights, default_resolution, dequantize_unet, generate, image_name,
                                        load_pipeline, pipeline_dtype, side_by_side, uses_dequantized_unet)
 
     device = pick_device(args.device)

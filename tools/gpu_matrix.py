@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.benchlib import (log_tail, measured, predict, run_launcher, versions, write_json,  # noqa: E402
                             write_text_corpus)
-from train.console import ascii_safe, make_console_safe  # noqa: E402
+from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 
 WARMUP = 3
 ALL = 0  # every GPU of the machine (2 processes on a CPU)
@@ -165,7 +165,7 @@ def run_cases(args, names, on_case=lambda rows: None):
 
 
 def add_predictions(rows):
-    from train.estimate import detect_device, fit_calibration, resolve_device
+    from finetune_launcher.estimate import detect_device, fit_calibration, resolve_device
 
     for row in rows:
         if "step_time_s" not in row:

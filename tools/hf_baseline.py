@@ -10,7 +10,7 @@ model shape, same data, same tokens per optimizer step.
 
 Prints and writes: median step time after the warm-up, tokens/s, peak GPU memory and the loss of every step. With
 --vl-data (a vision-language model directory, tools/bench_vl.py): AutoModelForImageTextToText and its processor,
-the rows and micro-batches our VL recipe makes (train/data), LoRA on the language model's linears; tokens/s counts
+the rows and micro-batches our VL recipe makes (finetune_launcher/data), LoRA on the language model's linears; tokens/s counts
 the non-pad tokens of each step, image tokens included, as our trainer does.
 """
 import argparse
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.profiling import StepProfiler  # noqa: E402
+from finetune_launcher.profiling import StepProfiler  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -40,7 +40,7 @@ def parse_args():
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--liger", action="store_true", help="TrainingArguments(use_liger_kernel=True)")
     p.add_argument("--profile", metavar="FILE", help="torch.profiler summary of 3 steps after the measured ones "
-                                                     "(train/profiling.py) as JSON")
+                                                     "(finetune_launcher/profiling.py) as JSON")
     p.add_argument("--json", metavar="FILE")
     return p.parse_args()
 
@@ -49,7 +49,7 @@ def build_model(model_ref):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from train.models.tiny import is_builtin, resolve_model_path
+    from finetune_launcher.models.references import is_builtin, resolve_model_path
 
     path = resolve_model_path(model_ref)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -67,8 +67,8 @@ def build_model(model_ref):
 def build_dataset(path, model_ref, seq_len, rows_needed):
     import torch
 
-    from train.data.text import tokenize_text_blocks
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.data.text import tokenize_text_blocks
+    from finetune_launcher.models.references import resolve_model_path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_ref))
@@ -87,9 +87,9 @@ def build_vl(args, rows_needed):
 
     from transformers import AutoModelForImageTextToText
 
-    from train.data.vision_language import load_vl_rows
-    from train.data.vl_batching import VLCollator
-    from train.models.vision_language import load_processor, lora_target_pattern, module_layout
+    from finetune_launcher.recipes.vision_language.data import load_vl_rows
+    from finetune_launcher.recipes.vision_language.batching import VLCollator
+    from finetune_launcher.recipes.vision_language.model import load_processor, lora_target_pattern, module_layout
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.after.cli import run_tool  # noqa: E402
-from train.after.bases import QLORA_BASES, VISION_LANGUAGE  # noqa: E402
-from train.after.loading import DTYPES  # noqa: E402
-from train.after.merge import merge_adapter  # noqa: E402
+from finetune_launcher.after.cli import run_tool  # noqa: E402
+from finetune_launcher.after.bases import QLORA_BASES, VISION_LANGUAGE  # noqa: E402
+from finetune_launcher.after.loading import DTYPES  # noqa: E402
+from finetune_launcher.after.merge import merge_adapter  # noqa: E402
 
 
 def parse_args():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.after.cli import run_tool  # noqa: E402
-from train.console import ascii_safe  # noqa: E402
+from finetune_launcher.after.cli import run_tool  # noqa: E402
+from finetune_launcher.console import ascii_safe  # noqa: E402
 
 HISTORY_FILE = "training_history.json"
 DEFAULT_PNG = "training_curves.png"
@@ -50,7 +50,7 @@ def summary(history):
 
 def main():
     args = parse_args()
-    from train.history import load_history, plot_history
+    from finetune_launcher.history import load_history, plot_history
 
     path = history_path(args.history)
     try:

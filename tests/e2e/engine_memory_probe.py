@@ -29,12 +29,12 @@ import sys
 import torch
 
 from tests.conftest import peak_of, resolve
-from train.console import make_console_safe
-from train.data.text import collate
-from train.distributed import init_distributed, shutdown_distributed
-from train.engine import build_engine
-from train.estimate import estimate, spec_from_config
-from train.models.causal_lm import load_model
+from finetune_launcher.console import make_console_safe
+from finetune_launcher.data.text import collate
+from finetune_launcher.distributed import init_distributed, shutdown_distributed
+from finetune_launcher.engines import build_engine
+from finetune_launcher.estimate import estimate, spec_from_config
+from finetune_launcher.recipes.causal_lm.model import load_model
 
 SEQ, MICRO = 64, 2
 PEAK_REPEATS = 3

@@ -33,7 +33,7 @@ def test_validation_loss_falls_and_samples_are_written(recipe_runs, name):
 def tiny_sd_pipeline():
     from diffusers import StableDiffusionPipeline
 
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.models.references import resolve_model_path
 
     pipeline = StableDiffusionPipeline.from_pretrained(resolve_model_path("builtin:tiny-sd"), safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)

@@ -31,7 +31,7 @@ ACTIVATION_TOLERANCE = 0.15
 
 @pytest.fixture(scope="module")
 def engine_memory():
-    from train.distributed import free_port
+    from finetune_launcher.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(REPO / "tests" / "e2e" / "engine_memory_probe.py"), *STATE_COMBOS, *PEAK_COMBOS]
@@ -104,7 +104,7 @@ def packed_rows(n, seq):
 def build_model(name, mode, checkpointing, attn_implementation="sdpa"):
     from transformers import AutoModelForCausalLM
 
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.models.references import resolve_model_path
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch.float32,
                                                  attn_implementation=attn_implementation)
@@ -124,8 +124,8 @@ def build_model(name, mode, checkpointing, attn_implementation="sdpa"):
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_bytes_match_saved_tensors(name, mode, checkpointing):
-    from train.data.text import collate
-    from train.estimate import RunSpec, activation_terms, load_architecture
+    from finetune_launcher.data.text import collate
+    from finetune_launcher.estimate import RunSpec, activation_terms, load_architecture
 
     torch.manual_seed(0)
     micro, seq = 2, 256

@@ -1,5 +1,5 @@
 """tools/generate_images.py through its command line on a diffusion run's best/ (a LoRA on the tiny SD pipeline's UNet
-and text encoder, saved by train.models.diffusion as the diffusion recipe saves it): PNGs per prompt and seed, the
+and text encoder, saved by finetune_launcher.recipes.diffusion.model as the diffusion recipe saves it): PNGs per prompt and seed, the
 base beside the LoRA for the same seeds, a fused pipeline that loads with StableDiffusionPipeline.from_pretrained
 and draws what base + LoRA draw, and one-line errors for wrong directories."""
 import json
@@ -21,7 +21,7 @@ STEPS = "4"
 
 @pytest.fixture(scope="module")
 def sd_path():
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.models.references import resolve_model_path
 
     return resolve_model_path("builtin:tiny-sd")
 
@@ -30,7 +30,7 @@ def saved_run(tmp_path_factory, mode):
     """outputs/<run>/best of a LoRA (or QLoRA) run with text-encoder LoRA, as the diffusion recipe saves it, and the
     model as trained: random LoRA B matrices stand in for training (they start at zero, where the LoRA changes
     nothing)."""
-    from train.models.diffusion import load_diffusion, save_diffusion_lora
+    from finetune_launcher.recipes.diffusion.model import load_diffusion, save_diffusion_lora
 
     cfg = types.SimpleNamespace(model="builtin:tiny-sd", mode=mode, precision="fp32", lora_r=4, lora_alpha=8,
                                 lora_dropout=0.0, lora_target_modules=None, gradient_checkpointing=False,
@@ -141,7 +141,7 @@ def test_a_qlora_lora_draws_on_the_dequantized_unet_what_the_4bit_model_draws(tm
     training; on the stored UNet (--qlora-base original) it does not; fused, the de-quantized one stays so."""
     from diffusers import StableDiffusionPipeline
 
-    from train.models.diffusion_sampling import sample_images
+    from finetune_launcher.recipes.diffusion.sampling import sample_images
 
     run, parts = saved_run(tmp_path_factory, "qlora")
     trained = np.asarray(sample_images(parts.model, parts.vae, parts.tokenizer, parts.sample_scheduler, [PROMPT],

@@ -123,7 +123,7 @@ def test_the_same_adapter_weights(launcher_runs):
 def test_accelerate_multi_node_config_per_node(tmp_path, monkeypatch):
     import yaml
 
-    from train.launch import commands
+    from finetune_launcher.launch import commands
 
     monkeypatch.delenv("SLURM_NODEID", raising=False)
     cfg = resolve(REPO / "configs" / "tiny_lora.yaml", {"zero_stage": 3, "output_dir": str(tmp_path)}, procs=4,
@@ -143,7 +143,7 @@ def test_accelerate_multi_node_config_per_node(tmp_path, monkeypatch):
 
 
 def test_deepspeed_multi_node_runs_its_part_without_ssh(tmp_path, monkeypatch):
-    from train.launch import LaunchError, commands
+    from finetune_launcher.launch import LaunchError, commands
 
     monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
     monkeypatch.setenv("FTL_HOSTS", "gpu-a,gpu-b")

@@ -1,5 +1,5 @@
 """The model cache is built by whichever rank gets its lock first, after the process group exists (a plain
-`torchrun -m train` on a fresh machine). transformers then writes weights only on rank 0: a build by rank 1 once
+`torchrun -m finetune_launcher` on a fresh machine). transformers then writes weights only on rank 0: a build by rank 1 once
 left a cache entry with tokenizer files only, and every later load failed."""
 import subprocess
 import sys
@@ -14,8 +14,8 @@ RANK_ONE_BUILDS_FIRST = """
 import os
 import torch.distributed as dist
 from pathlib import Path
-from train.distributed import init_distributed
-from train.models.tiny import resolve_model_path
+from finetune_launcher.distributed import init_distributed
+from finetune_launcher.models.references import resolve_model_path
 
 rank = init_distributed().rank
 if rank == 0:
@@ -31,7 +31,7 @@ dist.destroy_process_group()
 
 
 def test_a_cache_entry_built_by_rank_one_has_weights_and_config(tmp_path):
-    from train.distributed import free_port
+    from finetune_launcher.distributed import free_port
 
     script = tmp_path / "build.py"
     script.write_text(RANK_ONE_BUILDS_FIRST)

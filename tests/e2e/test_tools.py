@@ -86,9 +86,9 @@ def merged(run_dir, tmp_path_factory):
 def eval_split(run_dir, path):
     """Write the run's own eval split (the trainer's split_eval on its recorded config) to `path`, so a tool's loss
     can be compared with the loss the trainer recorded."""
-    from train.config import RunConfig
-    from train.data.records import load_records
-    from train.data.text import split_eval
+    from finetune_launcher.config import RunConfig
+    from finetune_launcher.data.records import load_records
+    from finetune_launcher.data.text import split_eval
 
     cfg = RunConfig.from_dict(read_history(run_dir)["metadata"]["config"])
     records, lines, _ = load_records(REPO / cfg.dataset)
@@ -147,8 +147,8 @@ def test_merge_refuses_to_overwrite_without_the_flag(merged, run_dir):
 
 
 def test_merge_never_writes_over_its_inputs_or_a_non_model_directory(run_dir, tmp_path, tiny_model_path):
-    from train.after.loading import AdapterError
-    from train.after.merge import check_merge_target
+    from finetune_launcher.after.loading import AdapterError
+    from finetune_launcher.after.merge import check_merge_target
 
     adapter = run_dir / "best"
     for out in (adapter, run_dir, tiny_model_path):
@@ -160,7 +160,7 @@ def test_merge_never_writes_over_its_inputs_or_a_non_model_directory(run_dir, tm
 
 
 def test_merge_check_fails_on_logits_beyond_tolerance():
-    from train.after.merge import logits_difference
+    from finetune_launcher.after.merge import logits_difference
 
     reference = [torch.zeros(1, 4, 8)]
     diff, tolerance = logits_difference(reference, [torch.full((1, 4, 8), 0.01)], torch.float32)
@@ -170,7 +170,7 @@ def test_merge_check_fails_on_logits_beyond_tolerance():
 def test_a_failed_merge_check_raises_and_writes_nothing(run_dir, tmp_path, monkeypatch):
     """The saved model's logits come out off by 1.0: merge_adapter raises, leaves no output and no temp directory,
     and an earlier merge at --out (with overwrite) stays as it was."""
-    from train.after import merge as adapters
+    from finetune_launcher.after import merge as adapters
 
     real_difference = adapters.logits_difference
     monkeypatch.setattr(adapters, "logits_difference",
@@ -351,9 +351,9 @@ def four_bit_logits(run_dir, ids):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train.dtypes import torch_dtype
-    from train.models.causal_lm import disable_cpu_weight_repacking, quantization_config
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.dtypes import torch_dtype
+    from finetune_launcher.recipes.causal_lm.model import disable_cpu_weight_repacking, quantization_config
+    from finetune_launcher.models.references import resolve_model_path
 
     metadata = read_history(run_dir)["metadata"]
     config, precision = metadata["config"], metadata["precision"]
@@ -414,7 +414,7 @@ def test_qlora_adapter_is_evaluated_and_generates_as_trained(qlora_run, qlora_me
 
 
 def test_qlora_without_bitsandbytes_is_a_clear_error_naming_the_original_base(qlora_run, tmp_path, monkeypatch):
-    from train.after import loading, merge
+    from finetune_launcher.after import loading, merge
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     out = tmp_path / "merged"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_default_run_exits_zero_on_an_ascii_console(default_lora_run):
     proc, _ = default_lora_run
     assert_ok(proc)
-    assert "+ fork 2 rank(s) of: " in proc.stdout and " -m train --resolved " in proc.stdout, \
+    assert "+ fork 2 rank(s) of: " in proc.stdout and " -m finetune_launcher --resolved " in proc.stdout, \
         "the launcher must say how it starts the ranks and what each runs"
     assert "ZeRO-2" in proc.stdout and "2 processes" in proc.stdout
     # the speed switches say what they decided, in one line each, also where they cannot run

@@ -42,10 +42,10 @@ def test_the_default_run_trains_the_language_model_only(recipe_runs):
 def test_zero3_ran_steps_where_one_rank_had_no_image(recipe_runs):
     """The ZeRO-3 run's own sampler, replayed: at some step one rank's micro-batch had no picture (it got the blank
     image, or the two ranks would have gathered different modules and hung) while the other had pictures."""
-    from train.config import RunConfig
-    from train.data.vision_language import prepare_vl_data
-    from train.data.vl_batching import LengthGroupedSampler
-    from train.models.vision_language import load_processor
+    from finetune_launcher.config import RunConfig
+    from finetune_launcher.recipes.vision_language.data import prepare_vl_data
+    from finetune_launcher.recipes.vision_language.batching import LengthGroupedSampler
+    from finetune_launcher.recipes.vision_language.model import load_processor
 
     proc, run_dir = recipe_runs["vl-lora-z3"]
     assert_ok(proc)
@@ -61,8 +61,8 @@ def test_zero3_ran_steps_where_one_rank_had_no_image(recipe_runs):
 
 
 def vl_logits(model, processor):
-    from train.data.vision_language import tokenize_rows, read_conversations
-    from train.data.vl_batching import VLCollator
+    from finetune_launcher.recipes.vision_language.data import tokenize_rows, read_conversations
+    from finetune_launcher.recipes.vision_language.batching import VLCollator
 
     rows, _ = tokenize_rows(read_conversations(REPO / "data" / "tiny_vl" / "held_out.jsonl")[:2], processor, 256)
     with torch.no_grad():
@@ -74,8 +74,8 @@ def test_saved_adapters_load_with_peft_and_change_the_outputs(recipe_runs, which
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from train.models.tiny import resolve_model_path
-    from train.models.vision_language import load_processor
+    from finetune_launcher.models.references import resolve_model_path
+    from finetune_launcher.recipes.vision_language.model import load_processor
 
     _, run_dir = recipe_runs["vl-lora"]
     path = resolve_model_path("builtin:tiny-qwen3-vl")

@@ -87,8 +87,8 @@ def test_save_examples_writes_prompts_images_references_and_generations(evaluati
 
 def image_batch(processor):
     """The first held-out rows as training batches them."""
-    from train.data.vision_language import load_vl_rows
-    from train.data.vl_batching import VLCollator
+    from finetune_launcher.recipes.vision_language.data import load_vl_rows
+    from finetune_launcher.recipes.vision_language.batching import VLCollator
 
     rows, _ = load_vl_rows(HELD_OUT, processor, 256)
     batch = VLCollator(processor)(rows[:3])
@@ -100,7 +100,7 @@ def test_merged_model_loads_with_the_ecosystem_and_gives_base_plus_adapter_logit
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from train.after.bases import load_vl_processor
+    from finetune_launcher.after.bases import load_vl_processor
 
     proc, out = merged
     assert "max abs diff" in proc.stdout and (out / "processor_config.json").is_file()

@@ -36,7 +36,7 @@ def job_env(base):
 
 
 def submit_cmd(*extra, config=CONFIG):
-    return [sys.executable, "-m", "train.submit", "--config", config, *extra]
+    return [sys.executable, "-m", "finetune_launcher.submit", "--config", config, *extra]
 
 
 def submit(env, out_dir, max_steps, *overrides):
@@ -222,13 +222,13 @@ def test_preflight_at_submit_refuses_a_run_that_cannot_fit_before_it_queues(tmp_
     """Qwen3-30B full ZeRO-3 on one node of 8 x 80 GB: the model states alone exceed the GPU."""
     args = ["--config", "configs/qwen3-30b_full_zero3.yaml", "--nodes", "1", "--gpus-per-node", "8", "--gpu",
             "H100-80GB", "--output_dir", str(tmp_path)]
-    refused = subprocess.run([sys.executable, "-m", "train.submit", *args], cwd=REPO, env=job_env(os.environ),
+    refused = subprocess.run([sys.executable, "-m", "finetune_launcher.submit", *args], cwd=REPO, env=job_env(os.environ),
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 4, refused.stdout + refused.stderr
     assert "DOES NOT FIT" in refused.stderr and "nothing was submitted" in refused.stderr, refused.stderr
     assert "suggested fix" in refused.stderr and refused.stdout == ""
     assert not (tmp_path / "qwen3-30b_full_zero3").exists()
-    forced = subprocess.run([sys.executable, "-m", "train.submit", *args, "--force", "--launcher", "accelerate",
+    forced = subprocess.run([sys.executable, "-m", "finetune_launcher.submit", *args, "--force", "--launcher", "accelerate",
                              "--dry-run"], cwd=REPO, env=job_env(os.environ), capture_output=True, text=True,
                             timeout=60)
     assert forced.returncode == 0, forced.stderr
@@ -250,7 +250,7 @@ def test_preflight_at_submit_says_how_many_requeues_the_time_needs(tmp_path):
 
 def test_head_address_outside_a_job_is_a_clear_error():
     env = {k: v for k, v in job_env(os.environ).items() if not k.startswith("SLURM_")}
-    proc = subprocess.run([sys.executable, "-m", "train.submit", "--head-address"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "finetune_launcher.submit", "--head-address"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3 and proc.stdout == ""
     assert "SLURM_JOB_NODELIST" in proc.stderr and "localhost" in proc.stderr, proc.stderr
@@ -260,7 +260,7 @@ def test_head_address_outside_a_job_is_a_clear_error():
 
 def test_head_address_comes_from_scontrol(slurm_cluster):
     _, env = slurm_cluster
-    cmd = [sys.executable, "-m", "train.submit", "--head-address"]
+    cmd = [sys.executable, "-m", "finetune_launcher.submit", "--head-address"]
     ok = subprocess.run(cmd, cwd=REPO, env=job_env(dict(env, SLURM_JOB_NODELIST="n[1-2]")),
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.strip() == "127.0.0.1", ok.stdout + ok.stderr

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import resolve
-from train.config import ConfigError, RunConfig, parse_overrides, split_command_line
-from train.config.sources import schema
+from finetune_launcher.config import ConfigError, RunConfig, parse_overrides, split_command_line
+from finetune_launcher.config.sources import schema
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = "mode: lora\nmodel: builtin:tiny-llama\ndataset: data/tiny_instruct.jsonl\n"
@@ -133,7 +133,7 @@ def test_every_shipped_config_resolves_and_names_its_command(path):
 def test_every_launchers_mode_without_a_config_has_its_embedded_default(argv):
     """`bash launch/train_full.sh`, `bash launch/train_diffusion.sh --mode full`, ...: each starts a shipped tiny
     config of that recipe and mode (train_diffusion.sh --mode full looked for a file that did not exist)."""
-    from train.launch.cli import parse_launch_args
+    from finetune_launcher.launch.cli import parse_launch_args
 
     _, path, _ = parse_launch_args(argv)
     cfg = resolve(path, on="cpu", procs=2, require_model=False)
@@ -201,7 +201,7 @@ def test_metric_sinks_follow_report_to(tmp_path, monkeypatch):
     """tensorboard unless report_to is none or empty; wandb only when named (and checked before the run starts)."""
     import importlib.util
 
-    from train.history import MetricSinks, check_sinks_available
+    from finetune_launcher.history import MetricSinks, check_sinks_available
 
     def events_written(name, report_to):
         sinks = MetricSinks(tmp_path / name / "tensorboard", report_to, "run", {})

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from train.config import RunConfig
-from train.data.prompts import render_instruction_prompt
-from train.data.records import DataError, detect_format
-from train.data.text import (IGNORE_INDEX, Example, collate, make_rows, pack_examples, prepare_data, tokenize_chat,
+from finetune_launcher.config import RunConfig
+from finetune_launcher.data.prompts import render_instruction_prompt
+from finetune_launcher.data.records import DataError, detect_format
+from finetune_launcher.data.text import (IGNORE_INDEX, Example, collate, make_rows, pack_examples, prepare_data, tokenize_chat,
                              tokenize_instructions)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, resolve
-from train.config import ConfigError
+from finetune_launcher.config import ConfigError
 
 TINY = {"mode": "lora", "model": "builtin:tiny-llama", "dataset": "data/tiny_instruct.jsonl"}
 HIDDEN, WIDEST = 192, 512  # builtin:tiny-llama
@@ -128,7 +128,7 @@ def test_a_ds_file_with_zero3_decides_the_checkpointing_estimate_too(tmp_path):
                     on="H100-80GB", procs=8, require_model=False)
     assert (zero2.zero_stage, zero3.zero_stage) == (2, 3)
     assert zero2.gradient_checkpointing is True and zero3.gradient_checkpointing is False
-    from train.launch.preflight import preflight
+    from finetune_launcher.launch.preflight import preflight
 
     assert preflight(zero3).spec.zero == 3 and preflight(zero2).spec.zero == 2
 
@@ -212,7 +212,7 @@ def test_the_shipped_configs_are_found_from_an_installed_package(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--prefix",
                     str(prefix), str(REPO)], check=True, capture_output=True, timeout=600)
     site = next(prefix.glob("lib/python*/site-packages"))
-    code = ("from train.resources import resource; "
+    code = ("from finetune_launcher.resources import resource; "
             "print(resource('ds_configs/zero3.json')); print(resource('launch/slurm/train.sbatch')); "
             "print(resource('configs/tiny_lora.yaml')); print(resource('data/tiny_instruct.jsonl'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin"},

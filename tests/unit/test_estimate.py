@@ -10,7 +10,7 @@ from types import MappingProxyType
 import pytest
 
 from tests.conftest import REPO
-from train.estimate import (EstimateError, EstimateLog, RunSpec, estimate, estimate_from_config, liger_expected,
+from finetune_launcher.estimate import (EstimateError, EstimateLog, RunSpec, estimate, estimate_from_config, liger_expected,
                             load_architecture, measured_step_time, resolve_device, spec_from_config)
 
 LLAMA8B = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -124,7 +124,7 @@ def test_preflight_refusal_says_why_and_the_fix():
 
 
 def test_launcher_exits_4_when_it_does_not_fit_unless_forced(capsys):
-    from train.launch.cli import main
+    from finetune_launcher.launch.cli import main
 
     args = ["--mode", "full", str(REPO / "configs" / "tiny_full.yaml"), "--model", "random:qwen2.5-72b",
             "--dry-run"]

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import REPO
 from tools.benchlib import predict
-from train.estimate import cpu_device, fit_calibration, resolve_device
+from finetune_launcher.estimate import cpu_device, fit_calibration, resolve_device
 
 BENCHMARKS = REPO / "docs" / "benchmarks"
 GPU_MEMORY_TOLERANCE = 0.10       # predicted peak without margin vs the largest reserved peak

@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from train.estimate import (EstimateError, RunSpec, architecture_from_table, base_counts_from_shapes,
+from finetune_launcher.estimate import (EstimateError, RunSpec, architecture_from_table, base_counts_from_shapes,
                             count_params, flops_per_token, load_architecture)
-from train.models.arch_table import ARCHITECTURES, PUBLISHED_PARAMS
-from train.estimate.meta_model import describe_meta_model
-from train.models.tiny import random_shape_config
+from finetune_launcher.models.arch_table import ARCHITECTURES, PUBLISHED_PARAMS
+from finetune_launcher.estimate.meta_model import describe_meta_model
+from finetune_launcher.models.references import random_shape_config
 
 # google/gemma-2-2b's config.json as published (no tie_word_embeddings: transformers' Gemma2Config defaults it to
 # true), with the model card's count: 2,614,341,888 parameters.
@@ -162,7 +162,7 @@ def test_flops_per_token_equal_torch_flop_counter(mode, checkpointing):
     matmul of each. Tolerance 2.5%: with LoRA, layer 0's q/k/v inputs come from the frozen embedding, so autograd
     skips their input gradients (1 layer in 4 here, 1 in 32 for an 8B model), which the estimate counts."""
     from tests.e2e.test_estimate_engine import build_model, packed_rows
-    from train.data.text import collate
+    from finetune_launcher.data.text import collate
 
     torch.manual_seed(0)
     name, micro, seq = "builtin:tiny-llama", 2, 128

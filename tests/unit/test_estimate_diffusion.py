@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.conftest import peak_of
-from train.estimate import RunSpec, calibrate_from_history, estimate
-from train.estimate.diffusion import load_pipeline
-from train.estimate.diffusion_meta import lora_counts, pipeline_counts
-from train.estimate.diffusion_table import PUBLISHED_PIPELINE_PARAMS
+from finetune_launcher.estimate import RunSpec, calibrate_from_history, estimate
+from finetune_launcher.recipes.diffusion.estimate import load_pipeline
+from finetune_launcher.recipes.diffusion.estimate_meta import lora_counts, pipeline_counts
+from finetune_launcher.recipes.diffusion.estimate_table import PUBLISHED_PIPELINE_PARAMS
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -26,7 +26,7 @@ def tiny_parts():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.models.references import resolve_model_path
 
     path = resolve_model_path("builtin:tiny-sd")
     parts = (UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
@@ -121,9 +121,9 @@ def test_unet_flops_equal_the_flop_counter_on_a_real_step(checkpointing):
 
 
 def test_qlora_weights_equal_bitsandbytes_storage():
-    """The QLoRA UNet as train/models/diffusion.py loads it (nn.Linear -> NF4 double quant, the rest and the
+    """The QLoRA UNet as finetune_launcher/recipes/diffusion/model.py loads it (nn.Linear -> NF4 double quant, the rest and the
     adapters fp32 here), plus the frozen VAE and text encoder: bytes of every parameter and quant_state tensor."""
-    from train.models.diffusion import load_diffusion
+    from finetune_launcher.recipes.diffusion.model import load_diffusion
 
     cfg = types.SimpleNamespace(model="builtin:tiny-sd", mode="qlora", precision="fp32", lora_r=4, lora_alpha=4,
                                 lora_dropout=0.0, lora_target_modules=TARGETS, gradient_checkpointing=False,
@@ -155,8 +155,8 @@ def test_sd15_on_a_24gb_gpu_fits_and_qlora_saves_the_linear_weights():
 
 
 def test_diffusion_calibration_has_its_own_key(tmp_path):
-    from train.config import resolve_run_config
-    from train.config.machine import named
+    from finetune_launcher.config import resolve_run_config
+    from finetune_launcher.config.machine import named
 
     config_file = tmp_path / "sd.yaml"
     config_file.write_text("recipe: diffusion\nmode: lora\nmodel: builtin:tiny-sd\ndataset: data/tiny_sd\n"

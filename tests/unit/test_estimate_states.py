@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from train.estimate import RunSpec, architecture_from_table, count_params, estimate, nf4_tensor_bytes
-from train.estimate.model_states import quantized_bytes
-from train.estimate.parameters import quantized_linears
+from finetune_launcher.estimate import RunSpec, architecture_from_table, count_params, estimate, nf4_tensor_bytes
+from finetune_launcher.estimate.model_states import quantized_bytes
+from finetune_launcher.estimate.parameters import quantized_linears
 
 GIB = 2 ** 30
 # (models, ranks): 1, 8 (one node) and 64 (eight nodes) ranks; 1.5B to 72B parameters.
@@ -77,7 +77,7 @@ def test_zero3_model_states_match_deepspeeds_estimator(model, ranks):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
 
     from tests.unit.test_estimate_counts import meta_model
-    from train.models.tiny import random_shape_config
+    from finetune_launcher.models.references import random_shape_config
 
     layers = meta_model(random_shape_config(model)).modules()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in layers)

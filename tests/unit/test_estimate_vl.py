@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from train.estimate import RunSpec, count_params, estimate, load_architecture, spec_from_config
-from train.estimate.architectures import architecture_from_table
-from train.estimate.vision import image_tokens, vision_activation_terms
-from train.estimate.vision_table import VL_ARCHITECTURES
+from finetune_launcher.estimate import RunSpec, count_params, estimate, load_architecture, spec_from_config
+from finetune_launcher.estimate.architectures import architecture_from_table
+from finetune_launcher.recipes.vision_language.estimate import image_tokens, vision_activation_terms
+from finetune_launcher.recipes.vision_language.estimate_table import VL_ARCHITECTURES
 
 
 def table_config(key):
@@ -87,8 +87,8 @@ def test_vision_tower_keeps_what_the_estimate_says(train_merger):
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
-    from train.models.tiny import resolve_model_path
-    from train.models.tiny_vl import image_processor
+    from finetune_launcher.models.references import resolve_model_path
+    from finetune_launcher.recipes.vision_language.tiny import image_processor
 
     path = resolve_model_path("builtin:tiny-qwen3-vl")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
@@ -112,9 +112,9 @@ def test_vl_data_sample_gives_pictures_per_row_and_size():
     mean picture size, against the project's own reader on the same first rows."""
     from PIL import Image
 
-    from train.config import resolve_run_config
-    from train.config.machine import named
-    from train.data.vision_language import read_conversations
+    from finetune_launcher.config import resolve_run_config
+    from finetune_launcher.config.machine import named
+    from finetune_launcher.recipes.vision_language.data import read_conversations
 
     config = resolve_run_config("configs/tiny_vl_lora.yaml", procs_per_node=1, machine=named("cpu"),
                                 require_model=False).as_dict()

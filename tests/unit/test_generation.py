@@ -1,5 +1,5 @@
 """The prompt tools/generate.py gives the model is, token for token, the prompt part of the same example as training
-tokenises it (train.data.tokenize_records, labels -100 on the prompt), so the template cannot drift between them."""
+tokenises it (finetune_launcher.data.tokenize_records, labels -100 on the prompt), so the template cannot drift between them."""
 import importlib.util
 import sys
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from train.after.loading import LoadedModel
-from train.data.text import IGNORE_INDEX, DataStats, tokenize_records
+from finetune_launcher.after.loading import LoadedModel
+from finetune_launcher.data.text import IGNORE_INDEX, DataStats, tokenize_records
 
 RESPONSE = "36 86 87 92 99"
 

@@ -1,4 +1,4 @@
-"""SIGTERM / SIGUSR1 sent to the launcher (train.launch) reach the training ranks, not the launcher tool between
+"""SIGTERM / SIGUSR1 sent to the launcher (finetune_launcher.launch) reach the training ranks, not the launcher tool between
 them; inside a Slurm step the launcher ignores both. Run with a stand-in for torchrun: a tool that starts two
 "ranks" in sessions of their own (as torchrun does), each with a handler installed only after a delay (the trainer's
 imports) and a helper child that handles the signals too (like a forked data loader worker) and must not get them."""
@@ -39,7 +39,7 @@ open(os.path.join(out, "started"), "w").close()
 sys.exit(max(r.wait() for r in ranks))
 """
 
-LAUNCHER = ("import os, sys, tempfile; from train.launch.signals import run_and_report; "
+LAUNCHER = ("import os, sys, tempfile; from finetune_launcher.launch.signals import run_and_report; "
             "sys.exit(run_and_report(sys.argv[1:], dict(os.environ), os.path.join(tempfile.mkdtemp(), 'code')))")
 
 
@@ -100,7 +100,7 @@ def test_the_trainers_recorded_code_decides_the_launchers_exit(tmp_path, recorde
 
 
 def test_the_trainer_records_its_code_for_the_launcher(tmp_path, monkeypatch):
-    from train.__main__ import exit_for_launcher
+    from finetune_launcher.__main__ import exit_for_launcher
 
     assert exit_for_launcher(3, False) == 3  # no launcher: the code itself
     monkeypatch.setenv("FTL_EXIT_CODE_FILE", str(tmp_path / "code"))
@@ -108,13 +108,13 @@ def test_the_trainer_records_its_code_for_the_launcher(tmp_path, monkeypatch):
     assert exit_for_launcher(3, False) == 0 and (tmp_path / "code").read_text() == "3\n"
 
 
-# The default on one node: ranks forked from the launcher (train.launch.forked), here with a stand-in for the
+# The default on one node: ranks forked from the launcher (finetune_launcher.launch.forked), here with a stand-in for the
 # trainer's main that installs its handler after a delay (its model load) and records what reached it.
 FORKED_LAUNCHER = r"""
 import os, signal, sys, tempfile, time
-import train.__main__ as trainer
-from train.launch.forked import rank_environments
-from train.launch.signals import StopForwarder, fork_and_report
+import finetune_launcher.__main__ as trainer
+from finetune_launcher.launch.forked import rank_environments
+from finetune_launcher.launch.signals import StopForwarder, fork_and_report
 
 out, delay, crash = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "crash"
 StopForwarder.GRACE_S = 1
@@ -171,13 +171,13 @@ def test_a_crashed_forked_rank_shows_its_traceback_and_stops_the_others(tmp_path
 
 THREADED_PARENT = r"""
 import os, sys, tempfile
-from train.launch.forked import compute_single_threaded, rank_environments
+from finetune_launcher.launch.forked import compute_single_threaded, rank_environments
 
 if sys.argv[2] == "single":
     compute_single_threaded()  # what the launcher does first, before it imports torch
 import torch
-import train.__main__ as trainer
-from train.launch.signals import fork_and_report
+import finetune_launcher.__main__ as trainer
+from finetune_launcher.launch.signals import fork_and_report
 
 x = torch.randn(1500, 1500)
 (x @ x).exp().sum()  # a parallel region in the launcher, on as many threads as it has

@@ -2,7 +2,7 @@
 the same loss and gradients as the same examples padded one per row."""
 import torch
 
-from train.data.text import IGNORE_INDEX, Example, collate, make_rows
+from finetune_launcher.data.text import IGNORE_INDEX, Example, collate, make_rows
 
 
 def _examples(tokenizer):

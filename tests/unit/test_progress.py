@@ -2,7 +2,7 @@
 not make a short run look hours long."""
 import io
 
-from train import console
+from finetune_launcher import console
 
 
 class Clock:

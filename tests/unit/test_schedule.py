@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from train.config import RunConfig
-from train.schedule import EvalTracker, LRSchedule
+from finetune_launcher.config import RunConfig
+from finetune_launcher.schedule import EvalTracker, LRSchedule
 
 
 def cfg(**extra):

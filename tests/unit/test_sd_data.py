@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO
-from train.data.records import DataError
-from train.data.image_captions import (ImageCaptionSampler, eval_batches, image_to_pixels, load_image_captions,
+from finetune_launcher.data.records import DataError
+from finetune_launcher.recipes.diffusion.data import (ImageCaptionSampler, eval_batches, image_to_pixels, load_image_captions,
                                   read_imagefolder)
 
 SHIPPED = REPO / "data" / "tiny_sd"
@@ -21,7 +21,7 @@ SHIPPED = REPO / "data" / "tiny_sd"
 def clip_tokenizer():
     from transformers import AutoTokenizer
 
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.models.references import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-sd"), subfolder="tokenizer")
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from train.data.image_captions import ImageCaptionSampler, eval_batches, load_image_captions
-from train.models.diffusion import (DiffusionModelError, fuse_lora_into_pipeline, load_diffusion,
+from finetune_launcher.recipes.diffusion.data import ImageCaptionSampler, eval_batches, load_image_captions
+from finetune_launcher.recipes.diffusion.model import (DiffusionModelError, fuse_lora_into_pipeline, load_diffusion,
                                     save_diffusion_lora)
-from train.models.diffusion_objective import (LatentCache, ObjectiveError, latent_parameters, per_sample_loss,
+from finetune_launcher.recipes.diffusion.objective import (LatentCache, ObjectiveError, latent_parameters, per_sample_loss,
                                               training_loss, validation_loss)
-from train.models.diffusion_sampling import sample_images, save_grid
-from train.models.tiny import resolve_model_path
-from train.models.tiny_sd import build_tiny_sd
+from finetune_launcher.recipes.diffusion.sampling import sample_images, save_grid
+from finetune_launcher.models.references import resolve_model_path
+from finetune_launcher.recipes.diffusion.tiny import build_tiny_sd
 
 from tests.conftest import REPO
 
@@ -271,7 +271,7 @@ def test_sample_grid_is_one_png_of_prompts_by_seeds_and_seeds_fix_the_images(sd_
 def test_full_fine_tune_saves_a_unet_the_base_pipeline_loads(sd_path, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from train.models.diffusion import save_full_unet
+    from finetune_launcher.recipes.diffusion.model import save_full_unet
 
     parts = load_diffusion(cfg(sd_path, mode="full"), CPU)
     with torch.no_grad():

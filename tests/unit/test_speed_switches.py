@@ -3,7 +3,7 @@ where they cannot run (the training equivalence is in tests/e2e/test_speed_switc
 import pytest
 
 from tests.conftest import resolve
-from train.config import ConfigError
+from finetune_launcher.config import ConfigError
 
 TINY = {"mode": "lora", "model": "builtin:tiny-llama", "dataset": "data/tiny_instruct.jsonl"}
 
@@ -70,7 +70,7 @@ def test_compile_auto_under_zero3_follows_the_gather_and_forced_choices_are_kept
 
 
 def test_the_ddp_engine_is_part_of_what_a_checkpoint_was_trained_with():
-    from train.checkpoint import training_identity
+    from finetune_launcher.checkpoint import training_identity
 
     assert training_identity(resolved())["engine"] == "ddp"
     assert "engine" not in training_identity(resolved(engine="deepspeed")), "older checkpoints still match"
@@ -78,7 +78,7 @@ def test_the_ddp_engine_is_part_of_what_a_checkpoint_was_trained_with():
 
 def test_gpu_busy_time_counts_overlapping_kernels_once():
     """The profile's GPU-busy fraction: kernels on two streams that overlap are one busy stretch, gaps are idle."""
-    from train.profiling import busy_seconds
+    from finetune_launcher.profiling import busy_seconds
 
     assert busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
     assert busy_seconds([]) == 0
@@ -89,7 +89,7 @@ def test_zero3_whole_layer_gather_makes_the_first_layers_input_require_grad_even
     parameters until their own backward (the hook's input grad), or LoRA's gradients meet released weights."""
     import torch
 
-    from train.engine import _hidden_states_require_grad
+    from finetune_launcher.engines import _hidden_states_require_grad
 
     layer = torch.nn.Linear(4, 4).eval()
     frozen_input = torch.zeros(2, 4)

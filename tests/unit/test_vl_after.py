@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from tests.conftest import REPO, vl_settings
-from train.after.generation import GenerationSettings, PromptCase, case_from_record, read_prompt_file
-from train.after.vision_language import VLPrompter, generate_vl
-from train.after.vl_evaluation import answers_match, cannot_match, normalise_answer
-from train.data.records import DataError
-from train.data.text import IGNORE_INDEX
-from train.data.vision_language import load_vl_rows
-from train.data.vl_batching import VLCollator
+from finetune_launcher.after.generation import GenerationSettings, PromptCase, case_from_record, read_prompt_file
+from finetune_launcher.recipes.vision_language.after import VLPrompter, generate_vl
+from finetune_launcher.recipes.vision_language.evaluation import answers_match, cannot_match, normalise_answer
+from finetune_launcher.data.records import DataError
+from finetune_launcher.data.text import IGNORE_INDEX
+from finetune_launcher.recipes.vision_language.data import load_vl_rows
+from finetune_launcher.recipes.vision_language.batching import VLCollator
 
 DATA = REPO / "data" / "tiny_vl"
 CPU = torch.device("cpu")
@@ -141,7 +141,7 @@ def test_prompt_files_take_images_relative_to_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def qlora_adapter(tmp_path_factory, vl_processor):
     """A QLoRA adapter of the tiny Qwen3-VL (NF4 language model, LoRA moved off zero), saved as a run saves it."""
-    from train.models.vision_language import load_vl_model
+    from finetune_launcher.recipes.vision_language.model import load_vl_model
 
     model, _ = load_vl_model(vl_settings(mode="qlora"), CPU)
     generator = torch.Generator().manual_seed(0)
@@ -161,7 +161,7 @@ def test_qlora_vl_adapter_merges_into_the_dequantized_base_with_the_vision_tower
         qlora_adapter, vl_processor, tiny_vl_path, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from train.after.merge import merge_adapter
+    from finetune_launcher.after.merge import merge_adapter
 
     four_bit, adapter = qlora_adapter
     rows, _ = load_vl_rows(DATA / "held_out.jsonl", vl_processor, 256)

@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, vl_settings
-from train.config import ConfigError
-from train.data.records import DataError
-from train.data.text import IGNORE_INDEX, supervised_tokens
-from train.data.mixture import mix_sources
-from train.data.vision_language import (load_vl_rows, read_conversations, render, tokenize_rows,
+from finetune_launcher.config import ConfigError
+from finetune_launcher.data.records import DataError
+from finetune_launcher.data.text import IGNORE_INDEX, supervised_tokens
+from finetune_launcher.data.mixture import mix_sources
+from finetune_launcher.recipes.vision_language.data import (load_vl_rows, read_conversations, render, tokenize_rows,
                                         vision_token_ids)
-from train.data.vl_batching import LengthGroupedSampler, VLCollator
-from train.lm_task import eval_row_groups
+from finetune_launcher.recipes.vision_language.batching import LengthGroupedSampler, VLCollator
+from finetune_launcher.lm_task import eval_row_groups
 
 DATA = REPO / "data" / "tiny_vl"
 
@@ -164,7 +164,7 @@ def test_an_image_unreadable_at_batch_time_names_its_row(vl_processor, tmp_path)
 
 
 def test_max_and_min_pixels_bound_the_image_tokens(tiny_vl_path, tmp_path):
-    from train.models.vision_language import load_processor
+    from finetune_launcher.recipes.vision_language.model import load_processor
 
     image = copy_image(tmp_path)  # 64x64
     path = write_rows(tmp_path / "d.jsonl", [image_row(image)])

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tests.conftest import REPO, vl_settings
-from train.config import ConfigError
-from train.data.text import supervised_tokens
-from train.data.vision_language import load_vl_rows
-from train.data.vl_batching import VLCollator
-from train.models.vision_language import load_processor, load_vl_model
+from finetune_launcher.config import ConfigError
+from finetune_launcher.data.text import supervised_tokens
+from finetune_launcher.recipes.vision_language.data import load_vl_rows
+from finetune_launcher.recipes.vision_language.batching import VLCollator
+from finetune_launcher.recipes.vision_language.model import load_processor, load_vl_model
 
 CPU = torch.device("cpu")
 
@@ -30,7 +30,7 @@ def batch(vl_processor, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_qwen25_vl():
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.models.references import resolve_model_path
 
     return resolve_model_path("builtin:tiny-qwen2.5-vl")
 
@@ -57,7 +57,7 @@ def test_tiny_models_reload_with_from_pretrained(ref, model_class, processor_bas
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     from transformers.utils import is_torchvision_available
 
-    from train.models.tiny import resolve_model_path
+    from finetune_launcher.models.references import resolve_model_path
 
     path = resolve_model_path(ref)
     config = AutoConfig.from_pretrained(path)
@@ -104,7 +104,7 @@ def test_lora_steps_on_a_fixed_batch_lower_the_loss(batch, tiny_vl_path):
 def test_compiled_language_model_layers_give_the_eager_loss_and_gradients(batch, tiny_vl_path, monkeypatch):
     """compile_layers: the language model's decoder layers only (not the vision blocks), with LoRA inside them;
     aot_eager backend (dynamo + AOT autograd without inductor's CPU code generation)."""
-    from train.models.compiled_layers import BACKEND_ENV
+    from finetune_launcher.models.compiled_layers import BACKEND_ENV
 
     monkeypatch.setenv(BACKEND_ENV, "aot_eager")
     results = []

@@ -1,0 +1,214 @@
+"""Checkpoints: training state for resume (DeepSpeed engine + our client state + per-rank RNG), written to a
+temporary directory and renamed into place only when every rank has finished; and the user-facing `best/` and
+`final/` weights (LoRA adapters gathered under ZeRO-3, full models consolidated to 16-bit safetensors)."""
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune_launcher.config.settings import TRAINING_IDENTITY_KEYS
+from finetune_launcher.distributed import barrier
+from finetune_launcher.fsutil import apply_umask, atomic_write_json, atomic_write_text, fresh_tmp_dir, replace_dir
+
+LATEST = "latest"
+IDENTITY_FILE = "run_settings.json"
+HASHED_BYTES = 256 * 1024 ** 2  # data files up to this size are hashed whole; larger ones by size and mtime
+
+
+# ---------------------------------------------------------------- what a checkpoint was trained with
+
+def training_identity(cfg):
+    """The settings that change what is trained (RunConfig's TRAINING_IDENTITY_KEYS) plus a fingerprint of each local
+    data file, so an edited dataset is not continued silently either."""
+    values = cfg.as_dict()
+    identity = {key: values[key] for key in TRAINING_IDENTITY_KEYS}
+    if values["engine"] != "deepspeed":  # its own checkpoint format (listed only then: older checkpoints match)
+        identity["engine"] = values["engine"]
+    for key in ("dataset", "eval_dataset"):
+        if values.get(key) and Path(values[key]).is_file():
+            identity[f"{key}_content"] = file_fingerprint(Path(values[key]))
+    return identity
+
+
+def file_fingerprint(path):
+    stat = path.stat()
+    if stat.st_size > HASHED_BYTES:
+        return f"size {stat.st_size}, modified {int(stat.st_mtime)}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha256 {digest.hexdigest()[:16]}"
+
+
+def resume_differences(checkpoint, identity):
+    """[(key, value in the checkpoint, value now)] for every training setting that differs. A checkpoint without a
+    record of its settings (written by an older version) is compared on nothing."""
+    path = Path(checkpoint) / IDENTITY_FILE
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    keys = sorted(set(saved) | set(identity))
+    return [(key, saved.get(key), identity.get(key)) for key in keys if saved.get(key) != identity.get(key)]
+
+
+# ---------------------------------------------------------------- training state (resume)
+
+def resume_problem(cfg, checkpoint, total_steps):
+    """Why checkpoint `checkpoint` should not be continued silently, or None. A checkpoint at the last step of a
+    run that did not finish (killed or requeued while it saved final/) is not a problem: resuming finishes it."""
+    differences = resume_differences(checkpoint, training_identity(cfg))
+    step = int(checkpoint.name.split("-")[-1])
+    start_fresh = "start fresh with --resume never (the checkpoint is overwritten) or another --run_name"
+    fix = f"{start_fresh}, or continue it anyway with --resume always"
+    if differences:
+        lines = "\n".join(f"  - {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences)
+        return (f"{checkpoint} was trained with other settings than this run:\n{lines}\nNothing was trained; {fix}")
+    history = finished_history(checkpoint.parent.parent)
+    if history and history.get("stopped_early_at") == step:
+        return (f"{checkpoint.parent.parent} stopped early at step {step} ({history['stop_reason']}), so there is "
+                f"nothing to train. Continue past the stop with --resume always, or {start_fresh}")
+    if total_steps < step or (total_steps == step and history):
+        more = "it already finished" if total_steps == step else f"max_steps {total_steps} is below it"
+        return (f"{checkpoint} is at step {step} and this run has {total_steps} steps: {more}, so there is nothing to "
+                f"train. Raise max_steps (or num_epochs) to continue it, or {start_fresh}")
+    return None
+
+
+def finished_history(run_dir):
+    """The history of the run in `run_dir` when it wrote final/ and marked itself completed, else None."""
+    try:
+        history = json.loads((Path(run_dir) / "training_history.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return history if history.get("status") == "completed" else None
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(engine, root, step, client_state, rank, keep, adapters_only, identity):
+    """Write checkpoints/step-N atomically (all ranks call), then point `latest` at it and prune old ones.
+    `identity`: the run's training settings (training_identity), kept beside the state for resume checks."""
+    root = Path(root)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(tmp), tag="state", client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=adapters_only)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        atomic_write_json(tmp / IDENTITY_FILE, identity)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        prune_checkpoints(root, keep)
+    barrier()
+    return final
+
+
+def list_checkpoints(root):
+    root = Path(root)
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(root, keep):
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root):
+    """The checkpoint `latest` points at, or None. A half-written .tmp directory is never returned."""
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_training_state(engine, path, rank, adapters_only):
+    _, client_state = engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
+                                             load_lr_scheduler_states=False,
+                                             load_module_strict=not adapters_only)
+    rng_file = Path(path) / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+# ---------------------------------------------------------------- best/ and final/ weights
+
+def _zero3(engine):
+    return engine.zero_optimization_stage() == 3
+
+
+def adapter_state(model):
+    """The LoRA weights by peft's names. Built from the trainable parameters rather than `model.state_dict()`, which
+    would also serialise every 4-bit base weight (and fails on bitsandbytes' CPU layout)."""
+    from peft import get_peft_model_state_dict
+
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, state_dict=trainable).items()}
+
+
+def gathered_adapter_state(model, engine):
+    """The LoRA weights as full tensors on every rank (ZeRO-3 holds only a shard, shape [0], otherwise)."""
+    if not _zero3(engine):
+        return adapter_state(model)
+    import deepspeed
+
+    engine.empty_partition_cache()  # parameters still prefetched by the last forward cannot be gathered
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return adapter_state(model)
+
+
+def save_training_info(out_dir, info):
+    """training_info.json beside saved weights: what the tools after training read (base model, mode, recipe)."""
+    atomic_write_json(Path(out_dir) / "training_info.json", info)
+    apply_umask(out_dir)
+
+
+def save_weights(engine, model, tokenizer, out_dir, mode, rank, info):
+    """Write `out_dir` (best/ or final/) atomically: adapters for LoRA/QLoRA, the whole model for full.
+    All ranks must call it (ZeRO-3 gathers are collective)."""
+    out_dir = Path(out_dir)
+    if mode in ("lora", "qlora"):
+        state = gathered_adapter_state(model, engine)
+    elif _zero3(engine):
+        engine.empty_partition_cache()
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
+    if rank == 0:
+        tmp = fresh_tmp_dir(out_dir)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "training_info.json", info)
+        apply_umask(tmp)  # safetensors writes 0600 files; best/ and final/ are for sharing
+        replace_dir(tmp, out_dir)
+    barrier()
+    return out_dir

@@ -1,0 +1,356 @@
+"""Build the one RunConfig of a launch, in this order: YAML, command-line overrides, the schema, the DeepSpeed
+file's settings, then the derived choices (recipe, precision, 4-bit storage, Liger, engine, layer compilation,
+gradient checkpointing), then the DeepSpeed dict with every "auto" filled. Each derived value records why it has
+its value (`decisions`)."""
+import importlib.util
+import os
+from pathlib import Path
+
+from finetune_launcher.config import deepspeed as ds
+from finetune_launcher.config import machine as machines
+from finetune_launcher.config.settings import DEFAULTS, RunConfig
+from finetune_launcher.config.sources import ConfigError, merged_values
+from finetune_launcher.dtypes import DTYPE_NAMES
+
+
+
+def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nnodes=1, machine=None,
+                       require_model=True):
+    """The frozen RunConfig for a config file + overrides on `machine` (default: this one) with `procs_per_node`
+    processes on each of `nnodes` nodes. `require_model=False` (estimates for another machine) tolerates a model
+    whose config.json is not available here, using the estimator's offline table for its shape."""
+    user, sources, source = merged_values(config_path, overrides)
+    values = {**DEFAULTS, **user}
+    machine = machine or machines.detect()
+    procs = procs_per_node or default_procs_per_node(machine)
+    world = procs * nnodes
+    values["run_name"] = values["run_name"] or (Path(config_path).stem if config_path else f"{values['mode']}-run")
+    values["config_path"] = str(Path(config_path).resolve()) if config_path else None
+    decisions = {}
+
+    ds_path = values["deepspeed_config"] or ds.shipped_file(values["zero_stage"], values["offload"])
+    ds_data = ds.read_deepspeed_file(ds_path)
+    decisions["deepspeed"] = [f"file {ds_path}"] + ds.reconcile(ds_data, values, sources, ds_path)
+    risky_overlap = ds.risky_overlap(ds_data, sources)
+
+    shape = model_shape(values, require_model)
+    values["recipe"], decisions["recipe"] = resolve_recipe(values, shape)
+    if values["recipe"] == "diffusion" and "lora_target_modules" not in sources:
+        values["lora_target_modules"] = DIFFUSION_LORA_TARGETS
+        decisions["lora_target_modules"] = "diffusion default: the UNet's attention projections"
+    values["precision"], decisions["precision"] = resolve_precision(values["precision"], machine)
+    values["bnb_4bit_quant_storage"], decisions["bnb_4bit_quant_storage"] = resolve_quant_storage(values)
+    values["liger_kernel"], decisions["liger_kernel"] = resolve_liger(values["liger_kernel"], machine,
+                                                                      shape["model_type"])
+    values["engine"], decisions["engine"] = resolve_engine(values, machine, world)
+    values["compile_layers"], decisions["compile_layers"] = resolve_compile(values, machine)
+    check_cross_fields(values, source, sources)
+    deepspeed = ds.fill_auto(ds_data, values, world, shape["hidden_size"], largest_adapter(values, shape),
+                             machine.on_gpu)
+    values["gradient_checkpointing"], decisions["gradient_checkpointing"] = resolve_checkpointing(
+        {**values, "deepspeed": deepspeed}, procs, nnodes, machine)
+    if risky_overlap:
+        decisions["deepspeed"].append(
+            f"WARNING: {ds_path} sets zero_optimization.overlap_comm true with contiguous_gradients on; DeepSpeed has "
+            f"produced NaN grad norms with that pair. Kept as set; to turn it off set \"overlap_comm\": false in that "
+            f"file (or \"auto\": it then follows --overlap_comm, off by default)")
+    return RunConfig(**values, world_size=world, procs_per_node=procs, nnodes=nnodes, device_kind=machine.kind,
+                     gpu=machine.gpu, deepspeed=deepspeed, sources=sources, decisions=decisions)
+
+
+def default_procs_per_node(machine):
+    if machine.on_gpu and machine.local:
+        return machine.gpus
+    return int(os.environ.get("FTL_CPU_PROCS", "2")) if machine.local else 1
+
+
+# ---------------------------------------------------------------- the model
+
+def model_shape(values, require_model=True):
+    """hidden size, widest projection and model type of the run's model, from transformers' AutoConfig (the model's
+    config.json; nothing else is read). Refuses a model that cannot be found, naming the key and the fix."""
+    reference = values["model"]
+    pipeline = diffusion_pipeline_dir(values)
+    if pipeline is not None:
+        return diffusion_shape(pipeline)
+    if values["recipe"] == "diffusion":
+        if require_model:
+            raise ConfigError(f"key 'model': {reference} is not a diffusers pipeline directory (model_index.json with "
+                              f"unet/, vae/, text_encoder/, tokenizer/, scheduler/) nor builtin:tiny-sd")
+        return {"hidden_size": 1280, "widest": 10240, "model_type": "unet", "vision": False, "diffusion": True}
+    try:
+        config = auto_config(reference, values["trust_remote_code"], local_only=not require_model)
+    except ConfigError:
+        if require_model:
+            raise
+        return _shape_from_table(reference)
+    text = getattr(config, "text_config", None) or config
+    widths = [getattr(text, name, 0) or 0 for name in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
+    return {"hidden_size": int(text.hidden_size), "widest": max(widths), "model_type": config.model_type,
+            "vision": hasattr(config, "vision_config"), "diffusion": False}
+
+
+def diffusion_pipeline_dir(values):
+    """The local diffusers pipeline directory of the run's model (builtin:tiny-sd built here), or None."""
+    from finetune_launcher.models.references import ModelReferenceError, resolve_model_path
+
+    reference = values["model"]
+    if reference == "builtin:tiny-sd" or (values["recipe"] == "diffusion" and Path(reference).is_dir()):
+        try:
+            path = Path(resolve_model_path(reference))
+        except ModelReferenceError as error:
+            raise ConfigError(f"key 'model': {error}") from None
+        return path if (path / "model_index.json").is_file() else None
+    return None
+
+
+def diffusion_shape(pipeline):
+    """The UNet's widths from unet/config.json: bucket sizes follow its widest block, the LoRA persistence threshold
+    its widest projection (the GEGLU feed-forward's 8 x width)."""
+    import json
+
+    unet = json.loads((pipeline / "unet" / "config.json").read_text())
+    width = max(unet["block_out_channels"])
+    return {"hidden_size": width, "widest": 8 * width, "model_type": "unet", "vision": False, "diffusion": True}
+
+
+def auto_config(reference, trust_remote_code=False, local_only=False):
+    """The model's transformers config (local directory, builtin/random name, or hub id; `local_only`: from the
+    local Hugging Face cache only, no network)."""
+    from finetune_launcher.models.references import ModelReferenceError, resolve_model_path
+
+    try:
+        path = resolve_model_path(reference)
+    except ModelReferenceError as error:
+        raise ConfigError(f"key 'model': {error}") from None
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ConfigError(f"key 'model': {reference} is a directory without config.json; point it at the directory "
+                          f"that holds the model's config.json and weights")
+    if str(reference).startswith(("/", "./", "../", "~")) and not local.exists():
+        raise ConfigError(f"key 'model': {reference} does not exist; give a local model directory, a hub id or "
+                          f"builtin:tiny-llama")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"key 'model': cannot read the config of '{reference}' ({str(error).splitlines()[0][:200]}). "
+                          f"Give a local directory with config.json, a hub id that is in the local Hugging Face cache "
+                          f"or reachable, or builtin:tiny-llama") from None
+
+
+def _shape_from_table(reference):
+    from finetune_launcher.estimate import EstimateError, load_architecture
+
+    try:
+        arch = load_architecture(reference)
+    except EstimateError as error:
+        raise ConfigError(f"key 'model': {error}") from None
+    return {"hidden_size": arch.hidden_size, "model_type": None, "vision": bool(getattr(arch, "vision_params", 0)),
+            "diffusion": False, "widest": max(arch.hidden_size, arch.intermediate_size, arch.moe_intermediate_size)}
+
+
+def largest_adapter(values, shape):
+    """Elements of the largest LoRA matrix (rank x the widest projection side); 0 for a full fine-tune."""
+    return 0 if values["mode"] == "full" else values["lora_r"] * shape["widest"]
+
+
+# ---------------------------------------------------------------- derived choices
+
+def resolve_recipe(values, shape):
+    """What is trained: as named, else vision_language for an image-text-to-text model's config (one with a
+    vision_config), else causal_lm; a recipe that does not fit the model is refused here."""
+    recipe = values["recipe"]
+    if recipe == "auto" and shape["diffusion"]:
+        return "diffusion", "auto: a diffusers pipeline (model_index.json)"
+    if recipe == "auto":
+        recipe = "vision_language" if shape["vision"] else "causal_lm"
+        return recipe, f"auto: {'an image-text-to-text' if shape['vision'] else 'a causal language'} model"
+    if recipe != "diffusion" and shape["diffusion"]:
+        raise ConfigError(f"key 'recipe': {recipe}, but {values['model']} is a diffusion pipeline; use recipe: auto "
+                          f"or diffusion (bash launch/train_diffusion.sh)")
+    if recipe == "causal_lm" and shape["vision"]:
+        raise ConfigError(f"key 'recipe': causal_lm, but {values['model']} is a vision-language model; use recipe: "
+                          f"auto or vision_language")
+    if recipe == "vision_language" and shape["model_type"] and not shape["vision"]:
+        raise ConfigError(f"key 'recipe': vision_language, but {values['model']} has no vision tower (model type "
+                          f"{shape['model_type']}); use recipe: auto or causal_lm")
+    return recipe, "set in the run config"
+
+
+def resolve_precision(requested, machine):
+    """auto -> bf16 on GPUs that have it, fp16 on older GPUs (V100), fp32 on the CPU."""
+    if requested == "auto":
+        if not machine.on_gpu:
+            return "fp32", "auto: fp32 on the CPU"
+        if machine.bf16:
+            return "bf16", f"auto: bf16 on {machine.gpu}"
+        return "fp16", f"auto: fp16 ({machine.gpu} has no bf16)"
+    if requested == "fp16" and not machine.on_gpu:
+        raise ConfigError("key 'precision': fp16 needs a GPU (DeepSpeed refuses fp16 on the CPU); use precision: "
+                          "auto or fp32")
+    if requested == "bf16" and machine.on_gpu and not machine.bf16:
+        raise ConfigError(f"key 'precision': bf16, but {machine.gpu} has no bf16 support (V100-class); use precision: "
+                          f"fp16 or auto")
+    return requested, "set in the run config"
+
+
+def resolve_quant_storage(values):
+    """The 4-bit storage dtype: ZeRO-3 shards parameters by dtype, so QLoRA under ZeRO-3 stores NF4 weights in the
+    compute dtype; otherwise uint8."""
+    compute = DTYPE_NAMES[values["precision"]]
+    storage = values["bnb_4bit_quant_storage"]
+    if values["mode"] != "qlora":
+        return storage, "not a QLoRA run"
+    if storage == "auto":
+        chosen = compute if values["zero_stage"] == 3 else "uint8"
+        return chosen, f"auto: {chosen} ({'the compute dtype, for ZeRO-3' if values['zero_stage'] == 3 else 'ZeRO-2'})"
+    if values["zero_stage"] == 3 and storage != compute:
+        raise ConfigError(quant_storage_problem(storage, f"precision {values['precision']} computes in {compute}"))
+    return storage, "set in the run config"
+
+
+def quant_storage_problem(storage, computes):
+    return (f"mode qlora with zero_stage 3 needs bnb_4bit_quant_storage equal to the compute dtype so DeepSpeed can "
+            f"shard the 4-bit weights; got bnb_4bit_quant_storage '{storage}' but {computes}. Set "
+            f"bnb_4bit_quant_storage: auto (it follows the precision), or use zero_stage: 2")
+
+
+def resolve_liger(setting, machine, model_type):
+    """Liger's Triton kernels: `auto` on a CUDA GPU with liger-kernel installed for a model type it knows; `true`
+    insists (and fails here, before launch, where they cannot run)."""
+    if setting is False:
+        return False, "off (set in the run config)"
+    problem = liger_problem(machine, model_type)
+    if problem and setting is True:
+        raise ConfigError(f"key 'liger_kernel': true, but {problem}; set liger_kernel: auto (use them where they work) "
+                          f"or false")
+    if problem:
+        return False, f"off ({problem}; liger_kernel: false silences this)"
+    return True, "on (auto: CUDA GPU, liger-kernel installed)" if setting == "auto" else "on (set in the run config)"
+
+
+def liger_problem(machine, model_type):
+    if not machine.on_gpu:
+        return "Liger's kernels are Triton kernels and need a CUDA GPU"
+    if not machine.local:
+        return None  # a pre-flight for GPU nodes: assume the [gpu] extra is installed there
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install -e '.[gpu]')"
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"liger-kernel has no kernels for model type '{model_type}'"
+    return None
+
+
+def resolve_engine(values, machine, world):
+    """`engine: auto` -> ddp (plain PyTorch: no ZeRO bookkeeping, no per-parameter hooks) on CUDA GPUs where ZeRO
+    partitions nothing worth it: LoRA/QLoRA on replicated weights, or any mode on one process; deepspeed otherwise."""
+    setting = values["engine"]
+    if setting == "deepspeed":
+        return "deepspeed", "set in the run config"
+    problem = ddp_problem(values, world)
+    if problem and setting == "ddp":
+        raise ConfigError(f"key 'engine': ddp, but {problem}; set engine: auto or deepspeed")
+    if setting == "ddp":
+        return "ddp", "set in the run config"
+    if problem:
+        return "deepspeed", f"auto: {problem}"
+    if values["deepspeed_config"]:
+        return "deepspeed", f"auto: a DeepSpeed file was given ({values['deepspeed_config']})"
+    if not machine.on_gpu:
+        return "deepspeed", "auto: deepspeed on the CPU (engine: ddp opts in)"
+    if values["mode"] == "full":
+        return "ddp", ("auto: full fine-tune on one process, where ZeRO-2 partitions nothing: plain PyTorch with fp32 "
+                       "master weights, without ZeRO's per-parameter gradient hooks and buckets")
+    return "ddp", (f"auto: {values['mode']} at zero_stage 2 on replicated weights: plain PyTorch, without ZeRO's "
+                   f"per-parameter gradient hooks")
+
+
+def ddp_problem(values, world):
+    if values["recipe"] not in ("causal_lm", "vision_language"):
+        return f"the ddp engine runs the causal_lm and vision_language recipes (this is {values['recipe']})"
+    if values["mode"] == "full" and world > 1:
+        return "a full fine-tune on several processes needs ZeRO's partitioning of gradients and optimizer states"
+    if values["zero_stage"] == 3 or values["offload"]:
+        return "ZeRO-3 and offload are DeepSpeed's"
+    if values["precision"] == "fp16":
+        return "fp16 loss scaling is DeepSpeed's"
+    return None
+
+
+def resolve_compile(values, machine):
+    """`compile_layers: auto` -> on for CUDA GPUs with torch >= 2.5, outside diffusion (no decoder layers) and outside
+    ZeRO-3 with zero3_gather: module (whose hooks gather parameters inside each layer's forward)."""
+    setting = values["compile_layers"]
+    if setting is False:
+        return False, "off (set in the run config)"
+    problem = compile_problem(values, machine)
+    if problem and setting is True:
+        raise ConfigError(f"key 'compile_layers': true, but {problem}; set compile_layers: auto or false")
+    if setting is True:
+        return True, "on (set in the run config)"
+    if problem:
+        return False, f"off (auto: {problem})"
+    if not machine.on_gpu:
+        return False, "off (auto: on CUDA GPUs only; inductor's CPU compile of a layer takes about a minute)"
+    return True, "on (auto: CUDA GPU, torch >= 2.5)"
+
+
+def compile_problem(values, machine):
+    if values["recipe"] == "diffusion":
+        return "the diffusion recipe's UNet has no decoder layers"
+    if values["zero_stage"] == 3 and values["zero3_gather"] == "module":
+        return "ZeRO-3 with zero3_gather: module gathers parameters inside each layer's forward"
+    version = installed_torch_version() if machine.local else None
+    if version and version < (2, 5):
+        return f"torch {'.'.join(map(str, version))} is older than 2.5 (layers would not share one compiled graph)"
+    return None
+
+
+def installed_torch_version():
+    """(major, minor) of the installed torch, without importing it (the launcher never starts CUDA)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(part) for part in version("torch").split("+")[0].split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+def resolve_checkpointing(values, procs, nnodes, machine):
+    """`gradient_checkpointing: auto` from the memory estimate: off when the run fits without it (a third less compute
+    per step), on otherwise."""
+    from finetune_launcher.estimate import resolve_gradient_checkpointing
+
+    gpu = machine.gpu if machine.on_gpu else "cpu"
+    on, why = resolve_gradient_checkpointing(values, procs, nnodes, gpu)
+    return bool(on), why
+
+
+DIFFUSION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+RECIPE_KEYS = {
+    "vision_language": ("max_pixels", "min_pixels", "image_overflow", "train_merger", "lora_vision"),
+    "diffusion": ("resolution", "center_crop", "random_flip", "image_column", "caption_column", "snr_gamma",
+                  "noise_offset", "cache_latents", "text_encoder_lora", "validation_prompts", "sample_seeds",
+                  "sample_steps", "guidance_scale"),
+}
+
+
+def check_cross_fields(values, source, sources=None):
+    problems = []
+    for recipe, keys in RECIPE_KEYS.items():
+        if values["recipe"] != recipe:
+            problems += [f"key '{key}' is for {recipe.replace('_', '-')} runs, but this is a {values['recipe']} run "
+                         f"({values['model']}); remove it" for key in keys if key in (sources or {})]
+    if values["mode"] == "qlora" and values["offload"]:
+        problems.append("mode qlora does not support offload (bitsandbytes 4-bit weights stay on the GPU); set "
+                        "offload: false")
+    if values["eval_dataset"] is None and values["eval_fraction"] == 0 and values["lr_scheduler"] == "plateau":
+        problems.append("lr_scheduler plateau needs evaluations: set eval_fraction > 0 or eval_dataset")
+    if values["warmup_steps"] and values["warmup_ratio"]:
+        problems.append("set warmup_steps or warmup_ratio, not both")
+    if problems:
+        raise ConfigError(f"{source}: invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,184 @@
+"""training_history.json (the source of truth), tensorboard and wandb sinks, and the curves picture."""
+import json
+import math
+import os
+from pathlib import Path
+
+from finetune_launcher.fsutil import atomic_write_json
+
+HISTORY_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s",
+                  "nonpad_fraction")
+
+
+class History:
+    """One record per logged step (eval_loss added on eval steps) plus run metadata; rewritten atomically on each
+    change so a reader (plot tool, estimator) can follow a run in progress."""
+
+    def __init__(self, path, metadata, enabled=True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.data = {"metadata": metadata, "records": [], "evals": [], "saves": [], "best": None,
+                     "stop_reason": None, "stopped_early_at": None, "status": "running"}
+
+    def resume_from(self, step):
+        """Keep what happened up to `step` (the checkpoint being resumed); later records will be written again."""
+        if not self.path.exists():
+            return
+        previous = json.loads(self.path.read_text())
+        self.data["records"] = [r for r in previous.get("records", []) if r["step"] <= step]
+        self.data["evals"] = [r for r in previous.get("evals", []) if r["step"] <= step]
+        self.data["saves"] = previous.get("saves", [])  # each save happened, also past the checkpoint
+        best = previous.get("best")
+        self.data["best"] = best if best and best["step"] <= step else None
+        self.data["metadata"]["resumed_at_steps"] = previous["metadata"].get("resumed_at_steps", []) + [step]
+
+    def log_save(self, step, what, seconds):
+        """How long a checkpoint or a best/final save took (a 32B ZeRO-3 gather is minutes, worth knowing)."""
+        self.data.setdefault("saves", []).append({"step": step, "what": what, "seconds": round(seconds, 3)})
+
+    def log_step(self, record):
+        self.data["records"].append(record)
+
+    def log_eval(self, step, eval_loss, extra=None):
+        entry = {"step": step, "eval_loss": eval_loss, **(extra or {})}
+        self.data["evals"].append(entry)
+        for record in reversed(self.data["records"]):
+            if record["step"] == step:
+                record["eval_loss"] = eval_loss
+                break
+
+    def set(self, key, value):
+        self.data[key] = value
+
+    def save(self):
+        if self.enabled:
+            atomic_write_json(self.path, _finite_or_text(self.data))
+
+
+def _finite_or_text(value):
+    """JSON has no NaN/Infinity: store them as strings so the file stays valid and the fact stays visible."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_or_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_text(v) for v in value]
+    return value
+
+
+def wanted_sinks(report_to):
+    """The sinks a report_to value asks for (a name, a list, or none): tensorboard unless report_to is none or
+    empty, and wandb when it is named."""
+    from finetune_launcher.config import normalize_report_to
+
+    return normalize_report_to(report_to, "run config")
+
+
+class MetricSinks:
+    """tensorboard always (when installed), wandb when asked for; rank 0 only. report_to none (or []) logs to
+    neither; training_history.json is written either way."""
+
+    def __init__(self, log_dir, report_to, run_name, config, enabled=True):
+        import importlib.util
+
+        self.writers = []
+        if not enabled:
+            return
+        sinks = wanted_sinks(report_to)
+        if "tensorboard" in sinks and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writers.append(("tb", SummaryWriter(log_dir=str(log_dir))))
+        if "wandb" in sinks:
+            import wandb
+
+            wandb_dir = Path(log_dir).parent  # outputs/<run>/wandb/
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "finetune-launcher"), name=run_name,
+                             config=config, dir=str(wandb_dir))
+            self.writers.append(("wandb", run))
+
+    def log(self, step, metrics):
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        for kind, writer in self.writers:
+            if kind == "tb":
+                for key, value in clean.items():
+                    writer.add_scalar(key, value, step)
+            else:
+                writer.log(clean, step=step)
+
+    def log_image(self, step, tag, image):
+        """An HWC uint8 picture (e.g. the sample grid)."""
+        for kind, writer in self.writers:
+            if kind == "tb":
+                writer.add_image(tag, image, step, dataformats="HWC")
+            else:
+                import wandb
+
+                writer.log({tag: wandb.Image(image)}, step=step)
+
+    def close(self):
+        for kind, writer in self.writers:
+            if kind == "tb":
+                writer.close()
+            else:
+                writer.finish()
+
+
+def check_sinks_available(report_to):
+    """Fail before any model is loaded when a requested sink is not installed."""
+    import importlib.util
+
+    if "wandb" in wanted_sinks(report_to) and importlib.util.find_spec("wandb") is None:
+        from finetune_launcher.config import ConfigError
+
+        raise ConfigError("report_to includes wandb but wandb is not installed: pip install wandb "
+                          "(or remove wandb from report_to)")
+
+
+def load_history(path):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no history file at {path}")
+    return json.loads(path.read_text())
+
+
+def plot_history(history, png_path):
+    """Training and eval loss, learning rate and tokens/s against step, as one PNG. Works mid-run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = history.get("records", [])
+    evals = history.get("evals", [])
+
+    def series(rows, key):
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps, loss = series(records, "loss")
+    axes[0].plot(steps, loss, label="train loss")
+    eval_steps, eval_loss = series(evals, "eval_loss")
+    if eval_steps:
+        axes[0].plot(eval_steps, eval_loss, "o-", label="eval loss")
+    best = history.get("best")
+    if best:
+        axes[0].axvline(best["step"], color="gray", linestyle=":", label=f"best (step {best['step']})")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(*series(records, "learning_rate"))
+    axes[1].set_xlabel("step")
+    axes[1].set_title("learning rate")
+    axes[2].plot(*series(records, "tokens_per_s"))
+    axes[2].set_xlabel("step")
+    axes[2].set_title("tokens/s")
+    name = history.get("metadata", {}).get("run_name", "")
+    status = history.get("status", "")
+    fig.suptitle(f"{name} ({status})")
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,79 @@
+"""The language-model task the shared loop trains (causal LMs; vision-language rows carry image tensors too): the
+token-normalised loss of the model's own forward, an eval loss over the whole eval split, adapters or full weights
+saved to best/ and final/ with the tokenizer (or processor) beside them."""
+import math
+
+import torch
+
+from finetune_launcher.checkpoint import save_weights
+from finetune_launcher.data.text import IGNORE_INDEX, supervised_tokens
+from finetune_launcher.distributed import all_reduce_sum
+from finetune_launcher.loop import StepBatches
+
+
+class LanguageModelTask:
+    unit = "token"
+    throughput = "tokens"
+
+    def __init__(self, cfg, ctx, model, saver, sampler, eval_rows, collate, stats):
+        """`sampler`: .steps_per_epoch and .micro_batches(epoch, step) -> (rows of this rank's micro-batches, real
+        tokens); `collate(rows)` -> a batch dict; `saver`: the tokenizer or processor saved beside the weights."""
+        self.c, self.ctx, self.model, self.saver = cfg, ctx, model, saver
+        self.sampler, self.eval_rows, self.collate, self.stats = sampler, eval_rows, collate, stats
+
+    @property
+    def steps_per_epoch(self):
+        return self.sampler.steps_per_epoch
+
+    def micro_batches(self, epoch, step_in_epoch):
+        groups, real_tokens = self.sampler.micro_batches(epoch, step_in_epoch)
+        batches = [self.collate(rows) for rows in groups]
+        units = sum(supervised_tokens(b) for b in batches)  # on the host: no sync
+        padded = sum(int(b["input_ids"].numel()) for b in batches)
+        return StepBatches([self.to_device(b) for b in batches], units, real_tokens, padded)
+
+    def loss(self, engine, batch, normaliser):
+        return engine(**batch, num_items_in_batch=normaliser, use_cache=False).loss
+
+    def to_device(self, batch):
+        if self.ctx.device.type != "cuda":
+            return batch
+        return {k: v.pin_memory().to(self.ctx.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def evaluate(self, engine):
+        """Token-weighted eval loss over the whole eval split; every rank runs the same number of forwards (ZeRO-3
+        gathers are collective), padding its share with fully masked copies of a row."""
+        if not self.eval_rows:
+            return None
+        engine.eval()
+        loss_sum = tokens = 0.0
+        with torch.no_grad():
+            for chunk in eval_row_groups(self.eval_rows, self.ctx.rank, self.ctx.world, self.c.micro_batch_size):
+                batch = self.to_device(self.collate(chunk))
+                n = supervised_tokens(batch)
+                loss = engine(**batch, num_items_in_batch=1.0, use_cache=False).loss
+                loss_sum += float(loss) if n else 0.0
+                tokens += n
+        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.ctx.device)
+        return loss_sum / max(tokens, 1.0)
+
+    def after_eval(self, engine, step):
+        return {}
+
+    def save_weights(self, engine, out_dir, info):
+        save_weights(engine, self.model, self.saver, out_dir, self.c.mode, self.ctx.rank, info)
+
+
+def eval_row_groups(rows, rank, world_size, micro_batch_size):
+    """This rank's eval micro-batches (lists of rows, neighbours in length), the same number on every rank: a rank
+    short of rows gets a copy of a row with every label masked (it contributes no loss but runs the same modules:
+    ZeRO-3 gathers are collective)."""
+    ordered = sorted(rows, key=lambda r: len(r["input_ids"]))
+    mine = ordered[rank::world_size]
+    n_batches = math.ceil(math.ceil(len(rows) / world_size) / micro_batch_size)
+    groups = []
+    for i in range(n_batches):
+        chunk = mine[i * micro_batch_size:(i + 1) * micro_batch_size]
+        groups.append(chunk or [dict(ordered[0], labels=[IGNORE_INDEX] * len(ordered[0]["labels"]))])
+    return groups

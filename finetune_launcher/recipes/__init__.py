@@ -1,0 +1,1 @@
+"""The recipes, one folder each (the recipe table in recipe_table.py lists them)."""

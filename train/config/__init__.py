@@ -1,9 +1,0 @@
-"""The run config: read from YAML and the command line, validated, reconciled with the DeepSpeed file and resolved
-into one frozen RunConfig before any rank starts."""
-from train.config.resolve import resolve_run_config
-from train.config.settings import CONFIG_KEYS, RunConfig, replace_settings, training_identity
-from train.config.sources import (ConfigError, known_keys, normalize_report_to, parse_overrides,
-                                  split_command_line)
-
-__all__ = ["CONFIG_KEYS", "ConfigError", "RunConfig", "known_keys", "normalize_report_to", "parse_overrides",
-           "replace_settings", "resolve_run_config", "split_command_line", "training_identity"]

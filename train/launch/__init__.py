@@ -1,9 +1,0 @@
-"""Everything that runs before the ranks: the launcher (cli), the commands that start the ranks, the checks and the
-pre-flight estimate, signal forwarding, and Slurm submission (slurm)."""
-
-
-from train.errors import UserError
-
-
-class LaunchError(UserError):
-    """A launcher option or machine layout problem a user can fix."""
