@@ -302,3 +302,4 @@ def diffusion_assumptions(result, base, step):
                      f"on this device ({calibration_path()})")
     return notes
 
+
