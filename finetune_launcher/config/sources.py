@@ -193,6 +193,10 @@ def validate_schema(config, source):
         key = ".".join(str(p) for p in error.path) or "(top level)"
         if error.validator == "required":
             lines.append(f"{error.message}: add it")
+        elif key == "recipe":
+            lines.append(f"key 'recipe': unknown recipe {error.instance!r}{_suggest(str(error.instance), error.validator_value)}; "
+                         f"known: {', '.join(error.validator_value)} (a recipe kept outside the package is registered "
+                         f"with FTL_RECIPES=<module>)")
         else:
             lines.append(f"key '{key}': {error.message} (got {error.instance!r})")
     raise ConfigError(f"{source}: invalid config:\n  - " + "\n  - ".join(lines))
