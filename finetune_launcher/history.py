@@ -66,6 +66,19 @@ def _finite_or_text(value):
     return value
 
 
+def flat_scalars(metrics, prefix=""):
+    """Nested dicts and lists of numbers as one level of scalars: {"a": {"b": [1, 2]}} -> {"a/b/0": 1, "a/b/1": 2}."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            value = {str(i): v for i, v in enumerate(value)}
+        if isinstance(value, dict):
+            flat.update(flat_scalars(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def wanted_sinks(report_to):
     """The sinks a report_to value asks for (a name, a list, or none): tensorboard unless report_to is none or
     empty, and wandb when it is named."""
@@ -98,7 +111,7 @@ class MetricSinks:
             self.writers.append(("wandb", run))
 
     def log(self, step, metrics):
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        clean = {k: v for k, v in flat_scalars(metrics).items() if isinstance(v, (int, float)) and v is not None}
         for kind, writer in self.writers:
             if kind == "tb":
                 for key, value in clean.items():

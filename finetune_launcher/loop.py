@@ -149,6 +149,7 @@ class Trainer:
     def log_step(self, step, record):
         if step % self.c.logging_steps == 0 or step == 1 or step == self.total_steps:
             record.update(self.peak_memory())
+            record.update(self.task.step_metrics(step))
             self.history.log_step(record)
             self.sinks.log(step, {f"train/{k}": v for k, v in record.items() if k != "step"})
 

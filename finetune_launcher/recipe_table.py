@@ -69,6 +69,7 @@ class Recipe:
     engines: tuple = ENGINES        # the engines it can run on
     compile_layers: str = None      # why layers cannot be compiled (no decoder layers), or None
     unit: str = "token"             # what the loss averages over: token | sample
+    experts: bool = False           # trains mixtures of experts as such (LoRA on the experts, the router's balance)
     launcher: str = None            # its shell launcher; None: launch/train_<mode>.sh
     embedded: object = field(default_factory=dict)  # mode -> the embedded default config (configs/...)
     keys: tuple = ()                # the run-config keys only this recipe reads
@@ -92,9 +93,11 @@ def _causal_lm():
         name="causal_lm", package="finetune_launcher.recipes.causal_lm",
         summary="causal language models (full, LoRA, QLoRA) on instruction, chat or text data",
         detect=lambda facts: not facts.vision and not facts.pipeline,
+        experts=True,
         embedded={"lora": "configs/tiny_lora.yaml", "qlora": "configs/tiny_qlora.yaml", "full": "configs/tiny_full.yaml"},
         builtins={"tiny-llama": Builtin("tiny:build_tiny_model", ("tiny-llama",), version="v2"),
-                  "small-llama": Builtin("tiny:build_tiny_model", ("small-llama",), version="v2")},
+                  "small-llama": Builtin("tiny:build_tiny_model", ("small-llama",), version="v2"),
+                  "tiny-qwen3-moe": Builtin("tiny:build_tiny_model", ("tiny-qwen3-moe",), version="moe-v2")},
         modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate"})
 
 

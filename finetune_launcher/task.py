@@ -51,6 +51,9 @@ class Task(Protocol):
     def after_eval(self, engine: Any, step: int) -> dict:
         """Extras for the history at an eval (e.g. sample images under "images"), may be {}."""
 
+    def step_metrics(self, step: int) -> dict:
+        """Extras for a logged step's record (e.g. an MoE router's expert load), may be {}; every rank calls it."""
+
     def save_weights(self, engine: Any, out_dir: Path, info: dict) -> None:
         """best/ and final/: the usual whole artefacts; all ranks call it."""
 
@@ -115,4 +118,7 @@ class StepTask:
                 for k, v in batch.items()}
 
     def after_eval(self, engine, step: int) -> dict:
+        return {}
+
+    def step_metrics(self, step: int) -> dict:
         return {}

@@ -13,6 +13,7 @@ from finetune_launcher.config.model_facts import model_facts, resolve_recipe
 from finetune_launcher.config.settings import DEFAULTS, RunConfig
 from finetune_launcher.config.sources import ConfigError, merged_values
 from finetune_launcher.dtypes import DTYPE_NAMES
+from finetune_launcher.models.experts import resolve_experts
 from finetune_launcher.resources import MissingResource, resource
 
 
@@ -44,6 +45,8 @@ def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nn
     values["bnb_4bit_quant_storage"], decisions["bnb_4bit_quant_storage"] = resolve_quant_storage(values)
     values["liger_kernel"], decisions["liger_kernel"] = resolve_liger(values["liger_kernel"], machine,
                                                                       facts.model_type)
+    if facts.experts and recipe.experts:
+        decisions["experts"] = resolve_experts(values, facts.experts)
     values["engine"], decisions["engine"] = resolve_engine(values, machine, world)
     values["compile_layers"], decisions["compile_layers"] = resolve_compile(values, machine)
     check_cross_fields(values, source, sources)

@@ -15,6 +15,8 @@ def build_engine(model, cfg, device=None, world_size=1):
 
     if cfg.zero_stage == 3 and cfg.zero3_gather == "layer":
         gather_whole_layers(model)
+    if cfg.zero_stage == 3:
+        gather_whole_moe_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.offload and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -44,6 +46,20 @@ def gather_whole_layers(model):
     for layer in decoder_layers(model):
         set_z3_leaf_module(layer, True)
         layer.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True)
+
+
+def gather_whole_moe_blocks(model):
+    """ZeRO-3 gathers each sparse MoE block (router + experts) as one unit, also with zero3_gather: module. Ranks
+    route their tokens to different experts; gathered expert by expert, each rank would ask for other parameters
+    and the collectives would not match (DeepSpeed #5066, #7461: a hang). Inside a leaf decoder layer this changes
+    nothing."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    from finetune_launcher.models.experts import moe_blocks
+
+    for block in moe_blocks(model):
+        set_z3_leaf_module(block, True)
+        block.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True)
 
 
 def _hidden_states_require_grad(module, args, kwargs):

@@ -150,6 +150,8 @@ def report_decisions(cfg):
     say(f"liger kernels: {cfg.decisions['liger_kernel']}")
     say(f"engine: {cfg.engine} ({cfg.decisions['engine']})")
     say(f"compile layers: {cfg.decisions['compile_layers']}")
+    if "experts" in cfg.decisions:
+        say(f"experts: {cfg.decisions['experts']}")
 
 
 def run_preflight(cfg, options):

@@ -6,17 +6,18 @@ import torch
 from finetune_launcher.dtypes import torch_dtype
 
 
-def lora_config(cfg, target_modules, task_type=None, modules_to_save=None, target_parameters=None):
+def lora_config(cfg, target_modules, task_type=None, modules_to_save=None, target_parameters=None, **extra):
     """peft's LoraConfig with the run's rank, alpha and dropout for `target_modules` (peft's forms: "all-linear", a
     list of names, or a regex); `target_parameters` names parameters (such as MoE experts' fused weights) that
-    take LoRA without being nn.Linear modules."""
+    take LoRA without being nn.Linear modules; `extra`: more LoraConfig fields (rank_pattern, lora_dropout, ...)."""
     from peft import LoraConfig
 
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-    extra = {"target_parameters": list(target_parameters)} if target_parameters else {}
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, modules_to_save=modules_to_save, bias="none", task_type=task_type,
-                      **extra)
+    if target_parameters:
+        extra["target_parameters"] = list(target_parameters)
+    extra.setdefault("lora_dropout", cfg.lora_dropout)
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                      modules_to_save=modules_to_save, bias="none", task_type=task_type, **extra)
 
 
 def nf4_config(precision, quant_storage, skip_modules=None):

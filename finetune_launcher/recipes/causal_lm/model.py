@@ -3,6 +3,8 @@ import torch
 
 from finetune_launcher.dtypes import torch_dtype
 from finetune_launcher.models.compiled_layers import compile_decoder_layers
+from finetune_launcher.models.expert_lora import add_expert_lora, prepare_kbit_keeping_experts
+from finetune_launcher.models.experts import is_moe
 from finetune_launcher.models.prepare import (disable_cpu_weight_repacking, loads_partitioned, lora_config, nf4_config,
                                              zero3_init_context)
 from finetune_launcher.models.references import is_random, materialize_random_weights, resolve_model_path
@@ -48,15 +50,20 @@ def load_model(cfg, device):
 
 
 def prepare_for_training(model, cfg, task_type="CAUSAL_LM", target_modules=None):
-    """Gradient checkpointing, k-bit preparation (QLoRA) and the LoRA adapters, as the mode asks."""
+    """Gradient checkpointing, k-bit preparation (QLoRA) and the LoRA adapters, as the mode asks; a mixture of
+    experts gets LoRA on its experts' fused weights too (models/expert_lora.py)."""
     checkpointing = {"use_reentrant": False}
+    moe = is_moe(model)
     if cfg.mode == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing)
+        prepare = prepare_kbit_keeping_experts if moe else prepare_model_for_kbit_training
+        model = prepare(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                        gradient_checkpointing_kwargs=checkpointing)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if cfg.lora and moe:
+        return add_expert_lora(model, cfg, target_modules or cfg.lora_target_modules, task_type)
     if cfg.lora:
         from peft import get_peft_model
 

@@ -13,6 +13,7 @@ from finetune_launcher.engines import build_engine, engine_name
 from finetune_launcher.lm_task import LanguageModelTask
 from finetune_launcher.loop import train
 from finetune_launcher.models.prepare import count_parameters
+from finetune_launcher.models.router_balance import RouterBalance
 from finetune_launcher.recipes.causal_lm.data import prepare_rows
 from finetune_launcher.recipes.causal_lm.model import load_model, load_tokenizer
 
@@ -31,8 +32,9 @@ def run(cfg, ctx, watch):
     sampler = ShardedSampler(len(data.train_rows), ctx.rank, ctx.world, cfg.micro_batch_size,
                              cfg.gradient_accumulation_steps, cfg.seed)
     collate_rows = partial(collate, pad_id=data.extras["pad_id"], packed=data.extras["packed"])
-    task = LanguageModelTask(cfg, ctx, model, tokenizer, sampler, data.train_rows, data.eval_rows, collate_rows,
-                             data.stats)
+    router = RouterBalance.for_model(model, cfg, ctx)
+    task_class = partial(MixtureOfExpertsTask, router=router) if router else LanguageModelTask
+    task = task_class(cfg, ctx, model, tokenizer, sampler, data.train_rows, data.eval_rows, collate_rows, data.stats)
     # ---- the loop, then best/ and final/
     outcome = train(cfg, ctx, task, engine, watch, params)
     del keepalive
@@ -46,3 +48,19 @@ def report_data(stats, cfg):
     if stats["truncated"] or stats["dropped_no_response"]:
         warn(f"max_length {cfg.max_length}: {stats['truncated']} examples lost response tokens to truncation, "
              f"{stats['dropped_no_response']} had no response token left and were dropped")
+
+
+class MixtureOfExpertsTask(LanguageModelTask):
+    """A causal LM whose MLPs are mixtures of experts: the router's load-balancing loss in each micro-batch's
+    training loss, and each layer's expert load in the logged steps (models/router_balance.py)."""
+
+    def __init__(self, *args, router, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router = router
+
+    def loss(self, engine, batch, normaliser):
+        output = engine(**batch, num_items_in_batch=normaliser, use_cache=False, output_router_logits=True)
+        return self.router.loss(output)
+
+    def step_metrics(self, step):
+        return self.router.metrics(step)
