@@ -278,7 +278,7 @@ def kill_tree(pid):
 
 
 @holding_machine()
-def train_then_sigkill(script, args, run_dir, at_step, timeout=300):
+def train_then_sigkill(script, args, run_dir, at_step, timeout=300, env=None):
     """Start launch/<script> ARGS (through the tests' launch forkserver) and SIGKILL the launcher and the ranks at
     once (a node failure) as soon as the history has a record of step `at_step` or later."""
     import tempfile
@@ -287,7 +287,7 @@ def train_then_sigkill(script, args, run_dir, at_step, timeout=300):
     from tests import launch_server
 
     with tempfile.TemporaryDirectory(prefix="ftl-test-victim-") as scratch:
-        victim = launch_server.start(script, args, launcher_env(), scratch)
+        victim = launch_server.start(script, args, env or launcher_env(), scratch)
         deadline = time.time() + timeout
         while time.time() < deadline and victim.is_alive():
             try:

@@ -85,6 +85,7 @@ def run_launcher_main(argv, env, cwd, out_path, err_path):
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    recipe_table._plugins_loaded = False  # import the recipes the test's FTL_RECIPES names (preloaded: none)
     for fd, path in ((1, out_path), (2, err_path)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)

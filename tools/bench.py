@@ -24,12 +24,19 @@ Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps th
               engine, compiled layers): MFU
   ours-full-deepspeed  the same with engine: deepspeed (ZeRO-2; the trainer before)
   ours-full-bucket5e8   the same with DeepSpeed's reduce_bucket_size at 5e8 elements (DeepSpeed's own default)
+  ours-grouped  ours with moe_lora_kernel: grouped (a mixture of experts: the experts' LoRA on the activations
+              through grouped GEMMs instead of peft's full-size weight per forward)
+  ours-grouped-gc  ours-grouped with gradient checkpointing forced on
+Mixture of experts (issue 30, one H200, ~7 minutes: `bash bench/moe_h200.sh`):
+    python tools/bench.py --model random:qwen3-30b-a3b --seq-len 2048 --micro-batch 1 --grad-accum 4 \
+        --cases ours-grouped,hf-gc,ours,hf-liger --profile ours-grouped,hf-gc --budget 450 --json OUT.json
 --profile CASE[,CASE]: those cases run 3 more steps under torch.profiler (not measured); the summary (wall vs kernel
 time, GPU busy fraction, top kernels and CPU ops, syncs and launches: finetune_launcher/profiling.py) goes into the case's row.
 FLOP accounting (MFU = model FLOPs per second / the GPU's dense bf16 peak from finetune_launcher/estimate/gpu_table.json): per token
 6N (full) or 4N (LoRA: forward 2N, input gradients 2N; frozen weights get no weight gradient) with N all
-parameters, plus attention 12 x layers x seq x hidden (PaLM's convention, no causal discount); recomputation by
-gradient checkpointing is not counted.
+parameters (a mixture of experts: the weights one token multiplies, its active experts, router and lm_head), plus
+attention 12 x layers x seq x the attention width (heads x head_dim; PaLM's convention, no causal discount);
+recomputation by gradient checkpointing is not counted.
 """
 import argparse
 import json
@@ -49,7 +56,7 @@ from finetune_launcher.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 WARMUP = 3
 CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
          "ours-z3", "ours-z3-keep", "ours-z3-prefetch", "ours-z3-module", "ours-full", "ours-full-deepspeed",
-         "ours-full-bucket5e8")
+         "ours-full-bucket5e8", "ours-grouped", "ours-grouped-gc")
 # each case's step time against another's: (case, against, key, what the ratio says)
 STEP_RATIOS = (("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
                ("ours-z3", "ours", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (both defaults)"),
@@ -57,7 +64,9 @@ STEP_RATIOS = (("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time
                ("ours-z3-prefetch", "ours", "step_time_vs_zero2", "LoRA ZeRO-3, 1e9 prefetch / ZeRO-2"),
                ("ours-z3-module", "ours-eager", "step_time_vs_zero2", "LoRA ZeRO-3 per module / ZeRO-2, both eager"),
                ("ours-full", "ours-full-deepspeed", "step_time_vs_deepspeed",
-                "full fine-tune step time, ddp / deepspeed"))
+                "full fine-tune step time, ddp / deepspeed"),
+               ("ours-grouped", "ours", "step_time_vs_peft_kernel",
+                "MoE LoRA step time, moe_lora_kernel grouped / peft"))
 # the targets' cases first: with --budget, the last ones are the ones skipped
 DEFAULT_CASES = ("hf-gc", "hf-liger", "ours", "ours-gc", "ours-z3", "ours-full", "ours-qlora", "ours-z3-module",
                  "ours-full-deepspeed", "ours-eager")
@@ -150,8 +159,9 @@ def model_flops_per_token(model_ref, mode, seq_len):
 
     arch = load_architecture(model_ref)
     spec = RunSpec(model=model_ref, mode=mode, seq_len=seq_len)
-    n = count_params(arch, spec).total
-    attention = 12 * arch.num_hidden_layers * seq_len * arch.hidden_size
+    counts = count_params(arch, spec)
+    n = counts.matmul_per_token if arch.is_moe else counts.total
+    attention = 12 * arch.num_hidden_layers * seq_len * arch.q_width
     return (6 if mode == "full" else 4) * n + attention
 
 
@@ -237,6 +247,9 @@ def runners(args, corpus):
         "ours-full-deepspeed": lambda t: run_ours(args, corpus, "ours-full-deepspeed", t, **full, engine="deepspeed"),
         "ours-full-bucket5e8": lambda t: run_ours(args, corpus, "ours-full-bucket5e8", t, **full,
                                                   deepspeed_config=bucket()),
+        "ours-grouped": lambda t: run_ours(args, corpus, "ours-grouped", t, moe_lora_kernel="grouped"),
+        "ours-grouped-gc": lambda t: run_ours(args, corpus, "ours-grouped-gc", t, moe_lora_kernel="grouped",
+                                              gradient_checkpointing=True),
     }
 
 

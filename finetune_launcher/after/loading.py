@@ -137,13 +137,24 @@ def base_layer_shapes(base_path, module_names, trust_remote_code=False, kind=CAU
     shapes = {}
     for name in module_names:
         try:
-            module = model.get_submodule(name)
+            module = model.get_submodule(name.replace(".base_layer", ""))  # peft nests LoRA on parameters
         except AttributeError:
             shapes[name] = None
             continue
         weight = getattr(module, "weight", None)
-        shapes[name] = (weight.shape[1], weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+        shapes[name] = (weight.shape[1], weight.shape[0]) if weight is not None and weight.dim() == 2 else \
+            expert_shapes(module)
     return shapes
+
+
+def expert_shapes(module):
+    """{(in_features, out_features)} of the experts' fused 3D weights [experts, out, in] an adapter may hold LoRA
+    on (peft target_parameters), or None when the module has none."""
+    return {(p.shape[2], p.shape[1]) for p in module.parameters(recurse=False) if p.dim() == 3} or None
+
+
+def layer_fits(want, got):
+    return want in got if isinstance(got, set) else want == got
 
 
 def check_adapter_fits_base(adapter_dir, base_reference, base_path, trust_remote_code=False, kind=CAUSAL_LM):
@@ -151,7 +162,7 @@ def check_adapter_fits_base(adapter_dir, base_reference, base_path, trust_remote
     expected = adapter_layer_shapes(adapter_dir)
     actual = base_layer_shapes(base_path, expected, trust_remote_code, kind)
     problems = [_describe_mismatch(name, want, actual[name]) for name, want in sorted(expected.items())
-                if actual[name] != want]
+                if not layer_fits(want, actual[name])]
     if not problems:
         return
     trained_on = recorded_base(adapter_dir)
@@ -165,6 +176,9 @@ def check_adapter_fits_base(adapter_dir, base_reference, base_path, trust_remote
 def _describe_mismatch(name, want, got):
     if got is None:
         return f"layer {name} does not exist in the base"
+    if isinstance(got, set):
+        return (f"experts {name} hold {' and '.join(f'{i}->{o}' for i, o in sorted(got))} weights in the base, the "
+                f"adapter expects {want[0]}->{want[1]}")
     return f"layer {name} is {got[0]}->{got[1]} in the base, the adapter expects {want[0]}->{want[1]}"
 
 

@@ -73,6 +73,13 @@ ARCHITECTURES = {
                             num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False),
 }
 
+# config.json values that change no shape (the estimator does not read them) but what a `random:` model computes.
+# Qwen3-30B-A3B (its config.json): the top-8 routing weights renormalised to sum to 1, RoPE base 1e6.
+CONFIG_VALUES = {
+    "qwen3-30b-a3b": dict(norm_topk_prob=True, router_aux_loss_coef=0.001, max_position_embeddings=40960,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
 # Published parameter counts (model cards / safetensors index), used by the unit tests as an outside check.
 PUBLISHED_PARAMS = {
     "llama-3-8b": 8_030_261_248,

@@ -9,6 +9,7 @@ x @ A_e^T @ B_e^T of its expert e, with the grouped GEMMs transformers runs the 
 The adapter's parameters are peft's own (the ParamWrappers' lora_A / lora_B), so saving, loading, merging and the
 values are the same either way."""
 import types
+import warnings
 
 import torch
 
@@ -25,8 +26,11 @@ def add_expert_lora(model, cfg, targets, task_type):
 
     arguments = lora_targets(model, targets, cfg.lora_r, cfg.lora_alpha)
     experts = bool(arguments["target_parameters"])
-    model = get_peft_model(model, lora_config(cfg, task_type=task_type, **arguments,
-                                              **({"lora_dropout": 0.0} if experts else {})))
+    config = lora_config(cfg, task_type=task_type, **arguments, **({"lora_dropout": 0.0} if experts else {}))
+    with warnings.catch_warnings():
+        # peft checks rank_pattern against the targeted modules' names only; it does apply it to parameters
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+        model = get_peft_model(model, config)
     if experts and cfg.lora_dropout:
         linear_lora_dropout(model, cfg.lora_dropout)
     if experts and cfg.moe_lora_kernel == "grouped":

@@ -24,7 +24,7 @@ BUILTIN_PREFIX = "builtin:"
 RANDOM_PREFIX = "random:"
 MODEL_TYPES = (("qwen3-30b-a3b", "qwen3_moe"), ("qwen2.5", "qwen2"), ("qwen3", "qwen3"), ("llama", "llama"),
                ("gemma-2", "gemma2"), ("mistral", "mistral"))
-RANDOM_VERSION = "v2"  # bump when the random shapes' recipe changes, so stale caches are not reused
+RANDOM_VERSION = "v3"  # bump when the random shapes' recipe changes, so stale caches are not reused
 
 
 class ModelReferenceError(ConfigError):
@@ -107,7 +107,7 @@ def random_shape_config(arch_key):
     """A transformers config of the exact shape of a real architecture (from the estimator's offline table)."""
     from transformers import AutoConfig
 
-    from finetune_launcher.models.arch_table import ARCHITECTURES
+    from finetune_launcher.models.arch_table import ARCHITECTURES, CONFIG_VALUES
 
     if arch_key not in ARCHITECTURES:
         raise ModelReferenceError(f"unknown architecture '{arch_key}' for random:; known: "
@@ -121,8 +121,8 @@ def random_shape_config(arch_key):
     if "num_experts" in spec:
         fields.update(num_experts=spec["num_experts"], num_experts_per_tok=spec["num_experts_per_tok"],
                       moe_intermediate_size=spec["moe_intermediate_size"])
-    return AutoConfig.for_model(model_type, **fields, max_position_embeddings=32768, eos_token_id=0,
-                                pad_token_id=0, bos_token_id=None, use_cache=False)
+    values = dict(max_position_embeddings=32768, eos_token_id=0, pad_token_id=0, bos_token_id=None, use_cache=False)
+    return AutoConfig.for_model(model_type, **{**values, **fields, **CONFIG_VALUES.get(arch_key, {})})
 
 
 def build_random_shape(arch_key):
