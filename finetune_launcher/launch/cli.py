@@ -22,7 +22,6 @@ Anything else is a run-config override (--lora_r 8, --zero 3, --offload, --max_s
 import json
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 from finetune_launcher import exit_codes
@@ -150,8 +149,9 @@ def run_preflight(cfg, options):
 def start_ranks(cfg, options, verdict=None):
     from finetune_launcher.estimate.trainer_log import LAUNCH_ESTIMATE_ENV, estimate_figures
     from finetune_launcher.launch.commands import launch_env
+    from finetune_launcher.launch.scratch import launch_scratch_dir
 
-    with tempfile.TemporaryDirectory(prefix="ftl-launch-") as scratch:
+    with launch_scratch_dir() as scratch:
         resolved = Path(scratch) / "run_config.json"
         resolved.write_text(cfg.to_json())
         env = launch_env(cfg.procs_per_node)

@@ -1,9 +1,14 @@
 """Stop signals around the launcher: SIGTERM / SIGUSR1 sent to `launch/train_*.sh` reach the training ranks, which
 save a checkpoint at their next step and exit 0; inside a Slurm step (srun) the launcher ignores both, since Slurm
-signals every process of the step itself."""
+signals every process of the step itself. And no rank outlives the launcher: a `kill -9` of the launcher alone takes
+its forked ranks, or the launcher tool (torchrun, accelerate, DeepSpeed's runner) and through it its workers, along
+(see die_with_parent)."""
+import ctypes
+import functools
 import os
 import signal
 import subprocess
+import sys
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -102,8 +107,11 @@ class StopForwarder:
         self.sent[signum] = set()  # (again) to every rank
 
     def run(self, cmd, env):
-        """Popen + wait (as subprocess.run), passing stop signals on while the command runs; returns its code."""
-        with subprocess.Popen(cmd, env=env) as proc:
+        """Popen + wait (as subprocess.run), passing stop signals on while the command runs; returns its code. The
+        command gets SIGTERM should this process die first: torchrun (also under accelerate) and DeepSpeed's runner
+        stop their workers on SIGTERM (not on SIGKILL, which would leave them running in their own sessions)."""
+        parent_death = functools.partial(die_with_parent, os.getpid(), signal.SIGTERM, libc())
+        with subprocess.Popen(cmd, env=env, preexec_fn=parent_death) as proc:
             try:
                 while True:
                     try:
@@ -178,3 +186,26 @@ def catches_signal(pid, signum):
     except OSError:
         return False
     return True
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@functools.cache
+def libc():
+    """The C library, loaded before a fork so that the child only calls into it; None off Linux."""
+    return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def die_with_parent(parent_pid, signum=signal.SIGKILL, c_library=None):
+    """Have the kernel send `signum` to this process when its parent `parent_pid` dies (Linux: PR_SET_PDEATHSIG),
+    whichever way it dies -- SIGKILL included, where no handler of the parent can run. A child calls it first thing
+    after the fork; should the parent have died before the call (the child then has another parent already), the
+    child exits at once, as the signal would have ended it. No-op where prctl does not exist. `c_library`: libc(),
+    loaded before the fork."""
+    c_library = c_library or libc()
+    if c_library is None:
+        return
+    c_library.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(128 + int(signum))  # not the signal itself: the parent's Python handlers are still installed here
