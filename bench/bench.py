@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
+from bench.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
                             versions, write_json, write_text_corpus)
 from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 from finetune_launcher.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
@@ -123,7 +123,7 @@ def run_ours(args, corpus, name, timeout, **change):
 def run_hf(args, corpus, name, timeout, checkpointing=False, liger=False):
     out = Path(args.work_dir) / name
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "tools" / "hf_baseline.py"), "--model", args.model, "--data", str(corpus),
+    cmd = [sys.executable, str(REPO / "bench" / "hf_baseline.py"), "--model", args.model, "--data", str(corpus),
            "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--grad-accum",
            str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(WARMUP), "--lora-r", str(args.lora_r),
            "--json", str(out / "result.json")] + (["--gradient-checkpointing"] if checkpointing else []) + \
