@@ -5,8 +5,8 @@ the ranks, each reading the resolved config: forked from this process on one CPU
 with torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's own code. SIGTERM or SIGUSR1 sent to
 it reach the training ranks (see finetune_launcher.launch.signals).
 
-usage: python -m finetune_launcher.launch [--mode lora|qlora|full] [--recipe diffusion] [CONFIG.yaml] [launcher options]
-                              [--key value ...]
+usage: ftl train [--mode lora|qlora|full] [--recipe diffusion] [CONFIG.yaml] [launcher options] [--key value ...]
+       (the same: python -m finetune_launcher.launch ..., bash launch/train_<mode>.sh [CONFIG.yaml] ...)
 launcher options:
   --launcher fork|torchrun|accelerate|deepspeed   how processes are started (default: fork on one node without
                          GPUs, ranks forked from the launcher after its imports, with torchrun's environment;

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import REPO, vl_settings
 from finetune_launcher.after.generation import GenerationSettings, PromptCase, case_from_record, read_prompt_file
-from finetune_launcher.recipes.vision_language.after import VLPrompter, generate_vl
+from finetune_launcher.recipes.vision_language.prompts import VLPrompter, generate_vl
 from finetune_launcher.recipes.vision_language.evaluation import answers_match, cannot_match, normalise_answer
 from finetune_launcher.data.records import DataError
 from finetune_launcher.data.text import IGNORE_INDEX
