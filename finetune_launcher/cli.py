@@ -94,21 +94,31 @@ def run():
 
 
 def estimate_main(argv):
-    """`ftl estimate`: finetune_launcher/estimate/cli.py's main(argv). Until that module exists, the checkout's
+    """`ftl estimate`: finetune_launcher/estimate/cli.py's main(argv), its usage lines named `ftl estimate`."""
+    saved, sys.argv = sys.argv, ["ftl estimate", *argv]  # argparse's default program name
+    try:
+        return estimator_main()(argv)
+    finally:
+        sys.argv = saved
+
+
+def estimator_main():
+    """The estimator's main(argv). Until finetune_launcher/estimate/cli.py exists: the checkout's
     tools/estimate_time.py (the same command line)."""
     if importlib.util.find_spec(ESTIMATE_MODULE) is not None:
-        return importlib.import_module(ESTIMATE_MODULE).main(argv)
+        return importlib.import_module(ESTIMATE_MODULE).main
     from finetune_launcher.resources import PACKAGE_DIR
 
     script = PACKAGE_DIR.parent / "tools" / "estimate_time.py"
     if not script.is_file():
-        print("error: this installation has no estimator command line yet; run tools/estimate_time.py from a "
-              "checkout of the repository", file=sys.stderr)
-        return exit_codes.USER_ERROR
+        from finetune_launcher.errors import UserError
+
+        raise UserError("this installation has no estimator command line yet; run tools/estimate_time.py from a "
+                        "checkout of the repository")
     spec = importlib.util.spec_from_file_location("estimate_time", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(argv)
+    return module.main
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 2."""
 from finetune_launcher import exit_codes
 from finetune_launcher.after.run_files import AdapterError
+from finetune_launcher.errors import UserError
 
 
 def tool_exit_code(main, argv=None):
@@ -23,9 +24,9 @@ def tool_exit_code(main, argv=None):
 
 
 def user_error_types():
-    """AdapterError, FileNotFoundError and, once finetune_launcher.data is loaded, DataError. Looked up lazily so that a
-    tool can fail on a wrong path without importing torch first."""
+    """AdapterError, UserError, FileNotFoundError and, once finetune_launcher.data is loaded, DataError. Looked up
+    lazily so that a tool can fail on a wrong path without importing torch first."""
     import sys
 
     data = sys.modules.get("finetune_launcher.data.records")
-    return (AdapterError, FileNotFoundError) + ((data.DataError,) if data else ())
+    return (AdapterError, UserError, FileNotFoundError) + ((data.DataError,) if data else ())
