@@ -16,6 +16,10 @@ import importlib.util
 import sys
 
 from finetune_launcher import __version__, exit_codes, recipe_table
+from finetune_launcher.after.cli import tool_exit_code
+from finetune_launcher.console import ascii_safe, make_console_safe
+from finetune_launcher.errors import UserError
+from finetune_launcher.resources import PACKAGE_DIR
 
 PROG = "ftl"
 # name: (summary, "module:function" taking argv and returning the exit code); recipes add theirs (recipe_table:
@@ -66,9 +70,6 @@ def target_function(target):
 
 def main(argv=None):
     """Run `ftl COMMAND ...`; returns the command's exit code."""
-    from finetune_launcher.after.cli import tool_exit_code
-    from finetune_launcher.console import ascii_safe, make_console_safe
-
     make_console_safe()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["help"] and argv[1:]:
@@ -107,12 +108,8 @@ def estimator_main():
     tools/estimate_time.py (the same command line)."""
     if importlib.util.find_spec(ESTIMATE_MODULE) is not None:
         return importlib.import_module(ESTIMATE_MODULE).main
-    from finetune_launcher.resources import PACKAGE_DIR
-
     script = PACKAGE_DIR.parent / "tools" / "estimate_time.py"
     if not script.is_file():
-        from finetune_launcher.errors import UserError
-
         raise UserError("this installation has no estimator command line yet; run tools/estimate_time.py from a "
                         "checkout of the repository")
     spec = importlib.util.spec_from_file_location("estimate_time", script)

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from finetune_launcher.after.bases import QLORA_BASES
+from finetune_launcher.after.evaluation import format_table, write_examples
 from finetune_launcher.after.loading import (DTYPES, AdapterError, adapter_recipe, check_adapter_dir,
                                              full_model_recipe, resolve_base, same_recipe)
 from finetune_launcher.after.parts import after_part
@@ -82,8 +83,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     for adapter in args.adapters:
         check_adapter_dir(adapter)  # a wrong path fails before the slow imports
-    from finetune_launcher.after.evaluation import format_table, write_examples
-    from finetune_launcher.after.generation import GenerationSettings
+    from finetune_launcher.after.generation import GenerationSettings  # imports torch: after the paths are checked
 
     args.generation = GenerationSettings(max_new_tokens=args.max_new_tokens)
     report = evaluate_all(args, log)

@@ -19,9 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from finetune_launcher.after.bases import QLORA_BASES
-from finetune_launcher.after.loading import DTYPES, AdapterError, check_adapter_dir
+from finetune_launcher.after.bases import QLORA_BASES, pick_device, qlora_note
+from finetune_launcher.after.loading import DTYPES, AdapterError, check_adapter_dir, load_adapter, load_full_model
+from finetune_launcher.after.parts import after_part
 from finetune_launcher.console import ascii_safe
+from finetune_launcher.resources import resource
 
 QUIT_WORDS = ("exit", "quit", ":q")
 IMAGE_COMMAND = "/image"
@@ -85,9 +87,6 @@ def check_source(args):
 
 
 def load(args):
-    from finetune_launcher.after.bases import pick_device, qlora_note
-    from finetune_launcher.after.loading import load_adapter, load_full_model
-
     device = pick_device(args.device)
     if args.adapter:
         base_note = qlora_note([args.adapter], args.qlora_base)
@@ -102,7 +101,6 @@ def main(argv=None):
     check_source(args)
     check_images(args.images)
     from finetune_launcher.after.generation import GenerationSettings, PromptCase
-    from finetune_launcher.after.parts import after_part
 
     loaded = load(args)
     part = after_part(loaded.recipe)
@@ -133,7 +131,6 @@ def check_images(paths):
 def demo_cases(args, part):
     """The prompts of --prompts (default: the recipe's shipped demo prompts), with --image where they name none."""
     from finetune_launcher.after.generation import read_prompt_file
-    from finetune_launcher.resources import resource
 
     cases = read_prompt_file(args.prompts or resource(part.DEMO_PROMPTS))
     return [with_default_images(c, args.images) for c in (cases[:args.limit] if args.limit else cases)]

@@ -16,6 +16,8 @@ import sys
 
 from finetune_launcher.after.bases import QLORA_BASES
 from finetune_launcher.after.loading import DTYPES
+from finetune_launcher.after.merge import merge_adapter
+from finetune_launcher.after.parts import after_part
 
 
 def parse_args(argv):
@@ -37,9 +39,6 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    from finetune_launcher.after.merge import merge_adapter
-    from finetune_launcher.after.parts import after_part
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     result = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.max_shard_size, args.overwrite,
                            args.device, args.trust_remote_code, qlora_base=args.qlora_base)

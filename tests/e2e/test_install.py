@@ -37,8 +37,9 @@ def fresh_venv(path):
     python = path / "bin" / "python"
     own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          capture_output=True, text=True, check=True).stdout.strip()
-    dependencies = sysconfig.get_paths()["purelib"]
-    Path(own, "test_dependencies.pth").write_text(f"import site; site.addsitedir({dependencies!r})\n")
+    dependencies = dict.fromkeys(sysconfig.get_paths()[kind] for kind in ("purelib", "platlib"))
+    Path(own, "test_dependencies.pth").write_text("".join(f"import site; site.addsitedir({path!r})\n"
+                                                          for path in dependencies))
     return python
 
 

@@ -21,8 +21,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from finetune_launcher.after.bases import pick_device
 from finetune_launcher.after.run_files import AdapterError
 from finetune_launcher.console import ascii_safe
+from finetune_launcher.recipes.diffusion.after import (apply_weights, check_pipeline, default_resolution,
+                                                       dequantize_unet, diffusion_weights, fuse_weights, generate,
+                                                       image_name, load_pipeline, pipeline_dtype, side_by_side,
+                                                       uses_dequantized_unet)
 
 NAME = "generate-images"  # the `ftl` command (the recipe table lists this module as the recipe's "command")
 SUMMARY = "diffusion runs: PNGs per prompt and seed, --compare with the base, --fuse into a pipeline"
@@ -79,8 +84,6 @@ def out_dir(args):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     check_args(args)
-    from finetune_launcher.recipes.diffusion.after import check_pipeline, diffusion_weights, fuse_weights
-
     weights = diffusion_weights(args.adapter, args.base) if args.adapter else None
     base_path = weights.base_path if weights else check_pipeline(args.base, "given with --base")
     if args.fuse:
@@ -96,11 +99,6 @@ def main(argv=None):
 
 def generate_all(args, weights, base_path):
     """Base images first (for --compare), then the weights go on the same pipeline for the tuned ones."""
-    from finetune_launcher.after.bases import pick_device
-    from finetune_launcher.recipes.diffusion.after import (apply_weights, default_resolution, dequantize_unet,
-                                                           generate, image_name, load_pipeline, pipeline_dtype,
-                                                           side_by_side, uses_dequantized_unet)
-
     device = pick_device(args.device)
     pipeline = load_pipeline(base_path, pipeline_dtype(args.dtype, device), device)
     if uses_dequantized_unet(weights, args.qlora_base):
