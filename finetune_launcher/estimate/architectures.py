@@ -6,8 +6,11 @@ from pathlib import Path
 
 from finetune_launcher.models.arch_table import ARCHITECTURES
 from finetune_launcher.estimate.inputs import EstimateError
+from finetune_launcher.estimate.meta_model import describe_meta_model, load_auto_config
 from finetune_launcher.estimate.parameters import BaseCounts
-from finetune_launcher.recipes.vision_language.estimate import VisionTower, processor_pixel_bounds, tower_from_config
+from finetune_launcher.models.references import RANDOM_PREFIX, is_builtin, is_random, resolve_model_path
+from finetune_launcher.recipes.vision_language.estimate_tower import (VisionTower, processor_pixel_bounds,
+                                                                      tower_from_config)
 from finetune_launcher.recipes.vision_language.estimate_table import VL_ARCHITECTURES
 
 
@@ -32,7 +35,7 @@ class Architecture:
     moe_intermediate_size: int = 0
     source: str = "table"
     counts: BaseCounts = None
-    vision: VisionTower = None  # the vision tower of a vision-language model (its shapes: finetune_launcher/recipes/vision_language/estimate.py)
+    vision: VisionTower = None  # a vision-language model's tower (recipes/vision_language/estimate_tower.py)
 
     @property
     def hd(self):
@@ -126,8 +129,6 @@ def architecture_from_config(config, name, source, pixels=None):
 def architecture_from_config_dir(directory, name):
     """AutoConfig of a directory holding config.json, refined by the model transformers builds from it on the meta
     device (exact totals, tied embeddings, biases and norms as the modeling code has them)."""
-    from finetune_launcher.estimate.meta_model import describe_meta_model, load_auto_config
-
     config_file = Path(directory) / "config.json"
     config = load_auto_config(directory, config_file)
     arch = architecture_from_config(config, name, str(config_file), processor_pixel_bounds(directory))
@@ -147,8 +148,6 @@ def _hub_cache_snapshot(model_ref):
 def load_architecture(model_ref):
     """The shapes of `model_ref`: builtin:NAME, random:ARCH, a local directory with config.json, a hub id in the
     offline table, or a hub id already in the local Hugging Face cache. Never loads weights, never downloads."""
-    from finetune_launcher.models.references import RANDOM_PREFIX, is_builtin, is_random, resolve_model_path
-
     if is_random(model_ref):
         key = model_ref[len(RANDOM_PREFIX):]
         return architecture_from_table(key, source=f"offline table ({model_ref})")

@@ -167,7 +167,7 @@ def test_a_ds_file_with_zero3_decides_the_checkpointing_estimate_too(tmp_path):
     assert zero2.gradient_checkpointing is True and zero3.gradient_checkpointing is False
     from finetune_launcher.launch.preflight import preflight
 
-    assert preflight(zero3).spec.zero == 3 and preflight(zero2).spec.zero == 2
+    assert preflight(zero3).spec.zero_stage == 3 and preflight(zero2).spec.zero_stage == 2
 
 
 def test_contradicting_batch_size_names_the_key(tmp_path):

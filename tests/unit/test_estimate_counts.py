@@ -136,7 +136,7 @@ def test_lora_counts_equal_peft(key, targets):
     config.num_hidden_layers = 2
     model = get_peft_model(meta_model(config), LoraConfig(r=16, target_modules=targets))
     arch = replace(architecture_from_table(key), num_hidden_layers=2)
-    ours = count_params(arch, RunSpec(model=key, mode="lora", lora_rank=16, lora_targets=targets)).lora
+    ours = count_params(arch, RunSpec(model=key, mode="lora", lora_r=16, lora_target_modules=targets)).lora
     assert ours == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -168,7 +168,7 @@ def test_flops_per_token_equal_torch_flop_counter(mode, checkpointing):
     name, micro, seq = "builtin:tiny-llama", 2, 128
     model = build_model(name, mode, checkpointing, attn_implementation="eager")
     forward, total = counted_flops(model, collate(packed_rows(micro, seq), 0, True))
-    spec = RunSpec(model=name, mode=mode, seq_len=seq, micro_batch=micro, gradient_checkpointing=checkpointing,
+    spec = RunSpec(model=name, mode=mode, max_length=seq, micro_batch_size=micro, gradient_checkpointing=checkpointing,
                    lora_dropout=0.0, gpu="cpu", attn_implementation="eager")
     arch = load_architecture(name)
     ours = flops_per_token(arch, spec, count_params(arch, spec), masked=True)

@@ -17,8 +17,8 @@ TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def tiny_spec(**changes):
-    fields = dict(model="builtin:tiny-sd", recipe="diffusion", mode="lora", lora_rank=4, lora_targets=TARGETS,
-                  lora_dropout=0.0, resolution=64, micro_batch=2, gpu="cpu", precision="fp32", packing=False)
+    fields = dict(model="builtin:tiny-sd", recipe="diffusion", mode="lora", lora_r=4, lora_target_modules=TARGETS,
+                  lora_dropout=0.0, resolution=64, micro_batch_size=2, gpu="cpu", precision="fp32", packing=False)
     return RunSpec(**{**fields, **changes})
 
 
@@ -137,14 +137,15 @@ def test_qlora_weights_equal_bitsandbytes_storage():
             if state is not None:
                 nested = [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
                 held += sum(t.untyped_storage().nbytes() for t in nested)
-    predicted = estimate(tiny_spec(mode="qlora", micro_batch=1), calibration={}, with_alternatives=False)
+    predicted = estimate(tiny_spec(mode="qlora", micro_batch_size=1), calibration={}, with_alternatives=False)
     assert predicted.counts.quantized > 0
     assert predicted.memory["weights"] == pytest.approx(held, rel=0.001)
 
 
 def test_sd15_on_a_24gb_gpu_fits_and_qlora_saves_the_linear_weights():
-    spec = RunSpec(model="runwayml/stable-diffusion-v1-5", recipe="diffusion", mode="lora", lora_rank=16,
-                   lora_targets=TARGETS, lora_dropout=0.05, micro_batch=1, grad_accum=4, gpu="RTX-4090",
+    spec = RunSpec(model="runwayml/stable-diffusion-v1-5", recipe="diffusion", mode="lora", lora_r=16,
+                   lora_target_modules=TARGETS, lora_dropout=0.05, micro_batch_size=1, gradient_accumulation_steps=4,
+                   gpu="RTX-4090",
                    precision="bf16", max_steps=100, packing=False, gradient_checkpointing=False)
     lora = estimate(spec, calibration={}, with_alternatives=False)
     qlora = estimate(RunSpec(**{**spec.__dict__, "mode": "qlora"}), calibration={}, with_alternatives=False)
@@ -169,6 +170,6 @@ def test_diffusion_calibration_has_its_own_key(tmp_path):
     cold, entry, calibrated = calibrate_from_history(history, path=tmp_path / "calibration.json")
     assert entry["key"] == "cpu/fp32/diffusion" and cold.spec.recipe == "diffusion"
     assert calibrated.step_time_s == pytest.approx(0.9, rel=1e-6)
-    language = estimate(RunSpec(model="builtin:tiny-llama", gpu="cpu"), calibration={entry["key"]: entry},
+    language = estimate(RunSpec(model="builtin:tiny-llama", gpu="cpu", precision="fp32"), calibration={entry["key"]: entry},
                         with_alternatives=False)
     assert language.timing["calibration_factor"] is None
