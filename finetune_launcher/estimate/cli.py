@@ -69,7 +69,8 @@ def parse_args(argv):
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--measure", type=int, metavar="N", help="run N real steps of --config and refit the throughput")
     run.add_argument("--from-history", metavar="PATH", help="refit the throughput from a run's training_history.json")
-    run.add_argument("--calibration", metavar="FILE", help="calibration file (default .cache/estimate_calibration.json)")
+    run.add_argument("--calibration", metavar="FILE",
+                     help="calibration file (default .cache/estimate_calibration.json)")
     run.add_argument("--no-calibration", action="store_true", help="ignore saved calibrations (cold estimate)")
     return p.parse_args(argv)
 

@@ -15,10 +15,21 @@ from finetune_launcher.estimate.inputs import GIB, EstimateError
 def estimate(spec, calibration=None, device=None, with_alternatives=True):
     """The full estimate for `spec`. `calibration`: a dict as load_calibration() returns (None: cold)."""
     spec.validate()
-    result = recipe_table.part(spec.recipe, "estimate").estimate(spec, calibration, device)
+    result = estimate_part(spec.recipe).estimate(spec, calibration, device)
     if with_alternatives:
         result.alternatives = rank_alternatives(result, calibration, result.device)
     return result
+
+
+def estimate_part(recipe):
+    """The recipe's estimate part (see the module doc), from the recipe table."""
+    try:
+        part = recipe_table.part(recipe, "estimate")
+    except recipe_table.UnknownRecipe as error:
+        raise EstimateError(str(error)) from None
+    if part is None:
+        raise EstimateError(f"recipe '{recipe}' has no estimate part (recipe_table: modules['estimate'])")
+    return part
 
 
 def candidate_changes(spec):

@@ -7,11 +7,10 @@ arrive decided (config/resolve.py), and an undecided "auto" is refused, never de
 from collections.abc import Mapping
 from dataclasses import fields, replace
 
-from finetune_launcher import recipe_table
 from finetune_launcher.console import ascii_safe
 from finetune_launcher.estimate.calibration import load_calibration
 from finetune_launcher.estimate.devices import detect_device, resolve_device
-from finetune_launcher.estimate.estimator import estimate
+from finetune_launcher.estimate.estimator import estimate, estimate_part
 from finetune_launcher.estimate.inputs import GIB, EstimateError, RunSpec
 from finetune_launcher.estimate.report import preflight_text
 
@@ -27,15 +26,15 @@ def spec_from_config(config, nproc, nnodes, gpu=None):
         raise EstimateError(f"the run config is not resolved ({', '.join(undecided)}: auto); estimate a config that "
                             f"finetune_launcher.config.resolve_run_config returned")
     shared = {f.name: config[f.name] for f in fields(RunSpec) if f.name in config and f.name not in MACHINE_FIELDS}
-    part = recipe_table.part(config["recipe"], "estimate")
-    spec = RunSpec(**{**shared, **part.spec_fields(config)}, procs_per_node=nproc, nnodes=nnodes, gpu=gpu or "cpu")
+    own = estimate_part(config["recipe"]).spec_fields(config)
+    spec = RunSpec(**{**shared, **own}, procs_per_node=nproc, nnodes=nnodes, gpu=gpu or "cpu")
     return replace(spec, **deepspeed_settings(config.get("deepspeed"), spec))
 
 
 def deepspeed_settings(resolved, spec):
     """The reduce bucket, ZeRO-3's live-parameter limit and overlap_comm of the resolved DeepSpeed dict (the names
     config/deepspeed.py writes every spelling as)."""
-    zero = dict((resolved or {}).get("zero_optimization") or {}) if isinstance(resolved, Mapping) else {}
+    zero = dict(resolved.get("zero_optimization") or {}) if isinstance(resolved, Mapping) else {}
     numbers = {k: int(v) for k, v in zero.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     overlap = zero.get("overlap_comm")
     return {"reduce_bucket_size": numbers.get("reduce_bucket_size"),
@@ -52,8 +51,9 @@ def without_checkpointing(values, nproc, nnodes, gpu=None):
 
 
 def resolve_gradient_checkpointing(values, nproc, nnodes, gpu=None):
-    """(on?, why) for the config resolution's `gradient_checkpointing: auto`: off when the run is predicted to fit
-    without it (a third less compute per step), on otherwise or when no estimate can be made."""
+    """(on?, why) for `gradient_checkpointing: auto`, for config/resolve.py (its one caller, until the config
+    resolution decides from without_checkpointing itself): off when the run is predicted to fit without it (a third
+    less compute per step), on otherwise or when no estimate can be made."""
     setting = values["gradient_checkpointing"]
     if setting != "auto":
         return setting, "set in the run config"

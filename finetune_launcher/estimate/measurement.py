@@ -70,8 +70,9 @@ def spec_from_history(history, gpu=None):
     else:
         device = device_from_cuda_name(device_name)
         if device is None:
-            raise EstimateError(f"the run's device '{device_name}' is not in finetune_launcher/estimate/gpu_table.json; "
-                                f"pass --gpu (known: {', '.join(known_gpus())})")
+            raise EstimateError(f"the run's device '{device_name}' is not in the estimator's GPU table "
+                                f"(finetune_launcher/estimate/gpu_table.json); pass --gpu (known: "
+                                f"{', '.join(known_gpus())})")
     spec = spec_from_config(config, world // nnodes, nnodes, gpu=device.name)
     if meta.get("total_steps"):
         spec = replace(spec, max_steps=int(meta["total_steps"]))

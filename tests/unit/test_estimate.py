@@ -213,8 +213,8 @@ def test_trainer_log_records_estimate_and_measured(capsys):
 
 # ------------------------------------------------------------------ the command line
 
-REQUIRED_KEYS = ("params_base", "params_adapter", "params_trainable", "memory_per_gpu_gib", "fits", "step_time_s", "tokens_per_s",
-                 "total_steps", "total_time_h", "assumptions")
+REQUIRED_KEYS = ("params_base", "params_adapter", "params_trainable", "memory_per_gpu_gib", "fits", "step_time_s",
+                 "tokens_per_s", "total_steps", "total_time_h", "assumptions")
 ISSUE_FLAGS = ["--model", "Qwen/Qwen2.5-7B-Instruct", "--mode", "lora", "--gpus-per-node", "8", "--nodes", "1",
                "--gpu", "H100-80GB", "--seq-len", "2048", "--micro-batch", "2", "--grad-accum", "4", "--zero", "2",
                "--gradient-checkpointing", "--lora-rank", "16", "--examples", "20000", "--epochs", "2"]

@@ -121,7 +121,7 @@ def test_unet_flops_equal_the_flop_counter_on_a_real_step(checkpointing):
 
 
 def test_qlora_weights_equal_bitsandbytes_storage():
-    """The QLoRA UNet as finetune_launcher/recipes/diffusion/model.py loads it (nn.Linear -> NF4 double quant, the rest and the
+    """The QLoRA UNet as the recipe's model.py loads it (nn.Linear -> NF4 double quant, the rest and the
     adapters fp32 here), plus the frozen VAE and text encoder: bytes of every parameter and quant_state tensor."""
     from finetune_launcher.recipes.diffusion.model import load_diffusion
 
@@ -170,6 +170,30 @@ def test_diffusion_calibration_has_its_own_key(tmp_path):
     cold, entry, calibrated = calibrate_from_history(history, path=tmp_path / "calibration.json")
     assert entry["key"] == "cpu/fp32/diffusion" and cold.spec.recipe == "diffusion"
     assert calibrated.step_time_s == pytest.approx(0.9, rel=1e-6)
-    language = estimate(RunSpec(model="builtin:tiny-llama", gpu="cpu", precision="fp32"), calibration={entry["key"]: entry},
-                        with_alternatives=False)
+    language = estimate(RunSpec(model="builtin:tiny-llama", gpu="cpu", precision="fp32"),
+                        calibration={entry["key"]: entry}, with_alternatives=False)
     assert language.timing["calibration_factor"] is None
+
+
+def test_pipeline_facts_claim_diffusers_pipelines_only(tmp_path, tiny_model_path):
+    """The recipe table's model facts: builtin:tiny-sd and a pipeline directory give the UNet's widest block, a hub
+    id of the offline table its table entry's; a causal LM and an unknown name are not pipelines. `recipe: auto`
+    picks the diffusion recipe for what is claimed."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from finetune_launcher import recipe_table
+    from finetune_launcher.models.references import resolve_model_path
+    from finetune_launcher.recipes.diffusion.estimate import pipeline_facts
+
+    tiny = Path(resolve_model_path("builtin:tiny-sd"))
+    widest = max(json.loads((tiny / "unet" / "config.json").read_text())["block_out_channels"])
+    copied = shutil.copytree(tiny, tmp_path / "my-pipeline")
+    for model in ("builtin:tiny-sd", str(copied)):
+        facts = pipeline_facts({"model": model})
+        assert (facts.pipeline, facts.hidden_size, facts.widest) == (True, widest, 8 * widest)
+        assert recipe_table.detect(facts).name == "diffusion"
+    assert pipeline_facts({"model": "runwayml/stable-diffusion-v1-5"}).hidden_size == 1280
+    assert pipeline_facts({"model": str(tiny_model_path)}) is None
+    assert pipeline_facts({"model": "Qwen/Qwen2.5-7B-Instruct"}) is None
