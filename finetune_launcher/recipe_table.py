@@ -81,7 +81,7 @@ def _causal_lm():
         summary="causal language models (full, LoRA, QLoRA) on instruction, chat or text data",
         detect=lambda facts: not facts.vision and not facts.pipeline,
         embedded={"lora": "configs/tiny_lora.yaml", "qlora": "configs/tiny_qlora.yaml", "full": "configs/tiny_full.yaml"},
-        modules={"train": "recipe:run", "rows": "recipe:prepare_rows", "estimate": "estimate"})
+        modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate"})
 
 
 def _vision_language():
@@ -102,7 +102,7 @@ def _vision_language():
             Key("lora_vision", False, {"type": "boolean"}, identity=True,
                 help="LoRA on the vision tower's linear layers too"),
         ),
-        modules={"train": "recipe:run", "rows": "recipe:prepare_rows", "estimate": "estimate",
+        modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate",
                  "after": "after"})
 
 
@@ -141,8 +141,8 @@ def _diffusion():
             Key("sample_steps", 20, {"type": "integer", "minimum": 1}, help="sampler steps per validation image"),
             Key("guidance_scale", 7.5, {"type": "number", "minimum": 0}, help="classifier-free guidance scale"),
         ),
-        modules={"train": "recipe:run", "rows": "recipe:prepare_rows", "estimate": "estimate",
-                 "model_facts": "estimate:pipeline_facts", "after": "after"})
+        modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate",
+                 "model_facts": "facts:pipeline_facts", "after": "after"})
 
 
 # Table order is the order `recipe: auto` asks: the most specific model first, the causal LM (any model) last.

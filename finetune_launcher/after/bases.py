@@ -130,9 +130,9 @@ def training_quantization(path, dtype, kind, trust_remote_code=False):
 
         settings = SimpleNamespace(precision=precision_of(dtype), bnb_4bit_quant_storage="uint8")
         return quantization_config(settings, meta_layout(str(path), trust_remote_code))
-    from finetune_launcher.recipes.causal_lm.model import quantization_config
+    from finetune_launcher.models.prepare import nf4_config
 
-    return quantization_config(precision_of(dtype), "uint8")
+    return nf4_config(precision_of(dtype), "uint8")
 
 
 def load_dequantized_base(path, dtype, device, trust_remote_code=False, kind=CAUSAL_LM):

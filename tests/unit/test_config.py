@@ -79,9 +79,32 @@ def test_the_resolved_config_is_frozen_and_round_trips(tmp_path):
     assert cfg.deepspeed_dict() is not cfg.deepspeed_dict()  # deepspeed.initialize gets a mutable copy
 
 
-def test_every_schema_key_is_a_config_field():
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    assert set(schema()["properties"]) <= fields
+def test_a_recipes_own_keys_read_like_shared_ones_and_belong_to_its_identity(tmp_path):
+    """Diffusion's keys are declared in its recipe-table entry, yet read as cfg.resolution, survive the file the
+    ranks read, and a changed one makes another training identity; an LM run carries none of them."""
+    from finetune_launcher.checkpoint import training_identity
+
+    sd = resolve(write(tmp_path, "mode: lora\nmodel: builtin:tiny-sd\ndataset: data/tiny_sd\nresolution: 32\n"))
+    assert sd.recipe == "diffusion" and sd.resolution == 32 and sd.caption_column == "text"
+    assert RunConfig.from_dict(sd.as_dict()) == sd and sd.as_dict()["resolution"] == 32
+    other = resolve(write(tmp_path, "mode: lora\nmodel: builtin:tiny-sd\ndataset: data/tiny_sd\nresolution: 64\n",
+                          "b.yaml"))
+    assert training_identity(sd)["resolution"] == 32 != training_identity(other)["resolution"]
+    assert sd.lora_target_modules == ("to_k", "to_q", "to_v", "to_out.0")  # the recipe's default for a shared key
+    lm = resolve(write(tmp_path, MINIMAL, "lm.yaml"))
+    assert "resolution" not in lm.as_dict() and not hasattr(lm, "resolution")
+
+
+def test_another_recipes_key_is_refused_naming_its_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="key 'resolution' is for diffusion runs, but this is a causal_lm run"):
+        resolve(write(tmp_path, MINIMAL + "resolution: 256\n"))
+
+
+def test_the_schema_lists_every_declared_key_with_its_help():
+    properties = schema()["properties"]
+    assert properties["lora_r"]["description"] == "LoRA rank" and properties["lora_r"]["minimum"] == 1
+    assert "resolution" in properties and "max_pixels" in properties  # recipes' own keys
+    assert properties["recipe"]["enum"] == ["auto", "diffusion", "vision_language", "causal_lm"]
 
 
 def test_derived_choices_are_resolved_and_explained(tmp_path):

@@ -127,7 +127,7 @@ def test_qlora_weights_equal_bitsandbytes_storage():
 
     cfg = types.SimpleNamespace(model="builtin:tiny-sd", mode="qlora", precision="fp32", lora_r=4, lora_alpha=4,
                                 lora_dropout=0.0, lora_target_modules=TARGETS, gradient_checkpointing=False,
-                                text_encoder_lora=False, zero_stage=2)
+                                text_encoder_lora=False, zero_stage=2, bnb_4bit_quant_storage="uint8")
     parts = load_diffusion(cfg, torch.device("cpu"))
     held = 0
     for module in (parts.model.unet, parts.model.text_encoder, parts.vae):

@@ -331,3 +331,4 @@ def diffusion_assumptions(result, base, step):
                      f"on this device ({calibration_path()})")
     return notes
 
+

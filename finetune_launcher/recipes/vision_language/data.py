@@ -34,7 +34,9 @@ attends to them and the real tokens' outputs are unchanged (tested).
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_launcher.data.prepared import PreparedData
 from finetune_launcher.data.records import DataError, read_jsonl, seeded_split
+from finetune_launcher.recipes.vision_language.model import load_processor
 from finetune_launcher.data.text import IGNORE_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -288,11 +290,9 @@ def load_vl_rows(path, processor, max_length, image_overflow="drop"):
     return rows, stats
 
 
-@dataclass
-class PreparedVL:
-    train_rows: list
-    eval_rows: list
-    stats: dict
+def prepare_rows(cfg):
+    """The recipe table's `rows` part: the run's rows, tokenised with the model's processor."""
+    return prepare_vl_data(cfg, load_processor(cfg))
 
 
 def prepare_vl_data(cfg, processor):
@@ -322,4 +322,4 @@ def prepare_vl_data(cfg, processor):
                         f"lower max_pixels")
     facts = {**stats.as_dict(), "format": "vision_language", "train_rows": len(rows), "eval_rows": len(eval_rows),
              "mixture": mixture}
-    return PreparedVL(rows, eval_rows, facts)
+    return PreparedData(rows, eval_rows, facts)

@@ -18,7 +18,8 @@ import torch
 
 from finetune_launcher.errors import ConfigError
 from finetune_launcher.dtypes import torch_dtype
-from finetune_launcher.recipes.causal_lm.model import disable_cpu_weight_repacking, zero3_init_context
+from finetune_launcher.models.prepare import (disable_cpu_weight_repacking, loads_partitioned, lora_config, nf4_config,
+                                             zero3_init_context)
 from finetune_launcher.models.compiled_layers import compile_decoder_layers
 from finetune_launcher.models.references import resolve_model_path
 
@@ -171,29 +172,20 @@ def lora_target_pattern(layout, target_modules, lora_vision, model_ref):
     return f"^(?:{'|'.join(sorted({_escape_with_indices(n) for n in chosen}))})$"
 
 
-def lora_config(cfg, layout):
-    from peft import LoraConfig
-
-    modules_to_save = list(layout["mergers"]) if cfg.train_merger else None
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_target_pattern(layout, cfg.lora_target_modules, cfg.lora_vision, cfg.model),
-                      modules_to_save=modules_to_save, bias="none", task_type="CAUSAL_LM")
+def vl_lora_config(cfg, layout):
+    return lora_config(cfg, lora_target_pattern(layout, cfg.lora_target_modules, cfg.lora_vision, cfg.model),
+                       task_type="CAUSAL_LM", modules_to_save=list(layout["mergers"]) if cfg.train_merger else None)
 
 
 def quantization_config(cfg, layout):
-    """NF4 with double quantization in the compute dtype, for the language model's linear layers only."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch_dtype(cfg.precision),
-                              bnb_4bit_quant_storage=torch_dtype(cfg.bnb_4bit_quant_storage),
-                              llm_int8_skip_modules=[*layout["vision"], layout["lm_head"]])
+    """NF4 for the language model's linear layers only: the vision tower, its mergers and lm_head stay 16-bit."""
+    return nf4_config(cfg.precision, cfg.bnb_4bit_quant_storage, skip_modules=[*layout["vision"], layout["lm_head"]])
 
 
 # ---------------------------------------------------------------- loading
 
 def load_vl_model(cfg, device):
-    """Return (model, keepalive); see finetune_launcher.recipes.causal_lm.model.zero3_init_context for `keepalive`."""
+    """Return (model, keepalive); see finetune_launcher.models.prepare.zero3_init_context for `keepalive`."""
     from transformers import AutoModelForImageTextToText
 
     path = resolve_model_path(cfg.model)
@@ -203,7 +195,7 @@ def load_vl_model(cfg, device):
                   trust_remote_code=cfg.trust_remote_code)
     if cfg.mode == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg, layout)
-        if cfg.zero_stage != 3:
+        if not loads_partitioned(cfg):
             kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     model.config.use_cache = model.config.get_text_config().use_cache = False
@@ -219,7 +211,7 @@ def load_vl_model(cfg, device):
         from peft import get_peft_model
 
         # No prepare_model_for_kbit_training: it would cast the vision tower (and all else not 4-bit) to fp32.
-        model = get_peft_model(model, lora_config(cfg, layout))
+        model = get_peft_model(model, vl_lora_config(cfg, layout))
     if cfg.compile_layers:  # the language model's layers; the vision blocks see varying image sizes
         compile_decoder_layers(decoder, hooks_outside=cfg.zero_stage == 3)
     return model, keepalive
