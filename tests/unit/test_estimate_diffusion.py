@@ -2,6 +2,7 @@
 log's LoRA count), the tiny pipeline loaded for real, a real CPU training step of the tiny pipeline (autograd's
 saved-tensor hooks, torch's allocation counter, FlopCounterMode with eager attention), bitsandbytes' NF4 storage of
 the QLoRA UNet, and the calibration fit on a diffusion history."""
+import json
 import types
 
 import pytest
@@ -175,25 +176,39 @@ def test_diffusion_calibration_has_its_own_key(tmp_path):
     assert language.timing["calibration_factor"] is None
 
 
-def test_pipeline_facts_claim_diffusers_pipelines_only(tmp_path, tiny_model_path):
-    """The recipe table's model facts: builtin:tiny-sd and a pipeline directory give the UNet's widest block, a hub
-    id of the offline table its table entry's; a causal LM and an unknown name are not pipelines. `recipe: auto`
-    picks the diffusion recipe for what is claimed."""
+def test_the_diffusion_recipe_claims_diffusers_pipelines_only(tmp_path, tiny_model_path):
+    """The recipe table's model facts: builtin:tiny-sd and a pipeline directory give the UNet's widest block, for
+    `recipe: auto` too; a hub id of the estimator's offline table its entry's, for a pre-flight of another machine;
+    a causal LM and an unknown name are not pipelines. `recipe: auto` picks the diffusion recipe for what is
+    claimed."""
     import json
     import shutil
     from pathlib import Path
 
     from finetune_launcher import recipe_table
     from finetune_launcher.models.references import resolve_model_path
-    from finetune_launcher.recipes.diffusion.estimate import pipeline_facts
 
+    claim = recipe_table.part("diffusion", "model_facts")
     tiny = Path(resolve_model_path("builtin:tiny-sd"))
     widest = max(json.loads((tiny / "unet" / "config.json").read_text())["block_out_channels"])
     copied = shutil.copytree(tiny, tmp_path / "my-pipeline")
     for model in ("builtin:tiny-sd", str(copied)):
-        facts = pipeline_facts({"model": model})
+        facts = claim({"model": model, "recipe": "auto"})
         assert (facts.pipeline, facts.hidden_size, facts.widest) == (True, widest, 8 * widest)
         assert recipe_table.detect(facts).name == "diffusion"
-    assert pipeline_facts({"model": "runwayml/stable-diffusion-v1-5"}).hidden_size == 1280
-    assert pipeline_facts({"model": str(tiny_model_path)}) is None
-    assert pipeline_facts({"model": "Qwen/Qwen2.5-7B-Instruct"}) is None
+    sd15 = {"model": "runwayml/stable-diffusion-v1-5", "recipe": "auto"}
+    assert claim(sd15, require_model=False).hidden_size == 1280
+    assert claim({"model": str(tiny_model_path), "recipe": "auto"}) is None
+    assert claim({"model": "Qwen/Qwen2.5-7B-Instruct", "recipe": "auto"}, require_model=False) is None
+
+
+def test_an_estimate_for_a_pipeline_of_the_offline_table_needs_no_recipe_flag(capsys):
+    """`estimate --model runwayml/stable-diffusion-v1-5 ...` on a machine without the pipeline: the recipe follows
+    the model, as the config resolution detects it."""
+    from finetune_launcher.estimate.cli import main
+
+    argv = ["--model", "runwayml/stable-diffusion-v1-5", "--gpu", "RTX-4090", "--resolution", "256", "--json",
+            "--no-calibration"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    assert data["unit"] == "images" and data["inputs"]["recipe"] == "diffusion" and data["fits"]

@@ -1,7 +1,6 @@
-"""The diffusion recipe's part of the estimator (estimate/estimator.py lists what a part gives) and its model facts:
-estimates for diffusion fine-tunes (Stable Diffusion 1.x layout: UNet + VAE + CLIP text encoder, as model.py trains
-them), the same Estimate the language-model path gives; and which models are diffusers pipelines (pipeline_facts,
-the recipe table's "model_facts").
+"""The diffusion recipe's part of the estimator (estimate/estimator.py lists what a part gives): estimates for
+diffusion fine-tunes (Stable Diffusion 1.x layout: UNet + VAE + CLIP text encoder, as model.py trains them), the same
+Estimate the language-model path gives; and which models are diffusers pipelines it knows (facts.py asks).
 
 Memory per rank: the engine's part (UNet and text encoder: DiffusionModel) in the compute dtype, 1/N of it under
 ZeRO-3; QLoRA stores the UNet's nn.Linear weights in NF4 with double quantisation, every other UNet weight in the
@@ -36,7 +35,6 @@ from finetune_launcher.estimate.step_time import (LAYER_OVERHEAD_S, OPTIMIZER_BY
                                                   comm_seconds)
 from finetune_launcher.estimate.totals import peak_memory, runtime_bytes, total_optimizer_steps
 from finetune_launcher.models.references import is_builtin, resolve_model_path
-from finetune_launcher.recipe_table import ModelFacts
 from finetune_launcher.recipes.diffusion import estimate_meta
 from finetune_launcher.recipes.diffusion.estimate_table import PIPELINES
 
@@ -128,20 +126,6 @@ def load_pipeline(model_ref):
                             f"in the offline table and not in the local Hugging Face cache. Known: "
                             f"{', '.join(names)}, builtin:tiny-sd")
     return pipeline_from_dir(path, model_ref)
-
-
-def pipeline_facts(values):
-    """The recipe table's model facts of the run's model (values["model"]) when it is a diffusers pipeline -- a
-    local directory with model_index.json, builtin:tiny-sd, a hub id in the local Hugging Face cache or in the
-    offline table -- else None. Its width is the UNet's widest block (what our DeepSpeed files size the buckets
-    by); the widest projection is the GEGLU feed-forward's, 8 x that width (the LoRA persistence threshold)."""
-    key = table_key(values["model"])
-    path = None if key else local_pipeline_dir(values["model"])
-    if key is None and path is None:
-        return None
-    unet = PIPELINES[key]["unet"] if key else json.loads((path / "unet" / "config.json").read_text())
-    width = max(unet["block_out_channels"])
-    return ModelFacts(model_type="unet", hidden_size=width, widest=8 * width, pipeline=True)
 
 
 # ---------------------------------------------------------------- the recipe's estimate part
@@ -330,5 +314,3 @@ def diffusion_assumptions(result, base, step):
         notes.append(f"calibrated: device-bound terms x {t['calibration_factor']:.3f} from a diffusion measurement "
                      f"on this device ({calibration_path()})")
     return notes
-
-
