@@ -75,13 +75,16 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def add_config_flags(group):
-    """One flag per run-config key the estimate reads, stored under the key's own name."""
-    def switch(key, *aliases, text=None):
-        flags = [f"--{name.replace('_', '-')}" for name in (key, *aliases)]
-        group.add_argument(*flags, dest=key, action="store_true", default=None, help=text)
-        group.add_argument(*[f"--no-{flag[2:]}" for flag in flags], dest=key, action="store_false")
+SHARED_KEYS = ("model", "dataset", "mode", "recipe", "max_length", "micro_batch_size", "gradient_accumulation_steps",
+               "zero_stage", "lora_r", "lora_target_modules", "lora_dropout", "precision", "attn_implementation",
+               "num_epochs", "max_steps", "offload", "gradient_checkpointing", "liger_kernel", "packing",
+               "overlap_comm")
+SCALAR_TYPES = {"boolean": bool, "integer": int, "number": float, "string": str}
 
+
+def add_config_flags(group):
+    """One flag per run-config key the estimate reads, stored under the key's own name; each recipe's own keys as
+    its recipe-table entry declares them."""
     group.add_argument("--model", help="hub id, local directory with config.json, or builtin:NAME")
     group.add_argument("--dataset", help="a local JSONL (or image folder) to size the run by")
     group.add_argument("--mode", choices=recipe_table.MODES)
@@ -100,23 +103,38 @@ def add_config_flags(group):
                        choices=["sdpa", "eager", "flash_attention_2", "flash_attention_3"])
     group.add_argument("--num-epochs", "--epochs", dest="num_epochs", type=float)
     group.add_argument("--max-steps", type=int)
-    group.add_argument("--min-pixels", type=int, help="vision-language: the processor's lower pixel bound")
-    group.add_argument("--max-pixels", type=int, help="vision-language: the processor's upper pixel bound")
-    group.add_argument("--resolution", type=int, help="diffusion: square picture side in pixels (default 512)")
-    switch("offload")
-    switch("gradient_checkpointing", text="(default: auto, off where the run fits without it)")
-    switch("liger_kernel", "liger", text="Liger's kernels (default: auto, on for CUDA GPUs)")
-    switch("packing")
-    switch("overlap_comm")
-    switch("cache_latents", text="diffusion: VAE latents cached")
-    switch("text_encoder_lora", text="diffusion: LoRA on the text encoder too")
+    add_switch(group, "offload")
+    add_switch(group, "gradient_checkpointing", text="(default: auto, off where the run fits without it)")
+    add_switch(group, "liger_kernel", "liger", text="Liger's kernels (default: auto, on for CUDA GPUs)")
+    add_switch(group, "packing")
+    add_switch(group, "overlap_comm")
+    for key in recipe_table.recipe_keys().values():
+        kind = scalar_type(key.schema)
+        text = f"{recipe_table.owner_of(key.name).name}: {key.help}"
+        if kind is bool:
+            add_switch(group, key.name, text=text)
+        elif kind:
+            group.add_argument(f"--{key.name.replace('_', '-')}", dest=key.name, type=kind,
+                               choices=key.schema.get("enum"), help=text)
 
 
-CONFIG_KEYS = ("model", "dataset", "mode", "recipe", "max_length", "micro_batch_size", "gradient_accumulation_steps",
-               "zero_stage", "lora_r", "lora_target_modules", "lora_dropout", "precision", "attn_implementation",
-               "num_epochs", "max_steps", "min_pixels", "max_pixels", "resolution", "offload",
-               "gradient_checkpointing", "liger_kernel", "packing", "overlap_comm", "cache_latents",
-               "text_encoder_lora")
+def add_switch(group, key, *aliases, text=None):
+    flags = [f"--{name.replace('_', '-')}" for name in (key, *aliases)]
+    group.add_argument(*flags, dest=key, action="store_true", default=None, help=text)
+    group.add_argument(*[f"--no-{flag[2:]}" for flag in flags], dest=key, action="store_false")
+
+
+def scalar_type(schema):
+    """The Python type of a scalar JSON schema (null allowed beside it), or None for lists and objects."""
+    if "enum" in schema:
+        return str
+    types = schema.get("type")
+    types = [t for t in (types if isinstance(types, list) else [types]) if t != "null"]
+    return SCALAR_TYPES.get(types[0]) if len(types) == 1 else None
+
+
+def config_keys():
+    return SHARED_KEYS + tuple(recipe_table.recipe_keys())
 
 
 def image_size(text):
@@ -133,7 +151,8 @@ def module_list(text):
 
 def config_overrides(args):
     """{run-config key: value} of the flags given."""
-    return {key: getattr(args, key) for key in CONFIG_KEYS if getattr(args, key) is not None}
+    given = {key: getattr(args, key, None) for key in config_keys()}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def build_spec(args):
