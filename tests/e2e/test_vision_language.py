@@ -26,9 +26,10 @@ def test_vl_runs_learn_and_record_what_the_engine_ran(recipe_runs, name):
     evals = history["evals"]
     assert evals[0]["step"] == 0 and evals[-1]["eval_loss"] < 0.7 * evals[0]["eval_loss"], evals
     data = meta["data"]
-    assert data["image_rows"] > 0 and data["text_rows"] > 0, data
-    assert data["mixture"]["counts"]["data/tiny_vl/retention.jsonl"] > 0, data
-    assert "(image + text)" in proc.stdout and "mixed in: " in proc.stdout
+    mixed = data["mixture"]["counts"]["data/tiny_vl/retention.jsonl"]
+    assert data["image_rows"] > 0 and mixed <= data["text_rows"] < data["train_rows"], data
+    assert data["image_rows"] + data["text_rows"] == data["train_rows"], data
+    assert "(image + text)" in proc.stdout and f"{mixed} mixed in from data/tiny_vl/retention.jsonl" in proc.stdout
 
 
 def test_the_default_run_trains_the_language_model_only(recipe_runs):

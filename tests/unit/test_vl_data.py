@@ -283,3 +283,32 @@ def test_mixture_repeats_a_small_source_only_as_needed():
 def test_mixture_refuses_bad_fractions(fractions, message):
     with pytest.raises(DataError, match=message):
         mix_sources([("main", [1, 2]), ("other", [3])], fractions, seed=0)
+
+
+def test_the_data_summary_counts_the_rows_the_run_trains_on(vl_processor, tmp_path, capsys):
+    """With a text-only pool mixed in, the summary and the history's counts describe the mixed training rows (the
+    rows drawn from the pool, not the whole pool), and the drawn rows are labelled as mixed in."""
+    from types import SimpleNamespace
+
+    from finetune_launcher.recipes.vision_language.data import prepare_vl_data
+    from finetune_launcher.recipes.vision_language.recipe import report_data
+
+    main = write_rows(tmp_path / "train.jsonl", head_rows(DATA / "train.jsonl", 40))
+    shutil.copytree(DATA / "images", tmp_path / "images")
+    pool = str(DATA / "retention.jsonl")
+    cfg = SimpleNamespace(dataset=str(main), max_examples=None, eval_dataset=None, eval_fraction=0.1, seed=3,
+                          max_length=256, image_overflow="drop", mix_datasets=[{"dataset": pool, "fraction": 0.1}])
+    data = prepare_vl_data(cfg, vl_processor)
+    rows, stats = data.train_rows, data.stats
+    pictured = [r for r in rows if r["images"]]
+    mixed = stats["mixture"]["counts"][pool]
+    assert 0 < mixed < len(head_rows(pool, 1000))
+    assert (stats["train_rows"], stats["image_rows"], stats["text_rows"]) == (len(rows), len(pictured),
+                                                                              len(rows) - len(pictured))
+    assert stats["images"] == sum(len(r["images"]) for r in rows)
+    assert stats["image_tokens"] == sum(sum(r["image_tokens"]) for r in rows)
+    report_data(stats, cfg)
+    summary = capsys.readouterr().out
+    assert f"{len(rows)} train / {len(data.eval_rows)} eval rows ({len(rows) - mixed} from {main}, {mixed} mixed " \
+           f"in from {pool}): {len(pictured)} with images" in summary, summary
+    assert f", {len(rows) - len(pictured)} text-only" in summary, summary

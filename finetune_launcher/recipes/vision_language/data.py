@@ -44,6 +44,8 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class VLStats:
+    """What reading found (every row read, mixed-in pools included) and what the rows kept hold (count_rows: after
+    a mixture, the rows the run trains on)."""
     examples: int = 0
     image_rows: int = 0
     text_rows: int = 0
@@ -52,6 +54,13 @@ class VLStats:
     dropped_image_overflow: int = 0  # rows whose images max_length would cut (dropped)
     truncated: int = 0               # rows that lost supervised tokens to max_length
     dropped_no_response: int = 0     # rows with no supervised token left (dropped)
+
+    def count_rows(self, rows):
+        self.image_rows = sum(1 for row in rows if row["images"])
+        self.text_rows = len(rows) - self.image_rows
+        self.images = sum(len(row["images"]) for row in rows)
+        self.image_tokens = sum(sum(row["image_tokens"]) for row in rows)
+        return self
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -271,11 +280,7 @@ def tokenize_rows(conversations, processor, max_length, image_overflow="drop", s
         if row is None:
             continue
         rows.append(row)
-        stats.image_rows += bool(paths)
-        stats.text_rows += not paths
-        stats.images += len(paths)
-        stats.image_tokens += sum(counts)
-    return rows, stats
+    return rows, stats.count_rows(rows)
 
 
 def load_vl_rows(path, processor, max_length, image_overflow="drop"):
@@ -320,6 +325,6 @@ def prepare_vl_data(cfg, processor):
                         f"{stats.dropped_image_overflow} dropped because max_length {cfg.max_length} would cut an "
                         f"image, {stats.dropped_no_response} with no supervised token left); raise max_length or "
                         f"lower max_pixels")
-    facts = {**stats.as_dict(), "format": "vision_language", "train_rows": len(rows), "eval_rows": len(eval_rows),
+    facts = {**stats.count_rows(rows).as_dict(), "format": "vision_language", "train_rows": len(rows), "eval_rows": len(eval_rows),
              "mixture": mixture}
     return PreparedVL(rows, eval_rows, facts)

@@ -42,11 +42,14 @@ def run(cfg, ctx, watch):
 
 
 def report_data(stats, cfg):
+    """The rows the run trains on: where they come from (the dataset, the mixed-in pools) and what they hold."""
     mixture = stats.get("mixture")
-    mixed = f"; mixed in: {', '.join(f'{n} {c}' for n, c in mixture['counts'].items())}" if mixture else ""
-    say(f"data {cfg.dataset} (image + text): {stats['train_rows']} train / {stats['eval_rows']} eval rows, "
-        f"{stats['image_rows']} with images ({stats['image_tokens']} image tokens), {stats['text_rows']} text-only"
-        f"{mixed}")
+    sources = ""
+    if mixture:
+        sources = " (" + ", ".join(f"{count} from {name}" if name == cfg.dataset else f"{count} mixed in from {name}"
+                                   for name, count in mixture["counts"].items()) + ")"
+    say(f"data {cfg.dataset} (image + text): {stats['train_rows']} train / {stats['eval_rows']} eval rows{sources}: "
+        f"{stats['image_rows']} with images ({stats['image_tokens']} image tokens), {stats['text_rows']} text-only")
     if stats["dropped_image_overflow"] or stats["truncated"] or stats["dropped_no_response"]:
         warn(f"max_length {cfg.max_length}: {stats['dropped_image_overflow']} rows dropped because it would cut an "
              f"image (image_overflow: drop), {stats['truncated']} lost response tokens, "
