@@ -155,6 +155,39 @@ def test_bad_rows_name_the_file_and_line(vl_processor, tmp_path, problem, messag
         load_vl_rows(write_rows(tmp_path / "d.jsonl", [image_row(good), bad]), vl_processor, 256)
 
 
+def test_the_first_bad_row_is_named_with_the_count_of_bad_rows(vl_processor, tmp_path):
+    """A missing image on line 2 (found when images are read) and a placeholder mismatch on line 4 (found when
+    rows are parsed): the error names line 2 first, and how many lines are bad."""
+    good = copy_image(tmp_path)
+    rows = [image_row(good), image_row("nowhere.png"), text_row(), dict(image_row(good), images=[good, good]),
+            image_row(good)]
+    path = write_rows(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        load_vl_rows(path, vl_processor, 256)
+    assert str(error.value).startswith(f"{path}:2: image file not found: ")
+    assert str(error.value).endswith(f"[the first of 2 bad lines in {path}; also line(s) 4]")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_runs_data_names_its_first_bad_row_whichever_split_holds_it(vl_processor, tmp_path, seed):
+    """The launcher's data preparation, with a seeded eval split: a missing image on line 2 and a placeholder
+    mismatch on line 5 are named first-line-first whether the split puts them in the train or the eval rows."""
+    from types import SimpleNamespace
+
+    from finetune_launcher.recipes.vision_language.data import prepare_vl_data
+
+    good = copy_image(tmp_path)
+    rows = [image_row(good)] * 6
+    rows[1], rows[4] = image_row("nowhere.png"), dict(image_row(good), images=[good, good])
+    path = write_rows(tmp_path / "d.jsonl", rows)
+    cfg = SimpleNamespace(dataset=str(path), max_examples=None, eval_dataset=None, eval_fraction=0.5, seed=seed,
+                          max_length=256, image_overflow="drop", mix_datasets=None)
+    with pytest.raises(DataError) as error:
+        prepare_vl_data(cfg, vl_processor)
+    assert str(error.value).startswith(f"{path}:2: image file not found: ")
+    assert str(error.value).endswith(f"[the first of 2 bad lines in {path}; also line(s) 5]")
+
+
 def test_an_image_unreadable_at_batch_time_names_its_row(vl_processor, tmp_path):
     image = copy_image(tmp_path)
     rows, _ = load_vl_rows(write_rows(tmp_path / "d.jsonl", [image_row(image)]), vl_processor, 256)
