@@ -40,6 +40,25 @@ def test_the_default_run_trains_the_language_model_only(recipe_runs):
     assert keys and all(".language_model." in k for k in keys), [k for k in keys if ".language_model." not in k][:3]
 
 
+def test_best_holds_a_processor_auto_processor_builds_without_torchvision(recipe_runs):
+    """best/'s processor: AutoProcessor (trust_remote_code: transformers cannot build any Qwen-VL processor without
+    torchvision otherwise) builds it here, and it tokenises a picture with the run's processor's image tokens."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from finetune_launcher.config import RunConfig
+    from finetune_launcher.recipes.vision_language.model import load_processor
+
+    _, run_dir = recipe_runs["vl-lora"]
+    loaded = AutoProcessor.from_pretrained(run_dir / "best", trust_remote_code=True)
+    trained_with = load_processor(RunConfig.from_dict(read_history(run_dir)["metadata"]["config"]))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    image = Image.open(REPO / "data" / "tiny_vl" / "images" / "held_0000.png")
+    ids = [processor(images=[image], text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
+                     return_tensors="pt")["input_ids"].tolist() for processor in (trained_with, loaded)]
+    assert ids[0] == ids[1] and loaded.image_token_id in ids[1][0]
+
+
 def test_zero3_ran_steps_where_one_rank_had_no_image(recipe_runs):
     """The ZeRO-3 run's own sampler, replayed: at some step one rank's micro-batch had no picture (it got the blank
     image, or the two ranks would have gathered different modules and hung) while the other had pictures."""

@@ -15,7 +15,7 @@ from finetune_launcher.engines import build_engine, engine_name
 from finetune_launcher.lm_task import LanguageModelTask
 from finetune_launcher.loop import train
 from finetune_launcher.recipes.causal_lm.model import count_parameters
-from finetune_launcher.recipes.vision_language.model import load_processor, load_vl_model
+from finetune_launcher.recipes.vision_language.model import SavedProcessor, load_processor, load_vl_model
 
 
 def run(cfg, ctx, watch):
@@ -34,7 +34,8 @@ def run(cfg, ctx, watch):
     engine = build_engine(model, cfg, ctx.device, ctx.world)
     sampler = LengthGroupedSampler(data.train_rows, ctx.rank, ctx.world, cfg.micro_batch_size,
                                    cfg.gradient_accumulation_steps, cfg.seed)
-    task = LanguageModelTask(cfg, ctx, model, processor, sampler, data.eval_rows, VLCollator(processor), data.stats)
+    task = LanguageModelTask(cfg, ctx, model, SavedProcessor(processor), sampler, data.eval_rows,
+                             VLCollator(processor), data.stats)
     # ---- the loop, then best/ and final/
     outcome = train(cfg, ctx, task, engine, watch, params)
     del keepalive
