@@ -348,6 +348,7 @@ def prepare_vl_data(cfg, processor):
                         f"{stats.dropped_image_overflow} dropped because max_length {cfg.max_length} would cut an "
                         f"image, {stats.dropped_no_response} with no supervised token left); raise max_length or "
                         f"lower max_pixels")
-    facts = {**stats.count_rows(rows).as_dict(), "format": "vision_language", "train_rows": len(rows), "eval_rows": len(eval_rows),
+    stats.count_rows(rows)  # the rows the run trains on, mixed-in rows included
+    facts = {**stats.as_dict(), "format": "vision_language", "train_rows": len(rows), "eval_rows": len(eval_rows),
              "mixture": mixture}
     return PreparedVL(rows, eval_rows, facts)
