@@ -43,7 +43,7 @@ def launch_env(nproc):
 
 
 def trainer_module_args(resolved):
-    return ["--module", "train", "--resolved", str(resolved)]
+    return ["--module", "finetune_launcher", "--resolved", str(resolved)]
 
 
 def build_command(options, cfg, resolved):
@@ -64,7 +64,7 @@ def torchrun_command(python, nproc, options, resolved):
         cmd += ["--nnodes", options.get("--nnodes", "1"), "--node_rank", options.get("--node-rank", "0"),
                 "--master_addr", options.get("--master-addr", "127.0.0.1"),
                 "--master_port", options.get("--master-port", str(free_port()))]
-    return cmd + ["-m", "train", "--resolved", str(resolved)]
+    return cmd + ["-m", "finetune_launcher", "--resolved", str(resolved)]
 
 
 def launcher_dir(run_dir):

@@ -139,7 +139,7 @@ def test_accelerate_multi_node_config_per_node(tmp_path, monkeypatch):
     ds_file = config["deepspeed_config"]["deepspeed_config_file"]
     assert ds_file.endswith("deepspeed_node1.json") and json.loads(open(ds_file).read())["train_batch_size"] == 32
     assert config["deepspeed_config"]["zero3_init_flag"] is True
-    assert cmd[-4:] == ["--module", "train", "--resolved", str(tmp_path / "run_config.json")]
+    assert cmd[-4:] == ["--module", "finetune_launcher", "--resolved", str(tmp_path / "run_config.json")]
 
 
 def test_deepspeed_multi_node_runs_its_part_without_ssh(tmp_path, monkeypatch):
@@ -153,7 +153,7 @@ def test_deepspeed_multi_node_runs_its_part_without_ssh(tmp_path, monkeypatch):
     assert (tmp_path / "tiny_lora" / "launch" / "hostfile").read_text() == "gpu-a slots=8\ngpu-b slots=8\n"
     joined = " ".join(cmd)
     assert "--no_ssh --node_rank 1" in joined and "--master_addr gpu-a --master_port 29500" in joined
-    assert joined.endswith("--no_local_rank --module train --resolved run_config.json")
+    assert joined.endswith("--no_local_rank --module finetune_launcher --resolved run_config.json")
     monkeypatch.delenv("FTL_HOSTS")
     with pytest.raises(LaunchError, match="FTL_HOSTS"):
         commands.deepspeed_command(sys.executable, cfg, options, "run_config.json")
