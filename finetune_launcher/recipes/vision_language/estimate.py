@@ -1,14 +1,18 @@
 """The vision-language recipe's part of the estimator (estimate/estimator.py lists what a part gives): its rows
 (one conversation each, length-grouped, never packed: batching.py) and the pictures they hold, sampled from the
 data; its model is the language model's, with the vision tower's terms (estimate_tower.py) reached through the
-architecture."""
+architecture, which asks this part for the tower of a model (tower_of, and OFFLINE_MODELS with tower_from_entry:
+estimate/architectures.py)."""
 import json
 from pathlib import Path
 
 from finetune_launcher.estimate.dataset_size import first_lines, local_jsonl, training_examples
 from finetune_launcher.estimate.language import estimate_language_model
+from finetune_launcher.recipes.vision_language.estimate_table import VL_ARCHITECTURES
+from finetune_launcher.recipes.vision_language.estimate_tower import processor_pixel_bounds, tower_from_config
 
 SAMPLE_ROWS = 200
+OFFLINE_MODELS = VL_ARCHITECTURES  # the vision-language models of the estimator's offline table
 
 
 def spec_fields(config):
@@ -18,6 +22,23 @@ def spec_fields(config):
 def estimate(spec, calibration=None, device=None):
     """The language model's estimate; the vision tower's terms come with the model's architecture."""
     return estimate_language_model(spec, calibration, device)
+
+
+def tower_of(config, directory=None):
+    """The VisionTower of a transformers config with a vision_config (its processor's pixel bounds from
+    `directory`), or None."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return None
+    return tower_from_config(vision.to_dict(), config.model_type, processor_pixel_bounds(directory) if directory
+                             else None)
+
+
+def tower_from_entry(entry):
+    """The VisionTower of an OFFLINE_MODELS entry (estimate_table.py)."""
+    vision = {k: v for k, v in entry["vision"].items() if k != "model_type"}
+    pixels = (entry["pixels"]["min_pixels"], entry["pixels"]["max_pixels"])
+    return tower_from_config(vision, entry["vision"]["model_type"], pixels)
 
 
 def dataset_size(config):
