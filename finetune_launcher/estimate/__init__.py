@@ -37,8 +37,7 @@ from finetune_launcher.estimate.calibration import (calibration_factor, calibrat
 from finetune_launcher.estimate.devices import (Device, cpu_device, detect_device, device_from_cuda_name, known_gpus,
                                                 known_interconnects, resolve_device)
 from finetune_launcher.estimate.estimator import estimate
-from finetune_launcher.estimate.from_config import (estimate_from_config, resolve_gradient_checkpointing,
-                                                    spec_from_config, without_checkpointing)
+from finetune_launcher.estimate.from_config import estimate_from_config, spec_from_config, without_checkpointing
 from finetune_launcher.estimate.inputs import GIB, EstimateError, RunSpec
 from finetune_launcher.estimate.measurement import (calibrate_from_history, measurement_overrides, run_measurement,
                                                     spec_from_history)
@@ -58,6 +57,6 @@ __all__ = [
     "fit_calibration", "flops_per_token", "format_hours", "known_gpus", "known_interconnects", "known_models",
     "load_architecture", "load_calibration", "log_estimate_vs_measured", "measured_step_time",
     "measurement_overrides", "nf4_tensor_bytes", "peak_memory", "preflight_text", "render_table", "resolve_device",
-    "resolve_gradient_checkpointing", "run_measurement", "save_calibration", "spec_from_config", "spec_from_history",
+    "run_measurement", "save_calibration", "spec_from_config", "spec_from_history",
     "total_optimizer_steps", "transient_terms", "without_checkpointing",
 ]

@@ -50,23 +50,6 @@ def without_checkpointing(values, nproc, nnodes, gpu=None):
     return estimate(spec, calibration={}, device=device, with_alternatives=False), device
 
 
-def resolve_gradient_checkpointing(values, nproc, nnodes, gpu=None):
-    """(on?, why) for `gradient_checkpointing: auto`, for config/resolve.py (its one caller, until the config
-    resolution decides from without_checkpointing itself): off when the run is predicted to fit without it (a third
-    less compute per step), on otherwise or when no estimate can be made."""
-    setting = values["gradient_checkpointing"]
-    if setting != "auto":
-        return setting, "set in the run config"
-    try:
-        result, device = without_checkpointing(values, nproc, nnodes, gpu)
-    except EstimateError as error:
-        return True, f"auto: on (no memory estimate: {error})"
-    need, have = result.peak_bytes / GIB, device.memory_gib
-    if result.fits:
-        return False, f"auto: off (predicted {need:.1f} GiB of {have:.1f} GiB per {device.name} without it)"
-    return True, f"auto: on (without it {need:.1f} GiB > {have:.1f} GiB per {device.name})"
-
-
 def estimate_from_config(config, nproc, nnodes, announce=False, gpu=None, calibration=None):
     """The launcher's pre-flight: an estimate for this run on this machine's device (or `gpu`), printed when
     `announce`. Returns the Estimate (.fits, .refusal) or None when no estimate can be made (said why)."""
