@@ -149,7 +149,7 @@ def model_flops_per_token(model_ref, mode, seq_len):
     from finetune_launcher.estimate import count_params, load_architecture, RunSpec
 
     arch = load_architecture(model_ref)
-    spec = RunSpec(model=model_ref, mode=mode, seq_len=seq_len)
+    spec = RunSpec(model=model_ref, mode=mode, max_length=seq_len)
     n = count_params(arch, spec).total
     attention = 12 * arch.num_hidden_layers * seq_len * arch.hidden_size
     return (6 if mode == "full" else 4) * n + attention

@@ -31,6 +31,8 @@ def main(argv=None):
             world = int(os.environ.get("WORLD_SIZE", "1"))
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             cfg = resolve_run_config(config_path, overrides, procs_per_node=local, nnodes=max(1, world // local))
+        from finetune_launcher.rank_imports import leave_out_bitsandbytes
+
         leave_out_bitsandbytes(cfg)
         from finetune_launcher.rank import run
 
@@ -40,14 +42,6 @@ def main(argv=None):
         return fail(error, exit_codes.USER_ERROR), False
     except TrainingError as error:
         return fail(error, exit_codes.TRAINING_STOPPED), False
-
-
-def leave_out_bitsandbytes(cfg):
-    """Only QLoRA uses bitsandbytes, but peft imports it whenever it is installed, and bitsandbytes imports
-    torch._inductor: about 1.2 s of every rank's start on a CPU core. A None entry in sys.modules makes it look
-    absent (importlib.util.find_spec returns None), so peft and transformers leave it out."""
-    if cfg.mode != "qlora" and "bitsandbytes" not in sys.modules:
-        sys.modules["bitsandbytes"] = None
 
 
 def fail(error, code):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune_launcher.config.settings import TRAINING_IDENTITY_KEYS
+from finetune_launcher.config.settings import identity_keys
 from finetune_launcher.distributed import barrier
 from finetune_launcher.fsutil import apply_umask, atomic_write_json, atomic_write_text, fresh_tmp_dir, replace_dir
 
@@ -22,10 +22,10 @@ HASHED_BYTES = 256 * 1024 ** 2  # data files up to this size are hashed whole; l
 # ---------------------------------------------------------------- what a checkpoint was trained with
 
 def training_identity(cfg):
-    """The settings that change what is trained (RunConfig's TRAINING_IDENTITY_KEYS) plus a fingerprint of each local
-    data file, so an edited dataset is not continued silently either."""
+    """The settings that change what is trained (config.identity_keys: the keys declared so) plus a fingerprint of each
+    local data file, so an edited dataset is not continued silently either."""
     values = cfg.as_dict()
-    identity = {key: values[key] for key in TRAINING_IDENTITY_KEYS}
+    identity = {key: values[key] for key in identity_keys(cfg.recipe)}
     if values["engine"] != "deepspeed":  # its own checkpoint format (listed only then: older checkpoints match)
         identity["engine"] = values["engine"]
     for key in ("dataset", "eval_dataset"):

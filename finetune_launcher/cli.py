@@ -12,14 +12,11 @@
 `ftl COMMAND --help` (or `ftl help COMMAND`) gives each command's options. In a checkout, launch/*.sh and tools/*.py
 run the same code."""
 import importlib
-import importlib.util
 import sys
 
 from finetune_launcher import __version__, exit_codes, recipe_table
 from finetune_launcher.after.cli import tool_exit_code
 from finetune_launcher.console import ascii_safe, make_console_safe
-from finetune_launcher.errors import UserError
-from finetune_launcher.resources import PACKAGE_DIR
 
 PROG = "ftl"
 # name: (summary, "module:function" taking argv and returning the exit code); recipes add theirs (recipe_table:
@@ -28,7 +25,7 @@ COMMANDS = {
     "train": ("train: resolve and check the run config, estimate, start the ranks (as launch/train_*.sh)",
               "finetune_launcher.launch.cli:main"),
     "estimate": ("per-GPU memory, step time and total time of a run before it is launched",
-                 "finetune_launcher.cli:estimate_main"),
+                 "finetune_launcher.estimate.cli:main"),
     "evaluate": ("eval loss and perplexity of the base, best/ and final/ side by side (+ VL answer accuracy)",
                  "finetune_launcher.after.evaluate_command:main"),
     "generate": ("text / demo / interactive generation with the run's prompt template (--image for VL runs)",
@@ -40,7 +37,6 @@ COMMANDS = {
     "submit": ("submit a run as a Slurm job (checked and estimated on the login node first)",
                "finetune_launcher.launch.slurm:main"),
 }
-ESTIMATE_MODULE = "finetune_launcher.estimate.cli"
 
 
 def commands():
@@ -92,30 +88,6 @@ def run():
     """The installed commands' entry point: main(), then exit without the interpreter's slow teardown of torch and
     DeepSpeed (the launcher's own entry point does the same)."""
     exit_codes.exit_without_teardown(main())
-
-
-def estimate_main(argv):
-    """`ftl estimate`: finetune_launcher/estimate/cli.py's main(argv), its usage lines named `ftl estimate`."""
-    saved, sys.argv = sys.argv, ["ftl estimate", *argv]  # argparse's default program name
-    try:
-        return estimator_main()(argv)
-    finally:
-        sys.argv = saved
-
-
-def estimator_main():
-    """The estimator's main(argv). Until finetune_launcher/estimate/cli.py exists: the checkout's
-    tools/estimate_time.py (the same command line)."""
-    if importlib.util.find_spec(ESTIMATE_MODULE) is not None:
-        return importlib.import_module(ESTIMATE_MODULE).main
-    script = PACKAGE_DIR.parent / "tools" / "estimate_time.py"
-    if not script.is_file():
-        raise UserError("this installation has no estimator command line yet; run tools/estimate_time.py from a "
-                        "checkout of the repository")
-    spec = importlib.util.spec_from_file_location("estimate_time", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 if __name__ == "__main__":

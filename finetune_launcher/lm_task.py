@@ -6,40 +6,30 @@ import math
 import torch
 
 from finetune_launcher.checkpoint import save_weights
+from finetune_launcher.data.prepared import row_length
 from finetune_launcher.data.text import IGNORE_INDEX, supervised_tokens
 from finetune_launcher.distributed import all_reduce_sum
-from finetune_launcher.loop import StepBatches
+from finetune_launcher.task import StepTask
 
 
-class LanguageModelTask:
+class LanguageModelTask(StepTask):
     unit = "token"
     throughput = "tokens"
 
-    def __init__(self, cfg, ctx, model, saver, sampler, eval_rows, collate, stats):
-        """`sampler`: .steps_per_epoch and .micro_batches(epoch, step) -> (rows of this rank's micro-batches, real
-        tokens); `collate(rows)` -> a batch dict; `saver`: the tokenizer or processor saved beside the weights."""
-        self.c, self.ctx, self.model, self.saver = cfg, ctx, model, saver
-        self.sampler, self.eval_rows, self.collate, self.stats = sampler, eval_rows, collate, stats
+    def __init__(self, cfg, ctx, model, saver, sampler, rows, eval_rows, collate_rows, stats):
+        """`sampler` deals indices of `rows`; `collate_rows(rows)` -> a batch dict; `saver`: the tokenizer or
+        processor saved beside the weights."""
+        super().__init__(cfg, ctx, sampler, stats)
+        self.model, self.saver, self.rows, self.eval_rows, self.collate_rows = model, saver, rows, eval_rows, collate_rows
 
-    @property
-    def steps_per_epoch(self):
-        return self.sampler.steps_per_epoch
+    def collate(self, group, epoch, step_in_epoch, micro):
+        return self.collate_rows([self.rows[i] for i in group])
 
-    def micro_batches(self, epoch, step_in_epoch):
-        groups, real_tokens = self.sampler.micro_batches(epoch, step_in_epoch)
-        batches = [self.collate(rows) for rows in groups]
-        units = sum(supervised_tokens(b) for b in batches)  # on the host: no sync
-        padded = sum(int(b["input_ids"].numel()) for b in batches)
-        return StepBatches([self.to_device(b) for b in batches], units, real_tokens, padded)
+    def count(self, group, batch):
+        return supervised_tokens(batch), sum(row_length(self.rows, i) for i in group), int(batch["input_ids"].numel())
 
     def loss(self, engine, batch, normaliser):
         return engine(**batch, num_items_in_batch=normaliser, use_cache=False).loss
-
-    def to_device(self, batch):
-        if self.ctx.device.type != "cuda":
-            return batch
-        return {k: v.pin_memory().to(self.ctx.device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()}
 
     def evaluate(self, engine):
         """Token-weighted eval loss over the whole eval split; every rank runs the same number of forwards (ZeRO-3
@@ -50,16 +40,13 @@ class LanguageModelTask:
         loss_sum = tokens = 0.0
         with torch.no_grad():
             for chunk in eval_row_groups(self.eval_rows, self.ctx.rank, self.ctx.world, self.c.micro_batch_size):
-                batch = self.to_device(self.collate(chunk))
+                batch = self.to_device(self.collate_rows(chunk))
                 n = supervised_tokens(batch)
                 loss = engine(**batch, num_items_in_batch=1.0, use_cache=False).loss
                 loss_sum += float(loss) if n else 0.0
                 tokens += n
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.ctx.device)
         return loss_sum / max(tokens, 1.0)
-
-    def after_eval(self, engine, step):
-        return {}
 
     def save_weights(self, engine, out_dir, info):
         save_weights(engine, self.model, self.saver, out_dir, self.c.mode, self.ctx.rank, info)

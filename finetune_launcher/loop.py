@@ -1,17 +1,6 @@
 """The training loop every recipe shares: resume, steps with a loss normalised over the whole optimizer step,
 guards, evaluation with plateau LR and early stopping, checkpoints, history, progress, preemption, best/ and final/.
-
-A recipe hands it a task (finetune_launcher.lm_task.LanguageModelTask for causal and vision-language LMs, the diffusion recipe's
-own):
-  task.unit                           what the loss averages over ("token", "sample")
-  task.steps_per_epoch
-  task.micro_batches(epoch, step)  -> StepBatches for this rank's share of one optimizer step (with its loss units)
-  task.loss(engine, batch, n)      -> scalar tensor: (sum of unit losses in the batch) / n
-  task.evaluate(engine)            -> deterministic eval loss (all ranks, same number of forwards), or None
-  task.after_eval(engine, step)    -> dict of extras for the history (e.g. sample images), may be {}
-  task.save_weights(engine, out_dir, info)   best/ and final/ (all ranks)
-  task.stats                       data counts for the history (a dict)
-"""
+A recipe hands it a Task (finetune_launcher/task.py: every member the loop uses) and an engine."""
 import contextlib
 import math
 import platform
@@ -23,17 +12,18 @@ import torch
 from finetune_launcher import __version__
 from finetune_launcher.checkpoint import (latest_checkpoint, load_training_state, resume_problem, save_training_state,
                               training_identity)
-from finetune_launcher.config import ConfigError
+from finetune_launcher.config import ConfigError, RunConfig
 from finetune_launcher.console import Progress, say, warn
-from finetune_launcher.distributed import all_reduce_max, all_reduce_sum, barrier, reduced_tensor
+from finetune_launcher.distributed import RankContext, all_reduce_max, all_reduce_sum, barrier, reduced_tensor
 from finetune_launcher.engines import engine_facts
 from finetune_launcher.exit_codes import OK
-from finetune_launcher.guards import (TrainingError, fp16_skipped_step, is_finite, nonfinite, nothing_to_learn,
-                          with_debug_faults)
+from finetune_launcher.guards import (TrainingError, Watchers, fp16_skipped_step, is_finite, nonfinite,
+                                     nothing_to_learn, with_debug_faults)
 from finetune_launcher.history import History, MetricSinks, plot_history
 from finetune_launcher.profiling import StepProfiler
 from finetune_launcher.schedule import EvalTracker, LRSchedule
 from finetune_launcher.schedule import total_steps as total_steps_for
+from finetune_launcher.task import Engine, StepBatches, Task
 
 
 @dataclass(frozen=True)
@@ -42,15 +32,8 @@ class Outcome:
     preempted: bool = False
 
 
-@dataclass
-class StepBatches:
-    batches: list
-    units: int            # units of the loss (task.unit) in them, counted on the host before the copy to the GPU
-    real_tokens: int      # non-pad tokens (or images), for throughput
-    padded_tokens: int    # tensor elements, for the non-pad fraction
-
-
-def train(cfg, ctx, task, engine, watch, params):
+def train(cfg: RunConfig, ctx: RankContext, task: Task, engine: Engine, watch: Watchers,
+          params: tuple[int, int]) -> Outcome:
     """Run the task to its end (or a stop rule, a guard, a preemption); returns the Outcome. `watch`: the run's
     guards.Watchers; `params`: (trainable, total) parameter counts for the history."""
     total_steps = total_steps_for(cfg, task.steps_per_epoch)
@@ -69,7 +52,8 @@ def train(cfg, ctx, task, engine, watch, params):
     return outcome
 
 
-def run_metadata(cfg, ctx, task, engine, params, total_steps):
+def run_metadata(cfg: RunConfig, ctx: RankContext, task: Task, engine: Engine, params: tuple[int, int],
+                 total_steps: int) -> dict:
     import deepspeed
     import peft
     import transformers
@@ -92,7 +76,8 @@ def run_metadata(cfg, ctx, task, engine, params, total_steps):
     }
 
 
-def resume(engine, cfg, ctx, schedule, tracker, history, total_steps):
+def resume(engine: Engine, cfg: RunConfig, ctx: RankContext, schedule: LRSchedule, tracker: EvalTracker,
+           history: History, total_steps: int) -> int:
     """The step to continue after: 0 for a fresh start, else the step of checkpoints/latest, which is loaded.
     `resume: auto` continues only a checkpoint written with the same training settings (else ConfigError, naming
     each difference); `always` continues it anyway; `never` starts over."""
@@ -241,7 +226,7 @@ class Trainer:
         if loss is None:
             return
         self.history.log_eval(0, loss, {"baseline": True, **self.eval_extras(0)})
-        say(f"eval step 0 (before training): loss {loss:.4f}")
+        say(f"eval step 0 (before training): loss {loss:.4f} (the base model; best/ is the best eval after it)")
 
     def evaluate_and_track(self, step):
         eval_loss = self.task.evaluate(self.engine)
@@ -252,7 +237,7 @@ class Trainer:
         self.history.log_eval(step, eval_loss, {"learning_rate_scale": self.schedule.scale,
                                                 "improved": event["improved"], **extras})
         self.sinks.log(step, {"eval/loss": eval_loss})
-        note = " (best)" if event["improved"] else ""
+        note = f" ({self.best_note(eval_loss)})" if event["improved"] else ""
         if event["lr_reduced"]:
             note += f", plateau: LR x{self.c.plateau_factor} -> scale {self.schedule.scale:.3g}"
         say(f"\neval step {step}: loss {eval_loss:.4f}{note}")
@@ -262,6 +247,13 @@ class Trainer:
         if event["stop_reason"]:
             say(f"stopping: {event['stop_reason']}")
         return event["stop_reason"]
+
+    def best_note(self, eval_loss):
+        """best/ is chosen among the evals of trained weights: the step-0 eval is the base model's, shown beside."""
+        baseline = next((e["eval_loss"] for e in self.history.data["evals"] if e.get("baseline")), None)
+        if baseline is not None and baseline < eval_loss:
+            return f"best since training started -> best/; the base model's {baseline:.4f} at step 0 is lower"
+        return "best since training started -> best/"
 
     def eval_extras(self, step):
         """What the task adds at an eval (e.g. sample images): pictures go to tensorboard, the rest to the history."""

@@ -1,18 +1,13 @@
-"""The training recipes, one module each, and what every rank does around them: start the process group, run the
-recipe the resolved config names, leave the process group on every path."""
-import importlib
-
+"""What every rank does around its recipe: start the process group, run the recipe the resolved config names (its
+`train` part in the recipe table), leave the process group on every path."""
 import torch
 
+from finetune_launcher import recipe_table
 from finetune_launcher.config import ConfigError
 from finetune_launcher.distributed import init_distributed, shutdown_distributed
 from finetune_launcher.estimate import log_estimate_vs_measured
 from finetune_launcher.guards import StopSignal, Watchers
 from finetune_launcher.history import check_sinks_available
-
-RECIPE_MODULES = {"causal_lm": "finetune_launcher.recipes.causal_lm.recipe", "vision_language": "finetune_launcher.recipes.vision_language.recipe",
-                  "diffusion": "finetune_launcher.recipes.diffusion.recipe"}
-
 
 def run(cfg):
     """Train the resolved run config `cfg` on this rank; returns the loop's Outcome."""
@@ -25,7 +20,7 @@ def run(cfg):
             raise ConfigError(f"the run config was resolved for {cfg.world_size} processes but {ctx.world} started; "
                               f"launch with the same number of processes (bash launch/train_*.sh does)")
         torch.manual_seed(cfg.seed + ctx.rank)  # adapters' initial values, dropout: the same on every rerun
-        return importlib.import_module(RECIPE_MODULES[cfg.recipe]).run(cfg, ctx, watch)
+        return recipe_table.part(cfg.recipe, "train")(cfg, ctx, watch)
     finally:
         # On every path, errors included: left to interpreter teardown, gloo's worker threads abort the process
         # ("terminate called without an active exception") when a peer has already gone.

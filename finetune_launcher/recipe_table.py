@@ -31,6 +31,17 @@ class Key:
 
 
 @dataclass(frozen=True)
+class Builtin:
+    """A model the recipe builds itself, named `builtin:NAME`: `builder` ("module:function" in the recipe's
+    package) is called with `args` and the target directory; a finished build holds `marker`; a new `version`
+    (when the build changes) keeps a stale cache from being reused."""
+    builder: str
+    args: tuple = ()
+    marker: str = "config.json"
+    version: str = "v1"
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """What the config resolution reads of a model before choosing its recipe (from config.json or a diffusers
     pipeline's model_index.json)."""
@@ -64,10 +75,11 @@ class Recipe:
     embedded: object = field(default_factory=dict)  # mode -> the embedded default config (configs/...)
     keys: tuple = ()                # the run-config keys only this recipe reads
     defaults: object = field(default_factory=dict)  # shared keys whose default differs for this recipe
+    builtins: object = field(default_factory=dict)  # name -> Builtin: the models it builds itself (builtin:NAME)
     modules: object = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("embedded", "defaults", "modules"):
+        for name in ("embedded", "defaults", "builtins", "modules"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     def launcher_for(self, mode):
@@ -83,7 +95,9 @@ def _causal_lm():
         summary="causal language models (full, LoRA, QLoRA) on instruction, chat or text data",
         detect=lambda facts: not facts.vision and not facts.pipeline,
         embedded={"lora": "configs/tiny_lora.yaml", "qlora": "configs/tiny_qlora.yaml", "full": "configs/tiny_full.yaml"},
-        modules={"train": "recipe:run", "rows": "recipe:prepare_rows", "estimate": "estimate", "after": "after"})
+        builtins={"tiny-llama": Builtin("tiny:build_tiny_model", ("tiny-llama",), version="v2"),
+                  "small-llama": Builtin("tiny:build_tiny_model", ("small-llama",), version="v2")},
+        modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate", "after": "after"})
 
 
 def _vision_language():
@@ -92,6 +106,8 @@ def _vision_language():
         summary="image-text-to-text models (Qwen3-VL, Qwen2.5-VL) on image + text conversations",
         detect=lambda facts: facts.vision,
         embedded={"lora": "configs/tiny_vl_lora.yaml", "qlora": "configs/tiny_vl_qlora.yaml"},
+        builtins={"tiny-qwen3-vl": Builtin("tiny:build_tiny_vl", ("qwen3-vl",), version="vl-v1"),
+                  "tiny-qwen2.5-vl": Builtin("tiny:build_tiny_vl", ("qwen2.5-vl",), version="vl-v1")},
         keys=(
             Key("max_pixels", None, {"type": ["integer", "null"], "minimum": 1}, identity=True,
                 help="upper bound of an image's pixels (bounds its image tokens); null: the processor's"),
@@ -104,7 +120,7 @@ def _vision_language():
             Key("lora_vision", False, {"type": "boolean"}, identity=True,
                 help="LoRA on the vision tower's linear layers too"),
         ),
-        modules={"train": "recipe:run", "rows": "recipe:prepare_rows", "estimate": "estimate",
+        modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate",
                  "after": "after"})
 
 
@@ -118,6 +134,7 @@ def _diffusion():
         embedded={"lora": "configs/tiny_sd_lora.yaml", "qlora": "configs/tiny_sd_qlora.yaml",
                   "full": "configs/tiny_sd_full.yaml"},
         defaults={"lora_target_modules": ("to_k", "to_q", "to_v", "to_out.0")},
+        builtins={"tiny-sd": Builtin("tiny:build_tiny_sd", marker="model_index.json")},
         keys=(
             Key("resolution", 512, {"type": "integer", "minimum": 8}, identity=True,
                 help="pictures are resized and cropped to this square size"),
@@ -143,8 +160,8 @@ def _diffusion():
             Key("sample_steps", 20, {"type": "integer", "minimum": 1}, help="sampler steps per validation image"),
             Key("guidance_scale", 7.5, {"type": "number", "minimum": 0}, help="classifier-free guidance scale"),
         ),
-        modules={"train": "recipe:run", "rows": "recipe:prepare_rows", "estimate": "estimate",
-                 "model_facts": "estimate:pipeline_facts", "after": "after", "command": "generate_images"})
+        modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate",
+                 "model_facts": "facts:pipeline_facts", "after": "after", "command": "generate_images"})
 
 
 # Table order is the order `recipe: auto` asks: the most specific model first, the causal LM (any model) last.
@@ -210,6 +227,11 @@ def owner_of(key):
 def recipe_keys():
     """Every recipe's own keys: name -> Key."""
     return {key.name: key for recipe in recipes() for key in recipe.keys}
+
+
+def builtins():
+    """Every recipe's own models: name -> (recipe, Builtin)."""
+    return {name: (recipe, builtin) for recipe in recipes() for name, builtin in recipe.builtins.items()}
 
 
 def with_launcher(launcher):

@@ -14,8 +14,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from finetune_launcher.launch.forked import RANK_IMPORTS
-from finetune_launcher.rank import RECIPE_MODULES
+from finetune_launcher import recipe_table
+from finetune_launcher.launch.forked import rank_modules
+from finetune_launcher.rank_imports import RANK_IMPORTS
 
 REPO = Path(__file__).resolve().parent.parent
 # read by the interpreter or at import: a launch that sets them needs a fresh interpreter
@@ -23,8 +24,8 @@ IMPORT_TIME_ENV = ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LC_CTYPE", "LANG
                    "TRANSFORMERS_OFFLINE", "HF_HOME")
 # the launcher's modules, then what its ranks import (the same list the launcher imports before it forks)
 PRELOAD = ["tests.forkserver_init", "finetune_launcher.launch.cli", "finetune_launcher.launch.commands", "finetune_launcher.launch.prechecks",
-           "finetune_launcher.launch.preflight", "finetune_launcher.launch.signals", "finetune_launcher.__main__", *RECIPE_MODULES.values(),
-           *RANK_IMPORTS]
+           "finetune_launcher.launch.preflight", "finetune_launcher.launch.signals",
+           *(module for name in recipe_table.names() for module in rank_modules(name)), *RANK_IMPORTS]
 _context = None
 
 

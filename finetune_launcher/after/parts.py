@@ -7,15 +7,14 @@ Every after part has the members of AfterPart. The language-model tools (evaluat
 recipes whose part lists them in COMMANDS, and use the members of LanguageModelPart: the causal LM's and the
 vision-language model's parts. A diffusion run has its own command (generate-images, which its recipe adds to `ftl`
 through `modules["command"]`)."""
-import json
 from pathlib import Path
 from typing import Protocol
 
 from finetune_launcher import recipe_table
 from finetune_launcher.after.run_files import AdapterError, read_training_info
+from finetune_launcher.config.model_facts import model_facts
 
 LANGUAGE_MODEL_COMMANDS = ("evaluate", "generate", "merge")
-PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline directory
 
 
 class AfterPart(Protocol):
@@ -101,19 +100,8 @@ def recorded_recipe(directory):
     return None
 
 
-def model_facts(path, trust_remote_code=False):
-    """recipe_table.ModelFacts of a local model directory or hub id, from its config (a diffusers pipeline: its
-    model_index.json)."""
-    index = Path(path) / PIPELINE_INDEX
-    if index.is_file():
-        return recipe_table.ModelFacts(model_type=json.loads(index.read_text()).get("_class_name"), pipeline=True)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return recipe_table.ModelFacts(model_type=getattr(config, "model_type", None),
-                                   vision=getattr(config, "vision_config", None) is not None)
-
-
 def model_recipe(path, trust_remote_code=False):
-    """The recipe `recipe: auto` trains the model at `path` with (a vision tower: vision-language, ...)."""
-    return recipe_table.detect(model_facts(path, trust_remote_code)).name
+    """The recipe `recipe: auto` trains the model at `path` with (a vision tower: vision-language, a diffusers
+    pipeline: diffusion, ...), by the config resolution's own reading of the model."""
+    facts = model_facts({"model": str(path), "trust_remote_code": trust_remote_code, "recipe": "auto"})
+    return recipe_table.detect(facts).name

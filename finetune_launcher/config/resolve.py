@@ -6,12 +6,16 @@ import importlib.util
 import os
 from pathlib import Path
 
+from finetune_launcher import recipe_table
 from finetune_launcher.config import deepspeed as ds
 from finetune_launcher.config import machine as machines
+from finetune_launcher.config.model_facts import model_facts, resolve_recipe
 from finetune_launcher.config.settings import DEFAULTS, RunConfig
 from finetune_launcher.config.sources import ConfigError, merged_values
 from finetune_launcher.dtypes import DTYPE_NAMES
-
+from finetune_launcher.estimate import GIB, EstimateError
+from finetune_launcher.estimate.from_config import without_checkpointing
+from finetune_launcher.resources import MissingResource, resource
 
 
 def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nnodes=1, machine=None,
@@ -26,6 +30,7 @@ def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nn
     world = procs * nnodes
     values["run_name"] = values["run_name"] or (Path(config_path).stem if config_path else f"{values['mode']}-run")
     values["config_path"] = str(Path(config_path).resolve()) if config_path else None
+    values["dataset"] = shipped_data(values["dataset"], config_path)
     decisions = {}
 
     ds_path = values["deepspeed_config"] or ds.shipped_file(values["zero_stage"], values["offload"])
@@ -33,19 +38,18 @@ def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nn
     decisions["deepspeed"] = [f"file {ds_path}"] + ds.reconcile(ds_data, values, sources, ds_path)
     risky_overlap = ds.risky_overlap(ds_data, sources)
 
-    shape = model_shape(values, require_model)
-    values["recipe"], decisions["recipe"] = resolve_recipe(values, shape)
-    if values["recipe"] == "diffusion" and "lora_target_modules" not in sources:
-        values["lora_target_modules"] = DIFFUSION_LORA_TARGETS
-        decisions["lora_target_modules"] = "diffusion default: the UNet's attention projections"
+    facts = model_facts(values, require_model)
+    values["recipe"], decisions["recipe"] = resolve_recipe(values, facts)
+    recipe = recipe_table.get(values["recipe"])
+    decisions.update(apply_recipe_defaults(values, recipe, sources))
     values["precision"], decisions["precision"] = resolve_precision(values["precision"], machine)
     values["bnb_4bit_quant_storage"], decisions["bnb_4bit_quant_storage"] = resolve_quant_storage(values)
     values["liger_kernel"], decisions["liger_kernel"] = resolve_liger(values["liger_kernel"], machine,
-                                                                      shape["model_type"])
+                                                                      facts.model_type)
     values["engine"], decisions["engine"] = resolve_engine(values, machine, world)
     values["compile_layers"], decisions["compile_layers"] = resolve_compile(values, machine)
     check_cross_fields(values, source, sources)
-    deepspeed = ds.fill_auto(ds_data, values, world, shape["hidden_size"], largest_adapter(values, shape),
+    deepspeed = ds.fill_auto(ds_data, values, world, facts.hidden_size, largest_adapter(values, facts),
                              machine.on_gpu)
     values["gradient_checkpointing"], decisions["gradient_checkpointing"] = resolve_checkpointing(
         {**values, "deepspeed": deepspeed}, procs, nnodes, machine)
@@ -54,8 +58,36 @@ def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nn
             f"WARNING: {ds_path} sets zero_optimization.overlap_comm true with contiguous_gradients on; DeepSpeed has "
             f"produced NaN grad norms with that pair. Kept as set; to turn it off set \"overlap_comm\": false in that "
             f"file (or \"auto\": it then follows --overlap_comm, off by default)")
-    return RunConfig(**values, world_size=world, procs_per_node=procs, nnodes=nnodes, device_kind=machine.kind,
-                     gpu=machine.gpu, deepspeed=deepspeed, sources=sources, decisions=decisions)
+    options = {k.name: values.pop(k.name, k.default) for k in recipe.keys}
+    for other in recipe_table.recipe_keys():
+        values.pop(other, None)  # another recipe's key: check_cross_fields refused it if given
+    return RunConfig(**values, recipe_options=options, world_size=world, procs_per_node=procs, nnodes=nnodes,
+                     device_kind=machine.kind, gpu=machine.gpu, deepspeed=deepspeed, sources=sources,
+                     decisions=decisions)
+
+
+def shipped_data(dataset, config_path):
+    """A relative dataset path that names none of the user's files but one the package ships (the embedded
+    defaults' data/tiny_*.jsonl, installed under <prefix>/share/finetune-launcher/) is that shipped file."""
+    if not dataset or Path(dataset).is_absolute() or Path(dataset).exists():
+        return dataset
+    try:
+        return str(resource(dataset))
+    except MissingResource:
+        return dataset
+
+
+def apply_recipe_defaults(values, recipe, sources):
+    """The recipe's own keys' defaults, and its defaults for shared keys (e.g. diffusion's LoRA targets) where the
+    user gave none."""
+    for own in recipe.keys:
+        values.setdefault(own.name, own.default)
+    decisions = {}
+    for name, value in recipe.defaults.items():
+        if name not in sources:
+            values[name] = value
+            decisions[name] = f"{recipe.name} default"
+    return decisions
 
 
 def default_procs_per_node(machine):
@@ -64,120 +96,12 @@ def default_procs_per_node(machine):
     return int(os.environ.get("FTL_CPU_PROCS", "2")) if machine.local else 1
 
 
-# ---------------------------------------------------------------- the model
-
-def model_shape(values, require_model=True):
-    """hidden size, widest projection and model type of the run's model, from transformers' AutoConfig (the model's
-    config.json; nothing else is read). Refuses a model that cannot be found, naming the key and the fix."""
-    reference = values["model"]
-    pipeline = diffusion_pipeline_dir(values)
-    if pipeline is not None:
-        return diffusion_shape(pipeline)
-    if values["recipe"] == "diffusion":
-        if require_model:
-            raise ConfigError(f"key 'model': {reference} is not a diffusers pipeline directory (model_index.json with "
-                              f"unet/, vae/, text_encoder/, tokenizer/, scheduler/) nor builtin:tiny-sd")
-        return {"hidden_size": 1280, "widest": 10240, "model_type": "unet", "vision": False, "diffusion": True}
-    try:
-        config = auto_config(reference, values["trust_remote_code"], local_only=not require_model)
-    except ConfigError:
-        if require_model:
-            raise
-        return _shape_from_table(reference)
-    text = getattr(config, "text_config", None) or config
-    widths = [getattr(text, name, 0) or 0 for name in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
-    return {"hidden_size": int(text.hidden_size), "widest": max(widths), "model_type": config.model_type,
-            "vision": hasattr(config, "vision_config"), "diffusion": False}
-
-
-def diffusion_pipeline_dir(values):
-    """The local diffusers pipeline directory of the run's model (builtin:tiny-sd built here), or None."""
-    from finetune_launcher.models.references import ModelReferenceError, resolve_model_path
-
-    reference = values["model"]
-    if reference == "builtin:tiny-sd" or (values["recipe"] == "diffusion" and Path(reference).is_dir()):
-        try:
-            path = Path(resolve_model_path(reference))
-        except ModelReferenceError as error:
-            raise ConfigError(f"key 'model': {error}") from None
-        return path if (path / "model_index.json").is_file() else None
-    return None
-
-
-def diffusion_shape(pipeline):
-    """The UNet's widths from unet/config.json: bucket sizes follow its widest block, the LoRA persistence threshold
-    its widest projection (the GEGLU feed-forward's 8 x width)."""
-    import json
-
-    unet = json.loads((pipeline / "unet" / "config.json").read_text())
-    width = max(unet["block_out_channels"])
-    return {"hidden_size": width, "widest": 8 * width, "model_type": "unet", "vision": False, "diffusion": True}
-
-
-def auto_config(reference, trust_remote_code=False, local_only=False):
-    """The model's transformers config (local directory, builtin/random name, or hub id; `local_only`: from the
-    local Hugging Face cache only, no network)."""
-    from finetune_launcher.models.references import ModelReferenceError, resolve_model_path
-
-    try:
-        path = resolve_model_path(reference)
-    except ModelReferenceError as error:
-        raise ConfigError(f"key 'model': {error}") from None
-    local = Path(path).expanduser()
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise ConfigError(f"key 'model': {reference} is a directory without config.json; point it at the directory "
-                          f"that holds the model's config.json and weights")
-    if str(reference).startswith(("/", "./", "../", "~")) and not local.exists():
-        raise ConfigError(f"key 'model': {reference} does not exist; give a local model directory, a hub id or "
-                          f"builtin:tiny-llama")
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"key 'model': cannot read the config of '{reference}' ({str(error).splitlines()[0][:200]}). "
-                          f"Give a local directory with config.json, a hub id that is in the local Hugging Face cache "
-                          f"or reachable, or builtin:tiny-llama") from None
-
-
-def _shape_from_table(reference):
-    from finetune_launcher.estimate import EstimateError, load_architecture
-
-    try:
-        arch = load_architecture(reference)
-    except EstimateError as error:
-        raise ConfigError(f"key 'model': {error}") from None
-    return {"hidden_size": arch.hidden_size, "model_type": None, "vision": bool(getattr(arch, "vision_params", 0)),
-            "diffusion": False, "widest": max(arch.hidden_size, arch.intermediate_size, arch.moe_intermediate_size)}
-
-
-def largest_adapter(values, shape):
+def largest_adapter(values, facts):
     """Elements of the largest LoRA matrix (rank x the widest projection side); 0 for a full fine-tune."""
-    return 0 if values["mode"] == "full" else values["lora_r"] * shape["widest"]
+    return 0 if values["mode"] == "full" else values["lora_r"] * facts.widest
 
 
 # ---------------------------------------------------------------- derived choices
-
-def resolve_recipe(values, shape):
-    """What is trained: as named, else vision_language for an image-text-to-text model's config (one with a
-    vision_config), else causal_lm; a recipe that does not fit the model is refused here."""
-    recipe = values["recipe"]
-    if recipe == "auto" and shape["diffusion"]:
-        return "diffusion", "auto: a diffusers pipeline (model_index.json)"
-    if recipe == "auto":
-        recipe = "vision_language" if shape["vision"] else "causal_lm"
-        return recipe, f"auto: {'an image-text-to-text' if shape['vision'] else 'a causal language'} model"
-    if recipe != "diffusion" and shape["diffusion"]:
-        raise ConfigError(f"key 'recipe': {recipe}, but {values['model']} is a diffusion pipeline; use recipe: auto "
-                          f"or diffusion (bash launch/train_diffusion.sh)")
-    if recipe == "causal_lm" and shape["vision"]:
-        raise ConfigError(f"key 'recipe': causal_lm, but {values['model']} is a vision-language model; use recipe: "
-                          f"auto or vision_language")
-    if recipe == "vision_language" and shape["model_type"] and not shape["vision"]:
-        raise ConfigError(f"key 'recipe': vision_language, but {values['model']} has no vision tower (model type "
-                          f"{shape['model_type']}); use recipe: auto or causal_lm")
-    return recipe, "set in the run config"
-
 
 def resolve_precision(requested, machine):
     """auto -> bf16 on GPUs that have it, fp16 on older GPUs (V100), fp32 on the CPU."""
@@ -270,8 +194,8 @@ def resolve_engine(values, machine, world):
 
 
 def ddp_problem(values, world):
-    if values["recipe"] not in ("causal_lm", "vision_language"):
-        return f"the ddp engine runs the causal_lm and vision_language recipes (this is {values['recipe']})"
+    if "ddp" not in recipe_table.get(values["recipe"]).engines:
+        return f"the {values['recipe']} recipe does not run on the ddp engine"
     if values["mode"] == "full" and world > 1:
         return "a full fine-tune on several processes needs ZeRO's partitioning of gradients and optimizer states"
     if values["zero_stage"] == 3 or values["offload"]:
@@ -282,7 +206,7 @@ def ddp_problem(values, world):
 
 
 def resolve_compile(values, machine):
-    """`compile_layers: auto` -> on for CUDA GPUs with torch >= 2.5, outside diffusion (no decoder layers) and outside
+    """`compile_layers: auto` -> on for CUDA GPUs with torch >= 2.5, for recipes with decoder layers, outside
     ZeRO-3 with zero3_gather: module (whose hooks gather parameters inside each layer's forward)."""
     setting = values["compile_layers"]
     if setting is False:
@@ -300,8 +224,9 @@ def resolve_compile(values, machine):
 
 
 def compile_problem(values, machine):
-    if values["recipe"] == "diffusion":
-        return "the diffusion recipe's UNet has no decoder layers"
+    no_layers = recipe_table.get(values["recipe"]).compile_layers
+    if no_layers:
+        return f"the {values['recipe']} recipe cannot compile layers: {no_layers}"
     if values["zero_stage"] == 3 and values["zero3_gather"] == "module":
         return "ZeRO-3 with zero3_gather: module gathers parameters inside each layer's forward"
     version = installed_torch_version() if machine.local else None
@@ -321,30 +246,27 @@ def installed_torch_version():
 
 
 def resolve_checkpointing(values, procs, nnodes, machine):
-    """`gradient_checkpointing: auto` from the memory estimate: off when the run fits without it (a third less compute
-    per step), on otherwise."""
-    from finetune_launcher.estimate import resolve_gradient_checkpointing
-
-    gpu = machine.gpu if machine.on_gpu else "cpu"
-    on, why = resolve_gradient_checkpointing(values, procs, nnodes, gpu)
-    return bool(on), why
-
-
-DIFFUSION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-RECIPE_KEYS = {
-    "vision_language": ("max_pixels", "min_pixels", "image_overflow", "train_merger", "lora_vision"),
-    "diffusion": ("resolution", "center_crop", "random_flip", "image_column", "caption_column", "snr_gamma",
-                  "noise_offset", "cache_latents", "text_encoder_lora", "validation_prompts", "sample_seeds",
-                  "sample_steps", "guidance_scale"),
-}
+    """`gradient_checkpointing: auto` from the memory estimate: off when the run is predicted to fit without it (a
+    third less compute per step), on otherwise or when no estimate can be made."""
+    if values["gradient_checkpointing"] != "auto":
+        return bool(values["gradient_checkpointing"]), "set in the run config"
+    try:
+        result, device = without_checkpointing(values, procs, nnodes, machine.gpu if machine.on_gpu else "cpu")
+    except EstimateError as error:
+        return True, f"auto: on (no memory estimate: {error})"
+    need, have = result.peak_bytes / GIB, device.memory_gib
+    if result.fits:
+        return False, f"auto: off (predicted {need:.1f} GiB of {have:.1f} GiB per {device.name} without it)"
+    return True, f"auto: on (without it {need:.1f} GiB > {have:.1f} GiB per {device.name})"
 
 
 def check_cross_fields(values, source, sources=None):
     problems = []
-    for recipe, keys in RECIPE_KEYS.items():
-        if values["recipe"] != recipe:
-            problems += [f"key '{key}' is for {recipe.replace('_', '-')} runs, but this is a {values['recipe']} run "
-                         f"({values['model']}); remove it" for key in keys if key in (sources or {})]
+    for name in sources or {}:
+        owner = recipe_table.owner_of(name)
+        if owner is not None and owner.name != values["recipe"]:
+            problems.append(f"key '{name}' is for {owner.name} runs, but this is a {values['recipe']} run "
+                            f"({values['model']}); remove it")
     if values["mode"] == "qlora" and values["offload"]:
         problems.append("mode qlora does not support offload (bitsandbytes 4-bit weights stay on the GPU); set "
                         "offload: false")

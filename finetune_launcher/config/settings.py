@@ -1,10 +1,33 @@
-"""RunConfig: the one resolved, frozen run config. Built once per launch (finetune_launcher.config.resolve_run_config) from the
-YAML, the command-line overrides, the schema, the DeepSpeed file and the derived choices; read by the pre-flight, the
-estimator and every rank; recorded in training_history.json. Nothing changes it after it is built."""
+"""RunConfig: the one resolved, frozen run config. Built once per launch (finetune_launcher.config.resolve_run_config)
+from the YAML, the command-line overrides, the schema, the DeepSpeed file and the derived choices; read by the
+pre-flight, the estimator and every rank; recorded in training_history.json. Nothing changes it after it is built.
+
+Every key is declared once: a shared key as a RunConfig field made by `key()` (its type, default, JSON schema, help
+and whether it is part of the training identity), a recipe's own key as a `Key` in its recipe-table entry. The JSON
+schema the YAML and the command line are validated against, `ftl keys` and the checkpoints' identity all come
+from these declarations."""
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
+
+from finetune_launcher import recipe_table
+from finetune_launcher.recipe_table import Key
+
+NUMBER_OR_NULL = {"type": ["number", "null"]}
+
+
+def key(default, schema, help="", identity=False):
+    """A shared run-config key (a RunConfig field) with its schema, help and training-identity flag."""
+    metadata = {"schema": schema, "help": help, "identity": identity}
+    return field(default=default, metadata=metadata)
+
+
+def built(default=None, factory=None):
+    """A field resolved at build time (not a config key)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"built": True})
+    return field(default=default, metadata={"built": True})
 
 
 def freeze(value):
@@ -28,100 +51,129 @@ def thaw(value):
 @dataclass(frozen=True)
 class RunConfig:
     # ---- what is trained
-    mode: str
-    model: str
-    dataset: str
-    recipe: str = "auto"
-    run_name: str = None
-    tokenizer: str = None
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
-    dataset_split: str = "train"
-    dataset_format: str = "auto"
-    eval_dataset: str = None
-    eval_fraction: float = 0.05
-    max_length: int = 512
-    packing: bool = True
-    max_examples: int = None
-    mix_datasets: tuple = ()
-    max_pixels: int = None
-    min_pixels: int = None
-    image_overflow: str = "drop"
-    train_merger: bool = False
-    lora_vision: bool = False
-    resolution: int = 512
-    center_crop: bool = True
-    random_flip: bool = False
-    image_column: str = None
-    caption_column: str = "text"
-    snr_gamma: float = None
-    noise_offset: float = 0.0
-    cache_latents: bool = False
-    text_encoder_lora: bool = False
-    validation_prompts: tuple = ()
-    sample_seeds: tuple = (0,)
-    sample_steps: int = 20
-    guidance_scale: float = 7.5
-    lora_r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: object = "all-linear"
-    bnb_4bit_quant_storage: str = "auto"
+    mode: str = key(None, {"enum": list(recipe_table.MODES)}, "full fine-tune, LoRA, or LoRA on a 4-bit base",
+                    identity=True)
+    model: str = key(None, {"type": "string", "minLength": 1},
+                     "hub id, local directory, builtin:tiny-llama or random:<architecture>", identity=True)
+    dataset: str = key(None, {"type": "string", "minLength": 1}, "JSONL path, image folder or hub dataset name",
+                       identity=True)
+    recipe: str = key("auto", {"type": "string"}, "what is trained (see `ftl keys`); auto: from the model's config",
+                      identity=True)
+    run_name: str = key(None, {"type": "string", "pattern": "^[A-Za-z0-9._-]+$"},
+                        "outputs go to output_dir/run_name; default: the config file's name")
+    tokenizer: str = key(None, {"type": ["string", "null"]}, "tokenizer if not the model's", identity=True)
+    trust_remote_code: bool = key(False, {"type": "boolean"}, "let transformers run the model repository's code")
+    attn_implementation: str = key("sdpa", {"enum": ["sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                                     "flex_attention"]}, "transformers' attention kernel")
+    dataset_split: str = key("train", {"type": "string"}, "split of a hub dataset", identity=True)
+    dataset_format: str = key("auto", {"enum": ["auto", "dolly", "alpaca", "chat", "text"]},
+                              "auto: from the first record's fields", identity=True)
+    eval_dataset: str = key(None, {"type": ["string", "null"]}, "held-out file; default: eval_fraction of dataset",
+                            identity=True)
+    eval_fraction: float = key(0.05, {"type": "number", "minimum": 0, "exclusiveMaximum": 0.5},
+                               "seeded share of the dataset held out for evals", identity=True)
+    max_length: int = key(512, {"type": "integer", "minimum": 8}, "tokens per row", identity=True)
+    packing: bool = key(True, {"type": "boolean"}, "several examples per row, each attending to itself only",
+                        identity=True)
+    max_examples: int = key(None, {"type": ["integer", "null"], "minimum": 1}, "use the first N records only",
+                            identity=True)
+    mix_datasets: tuple = key((), {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["dataset", "fraction"],
+        "properties": {"dataset": {"type": "string", "minLength": 1},
+                       "fraction": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}}}},
+        "other datasets mixed into the training set, each as a fraction of it (e.g. a 30% retention pool)",
+        identity=True)
+    lora_r: int = key(16, {"type": "integer", "minimum": 1}, "LoRA rank", identity=True)
+    lora_alpha: float = key(32, {"type": "number", "exclusiveMinimum": 0}, "LoRA scale numerator", identity=True)
+    lora_dropout: float = key(0.05, {"type": "number", "minimum": 0, "maximum": 1}, identity=True)
+    lora_target_modules: object = key("all-linear", {"oneOf": [
+        {"const": "all-linear"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
+        "all-linear or a list of module names", identity=True)
+    bnb_4bit_quant_storage: str = key("auto", {"enum": ["auto", "uint8", "bfloat16", "float16", "float32"]},
+                                      "QLoRA: the 4-bit weights' storage dtype; auto: the compute dtype where "
+                                      "they are sharded (ZeRO-3, FSDP2), else uint8", identity=True)
     # ---- optimisation
-    num_epochs: float = 1
-    max_steps: int = None
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    min_lr: float = 0.0
-    plateau_factor: float = 0.5
-    plateau_patience: int = 2
-    improvement_threshold: object = 0.0  # a loss, or "5%" of the best
-    early_stopping_patience: int = None
-    min_eval_loss: float = None
+    num_epochs: float = key(1, {"type": "number", "exclusiveMinimum": 0})
+    max_steps: int = key(None, {"type": ["integer", "null"], "minimum": 1}, "optimizer steps; overrides num_epochs")
+    micro_batch_size: int = key(1, {"type": "integer", "minimum": 1}, "rows per forward per process",
+                                identity=True)
+    gradient_accumulation_steps: int = key(1, {"type": "integer", "minimum": 1}, identity=True)
+    learning_rate: float = key(2e-4, {"type": "number", "exclusiveMinimum": 0}, identity=True)
+    weight_decay: float = key(0.0, {"type": "number", "minimum": 0}, identity=True)
+    adam_beta1: float = key(0.9, {"type": "number", "minimum": 0, "exclusiveMaximum": 1}, identity=True)
+    adam_beta2: float = key(0.999, {"type": "number", "minimum": 0, "exclusiveMaximum": 1}, identity=True)
+    max_grad_norm: float = key(1.0, {"type": "number", "minimum": 0}, "gradient clipping; 0: off", identity=True)
+    lr_scheduler: str = key("cosine", {"enum": ["cosine", "linear", "constant", "plateau"]}, identity=True)
+    warmup_steps: int = key(0, {"type": "integer", "minimum": 0}, identity=True)
+    warmup_ratio: float = key(0.0, {"type": "number", "minimum": 0, "maximum": 1}, identity=True)
+    min_lr: float = key(0.0, {"type": "number", "minimum": 0}, "floor of the schedule; plateau: stop below it",
+                        identity=True)
+    plateau_factor: float = key(0.5, {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                                "plateau: LR multiplier", identity=True)
+    plateau_patience: int = key(2, {"type": "integer", "minimum": 1}, "plateau: evals without improvement",
+                                identity=True)
+    improvement_threshold: object = key(0.0, {"anyOf": [
+        {"type": "number", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?%$"}]},
+        "an eval improves when lower than the best by more than this: a loss, or a percentage (5%)", identity=True)
+    early_stopping_patience: int = key(None, {"type": ["integer", "null"], "minimum": 1},
+                                       "stop after this many evals without improvement")
+    min_eval_loss: float = key(None, NUMBER_OR_NULL, "stop when the eval loss falls below this")
     # ---- cadence, outputs
-    eval_steps: int = 50
-    logging_steps: int = 10
-    save_steps: int = 100
-    save_total_limit: int = 2
-    output_dir: str = "outputs"
-    seed: int = 42
-    report_to: tuple = ("tensorboard",)
-    resume: str = "auto"
+    eval_steps: int = key(50, {"type": "integer", "minimum": 1})
+    logging_steps: int = key(10, {"type": "integer", "minimum": 1})
+    save_steps: int = key(100, {"type": "integer", "minimum": 1})
+    save_total_limit: int = key(2, {"type": "integer", "minimum": 1}, "checkpoints kept")
+    output_dir: str = key("outputs", {"type": "string"})
+    seed: int = key(42, {"type": "integer"}, identity=True)
+    report_to: tuple = key(("tensorboard",), {"anyOf": [
+        {"enum": ["tensorboard", "wandb", "none"]},
+        {"type": "array", "items": {"enum": ["tensorboard", "wandb", "none"]}}]},
+        "tensorboard always; add wandb to log there too; none (or []) turns both off")
+    resume: str = key("auto", {"enum": ["auto", "always", "never"]},
+                      "auto: continue checkpoints/latest when trained with the same settings")
     # ---- how it runs
-    precision: str = "auto"
-    gradient_checkpointing: object = "auto"
-    zero_stage: int = 2
-    offload: bool = False
-    deepspeed_config: str = None
-    overlap_comm: bool = False
-    liger_kernel: object = "auto"
-    compile_layers: object = "auto"
-    zero3_gather: str = "layer"
-    engine: str = "auto"
-    debug_nan_at_step: int = None
-    debug_nan_grad_at_step: int = None
+    precision: str = key("auto", {"enum": ["auto", "bf16", "fp16", "fp32"]},
+                         "auto: bf16 on GPUs that have it, fp16 on V100s, fp32 on the CPU", identity=True)
+    gradient_checkpointing: object = key("auto", {"enum": ["auto", True, False]},
+                                         "auto: off where the memory estimate fits without it")
+    zero_stage: int = key(2, {"enum": [2, 3]}, "2: replicated weights; 3: sharded weights", identity=True)
+    offload: bool = key(False, {"type": "boolean"}, "optimizer (and ZeRO-3 parameters) in CPU memory",
+                        identity=True)
+    deepspeed_config: str = key(None, {"type": ["string", "null"]}, "your own DeepSpeed JSON file")
+    overlap_comm: bool = key(False, {"type": "boolean"}, "DeepSpeed's overlap_comm")
+    liger_kernel: object = key("auto", {"enum": ["auto", True, False]}, "auto: on CUDA GPUs when installed")
+    compile_layers: object = key("auto", {"enum": ["auto", True, False]},
+                                 "torch.compile of each decoder layer (one graph shared by all); auto: on CUDA GPUs")
+    zero3_gather: str = key("layer", {"enum": ["layer", "module"]},
+                            "ZeRO-3: gather a decoder layer's parameters at once, or module by module")
+    engine: str = key("auto", {"enum": ["auto", "deepspeed", "ddp"]},
+                      "deepspeed, or ddp (plain PyTorch for replicated weights); auto: see README")
+    debug_nan_at_step: int = key(None, {"type": ["integer", "null"], "minimum": 1},
+                                 "testing only: make the loss NaN at this step")
+    debug_nan_grad_at_step: int = key(None, {"type": ["integer", "null"], "minimum": 1},
+                                      "testing only: make the gradients NaN at this step")
     # ---- resolved at build time (not config keys)
-    world_size: int = 1
-    procs_per_node: int = 1
-    nnodes: int = 1
-    device_kind: str = "cpu"          # cuda | cpu
-    gpu: str = None                   # the estimator's device name, e.g. H200, or None on the CPU
-    deepspeed: object = None          # the DeepSpeed config dict the engine gets, every "auto" filled
-    config_path: str = None
-    sources: object = field(default_factory=dict)  # key -> "yaml" | "command line" (keys not listed: defaults)
-    decisions: object = field(default_factory=dict)  # derived key -> why it has its value
+    recipe_options: object = built(factory=dict)  # the run's recipe's own keys (recipe-table Keys)
+    world_size: int = built(1)
+    procs_per_node: int = built(1)
+    nnodes: int = built(1)
+    device_kind: str = built("cpu")   # cuda | cpu
+    gpu: str = built()                # the estimator's device name, e.g. H200, or None on the CPU
+    deepspeed: object = built()       # the DeepSpeed config dict the engine gets, every "auto" filled
+    config_path: str = built()
+    sources: object = built(factory=dict)    # key -> "yaml" | "command line" (keys not listed: defaults)
+    decisions: object = built(factory=dict)  # derived key -> why it has its value
 
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, freeze(getattr(self, f.name)))
+
+    def __getattr__(self, name):
+        """The run's recipe's own keys read like the shared ones (cfg.resolution)."""
+        options = self.__dict__.get("recipe_options") or {}
+        if name in options:
+            return options[name]
+        raise AttributeError(f"RunConfig has no key '{name}'")
 
     @property
     def run_dir(self):
@@ -136,49 +188,62 @@ class RunConfig:
         return thaw(self.deepspeed)
 
     def as_dict(self):
-        """Every field as plain JSON-ready values (history metadata, the estimator's input)."""
-        return {f.name: thaw(getattr(self, f.name)) for f in fields(self)}
+        """Every key (the recipe's own ones beside the shared ones) and built field as plain JSON-ready values
+        (history metadata, the estimator's input, the file the ranks read)."""
+        values = {f.name: thaw(getattr(self, f.name)) for f in fields(self) if f.name != "recipe_options"}
+        values.update(thaw(self.recipe_options))
+        return values
 
     def to_json(self):
         return json.dumps(self.as_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        own = {name for name in recipe_table.get(data["recipe"]).key_names()} if "recipe" in data else set()
+        known = {f.name for f in fields(cls)} - {"recipe_options"}
+        unknown = sorted(set(data) - known - own)
         if unknown:
             raise ValueError(f"resolved run config has unknown keys {unknown}; it was written by another version")
-        return cls(**data)
+        options = {name: data[name] for name in own if name in data}
+        return cls(**{k: v for k, v in data.items() if k in known}, recipe_options=options)
 
     @classmethod
     def from_json_file(cls, path):
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-CONFIG_KEYS = tuple(f.name for f in fields(RunConfig) if f.name not in
-                    ("world_size", "procs_per_node", "nnodes", "device_kind", "gpu", "deepspeed", "config_path",
-                     "sources", "decisions"))
-DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.name in CONFIG_KEYS}
+def shared_keys():
+    """The shared keys as recipe-table Keys (name, default, schema, help, identity)."""
+    return tuple(Key(f.name, f.default, f.metadata["schema"], f.metadata["help"], f.metadata["identity"])
+                 for f in fields(RunConfig) if "schema" in f.metadata)
+
+
+CONFIG_KEYS = tuple(k.name for k in shared_keys())
+DEFAULTS = {k.name: k.default for k in shared_keys()}
+
+
+def all_keys():
+    """Every key a run config may give: the shared ones and every recipe's own (name -> Key)."""
+    return {**{k.name: k for k in shared_keys()}, **recipe_table.recipe_keys()}
+
+
+def run_config_schema():
+    """The JSON schema of a run config (YAML + command line), built from the declarations."""
+    properties = {name: dict(k.schema, description=k.help) if k.help else dict(k.schema)
+                  for name, k in all_keys().items()}
+    properties["recipe"] = dict(properties["recipe"], enum=["auto", *recipe_table.names()])
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "finetune-launcher run config",
+            "type": "object", "additionalProperties": False, "required": ["mode", "model", "dataset"],
+            "properties": properties}
+
+
+def identity_keys(recipe):
+    """The keys that change what a run of `recipe` trains: a checkpoint continues automatically only when all of
+    them match (checkpoint.training_identity adds the data files' fingerprints)."""
+    own = tuple(k.name for k in recipe_table.get(recipe).keys if k.identity)
+    return tuple(k.name for k in shared_keys() if k.identity) + own + ("world_size",)
 
 
 def replace_settings(config, **changes):
     """A new RunConfig with `changes` (for tests and the estimator's what-ifs; the run's own config stays as built)."""
     return RunConfig.from_dict({**config.as_dict(), **changes})
-
-
-# Keys that change what is trained: a checkpoint continues automatically only when all of them match.
-TRAINING_IDENTITY_KEYS = (
-    "recipe", "mode", "model", "tokenizer", "dataset", "dataset_split", "dataset_format", "eval_dataset",
-    "eval_fraction", "max_length", "packing", "max_examples", "mix_datasets", "max_pixels", "min_pixels",
-    "image_overflow", "train_merger", "lora_vision", "resolution", "center_crop", "random_flip", "image_column",
-    "caption_column", "snr_gamma", "noise_offset", "text_encoder_lora", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "bnb_4bit_quant_storage", "micro_batch_size", "gradient_accumulation_steps",
-    "world_size", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "lr_scheduler",
-    "warmup_steps", "warmup_ratio", "min_lr", "plateau_factor", "plateau_patience", "improvement_threshold",
-    "precision", "zero_stage", "offload", "seed")
-
-
-def training_identity(config):
-    """{key: value} of what a checkpoint's training depends on (see TRAINING_IDENTITY_KEYS)."""
-    values = config.as_dict()
-    return {key: values[key] for key in TRAINING_IDENTITY_KEYS}

@@ -1,5 +1,5 @@
 """Where a run config comes from: the YAML file and the command line. One parser splits a command line into a
-config path, launcher options and run-config overrides; the merged values are validated against schema.json.
+config path, launcher options and run-config overrides; the merged values are validated against the keys' declared schemas (config/settings.py, the recipe table).
 Every error names the file and the key and says how to fix it; unknown keys are errors."""
 import difflib
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from finetune_launcher.config.settings import run_config_schema
 from finetune_launcher.errors import ConfigError  # noqa: F401 (re-exported: finetune_launcher.config.ConfigError)
 
-SCHEMA_PATH = Path(__file__).with_name("schema.json")
 YAML, COMMAND_LINE = "yaml", "command line"
 LEVELS = {None: 0, YAML: 1, COMMAND_LINE: 2}  # a later source overrides an earlier one
 
@@ -21,7 +21,7 @@ REPORT_TO_SINKS = ("tensorboard", "wandb")
 
 
 def schema():
-    return json.loads(SCHEMA_PATH.read_text())
+    return run_config_schema()
 
 
 def known_keys():
@@ -193,6 +193,10 @@ def validate_schema(config, source):
         key = ".".join(str(p) for p in error.path) or "(top level)"
         if error.validator == "required":
             lines.append(f"{error.message}: add it")
+        elif key == "recipe":
+            lines.append(f"key 'recipe': unknown recipe {error.instance!r}{_suggest(str(error.instance), error.validator_value)}; "
+                         f"known: {', '.join(error.validator_value)} (a recipe kept outside the package is registered "
+                         f"with FTL_RECIPES=<module>)")
         else:
             lines.append(f"key '{key}': {error.message} (got {error.instance!r})")
     raise ConfigError(f"{source}: invalid config:\n  - " + "\n  - ".join(lines))

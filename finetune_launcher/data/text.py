@@ -1,18 +1,18 @@
 """Text training data: tokenise records with response-only labels, pack several examples into one row
-(padding-free: position ids restart per example), split off an eval set, shard and batch.
+(padding-free: position ids restart per example), split off an eval set, collate.
 
 Formats: dolly (instruction/context/response), alpaca (instruction/input/output), chat (messages with role and
 content; loss on assistant turns only), text (plain language modelling, cut into fixed blocks).
 """
 import bisect
-import random
 from dataclasses import dataclass, field
 
 import torch
 
-from finetune_launcher.data.prompts import render_instruction_prompt
 from finetune_launcher.data.mixture import mix_for_run
-from finetune_launcher.data.records import DataError, check_fields, detect_format, load_records, seeded_split
+from finetune_launcher.data.prepared import PreparedData
+from finetune_launcher.data.prompts import render_instruction_prompt
+from finetune_launcher.data.records import DataError, checked_records, seeded_split
 
 IGNORE_INDEX = -100
 
@@ -178,26 +178,14 @@ def nonpad_fraction(rows, width):
 
 # ---------------------------------------------------------------- the dataset a run trains on
 
-@dataclass
-class PreparedData:
-    train_rows: list
-    eval_rows: list
-    stats: DataStats
-    packed: bool
-    pad_id: int
-
-
 def prepare_data(cfg, tokenizer):
     """Read, check, tokenise, truncate, split and pack, following the run config. Raises DataError with the
     cause when nothing trainable is left."""
     stats = DataStats()
-    records, lines, source = load_records(cfg.dataset, cfg.dataset_split)
+    records, lines, source, fmt = checked_records(cfg.dataset, cfg.dataset_format, cfg.model, cfg.dataset_split,
+                                                  cfg.max_examples)
     if not records:
         raise DataError(f"{source}: no records")
-    if cfg.max_examples:
-        records, lines = records[: cfg.max_examples], lines[: cfg.max_examples]
-    fmt = detect_format(records[0], source) if cfg.dataset_format == "auto" else cfg.dataset_format
-    check_fields(records, lines, fmt, source)
     stats.format, stats.examples = fmt, len(records)
     records, eval_records = split_eval(records, lines, fmt, cfg)
 
@@ -218,25 +206,22 @@ def prepare_data(cfg, tokenizer):
     stats.supervised_tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in train_rows)
     stats.nonpad_fraction = nonpad_fraction(train_rows, cfg.max_length) if packed else 1.0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return PreparedData(train_rows, eval_rows, stats, packed, pad_id)
+    return PreparedData(train_rows, eval_rows, {**stats.as_dict(), "packed": packed},
+                        {"pad_id": pad_id, "packed": packed})
 
 
 def tokenize_file(path, tokenizer, cfg, stats):
     """The examples of a dataset mixed into the run (its own format, detected as for the main dataset)."""
-    records, lines, source = load_records(path)
+    records, _, source, fmt = checked_records(path, "auto", cfg.model)
     if not records:
         raise DataError(f"{source}: no records (mix_datasets)")
-    fmt = detect_format(records[0], source)
-    check_fields(records, lines, fmt, source)
     return tokenize_records(records, fmt, tokenizer, cfg.max_length, stats)
 
 
 def split_eval(records, lines, fmt, cfg):
     """(train records, eval records or None): the eval_dataset file, else a seeded eval_fraction of the records."""
     if cfg.eval_dataset:
-        eval_records, eval_lines, eval_source = load_records(cfg.eval_dataset)
-        check_fields(eval_records, eval_lines, fmt, eval_source)
-        return records, eval_records
+        return records, checked_records(cfg.eval_dataset, fmt, cfg.model)[0]
     if cfg.eval_fraction <= 0:
         return records, None
     return seeded_split(records, cfg.eval_fraction, cfg.seed)
@@ -253,47 +238,3 @@ def tokenize_records(records, fmt, tokenizer, max_length, stats):
     else:
         examples = tokenize_instructions(records, fmt, tokenizer)
     return truncate(examples, max_length, stats)
-
-
-def require_one_step(rows, world, micro_batch_size, accumulation, source):
-    """DataError unless there are enough rows for one optimizer step on every rank."""
-    needed = world * micro_batch_size * accumulation
-    if rows < needed:
-        raise DataError(f"{source}: {rows} training rows, fewer than one optimizer step needs ({world} processes x "
-                        f"micro_batch_size {micro_batch_size} x gradient_accumulation_steps {accumulation} = "
-                        f"{needed}); lower those or add data")
-
-
-def steps_per_epoch(rows, world, micro_batch_size, accumulation):
-    """Optimizer steps in one pass over `rows` (each rank gets rows // world of them; the remainder is not used)."""
-    return rows // world // (micro_batch_size * accumulation)
-
-
-class RowSampler:
-    """Deterministic per-epoch shuffling and sharding of rows: the batch of (epoch, step) is a pure function of
-    the seed, so resume only needs the step counter."""
-
-    def __init__(self, rows, rank, world_size, micro_batch_size, grad_accum, seed):
-        self.rows, self.rank, self.world = rows, rank, world_size
-        self.micro, self.accum, self.seed = micro_batch_size, grad_accum, seed
-        self.rows_per_rank = len(rows) // world_size
-        self.steps_per_epoch = steps_per_epoch(len(rows), world_size, micro_batch_size, grad_accum)
-        self._order = (None, None)  # (epoch, this rank's row indices in it)
-
-    def micro_batches(self, epoch, step_in_epoch):
-        """(this rank's micro-batches of one optimizer step as lists of rows, count of real tokens in them)."""
-        mine = self.epoch_order(epoch)
-        per_step = self.micro * self.accum
-        start = step_in_epoch * per_step
-        chunk = [self.rows[i] for i in mine[start: start + per_step]]
-        groups = [chunk[i: i + self.micro] for i in range(0, per_step, self.micro)]
-        return groups, sum(len(r["input_ids"]) for r in chunk)
-
-    def epoch_order(self, epoch):
-        """This rank's row indices for `epoch`; shuffled once per epoch, not per step (a large dataset's shuffle
-        costs the host tens of milliseconds)."""
-        if self._order[0] != epoch:
-            order = list(range(len(self.rows)))
-            random.Random(self.seed * 100003 + epoch).shuffle(order)
-            self._order = (epoch, order[self.rank::self.world][: self.rows_per_rank])
-        return self._order[1]

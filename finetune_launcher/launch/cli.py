@@ -5,7 +5,7 @@ the ranks, each reading the resolved config: forked from this process on one CPU
 with torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's own code. SIGTERM or SIGUSR1 sent to
 it reach the training ranks (see finetune_launcher.launch.signals).
 
-usage: ftl train [--mode lora|qlora|full] [--recipe diffusion] [CONFIG.yaml] [launcher options] [--key value ...]
+usage: ftl train [--mode lora|qlora|full] [--recipe NAME] [CONFIG.yaml] [launcher options] [--key value ...]
        (the same: python -m finetune_launcher.launch ..., bash launch/train_<mode>.sh [CONFIG.yaml] ...)
 launcher options:
   --launcher fork|torchrun|accelerate|deepspeed   how processes are started (default: fork on one node without
@@ -24,12 +24,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from finetune_launcher import exit_codes
+from finetune_launcher import exit_codes, recipe_table
 from finetune_launcher.console import ascii_safe, make_console_safe
 from finetune_launcher.launch import LaunchError
 
 LAUNCHERS = ("fork", "torchrun", "accelerate", "deepspeed")
-MODES = ("lora", "qlora", "full")
+MODES = recipe_table.MODES
 VALUE_OPTIONS = ("--mode", "--recipe", "--launcher", "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
                  "--master-port", "--rdzv-endpoint", "--rdzv-id")
 FLAG_OPTIONS = ("--force", "--no-preflight", "--dry-run")
@@ -51,12 +51,29 @@ def parse_launch_args(argv):
     mode = options.get("--mode")
     if mode is not None and mode not in MODES:
         raise LaunchError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+    recipe = launcher_recipe(options)
     if config_path is None:
-        if mode is None and options.get("--recipe") != "diffusion":
-            raise LaunchError("give a run config (CONFIG.yaml) or --mode lora|qlora|full for the embedded default")
-        prefix = "tiny_sd_" if options.get("--recipe") == "diffusion" else "tiny_"
-        config_path = str(resource(f"configs/{prefix}{mode or 'lora'}.yaml"))
+        config_path = str(resource(embedded_default(recipe, mode)))
     return options, config_path, overrides
+
+
+def launcher_recipe(options):
+    """The recipe `--recipe` names (a recipe's own shell launcher passes it), else the default one."""
+    try:
+        return recipe_table.get(options.get("--recipe") or recipe_table.DEFAULT)
+    except recipe_table.UnknownRecipe as error:
+        raise LaunchError(f"--recipe: {error}") from None
+
+
+def embedded_default(recipe, mode):
+    """The embedded default config of `recipe` for `mode` (a recipe with its own launcher defaults to lora)."""
+    if mode is None and recipe.launcher is None:
+        raise LaunchError("give a run config (CONFIG.yaml) or --mode lora|qlora|full for the embedded default")
+    mode = mode or "lora"
+    if mode not in recipe.embedded:
+        raise LaunchError(f"the {recipe.name} recipe has no embedded default for --mode {mode} (it has: "
+                          f"{', '.join(recipe.embedded)}); give a run config")
+    return recipe.embedded[mode]
 
 
 def resolve_for_launch(options, config_path, overrides):
@@ -65,12 +82,13 @@ def resolve_for_launch(options, config_path, overrides):
 
     procs = int(options["--nproc-per-node"]) if "--nproc-per-node" in options else None
     cfg = resolve_run_config(config_path, overrides, procs_per_node=procs, nnodes=int(options.get("--nnodes", "1")))
-    diffusion_launcher = options.get("--recipe") == "diffusion"
-    if diffusion_launcher != (cfg.recipe == "diffusion"):
-        right = "launch/train_diffusion.sh" if cfg.recipe == "diffusion" else f"launch/train_{cfg.mode}.sh"
-        raise LaunchError(f"{config_path} trains the {cfg.recipe} recipe ({cfg.model}); start it with {right}")
+    recipe = recipe_table.get(cfg.recipe)
+    named = options.get("--recipe")
+    if (named and named != cfg.recipe) or (not named and recipe.launcher):
+        raise LaunchError(f"{config_path} trains the {cfg.recipe} recipe ({cfg.model}); start it with "
+                          f"launch/{recipe.launcher_for(cfg.mode)}")
     if options.get("--mode") and cfg.mode != options["--mode"]:
-        fix = "pass --mode with the config's mode" if diffusion_launcher else f"use launch/train_{cfg.mode}.sh"
+        fix = "pass --mode with the config's mode" if recipe.launcher else f"use launch/train_{cfg.mode}.sh"
         raise LaunchError(f"{config_path} has mode: {cfg.mode}, but this is the {options['--mode']} launcher; {fix} "
                           f"or change mode")
     return cfg
@@ -98,7 +116,7 @@ def main(argv=None):
         report_decisions(cfg)
         from finetune_launcher.launch.prechecks import check_before_launch
 
-        check_before_launch(cfg)
+        prepared = check_before_launch(cfg)
         refused, verdict = run_preflight(cfg, options)
     except (LaunchError, UserError, MissingResource) as error:
         print(ascii_safe(f"error: {error}"), file=sys.stderr)
@@ -106,7 +124,7 @@ def main(argv=None):
     if refused:
         return refused
     try:
-        return start_ranks(cfg, options, verdict)
+        return start_ranks(cfg, options, prepared, verdict)
     except LaunchError as error:
         print(ascii_safe(f"error: {error}"), file=sys.stderr)
         return exit_codes.USER_ERROR
@@ -146,7 +164,10 @@ def run_preflight(cfg, options):
     return None, verdict
 
 
-def start_ranks(cfg, options, verdict=None):
+def start_ranks(cfg, options, prepared, verdict=None):
+    """Start the ranks on the resolved config and the data prepared in `prepared` (a directory); return the
+    trainer's exit code."""
+    from finetune_launcher.data.prepared import PREPARED_ENV
     from finetune_launcher.estimate.trainer_log import LAUNCH_ESTIMATE_ENV, estimate_figures
     from finetune_launcher.launch.commands import launch_env
     from finetune_launcher.launch.scratch import launch_scratch_dir
@@ -155,6 +176,7 @@ def start_ranks(cfg, options, verdict=None):
         resolved = Path(scratch) / "run_config.json"
         resolved.write_text(cfg.to_json())
         env = launch_env(cfg.procs_per_node)
+        env[PREPARED_ENV] = str(Path(prepared).resolve())
         if verdict is not None:  # rank 0 logs and records the pre-flight's figures instead of estimating again
             figures = Path(scratch) / "estimate.json"
             figures.write_text(json.dumps(estimate_figures(verdict, cfg.nnodes)))

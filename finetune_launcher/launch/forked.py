@@ -12,13 +12,12 @@ import os
 import signal
 import sys
 
+from finetune_launcher import recipe_table
+from finetune_launcher.rank_imports import RANK_IMPORTS, leave_out_bitsandbytes
 from finetune_launcher.launch import LaunchError
 
-# Imported by a rank only on its way (inside DeepSpeed's engine set-up, or for the curves and tensorboard at the
-# end): importing them before the fork keeps them out of every rank's start. A name this version lacks is skipped.
-RANK_IMPORTS = ("torch.distributed", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
-                "deepspeed.ops.op_builder.all_ops", "peft", "torch.utils.tensorboard", "matplotlib.pyplot")
-RANK_THREADS_ENV = "FTL_RANK_OMP_NUM_THREADS"  # the caller's OMP_NUM_THREADS, kept for the ranks
+RANK_THREADS_ENV = "FTL_RANK_OMP_NUM_THREADS"
+RANK_ENTRY = "finetune_launcher.__main__"  # what `python -m finetune_launcher` runs  # the caller's OMP_NUM_THREADS, kept for the ranks
 
 
 def compute_single_threaded():
@@ -45,12 +44,9 @@ def cuda_started():
 def import_rank_modules(cfg):
     """Import, in the launcher, what the ranks of `cfg` will import; returns the module whose import started CUDA
     (the ranks then cannot be forked), or None."""
-    from finetune_launcher.__main__ import leave_out_bitsandbytes
-    from finetune_launcher.rank import RECIPE_MODULES
-
     leave_out_bitsandbytes(cfg)
     os.environ.setdefault("MPLBACKEND", "Agg")  # the curves are drawn without a display
-    for name in (RECIPE_MODULES[cfg.recipe], *RANK_IMPORTS):
+    for name in (*rank_modules(cfg.recipe), *RANK_IMPORTS):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -58,6 +54,12 @@ def import_rank_modules(cfg):
         if cuda_started():
             return name
     return None
+
+
+def rank_modules(recipe):
+    """The modules a rank of `recipe` runs: the rank's entry and the recipe's `train` part (recipe table)."""
+    entry = recipe_table.get(recipe)
+    return [RANK_ENTRY, f"{entry.package}.{entry.modules['train'].partition(':')[0]}"]
 
 
 def rank_environments(env, nproc, master_port):
@@ -102,9 +104,9 @@ def forked_rank(local_rank, resolved, envs, launcher_pid):
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        from finetune_launcher import __main__ as trainer
         from finetune_launcher import exit_codes
 
+        trainer = importlib.import_module(RANK_ENTRY)  # by name, as torchrun starts `python -m finetune_launcher`
         exit_codes.exit_without_teardown(trainer.exit_for_launcher(*trainer.main(["--resolved", resolved])))
     except BaseException:  # as an uncaught exception in a torchrun rank: the traceback on its stderr, exit 1
         traceback.print_exc()

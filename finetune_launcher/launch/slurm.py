@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune_launcher import exit_codes
+from finetune_launcher import exit_codes, recipe_table
 from finetune_launcher.resources import PACKAGE_DIR, resource
 
 TEMPLATE = "launch/slurm/train.sbatch"
@@ -198,7 +198,7 @@ def build_job(args, overrides, cwd=None):
     out_dir = Path(config.output_dir)
     run_dir = (out_dir if out_dir.is_absolute() else cwd / out_dir) / config.run_name
     log_dir = run_dir / "slurm"
-    recipe = ["--recipe", "diffusion"] if config.recipe == "diffusion" else []
+    recipe = ["--recipe", config.recipe] if recipe_table.get(config.recipe).launcher else []
     launch_args = ["--mode", mode, *recipe, *launcher_options(args), str(config_path), *overrides]
     values = {
         "FTL_ROOT": shlex.quote(str(PACKAGE_DIR.parent)),

@@ -1,40 +1,30 @@
-"""Models the project makes itself, so nothing is downloaded:
+"""Model references a run may name besides a hub id or a local directory, resolved to directories in the model
+cache (`.cache/models/`, FTL_CACHE_DIR) so nothing is downloaded:
 
-- `builtin:tiny-llama` (and `builtin:small-llama`): a tiny Llama-architecture causal LM with random weights and a BPE
-  tokenizer trained on the shipped data, saved like any hub checkpoint (config.json, safetensors, tokenizer files)
-  so the real `from_pretrained` path loads it.
+- `builtin:NAME`: a model a recipe builds itself (its recipe-table entry lists them: tiny-llama, tiny-qwen3-vl,
+  tiny-sd, ...), built once under a lock all ranks share, saved like any hub checkpoint so the real
+  `from_pretrained` path loads it;
 - `random:<architecture>` (e.g. `random:qwen2.5-1.5b`, `random:llama-3-8b`, `random:qwen2.5-32b`): the exact shape of
-  a real model from finetune_launcher/models/arch_table.py, randomly initialised where it is trained (on the GPUs, under zero.Init for
-  ZeRO-3), for benchmarks; only config.json and the tiny tokenizer are written. QLoRA needs weights on disk to
+  a real model from models/arch_table.py, randomly initialised where it is trained (on the GPUs, under zero.Init
+  for ZeRO-3), for benchmarks; only config.json and the tiny tokenizer are written. QLoRA needs weights on disk to
   quantise while loading: `materialize_random_weights` writes them once.
 """
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from finetune_launcher.data.prompts import TINY_CHAT_TEMPLATE, render_instruction_prompt
+from finetune_launcher import recipe_table
 from finetune_launcher.errors import ConfigError
 from finetune_launcher.fsutil import apply_umask, built_into
-from finetune_launcher.resources import PACKAGE_DIR, resource
+from finetune_launcher.resources import PACKAGE_DIR
 
 BUILTIN_PREFIX = "builtin:"
 RANDOM_PREFIX = "random:"
 MODEL_TYPES = (("qwen3-30b-a3b", "qwen3_moe"), ("qwen2.5", "qwen2"), ("qwen3", "qwen3"), ("llama", "llama"),
                ("gemma-2", "gemma2"), ("mistral", "mistral"))
-TINY_SPECS = {
-    # ~2M parameters: big enough to learn the synthetic task, small enough for 2 CPU processes.
-    "tiny-llama": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024),
-    # Hidden 512: the "mid-size" shape the activation-memory checks use.
-    "small-llama": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                        num_key_value_heads=4, vocab_size=1024, max_position_embeddings=2048),
-}
-BUILD_VERSION = "v2"  # bump when the build recipe changes, so stale caches are not reused
-SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-TOKENIZER_CORPUS = "data/tiny_instruct.jsonl"
+RANDOM_VERSION = "v2"  # bump when the random shapes' recipe changes, so stale caches are not reused
 
 
 class ModelReferenceError(ConfigError):
@@ -59,15 +49,6 @@ def is_random(model_ref):
     return isinstance(model_ref, str) and model_ref.startswith(RANDOM_PREFIX)
 
 
-# builtin:NAME -> (module, builder, its arguments before the target directory, the file a finished build has)
-BUILTINS = {
-    "tiny-llama": ("finetune_launcher.models.references", "build_tiny_model", ("tiny-llama",), "config.json"),
-    "small-llama": ("finetune_launcher.models.references", "build_tiny_model", ("small-llama",), "config.json"),
-    "tiny-qwen3-vl": ("finetune_launcher.recipes.vision_language.tiny", "build_tiny_vl", ("qwen3-vl",), "config.json"),
-    "tiny-qwen2.5-vl": ("finetune_launcher.recipes.vision_language.tiny", "build_tiny_vl", ("qwen2.5-vl",), "config.json"),
-    "tiny-sd": ("finetune_launcher.recipes.diffusion.tiny", "build_tiny_sd", (), "model_index.json"),
-}
-BUILD_VERSIONS = {"finetune_launcher.models.references": BUILD_VERSION, "finetune_launcher.recipes.vision_language.tiny": "vl-v1", "finetune_launcher.recipes.diffusion.tiny": "v1"}
 
 
 def resolve_model_path(model_ref):
@@ -78,19 +59,21 @@ def resolve_model_path(model_ref):
     if not is_builtin(model_ref):
         return model_ref
     name = model_ref[len(BUILTIN_PREFIX):]
-    if name not in BUILTINS:
+    builtins = recipe_table.builtins()
+    if name not in builtins:
         raise ModelReferenceError(f"unknown builtin model '{name}'; known: "
-                                  f"{', '.join(BUILTIN_PREFIX + n for n in sorted(BUILTINS))}")
-    module, builder, args, marker = BUILTINS[name]
-    target = cache_root() / "models" / f"{name}-{BUILD_VERSIONS[module]}"
-    if not (target / marker).exists():
+                                  f"{', '.join(BUILTIN_PREFIX + n for n in sorted(builtins))}")
+    recipe, builtin = builtins[name]
+    module, _, builder = f"{recipe.package}.{builtin.builder}".partition(":")
+    target = cache_root() / "models" / f"{name}-{builtin.version}"
+    if not (target / builtin.marker).exists():
         with _locked(target):  # one builder; other ranks wait, then load
-            if not (target / marker).exists():
-                _build_outside_process_group(builder, *args, str(target), module=module)
+            if not (target / builtin.marker).exists():
+                _build_outside_process_group(builder, *builtin.args, str(target), module=module)
     return str(target)
 
 
-def _build_outside_process_group(builder, *args, module=__name__):
+def _build_outside_process_group(builder, *args, module="finetune_launcher.models.references"):
     """Run `builder(*args)` from `module` in a fresh Python when torch.distributed is up. Whichever rank holds the
     cache lock builds, but transformers' save_pretrained silently skips the weights and config.json on every rank
     but 0 once a process group exists, which left a cache entry with only tokenizer files."""
@@ -108,52 +91,6 @@ def _build_outside_process_group(builder, *args, module=__name__):
     proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building {args[-1]} into the model cache failed:\n{proc.stderr[-4000:]}")
-
-
-def _corpus_lines():
-    with open(resource(TOKENIZER_CORPUS), encoding="utf-8") as f:
-        for line in f:
-            example = json.loads(line)
-            yield render_instruction_prompt(example["instruction"], example["context"]) + example["response"]
-    yield "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9"
-
-
-def train_tokenizer(vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(_corpus_lines(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", bos_token=None)
-    fast.chat_template = TINY_CHAT_TEMPLATE
-    return fast
-
-
-def build_tiny_model(name, target):
-    """Write config, random weights (safetensors) and tokenizer into `target`, atomically."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    spec = TINY_SPECS[name]
-    with built_into(target) as tmp:
-        tokenizer = train_tokenizer(spec["vocab_size"])
-        config = LlamaConfig(**spec, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=None, tie_word_embeddings=False, rope_theta=10000.0,
-                             torch_dtype="float32")
-        torch.manual_seed(1234)
-        model = LlamaForCausalLM(config)
-        with torch.no_grad():
-            # A pretrained LM head has a large norm; at the default init (std 0.02) the frozen head caps the logit
-            # range so low that LoRA cannot fit anything. std 0.1 behaves like a real head.
-            model.lm_head.weight.mul_(5.0)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return Path(target)
 
 
 def _locked(path):
@@ -190,7 +127,7 @@ def random_shape_config(arch_key):
 
 def build_random_shape(arch_key):
     """config.json + the tiny tokenizer (ids < 1024 are valid in every real vocabulary); no weights."""
-    target = cache_root() / "models" / f"random-{arch_key}-{BUILD_VERSION}"
+    target = cache_root() / "models" / f"random-{arch_key}-{RANDOM_VERSION}"
     if (target / "config.json").exists():
         return target
     with _locked(target):

@@ -39,6 +39,16 @@ def test_a_dataset_smaller_than_one_step_is_named(tmp_path, capsys):
                                  "2 processes x micro_batch_size 4 x gradient_accumulation_steps 2 = 16")
 
 
+def test_a_packed_dataset_smaller_than_one_step_names_packing_and_the_rows_needed(tmp_path, capsys):
+    """Packing puts these 6 short examples into one row: a smaller micro-batch cannot help, so the message names
+    packing and what would make the step fit."""
+    data = lines_of(tmp_path / "few.jsonl", tiny_records(6))
+    proc = launch_here(capsys, "--dataset", data, "--eval_fraction", "0", "--micro_batch_size", "1",
+                       "--output_dir", tmp_path)
+    assert_refused_before_launch(proc, "1 training rows, fewer than one optimizer step needs",
+                                 "packing put 6 examples into 1 rows", "set packing: false (one example a row: 6 rows)")
+
+
 def test_a_deepspeed_file_contradicting_the_config_is_named(tmp_path, capsys):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))

@@ -352,14 +352,14 @@ def four_bit_logits(run_dir, ids):
     from transformers import AutoModelForCausalLM
 
     from finetune_launcher.dtypes import torch_dtype
-    from finetune_launcher.recipes.causal_lm.model import disable_cpu_weight_repacking, quantization_config
+    from finetune_launcher.models.prepare import disable_cpu_weight_repacking, nf4_config
     from finetune_launcher.models.references import resolve_model_path
 
     metadata = read_history(run_dir)["metadata"]
     config, precision = metadata["config"], metadata["precision"]
     base = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(config["model"]), dtype=torch_dtype(precision), device_map={"": "cpu"},
-        quantization_config=quantization_config(precision, config["bnb_4bit_quant_storage"]))
+        quantization_config=nf4_config(precision, config["bnb_4bit_quant_storage"]))
     disable_cpu_weight_repacking(base)
     model = PeftModel.from_pretrained(base, run_dir / "best").eval()
     with torch.no_grad():

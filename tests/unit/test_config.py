@@ -79,9 +79,32 @@ def test_the_resolved_config_is_frozen_and_round_trips(tmp_path):
     assert cfg.deepspeed_dict() is not cfg.deepspeed_dict()  # deepspeed.initialize gets a mutable copy
 
 
-def test_every_schema_key_is_a_config_field():
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    assert set(schema()["properties"]) <= fields
+def test_a_recipes_own_keys_read_like_shared_ones_and_belong_to_its_identity(tmp_path):
+    """Diffusion's keys are declared in its recipe-table entry, yet read as cfg.resolution, survive the file the
+    ranks read, and a changed one makes another training identity; an LM run carries none of them."""
+    from finetune_launcher.checkpoint import training_identity
+
+    sd = resolve(write(tmp_path, "mode: lora\nmodel: builtin:tiny-sd\ndataset: data/tiny_sd\nresolution: 32\n"))
+    assert sd.recipe == "diffusion" and sd.resolution == 32 and sd.caption_column == "text"
+    assert RunConfig.from_dict(sd.as_dict()) == sd and sd.as_dict()["resolution"] == 32
+    other = resolve(write(tmp_path, "mode: lora\nmodel: builtin:tiny-sd\ndataset: data/tiny_sd\nresolution: 64\n",
+                          "b.yaml"))
+    assert training_identity(sd)["resolution"] == 32 != training_identity(other)["resolution"]
+    assert sd.lora_target_modules == ("to_k", "to_q", "to_v", "to_out.0")  # the recipe's default for a shared key
+    lm = resolve(write(tmp_path, MINIMAL, "lm.yaml"))
+    assert "resolution" not in lm.as_dict() and not hasattr(lm, "resolution")
+
+
+def test_another_recipes_key_is_refused_naming_its_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="key 'resolution' is for diffusion runs, but this is a causal_lm run"):
+        resolve(write(tmp_path, MINIMAL + "resolution: 256\n"))
+
+
+def test_the_schema_lists_every_declared_key_with_its_help():
+    properties = schema()["properties"]
+    assert properties["lora_r"]["description"] == "LoRA rank" and properties["lora_r"]["minimum"] == 1
+    assert "resolution" in properties and "max_pixels" in properties  # recipes' own keys
+    assert properties["recipe"]["enum"] == ["auto", "diffusion", "vision_language", "causal_lm"]
 
 
 def test_derived_choices_are_resolved_and_explained(tmp_path):
@@ -197,26 +220,30 @@ def test_bad_report_to_names_the_key_and_the_fix(tmp_path, line, needle):
     assert "use tensorboard, wandb, a list of them, or none" in message or "use none alone" in message
 
 
-def test_metric_sinks_follow_report_to(tmp_path, monkeypatch):
-    """tensorboard unless report_to is none or empty; wandb only when named (and checked before the run starts)."""
+def test_metric_sinks_follow_the_resolved_report_to(tmp_path, monkeypatch):
+    """tensorboard unless report_to is none or empty; wandb only when named (and checked before the run starts):
+    the sinks read the resolved config's value as it is."""
     import importlib.util
 
     from finetune_launcher.history import MetricSinks, check_sinks_available
 
+    def resolved(report_to):
+        return resolve(write(tmp_path, MINIMAL), parse_overrides(["--report_to", report_to])).report_to
+
     def events_written(name, report_to):
-        sinks = MetricSinks(tmp_path / name / "tensorboard", report_to, "run", {})
+        sinks = MetricSinks(tmp_path / name / "tensorboard", resolved(report_to), "run", {})
         sinks.log(1, {"loss": 1.0})
         sinks.close()
         return bool(list((tmp_path / name).rglob("events.out.tfevents*")))
 
-    assert events_written("list", ["tensorboard"]) and events_written("string", "tensorboard")
-    assert not events_written("empty", []) and not events_written("none", "none")
+    assert events_written("list", "[tensorboard]") and events_written("string", "tensorboard")
+    assert not events_written("empty", "[]") and not events_written("none", "none")
     monkeypatch.setenv("WANDB_MODE", "disabled")  # wandb.init returns a no-op run: nothing leaves the machine
-    assert events_written("wandb", ["wandb"]) and events_written("wandb-string", "wandb")  # tensorboard as well
+    assert events_written("wandb", "[wandb]") and events_written("wandb-string", "wandb")  # tensorboard as well
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "wandb" else real_find_spec(name, *args))
     with pytest.raises(ConfigError, match="report_to includes wandb but wandb is not installed"):
-        check_sinks_available("wandb")
-    check_sinks_available("none")
-    check_sinks_available(["tensorboard"])
+        check_sinks_available(resolved("wandb"))
+    check_sinks_available(resolved("none"))
+    check_sinks_available(resolved("tensorboard"))

@@ -44,6 +44,20 @@ def test_malformed_line_names_file_and_line(tmp_path, tiny_tokenizer):
         prepare_data(config_for(path), tiny_tokenizer)
 
 
+def test_every_bad_line_is_counted_and_the_first_is_named(tmp_path, tiny_tokenizer):
+    """A malformed line 9 and a missing field on lines 3 and 6: the error names line 3 first, and the others."""
+    good = json.dumps({"instruction": "a", "response": "b"})
+    lines = [good] * 10
+    lines[2] = lines[5] = json.dumps({"instruction": "a"})
+    lines[8] = '{"instruction": oops}'
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as error:
+        prepare_data(config_for(path), tiny_tokenizer)
+    assert str(error.value).startswith(f"{path}:3: missing field(s) ['response']")
+    assert str(error.value).endswith(f"[the first of 3 bad lines in {path}; also line(s) 6, 9]")
+
+
 def test_missing_field_names_line_and_expected_fields(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}] * 3 + [{"instruction": "a"}])
     with pytest.raises(DataError, match=r"d.jsonl:4: missing field\(s\) \['response'\]"):
@@ -62,7 +76,7 @@ def test_truncation_is_counted(tmp_path, tiny_tokenizer):
               [{"instruction": "Say it.", "context": "", "response": "ok"}] * 10
     data = prepare_data(config_for(write_jsonl(tmp_path / "t.jsonl", records), max_length=48, eval_fraction=0),
                         tiny_tokenizer)
-    assert data.stats.truncated == 10 and data.stats.dropped_no_response == 0
+    assert data.stats["truncated"] == 10 and data.stats["dropped_no_response"] == 0
 
 
 def test_packing_keeps_every_example_and_respects_capacity():
@@ -87,7 +101,7 @@ def test_shipped_data_packs_to_at_least_95_percent_non_pad(tiny_tokenizer):
     from tests.conftest import REPO
 
     data = prepare_data(config_for(REPO / "data" / "tiny_instruct.jsonl", max_length=256), tiny_tokenizer)
-    assert data.stats.nonpad_fraction >= 0.95
+    assert data.stats["nonpad_fraction"] >= 0.95
 
 
 def test_chat_loss_covers_assistant_turns_only(tiny_tokenizer):
@@ -108,6 +122,6 @@ def test_plain_text_is_cut_into_full_blocks_with_every_token_supervised(tiny_tok
 
     data = prepare_data(config_for(REPO / "data" / "tiny_text.jsonl", max_length=64, eval_fraction=0.1),
                         tiny_tokenizer)
-    assert data.stats.format == "text" and not data.packed and data.train_rows
+    assert data.stats["format"] == "text" and not data.extras["packed"] and data.train_rows
     for row in data.train_rows + data.eval_rows:
         assert len(row["input_ids"]) == 64 and row["labels"][1:] == row["input_ids"][1:]

@@ -1,6 +1,7 @@
 """Image-caption data for the diffusion recipe: the shipped tiny dataset, reading with clear errors, pixel
 transforms, deterministic sampling."""
 import json
+import types
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ from PIL import Image
 
 from tests.conftest import REPO
 from finetune_launcher.data.records import DataError
-from finetune_launcher.recipes.diffusion.data import (ImageCaptionSampler, eval_batches, image_to_pixels, load_image_captions,
-                                  read_imagefolder)
+from finetune_launcher.data.sampling import ShardedSampler
+from finetune_launcher.recipes.diffusion.data import (eval_batches, image_to_pixels, load_image_captions, read_imagefolder,
+                                                      training_batch)
 
 SHIPPED = REPO / "data" / "tiny_sd"
 
@@ -120,9 +122,16 @@ def test_pixels_resize_crop_and_flip():
 def test_sampler_batches_are_a_pure_function_of_seed_rank_and_step(clip_tokenizer):
     data = load_image_captions(SHIPPED)
 
-    def sampler(rank, seed=7):
-        return ImageCaptionSampler(data, clip_tokenizer, rank, 2, 2, 3, seed, 32, center_crop=False,
-                                   random_flip=True)
+    class sampler:  # the diffusion task's draw: sampled indices, collated into training batches
+        def __init__(self, rank, seed=7):
+            self.rank, self.cfg = rank, types.SimpleNamespace(seed=seed, resolution=32, center_crop=False,
+                                                              random_flip=True)
+            self.indices = ShardedSampler(len(data), rank, 2, 2, 3, seed)
+            self.steps_per_epoch = self.indices.steps_per_epoch
+
+        def micro_batches(self, epoch, step):
+            return [training_batch(data, clip_tokenizer, group, self.cfg, epoch, step, self.rank, k)
+                    for k, group in enumerate(self.indices.micro_batches(epoch, step))]
 
     first, again = sampler(0).micro_batches(1, 4), sampler(0).micro_batches(1, 4)
     assert len(first) == 3 and first[0]["pixel_values"].shape == (2, 3, 32, 32)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_launcher.recipes.diffusion.data import ImageCaptionSampler, eval_batches, load_image_captions
+from finetune_launcher import recipe_table
+from finetune_launcher.recipes.diffusion.data import eval_batches, load_image_captions, training_batch
 from finetune_launcher.recipes.diffusion.model import (DiffusionModelError, fuse_lora_into_pipeline, load_diffusion,
                                     save_diffusion_lora)
 from finetune_launcher.recipes.diffusion.objective import (LatentCache, ObjectiveError, latent_parameters, per_sample_loss,
@@ -20,6 +21,7 @@ from tests.conftest import REPO
 DATA = REPO / "data" / "tiny_sd"
 PROMPT = "a large red circle on a white background"
 CPU = torch.device("cpu")
+VIEW_64 = types.SimpleNamespace(seed=0, resolution=64, center_crop=True, random_flip=False)  # the default view
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def sd_path():
 
 def cfg(sd_path, **overrides):
     values = dict(model=sd_path, mode="lora", precision="fp32", lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                  lora_target_modules=None, gradient_checkpointing=False, text_encoder_lora=False, zero_stage=2)
+                  lora_target_modules=recipe_table.get("diffusion").defaults["lora_target_modules"],
+                  gradient_checkpointing=False, text_encoder_lora=False, zero_stage=2, bnb_4bit_quant_storage="uint8")
     return types.SimpleNamespace(**{**values, **overrides})
 
 
@@ -171,7 +174,7 @@ def test_fused_pipeline_equals_base_plus_lora(sd_path, tmp_path):
 def test_a_few_lora_steps_lower_the_loss_on_a_fixed_batch(sd_path):
     parts = load_diffusion(cfg(sd_path, lora_r=8, lora_alpha=8), CPU)
     data = load_image_captions(DATA)
-    batch = ImageCaptionSampler(data, parts.tokenizer, 0, 1, 8, 1, 0, 64).micro_batches(0, 0)[0]
+    batch = training_batch(data, parts.tokenizer, list(range(8)), VIEW_64, 0, 0, 0, 0)
     optimizer = torch.optim.AdamW([p for p in parts.model.parameters() if p.requires_grad], lr=1e-2)
     parts.model.train()
     losses = []
@@ -233,7 +236,7 @@ def test_min_snr_off_is_plain_mse_and_the_target_follows_the_prediction_type(sd_
 
 def test_training_noise_is_fixed_by_the_batch_seed_and_offset_changes_it(sd_path):
     parts = load_diffusion(cfg(sd_path), CPU)
-    batch = ImageCaptionSampler(load_image_captions(DATA), parts.tokenizer, 0, 1, 2, 1, 0, 64).micro_batches(0, 0)[0]
+    batch = training_batch(load_image_captions(DATA), parts.tokenizer, [0, 1], VIEW_64, 0, 0, 0, 0)
     with torch.no_grad():
         first = training_loss(parts.model, parts.vae, parts.noise_scheduler, batch)
         assert torch.equal(first, training_loss(parts.model, parts.vae, parts.noise_scheduler, batch))

@@ -40,9 +40,9 @@ def load_preprocessor(path, trust_remote_code=False):
 def training_quantization(path, dtype, trust_remote_code=False):
     """NF4 with double quant, uint8 storage, as the trainer loads a QLoRA base."""
     from finetune_launcher.dtypes import precision_of
-    from finetune_launcher.recipes.causal_lm.model import quantization_config
+    from finetune_launcher.models.prepare import nf4_config
 
-    return quantization_config(precision_of(dtype), "uint8")
+    return nf4_config(precision_of(dtype), "uint8")
 
 
 def merge_check_inputs(tokenizer, model, scratch_dir):

@@ -1,8 +1,10 @@
-"""Tokenizer and causal-LM loading for full, LoRA and QLoRA fine-tunes, including the ZeRO-3 init context."""
+"""Tokenizer and causal-LM loading for full, LoRA and QLoRA fine-tunes."""
 import torch
 
 from finetune_launcher.dtypes import torch_dtype
 from finetune_launcher.models.compiled_layers import compile_decoder_layers
+from finetune_launcher.models.prepare import (disable_cpu_weight_repacking, loads_partitioned, lora_config, nf4_config,
+                                             zero3_init_context)
 from finetune_launcher.models.references import is_random, materialize_random_weights, resolve_model_path
 
 
@@ -16,33 +18,6 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def quantization_config(precision, quant_storage):
-    """bitsandbytes NF4 with double quantisation, computing in `precision`, storing 4-bit weights as `quant_storage`
-    (the resolved bnb_4bit_quant_storage: the compute dtype under ZeRO-3, else uint8)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch_dtype(precision),
-                              bnb_4bit_quant_storage=torch_dtype(quant_storage))
-
-
-def lora_config(cfg, task_type="CAUSAL_LM", target_modules=None):
-    from peft import LoraConfig
-
-    targets = target_modules or cfg.lora_target_modules
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets if isinstance(targets, str) else list(targets), bias="none",
-                      task_type=task_type)
-
-
-def zero3_init_context(cfg):
-    """Keep the returned object alive as long as the model: while it exists, transformers builds models inside
-    DeepSpeed's zero.Init under ZeRO-3 (partitioned as they load). None outside ZeRO-3."""
-    from transformers.integrations import HfDeepSpeedConfig
-
-    return HfDeepSpeedConfig(cfg.deepspeed_dict()) if cfg.zero_stage == 3 else None
-
-
 def load_model(cfg, device):
     """Return (model, keepalive) for the run's mode; see zero3_init_context for `keepalive`."""
     from transformers import AutoModelForCausalLM
@@ -52,13 +27,13 @@ def load_model(cfg, device):
                   trust_remote_code=cfg.trust_remote_code)
     path = resolve_model_path(cfg.model)
     if cfg.mode == "qlora":
-        kwargs["quantization_config"] = quantization_config(cfg.precision, cfg.bnb_4bit_quant_storage)
-        if cfg.zero_stage == 2:
+        kwargs["quantization_config"] = nf4_config(cfg.precision, cfg.bnb_4bit_quant_storage)
+        if not loads_partitioned(cfg):
             kwargs["device_map"] = {"": device}
         if is_random(cfg.model):
             materialize_random_weights(path, torch_dtype(cfg.precision))
     if is_random(cfg.model) and cfg.mode != "qlora":
-        model = random_model(path, kwargs, device, cfg.zero_stage)
+        model = random_model(path, kwargs, device, loads_partitioned(cfg))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
@@ -85,7 +60,7 @@ def prepare_for_training(model, cfg, task_type="CAUSAL_LM", target_modules=None)
     if cfg.lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(cfg, task_type, target_modules))
+        model = get_peft_model(model, lora_config(cfg, target_modules or cfg.lora_target_modules, task_type))
     return model
 
 
@@ -115,36 +90,13 @@ def apply_liger_kernels(model, zero_stage, in_layers=True):
     say(f"liger kernels: on ({', '.join(kernels)}{note})")
 
 
-def random_model(path, kwargs, device, zero_stage):
+def random_model(path, kwargs, device, partitioned):
     """A random-init model of a real shape, built where it trains: under zero.Init (ZeRO-3) it is partitioned as it
     is created; otherwise it is created directly on this rank's device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_cfg = AutoConfig.from_pretrained(path)
-    if zero_stage == 3:
+    if partitioned:
         return AutoModelForCausalLM.from_config(model_cfg, **kwargs)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(model_cfg, **kwargs)
-
-
-def disable_cpu_weight_repacking(model):
-    """bitsandbytes repacks 4-bit weights in place for its CPU inference kernel on the first no-grad forward (our
-    evals). The repacked layout breaks saving (state_dict asserts uint8 storage) and ZeRO-3 sharding; training
-    never needs it."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def count_parameters(model):
-    """(trainable, total) parameter counts; ZeRO-3 partitioned parameters report their full size (ds_numel)."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
-        quant_state = getattr(p, "quant_state", None)
-        if quant_state is not None:  # 4-bit: count the weights, not the packed storage elements
-            n = int(torch.Size(quant_state.shape).numel())
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total

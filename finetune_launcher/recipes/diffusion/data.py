@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune_launcher.data.prepared import PreparedData
 from finetune_launcher.data.records import DataError, read_jsonl
+from finetune_launcher.data.sampling import mixed_seed
 
 METADATA = "metadata.jsonl"
 
@@ -147,6 +149,14 @@ def load_image_captions(source, split="train", image_column=None, caption_column
     return read_hub_dataset(source, split, image_column or "image", caption_column)
 
 
+def prepare_rows(cfg):
+    """The recipe table's `rows` part: the run's training and held-out pictures (read lazily: names and captions)."""
+    train_data, held_out = run_pictures(cfg)
+    stats = {"format": "imagefolder", "train_images": len(train_data), "eval_images": len(held_out or []),
+             "resolution": cfg.resolution}
+    return PreparedData(train_data, held_out or [], stats)
+
+
 def run_pictures(cfg):
     """(training pictures, held-out pictures or None): eval_dataset, else the dataset's validation/ split, else a
     seeded eval_fraction of the training pictures."""
@@ -195,55 +205,20 @@ def pixel_digest(pixels):
     return hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()
 
 
-def mixed_seed(*parts):
-    """A 63-bit seed from integers, the same on every machine and Python (no hash randomisation)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 # ---------------------------------------------------------------- batching
 
-class ImageCaptionSampler:
-    """Deterministic per-epoch shuffling and sharding of captioned images, with the contract of finetune_launcher/data.py's
-    RowSampler: `micro_batches(epoch, step_in_epoch)` is a pure function of (seed, rank, epoch, step); each sample's
-    random crop and flip are seeded by (seed, epoch, image index), and each micro-batch carries a `noise_seed` for
-    the objective's noise and timesteps."""
-
-    def __init__(self, data, tokenizer, rank, world_size, micro_batch_size, grad_accum, seed, resolution,
-                 center_crop=True, random_flip=False):
-        self.data, self.tokenizer, self.rank, self.world = data, tokenizer, rank, world_size
-        self.micro, self.accum, self.seed = micro_batch_size, grad_accum, seed
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.per_rank = len(data) // world_size
-        self.steps_per_epoch = self.per_rank // (micro_batch_size * grad_accum)
-        if self.steps_per_epoch == 0:
-            raise DataError(f"{len(data)} pictures are fewer than one optimizer step needs ({world_size} ranks x "
-                            f"micro_batch_size {micro_batch_size} x gradient_accumulation_steps {grad_accum}); "
-                            f"add pictures or lower those settings")
-
-    def micro_batches(self, epoch, step_in_epoch):
-        """This rank's micro-batches for one optimizer step: dicts with pixel_values (B, 3, R, R) in [-1, 1],
-        input_ids (B, 77), index (B,) and noise_seed (a 0-d int64 tensor)."""
-        order = list(range(len(self.data)))
-        random.Random(mixed_seed(self.seed, "epoch", epoch)).shuffle(order)
-        mine = order[self.rank::self.world][: self.per_rank]
-        start = step_in_epoch * self.micro * self.accum
-        batches = []
-        for micro in range(self.accum):
-            indices = mine[start + micro * self.micro: start + (micro + 1) * self.micro]
-            batch = self.collate(indices, epoch)
-            batch["noise_seed"] = torch.tensor(mixed_seed(self.seed, "noise", epoch, step_in_epoch, self.rank, micro))
-            batches.append(batch)
-        return batches
-
-    def collate(self, indices, epoch):
-        pixels = []
-        for index in indices:
-            rng = random.Random(mixed_seed(self.seed, "view", epoch, index))
-            flip = self.random_flip and rng.random() < 0.5
-            pixels.append(image_to_pixels(self.data.open_image(index), self.resolution, self.center_crop, flip, rng))
-        return {"pixel_values": torch.stack(pixels), "index": torch.tensor(indices, dtype=torch.long),
-                "input_ids": tokenize_captions(self.tokenizer, [self.data.captions[i] for i in indices])}
+def training_batch(data, tokenizer, indices, cfg, epoch, step_in_epoch, rank, micro):
+    """Pictures `indices` of `data` as micro-batch `micro` of a step: pixel_values (B, 3, R, R) in [-1, 1],
+    input_ids (B, 77), index (B,) and noise_seed (0-d). Each picture's random crop and flip are seeded by (seed,
+    epoch, picture), the noise and timesteps by (seed, epoch, step, rank, micro-batch): a resume draws the same."""
+    pixels = []
+    for index in indices:
+        rng = random.Random(mixed_seed(cfg.seed, "view", epoch, index))
+        flip = cfg.random_flip and rng.random() < 0.5
+        pixels.append(image_to_pixels(data.open_image(index), cfg.resolution, cfg.center_crop, flip, rng))
+    return {"pixel_values": torch.stack(pixels), "index": torch.tensor(indices, dtype=torch.long),
+            "input_ids": tokenize_captions(tokenizer, [data.captions[i] for i in indices]),
+            "noise_seed": torch.tensor(mixed_seed(cfg.seed, "noise", epoch, step_in_epoch, rank, micro))}
 
 
 def eval_batches(data, tokenizer, rank, world_size, batch_size, resolution):

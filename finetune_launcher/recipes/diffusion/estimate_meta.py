@@ -14,6 +14,8 @@ import contextlib
 import functools
 from dataclasses import dataclass
 
+from finetune_launcher import recipe_table
+
 GC_BLOCKS = ("ResnetBlock2D", "Transformer2DModel")  # what diffusers' UNet checkpoints (and recomputes) one by one
 
 
@@ -103,10 +105,8 @@ def unet_lora_targets(unet, targets):
     """peft target names as finetune_launcher/recipes/diffusion/model.py resolves lora_target_modules."""
     from torch import nn
 
-    from finetune_launcher.recipes.diffusion.model import DEFAULT_UNET_TARGETS
-
-    if targets is None:
-        return list(DEFAULT_UNET_TARGETS)
+    if targets is None:  # the recipe's default (its recipe-table entry)
+        return list(recipe_table.get("diffusion").defaults["lora_target_modules"])
     if targets == "all-linear":
         return [name for name, module in unet.named_modules() if isinstance(module, nn.Linear)]
     return list(targets)

@@ -2,8 +2,8 @@
 encoder frozen (optionally LoRA on the text encoder), and the LoRA saved in diffusers' format and peft's.
 
 QLoRA: diffusers' BitsAndBytesConfig refuses to load without a GPU, so the UNet is loaded in the compute dtype and
-its nn.Linear layers are replaced by bitsandbytes' Linear4bit (NF4, double quant), quantized when moved to the
-device: the same path on the CPU and on CUDA. Then peft's k-bit preparation (base frozen, non-4-bit weights upcast
+its nn.Linear layers are replaced by bitsandbytes' Linear4bit (NF4, double quant, the resolved storage dtype),
+quantized when moved to the device: the same path on the CPU and on CUDA. Then peft's k-bit preparation (base frozen, non-4-bit weights upcast
 to fp32) and LoRA adapters in fp32.
 ZeRO-3: diffusers' from_pretrained knows no zero.Init (unlike transformers with HfDeepSpeedConfig); the UNet is
 loaded whole on each rank and DeepSpeed partitions it when the engine is built. diffusers' own training scripts do
@@ -17,10 +17,9 @@ import torch
 from finetune_launcher.dtypes import torch_dtype
 from finetune_launcher.errors import ConfigError
 from finetune_launcher.fsutil import apply_umask, fresh_tmp_dir, replace_dir
-from finetune_launcher.recipes.causal_lm.model import disable_cpu_weight_repacking
+from finetune_launcher.models.prepare import lora_config, quantize_linears
 from finetune_launcher.models.references import resolve_model_path
 
-DEFAULT_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_PREFIX = "base_model.model."  # how peft's PeftModel names the wrapped model's modules
@@ -80,7 +79,7 @@ def load_diffusion(cfg, device):
     vae.to(device)
     text_encoder.to(device)
     if cfg.mode == "qlora":
-        unet = quantize_unet_linears(unet, dtype, device, cfg.zero_stage)
+        unet = quantize_unet_linears(unet, cfg, device)
     else:
         unet.to(device)
         unet.requires_grad_(cfg.mode == "full")
@@ -104,36 +103,16 @@ def load_sample_scheduler(path):
     return getattr(diffusers, scheduler_class).from_pretrained(path, subfolder="scheduler")
 
 
-def quantize_unet_linears(unet, compute_dtype, device, zero_stage):
-    """Replace every nn.Linear of the UNet by an NF4 double-quant Linear4bit (quantized as it moves to `device`),
-    as diffusers' bitsandbytes quantizer would on a GPU, then apply peft's k-bit preparation. Under ZeRO-3 the
-    4-bit storage dtype is the compute dtype (DeepSpeed partitions parameters by dtype)."""
+def quantize_unet_linears(unet, cfg, device):
+    """Every nn.Linear of the UNet in NF4 (models/prepare.py's quantize_linears: diffusers' own quantizer needs a
+    GPU), then peft's k-bit preparation."""
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes  # noqa: F401
     except ImportError:
         raise DiffusionModelError("mode qlora needs bitsandbytes (pip install -e '.[gpu]'); or use mode lora") from None
     from peft import prepare_model_for_kbit_training
 
-    storage = compute_dtype if zero_stage == 3 else torch.uint8
-    for parent in list(unet.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(parent, name, linear_to_4bit(bnb, child, compute_dtype, storage))
-    unet.to(device)  # Params4bit quantizes on its first move to a real device (CPU included)
-    unet.is_loaded_in_4bit = True  # what diffusers' quantizer sets; peft then wraps Linear4bit with its 4-bit LoRA
-    disable_cpu_weight_repacking(unet)
-    return prepare_model_for_kbit_training(unet, use_gradient_checkpointing=False)
-
-
-def linear_to_4bit(bnb, linear, compute_dtype, storage):
-    quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                  quant_storage=storage, device="meta")
-    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", quant_storage=storage, module=quantized)
-    if linear.bias is not None:
-        quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-    return quantized
+    return prepare_model_for_kbit_training(quantize_linears(unet, cfg, device), use_gradient_checkpointing=False)
 
 
 def linear_name_endings(model):
@@ -147,11 +126,9 @@ def linear_name_endings(model):
 
 
 def unet_lora_targets(cfg, unet):
-    """cfg.lora_target_modules as peft target names: None -> the attention projections (to_k, to_q, to_v,
-    to_out.0), "all-linear" -> every linear layer, a list -> as given (each must name a linear layer)."""
+    """cfg.lora_target_modules as peft target names: "all-linear" -> every linear layer, a list -> as given (each
+    must name a linear layer; the recipe's default is the attention projections to_k, to_q, to_v, to_out.0)."""
     targets = cfg.lora_target_modules
-    if targets is None:
-        return list(DEFAULT_UNET_TARGETS)
     linear_names = [name for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear)]
     if targets == "all-linear":
         return linear_names
@@ -163,17 +140,11 @@ def unet_lora_targets(cfg, unet):
 
 
 def unet_lora_config(cfg, unet):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=unet_lora_targets(cfg, unet), bias="none")
+    return lora_config(cfg, unet_lora_targets(cfg, unet))
 
 
 def text_encoder_lora_config(cfg):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(TEXT_ENCODER_TARGETS), bias="none")
+    return lora_config(cfg, TEXT_ENCODER_TARGETS)
 
 
 def add_lora(model, lora_config):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from finetune_launcher.recipes.diffusion.data import mixed_seed
+from finetune_launcher.data.sampling import mixed_seed
 from finetune_launcher.errors import ConfigError
 
 

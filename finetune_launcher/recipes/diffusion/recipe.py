@@ -12,11 +12,14 @@ import torch
 
 from finetune_launcher.checkpoint import save_training_info
 from finetune_launcher.console import say
-from finetune_launcher.recipes.diffusion.data import ImageCaptionSampler, eval_batches, run_pictures
+from finetune_launcher.data.prepared import rank_rows
+from finetune_launcher.data.sampling import ShardedSampler
+from finetune_launcher.recipes.diffusion.data import eval_batches, prepare_rows, training_batch
 from finetune_launcher.distributed import all_reduce_sum, barrier
 from finetune_launcher.engines import build_engine
-from finetune_launcher.loop import StepBatches, train
-from finetune_launcher.recipes.causal_lm.model import count_parameters
+from finetune_launcher.loop import train
+from finetune_launcher.task import StepTask
+from finetune_launcher.models.prepare import count_parameters
 from finetune_launcher.recipes.diffusion.model import load_diffusion, save_diffusion_lora, save_full_unet
 from finetune_launcher.recipes.diffusion.objective import LatentCache, training_loss, validation_loss
 from finetune_launcher.recipes.diffusion.sampling import sample_images, save_grid
@@ -27,7 +30,8 @@ EVAL_BATCH = 4
 def run(cfg, ctx, watch):
     # ---- setup
     parts = load_diffusion(cfg, ctx.device)
-    train_data, held_out = run_pictures(cfg)
+    data = rank_rows(cfg, prepare_rows)
+    train_data, held_out = data.train_rows, data.eval_rows
     params = count_parameters(parts.model)
     say(f"model {cfg.model}: UNet + text encoder {params[1] / 1e6:.2f}M parameters, {params[0] / 1e6:.3f}M "
         f"trainable ({cfg.mode}{', text-encoder LoRA' if cfg.text_encoder_lora else ''}; ZeRO-{cfg.zero_stage}, "
@@ -35,36 +39,33 @@ def run(cfg, ctx, watch):
     say(f"data {cfg.dataset}: {len(train_data)} train / {len(held_out) if held_out else 0} held-out pictures at "
         f"{cfg.resolution}x{cfg.resolution}")
     engine = build_engine(parts.model, cfg)
-    task = DiffusionTask(cfg, ctx, parts, train_data, held_out)
+    task = DiffusionTask(cfg, ctx, parts, train_data, held_out, data.stats)
     # ---- the loop, then best/ and final/
     return train(cfg, ctx, task, engine, watch, params)
 
 
-class DiffusionTask:
-    """The loop's task for a diffusion UNet (see finetune_launcher/loop.py): units are pictures."""
+class DiffusionTask(StepTask):
+    """The loop's task for a diffusion UNet (see finetune_launcher/task.py): units are pictures. Each micro-batch
+    carries a noise seed from (seed, epoch, step, rank, micro-batch), so a resumed run draws the same noise and
+    timesteps."""
     unit = "sample"
     throughput = "images"
 
-    def __init__(self, cfg, ctx, parts, train_data, held_out):
-        self.c, self.ctx, self.parts = cfg, ctx, parts
-        self.sampler = ImageCaptionSampler(train_data, parts.tokenizer, ctx.rank, ctx.world, cfg.micro_batch_size,
-                                           cfg.gradient_accumulation_steps, cfg.seed, cfg.resolution,
-                                           cfg.center_crop, cfg.random_flip)
+    def __init__(self, cfg, ctx, parts, train_data, held_out, stats):
+        sampler = ShardedSampler(len(train_data), ctx.rank, ctx.world, cfg.micro_batch_size,
+                                 cfg.gradient_accumulation_steps, cfg.seed)
+        super().__init__(cfg, ctx, sampler, stats)
+        self.parts, self.train_data = parts, train_data
         self.held_out = eval_batches(held_out, parts.tokenizer, ctx.rank, ctx.world, EVAL_BATCH, cfg.resolution) \
             if held_out else []
         self.cache = LatentCache(cfg.run_dir / "latent_cache", parts.vae) if cfg.cache_latents else None
-        self.stats = {"format": "imagefolder", "train_images": len(train_data),
-                      "eval_images": len(held_out) if held_out else 0, "resolution": cfg.resolution}
-        self.sample_files = []
 
-    @property
-    def steps_per_epoch(self):
-        return self.sampler.steps_per_epoch
+    def collate(self, group, epoch, step_in_epoch, micro):
+        return training_batch(self.train_data, self.parts.tokenizer, group, self.c, epoch, step_in_epoch,
+                              self.ctx.rank, micro)
 
-    def micro_batches(self, epoch, step_in_epoch):
-        batches = [self.to_device(b) for b in self.sampler.micro_batches(epoch, step_in_epoch)]
-        images = sum(int(b["pixel_values"].shape[0]) for b in batches)
-        return StepBatches(batches, images, images, images)
+    def count(self, group, batch):
+        return len(group), len(group), len(group)
 
     def to_device(self, batch):
         return {k: v.to(self.ctx.device) if torch.is_tensor(v) and k != "noise_seed" else v

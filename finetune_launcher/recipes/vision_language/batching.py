@@ -1,10 +1,10 @@
 """Micro-batches of vision-language rows (from finetune_launcher/recipes/vision_language/data.py, whose docstring says why batches are
 length-grouped rather than packed, and why a micro-batch without images gets a blank one)."""
-import random
-
 import torch
 
+from finetune_launcher.data.prepared import row_length
 from finetune_launcher.data.records import DataError
+from finetune_launcher.data.sampling import epoch_order, steps_per_epoch
 from finetune_launcher.data.text import IGNORE_INDEX
 from finetune_launcher.recipes.vision_language.data import load_image
 
@@ -79,8 +79,9 @@ def blank_image(processor):
 
 
 class LengthGroupedSampler:
-    """Deterministic shuffling, length grouping and sharding, with finetune_launcher.data.RowSampler's contract: the batch of
-    (epoch, step) is a pure function of the seed and rank, so resume needs only the step counter.
+    """Deterministic shuffling, length grouping and sharding (the Sampler contract of finetune_launcher/task.py):
+    the micro-batches of (epoch, step) are a pure function of the seed and rank, so resume needs only the step
+    counter.
 
     Each optimizer step draws world x micro x accumulation rows from the epoch's shuffled order (the same draw on
     every rank), sorts them by length and cuts them into micro-batches of neighbours; micro-batch k goes to rank
@@ -90,18 +91,14 @@ class LengthGroupedSampler:
         self.rows, self.rank, self.world = rows, rank, world_size
         self.micro, self.accum, self.seed = micro_batch_size, grad_accum, seed
         self.per_step = world_size * micro_batch_size * grad_accum
-        self.steps_per_epoch = len(rows) // self.per_step
-
-    def step_rows(self, epoch, step_in_epoch):
-        """This rank's rows for one optimizer step: a list of `accum` lists of `micro` rows."""
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 100003 + epoch).shuffle(order)
-        chosen = order[step_in_epoch * self.per_step:(step_in_epoch + 1) * self.per_step]
-        chosen.sort(key=lambda i: (len(self.rows[i]["input_ids"]), i))
-        chunks = [chosen[k:k + self.micro] for k in range(0, self.per_step, self.micro)]
-        return [[self.rows[i] for i in chunk] for chunk in chunks[self.rank::self.world]]
+        self.steps_per_epoch = steps_per_epoch(len(rows), world_size, micro_batch_size, grad_accum)
+        self._order = (None, None)  # (epoch, its order): shuffled once per epoch
 
     def micro_batches(self, epoch, step_in_epoch):
-        """(this rank's micro-batches of one optimizer step as lists of rows, count of real tokens in them)."""
-        groups = self.step_rows(epoch, step_in_epoch)
-        return groups, sum(len(r["input_ids"]) for g in groups for r in g)
+        """This rank's micro-batches of one optimizer step: `accum` lists of `micro` row indices."""
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.rows), self.seed, epoch))
+        chosen = self._order[1][step_in_epoch * self.per_step:(step_in_epoch + 1) * self.per_step]
+        chosen.sort(key=lambda i: (row_length(self.rows, i), i))
+        chunks = [chosen[k:k + self.micro] for k in range(0, self.per_step, self.micro)]
+        return chunks[self.rank::self.world]

@@ -18,12 +18,14 @@ import torch
 
 from finetune_launcher.errors import ConfigError
 from finetune_launcher.dtypes import torch_dtype
-from finetune_launcher.recipes.causal_lm.model import disable_cpu_weight_repacking, zero3_init_context
+from finetune_launcher.models.prepare import (disable_cpu_weight_repacking, loads_partitioned, lora_config, nf4_config,
+                                             zero3_init_context)
 from finetune_launcher.models.compiled_layers import compile_decoder_layers
 from finetune_launcher.models.references import resolve_model_path
 
 PROJECTOR_WORDS = ("merger", "projector")
 VIDEO_CONFIG = "video_preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
 
 
 # ---------------------------------------------------------------- processor
@@ -56,17 +58,15 @@ def image_only_processor(path, trust_remote_code):
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
 
-    recorded = Path(path) / "processor_config.json"
+    from finetune_launcher.recipes.vision_language.processing_image_only import without_video
+
+    recorded = Path(path) / PROCESSOR_CONFIG
     if recorded.exists():
         base = processor_class_from_name(json.loads(recorded.read_text())["processor_class"])
     else:
         base = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))]
 
-    class ImageOnlyProcessor(base):
-        # The processor's sub-processors are read from __init__'s signature: this one has no video_processor.
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
+    class ImageOnlyProcessor(without_video(base)):
         def save_pretrained(self, save_directory, **kwargs):
             """Also copy the model's video processor config, so the saved processor is complete."""
             saved = super().save_pretrained(save_directory, **kwargs)
@@ -75,12 +75,39 @@ def image_only_processor(path, trust_remote_code):
                 shutil.copy(video, Path(save_directory) / VIDEO_CONFIG)
             return saved
 
-    # save_pretrained records the class name: the base's, so the saved processor loads anywhere
-    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = base.__name__
-
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = base.__name__  # as without_video says
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return ImageOnlyProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+
+
+class SavedProcessor:
+    """What best/ and final/ hold beside the weights: the processor, with the entry that lets AutoProcessor build it
+    where torchvision is missing (processing_image_only.py says how)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def save_pretrained(self, directory):
+        self.processor.save_pretrained(directory)
+        add_image_only_entry(directory)
+
+
+def add_image_only_entry(directory):
+    """processing_image_only.py beside the saved processor, named in its auto_map; a processor of the model's own
+    code (one with an auto_map already) is left as it is."""
+    from finetune_launcher.recipes.vision_language import processing_image_only
+
+    config_path = Path(directory) / PROCESSOR_CONFIG
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    if "auto_map" in config:
+        return
+    module = Path(processing_image_only.__file__)
+    shutil.copy(module, Path(directory) / module.name)
+    config["auto_map"] = {"AutoProcessor": f"{module.stem}.{processing_image_only.ImageOnlyProcessor.__name__}"}
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def set_pixel_bounds(processor, min_pixels, max_pixels):
@@ -171,29 +198,20 @@ def lora_target_pattern(layout, target_modules, lora_vision, model_ref):
     return f"^(?:{'|'.join(sorted({_escape_with_indices(n) for n in chosen}))})$"
 
 
-def lora_config(cfg, layout):
-    from peft import LoraConfig
-
-    modules_to_save = list(layout["mergers"]) if cfg.train_merger else None
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_target_pattern(layout, cfg.lora_target_modules, cfg.lora_vision, cfg.model),
-                      modules_to_save=modules_to_save, bias="none", task_type="CAUSAL_LM")
+def vl_lora_config(cfg, layout):
+    return lora_config(cfg, lora_target_pattern(layout, cfg.lora_target_modules, cfg.lora_vision, cfg.model),
+                       task_type="CAUSAL_LM", modules_to_save=list(layout["mergers"]) if cfg.train_merger else None)
 
 
 def quantization_config(cfg, layout):
-    """NF4 with double quantization in the compute dtype, for the language model's linear layers only."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch_dtype(cfg.precision),
-                              bnb_4bit_quant_storage=torch_dtype(cfg.bnb_4bit_quant_storage),
-                              llm_int8_skip_modules=[*layout["vision"], layout["lm_head"]])
+    """NF4 for the language model's linear layers only: the vision tower, its mergers and lm_head stay 16-bit."""
+    return nf4_config(cfg.precision, cfg.bnb_4bit_quant_storage, skip_modules=[*layout["vision"], layout["lm_head"]])
 
 
 # ---------------------------------------------------------------- loading
 
 def load_vl_model(cfg, device):
-    """Return (model, keepalive); see finetune_launcher.recipes.causal_lm.model.zero3_init_context for `keepalive`."""
+    """Return (model, keepalive); see finetune_launcher.models.prepare.zero3_init_context for `keepalive`."""
     from transformers import AutoModelForImageTextToText
 
     path = resolve_model_path(cfg.model)
@@ -203,7 +221,7 @@ def load_vl_model(cfg, device):
                   trust_remote_code=cfg.trust_remote_code)
     if cfg.mode == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg, layout)
-        if cfg.zero_stage != 3:
+        if not loads_partitioned(cfg):
             kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     model.config.use_cache = model.config.get_text_config().use_cache = False
@@ -219,7 +237,7 @@ def load_vl_model(cfg, device):
         from peft import get_peft_model
 
         # No prepare_model_for_kbit_training: it would cast the vision tower (and all else not 4-bit) to fp32.
-        model = get_peft_model(model, lora_config(cfg, layout))
+        model = get_peft_model(model, vl_lora_config(cfg, layout))
     if cfg.compile_layers:  # the language model's layers; the vision blocks see varying image sizes
         compile_decoder_layers(decoder, hooks_outside=cfg.zero_stage == 3)
     return model, keepalive

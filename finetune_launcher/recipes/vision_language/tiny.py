@@ -13,7 +13,7 @@ from pathlib import Path
 
 from finetune_launcher.fsutil import built_into
 from finetune_launcher.resources import resource
-from finetune_launcher.models.references import _corpus_lines
+from finetune_launcher.recipes.causal_lm.tiny import _corpus_lines
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 VOCAB_SIZE = 1024
@@ -141,7 +141,7 @@ def build_vl_directory(kind, target, shape=None, pixels=(MIN_PIXELS, MAX_PIXELS)
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype_name))
         with torch.no_grad():
-            # As in finetune_launcher/models/references.py: a frozen head at the default init (std 0.02) caps the logits so low that
+            # As in finetune_launcher/recipes/causal_lm/tiny.py: a frozen head at the default init (std 0.02) caps the logits so low that
             # LoRA cannot fit anything; std 0.1 behaves like a pretrained head.
             model.lm_head.weight.mul_(5.0)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
