@@ -31,11 +31,13 @@ def saved_run(tmp_path_factory, mode):
     """outputs/<run>/best of a LoRA (or QLoRA) run with text-encoder LoRA, as the diffusion recipe saves it, and the
     model as trained: random LoRA B matrices stand in for training (they start at zero, where the LoRA changes
     nothing)."""
+    from finetune_launcher import recipe_table
     from finetune_launcher.recipes.diffusion.model import load_diffusion, save_diffusion_lora
 
+    targets = recipe_table.get("diffusion").defaults["lora_target_modules"]  # the recipe's default
     cfg = types.SimpleNamespace(model="builtin:tiny-sd", mode=mode, precision="fp32", lora_r=4, lora_alpha=8,
-                                lora_dropout=0.0, lora_target_modules=None, gradient_checkpointing=False,
-                                text_encoder_lora=True, zero_stage=2)
+                                lora_dropout=0.0, lora_target_modules=targets, gradient_checkpointing=False,
+                                text_encoder_lora=True, zero_stage=2, bnb_4bit_quant_storage="uint8")
     parts = load_diffusion(cfg, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
