@@ -24,8 +24,8 @@ def run_and_report(cmd, env, code_file):
 
 
 def fork_and_report(resolved, envs, code_file):
-    """As run_and_report, for ranks forked from this process (finetune_launcher.launch.forked): `envs` maps each local rank to
-    its environment."""
+    """As run_and_report, for ranks forked from this process (finetune_launcher.launch.forked): `envs` maps each local
+    rank to its environment."""
     from finetune_launcher.launch.forked import start_forked_ranks
 
     envs = {rank: dict(env, FTL_EXIT_CODE_FILE=str(code_file)) for rank, env in envs.items()}
@@ -72,7 +72,8 @@ class StopForwarder:
     rank is signalled as soon as it catches the signal (/proc/PID/status SigCgt): the trainer installs its handler
     after its imports, and before that the signal would kill it. Ranks that start later get it too.
 
-    Forked ranks (finetune_launcher.launch.forked) are known by their PIDs instead, and wait for the signal the same way.
+    Forked ranks (finetune_launcher.launch.forked) are known by their PIDs instead, and wait for the signal the same
+    way.
 
     Inside a Slurm step the launcher ignores both signals instead (the child inherits that; torchrun and the
     trainer install their own handlers): Slurm has signalled every process of the step already."""
