@@ -36,6 +36,8 @@ COMMANDS = {
              "finetune_launcher.after.plot_command:main"),
     "submit": ("submit a run as a Slurm job (checked and estimated on the login node first)",
                "finetune_launcher.launch.slurm:main"),
+    "keys": ("every run-config key with its default and help (--schema: the JSON schema)",
+             "finetune_launcher.config.keys_command:main"),
 }
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from finetune_launcher import cli, recipe_table
 
-USER_COMMANDS = ("train", "estimate", "evaluate", "generate", "merge", "plot", "submit", "generate-images")
+USER_COMMANDS = ("train", "estimate", "evaluate", "generate", "merge", "plot", "submit", "keys", "generate-images")
 
 
 def run_ftl(capsys, *argv):
@@ -66,3 +66,18 @@ REAL_PART = recipe_table.part
 def test_a_tool_error_is_one_line_and_exit_2(capsys, tmp_path):
     code, _, err = run_ftl(capsys, "generate", "text", "--adapter", str(tmp_path / "no_run" / "best"), "--prompt", "hi")
     assert code == 2 and err.strip().startswith("error: adapter directory not found") and "Traceback" not in err
+
+
+def test_keys_lists_each_declared_key_with_its_default_and_the_schema_validates_a_config(capsys):
+    import json
+
+    import jsonschema
+
+    code, out, _ = run_ftl(capsys, "keys")
+    assert code == 0 and "lora_r" in out and "LoRA rank [identity]" in out
+    assert "diffusion keys" in out and "resolution" in out.split("diffusion keys", 1)[1]
+    code, out, _ = run_ftl(capsys, "keys", "--schema")
+    schema = json.loads(out)
+    jsonschema.validate({"mode": "lora", "model": "m", "dataset": "d", "resolution": 256}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"mode": "lora", "model": "m", "dataset": "d", "lora_rank": 8}, schema)
