@@ -3,12 +3,14 @@ save a checkpoint at their next step and exit 0; inside a Slurm step (srun) the 
 signals every process of the step itself. And no rank outlives the launcher: a `kill -9` of the launcher alone takes
 its forked ranks, or the launcher tool (torchrun, accelerate, DeepSpeed's runner) and through it its workers, along
 (see die_with_parent)."""
-import ctypes
 import functools
 import os
 import signal
 import subprocess
 import sys
+
+from finetune_launcher.launch.forked import start_forked_ranks
+from finetune_launcher.launch.lifetime import die_with_parent, libc
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -26,8 +28,6 @@ def run_and_report(cmd, env, code_file):
 def fork_and_report(resolved, envs, code_file):
     """As run_and_report, for ranks forked from this process (finetune_launcher.launch.forked): `envs` maps each local
     rank to its environment."""
-    from finetune_launcher.launch.forked import start_forked_ranks
-
     envs = {rank: dict(env, FTL_EXIT_CODE_FILE=str(code_file)) for rank, env in envs.items()}
     with StopForwarder() as forwarder:
         returncode = forwarder.watch(start_forked_ranks(resolved, envs))
@@ -187,26 +187,3 @@ def catches_signal(pid, signum):
     except OSError:
         return False
     return True
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-@functools.cache
-def libc():
-    """The C library, loaded before a fork so that the child only calls into it; None off Linux."""
-    return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def die_with_parent(parent_pid, signum=signal.SIGKILL, c_library=None):
-    """Have the kernel send `signum` to this process when its parent `parent_pid` dies (Linux: PR_SET_PDEATHSIG),
-    whichever way it dies -- SIGKILL included, where no handler of the parent can run. A child calls it first thing
-    after the fork; should the parent have died before the call (the child then has another parent already), the
-    child exits at once, as the signal would have ended it. No-op where prctl does not exist. `c_library`: libc(),
-    loaded before the fork."""
-    c_library = c_library or libc()
-    if c_library is None:
-        return
-    c_library.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(128 + int(signum))  # not the signal itself: the parent's Python handlers are still installed here
