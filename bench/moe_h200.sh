@@ -10,6 +10,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${FTL_PYTHON:-python}"
-exec "$PYTHON" tools/bench.py --model random:qwen3-30b-a3b --seq-len 2048 --micro-batch 1 --grad-accum 4 \
+exec "$PYTHON" bench/bench.py --model random:qwen3-30b-a3b --seq-len 2048 --micro-batch 1 --grad-accum 4 \
     --steps 6 --cases ours-grouped,hf-gc,ours,hf-liger --profile ours-grouped,hf-gc --budget 450 \
     --case-timeout 240 --json "${OUT:-.}/moe_h200.json" "$@"

@@ -10,7 +10,7 @@ USAGE = """usage: python -m finetune_launcher --config CONFIG.yaml [--key value 
        python -m finetune_launcher --resolved RUN_CONFIG.json      (what the launchers pass each rank)
 
 Every key of the run config can be overridden, e.g. --learning_rate 1e-4 --lora_r 8 --zero 3 --offload.
-Keys: see finetune_launcher/config/schema.json; unknown keys are errors."""
+Keys: `ftl keys` lists them; unknown keys are errors."""
 
 
 def main(argv=None):

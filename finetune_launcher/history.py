@@ -79,17 +79,10 @@ def flat_scalars(metrics, prefix=""):
     return flat
 
 
-def wanted_sinks(report_to):
-    """The sinks a report_to value asks for (a name, a list, or none): tensorboard unless report_to is none or
-    empty, and wandb when it is named."""
-    from finetune_launcher.config import normalize_report_to
-
-    return normalize_report_to(report_to, "run config")
-
-
 class MetricSinks:
-    """tensorboard always (when installed), wandb when asked for; rank 0 only. report_to none (or []) logs to
-    neither; training_history.json is written either way."""
+    """The sinks the resolved config's report_to names (config/sources.py normalize_report_to: tensorboard, plus
+    wandb when asked for; none at all for `report_to: none`), rank 0 only; training_history.json is written either
+    way."""
 
     def __init__(self, log_dir, report_to, run_name, config, enabled=True):
         import importlib.util
@@ -97,12 +90,11 @@ class MetricSinks:
         self.writers = []
         if not enabled:
             return
-        sinks = wanted_sinks(report_to)
-        if "tensorboard" in sinks and importlib.util.find_spec("tensorboard") is not None:
+        if "tensorboard" in report_to and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writers.append(("tb", SummaryWriter(log_dir=str(log_dir))))
-        if "wandb" in sinks:
+        if "wandb" in report_to:
             import wandb
 
             wandb_dir = Path(log_dir).parent  # outputs/<run>/wandb/
@@ -138,10 +130,10 @@ class MetricSinks:
 
 
 def check_sinks_available(report_to):
-    """Fail before any model is loaded when a requested sink is not installed."""
+    """Fail before any model is loaded when a sink the resolved report_to names is not installed."""
     import importlib.util
 
-    if "wandb" in wanted_sinks(report_to) and importlib.util.find_spec("wandb") is None:
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
         from finetune_launcher.config import ConfigError
 
         raise ConfigError("report_to includes wandb but wandb is not installed: pip install wandb "
@@ -155,38 +147,47 @@ def load_history(path):
     return json.loads(path.read_text())
 
 
-def plot_history(history, png_path):
-    """Training and eval loss, learning rate and tokens/s against step, as one PNG. Works mid-run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def curve_panels(history):
+    """What training_curves.png plots: [(title, [(label, steps, values, style)])], one entry per panel. The third
+    panel is the throughput the history records (tokens/s for language models, images/s for diffusion)."""
     records = history.get("records", [])
-    evals = history.get("evals", [])
 
     def series(rows, key):
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         return [p[0] for p in points], [p[1] for p in points]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    steps, loss = series(records, "loss")
-    axes[0].plot(steps, loss, label="train loss")
-    eval_steps, eval_loss = series(evals, "eval_loss")
+    losses = [("train loss", *series(records, "loss"), "-")]
+    eval_steps, eval_loss = series(history.get("evals", []), "eval_loss")
     if eval_steps:
-        axes[0].plot(eval_steps, eval_loss, "o-", label="eval loss")
+        losses.append(("eval loss", eval_steps, eval_loss, "o-"))
+    rate = throughput_key(records)
+    unit = rate[:-len("_per_s")] if rate else "tokens"
+    return [("loss", losses), ("learning rate", [("", *series(records, "learning_rate"), "-")]),
+            (f"{unit}/s", [("", *series(records, rate), "-")] if rate else [])]
+
+
+def throughput_key(records):
+    """The "<unit>_per_s" key the loop wrote (finetune_launcher/loop.py: the task's throughput unit), or None."""
+    return next((key for record in records for key in record if key.endswith("_per_s")), None)
+
+
+def plot_history(history, png_path):
+    """Training and eval loss, learning rate and throughput against step, as one PNG. Works mid-run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for axis, (title, lines) in zip(axes, curve_panels(history)):
+        for label, steps, values, style in lines:
+            axis.plot(steps, values, style, label=label or None)
+        axis.set_xlabel("step")
+        axis.set_title(title)
     best = history.get("best")
     if best:
         axes[0].axvline(best["step"], color="gray", linestyle=":", label=f"best (step {best['step']})")
-    axes[0].set_xlabel("step")
-    axes[0].set_title("loss")
     axes[0].legend()
-    axes[1].plot(*series(records, "learning_rate"))
-    axes[1].set_xlabel("step")
-    axes[1].set_title("learning rate")
-    axes[2].plot(*series(records, "tokens_per_s"))
-    axes[2].set_xlabel("step")
-    axes[2].set_title("tokens/s")
     name = history.get("metadata", {}).get("run_name", "")
     status = history.get("status", "")
     fig.suptitle(f"{name} ({status})")

@@ -227,7 +227,7 @@ class Trainer:
         if loss is None:
             return
         self.history.log_eval(0, loss, {"baseline": True, **self.eval_extras(0)})
-        say(f"eval step 0 (before training): loss {loss:.4f}")
+        say(f"eval step 0 (before training): loss {loss:.4f} (the base model; best/ is the best eval after it)")
 
     def evaluate_and_track(self, step):
         eval_loss = self.task.evaluate(self.engine)
@@ -238,7 +238,7 @@ class Trainer:
         self.history.log_eval(step, eval_loss, {"learning_rate_scale": self.schedule.scale,
                                                 "improved": event["improved"], **extras})
         self.sinks.log(step, {"eval/loss": eval_loss})
-        note = " (best)" if event["improved"] else ""
+        note = f" ({self.best_note(eval_loss)})" if event["improved"] else ""
         if event["lr_reduced"]:
             note += f", plateau: LR x{self.c.plateau_factor} -> scale {self.schedule.scale:.3g}"
         say(f"\neval step {step}: loss {eval_loss:.4f}{note}")
@@ -248,6 +248,13 @@ class Trainer:
         if event["stop_reason"]:
             say(f"stopping: {event['stop_reason']}")
         return event["stop_reason"]
+
+    def best_note(self, eval_loss):
+        """best/ is chosen among the evals of trained weights: the step-0 eval is the base model's, shown beside."""
+        baseline = next((e["eval_loss"] for e in self.history.data["evals"] if e.get("baseline")), None)
+        if baseline is not None and baseline < eval_loss:
+            return f"best since training started -> best/; the base model's {baseline:.4f} at step 0 is lower"
+        return "best since training started -> best/"
 
     def eval_extras(self, step):
         """What the task adds at an eval (e.g. sample images): pictures go to tensorboard, the rest to the history."""

@@ -60,7 +60,9 @@ class Recipe:
       rows            prepare_rows(cfg) -> the launch's prepared data (the launcher calls it once per launch)
       estimate        estimate_part: the estimator's RunSpec fields and model of this recipe
       model_facts     facts(values) -> ModelFacts or None: claims a model only this recipe trains (optional)
-      after           the after-training tools' loaders and checks for this recipe's artefacts (optional)"""
+      after           the after-training tools' loaders and checks for this recipe's artefacts (optional;
+                      finetune_launcher/after/parts.py lists what it provides)
+      command         a module adding a command of its own to `ftl` (NAME, SUMMARY, main(argv)) (optional)"""
     name: str
     package: str
     summary: str
@@ -98,7 +100,7 @@ def _causal_lm():
         builtins={"tiny-llama": Builtin("tiny:build_tiny_model", ("tiny-llama",), version="v2"),
                   "small-llama": Builtin("tiny:build_tiny_model", ("small-llama",), version="v2"),
                   "tiny-qwen3-moe": Builtin("tiny:build_tiny_model", ("tiny-qwen3-moe",), version="moe-v2")},
-        modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate"})
+        modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate", "after": "after"})
 
 
 def _vision_language():
@@ -162,7 +164,7 @@ def _diffusion():
             Key("guidance_scale", 7.5, {"type": "number", "minimum": 0}, help="classifier-free guidance scale"),
         ),
         modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate",
-                 "model_facts": "facts:pipeline_facts", "after": "after"})
+                 "model_facts": "facts:pipeline_facts", "after": "after", "command": "generate_images"})
 
 
 # Table order is the order `recipe: auto` asks: the most specific model first, the causal LM (any model) last.

@@ -39,7 +39,8 @@ class LRSchedule:
 
 class EvalTracker:
     """Applies the improvement rule to each eval loss. `on_eval` returns what happened: improved (save best/),
-    lr_reduced, and stop_reason (None to go on)."""
+    lr_reduced, and stop_reason (None to go on). It sees the evals after training started only: the step-0 eval is
+    the base model's (best/ must hold trained weights), so the first eval of a run always improves."""
 
     def __init__(self, cfg, schedule):
         self.threshold = cfg.improvement_threshold

@@ -1,14 +1,12 @@
-"""The models the tools after training load, by kind: a causal LM (AutoModelForCausalLM + its tokenizer) or a
-vision-language model (AutoModelForImageTextToText + its processor), as stored or -- for QLoRA adapters -- the
-de-quantized base they were trained against."""
+"""The models the tools after training load: the Auto class and the tokenizer or processor of the run's recipe (its
+after part: finetune_launcher/after/parts.py), as stored or -- for QLoRA adapters -- the de-quantized base they were
+trained against. `recipe` is a recipe's name throughout."""
 from pathlib import Path
-from types import SimpleNamespace
 
-from finetune_launcher.after.run_files import AdapterError
-from finetune_launcher.dtypes import precision_of, torch_dtype
+from finetune_launcher.after.parts import after_part
+from finetune_launcher.after.run_files import AdapterError, read_training_info
+from finetune_launcher.dtypes import torch_dtype
 
-CAUSAL_LM, VISION_LANGUAGE = "causal_lm", "vision_language"
-KIND_NAMES = {CAUSAL_LM: "causal-LM", VISION_LANGUAGE: "vision-language"}  # for messages
 QLORA_BASES = ("dequantized", "original")  # what a QLoRA adapter is applied to: dequantize(quantize_nf4(W)), or W
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -30,30 +28,20 @@ def torch_dtype_for(name, device):
     return torch_dtype(name)
 
 
-# ---------------------------------------------------------------- which kind of model
+# ---------------------------------------------------------------- the model's class
 
-def model_kind(path, trust_remote_code=False):
-    """VISION_LANGUAGE when the model's config has a vision tower (`vision_config`), else CAUSAL_LM."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return VISION_LANGUAGE if getattr(config, "vision_config", None) is not None else CAUSAL_LM
+def auto_model_class(recipe):
+    return after_part(recipe).auto_model_class()
 
 
-def auto_model_class(kind):
-    import transformers
-
-    return transformers.AutoModelForImageTextToText if kind == VISION_LANGUAGE else transformers.AutoModelForCausalLM
-
-
-def meta_model(path, kind, trust_remote_code=False):
+def meta_model(path, recipe, trust_remote_code=False):
     """An empty (meta-device) instance of the model at `path`: its module names and shapes, no weights read."""
     import torch
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return auto_model_class(kind).from_config(config, trust_remote_code=trust_remote_code)
+        return auto_model_class(recipe).from_config(config, trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------- tokenizer / processor
@@ -72,21 +60,9 @@ def load_tokenizer_from(path, trust_remote_code=False):
     return tokenizer
 
 
-def load_vl_processor(path, trust_remote_code=False):
-    """The processor saved next to the weights, loaded as training loads it (finetune_launcher.recipes.vision_language.model: without
-    torchvision, the same class without its video processor), with the run's saved pixel bounds."""
-    from finetune_launcher.recipes.vision_language.model import load_processor
-
-    settings = SimpleNamespace(model=str(path), trust_remote_code=trust_remote_code, min_pixels=None,
-                               max_pixels=None)
-    return load_processor(settings)
-
-
-def load_preprocessor(kind, path, trust_remote_code=False):
-    """The tokenizer (causal LM) or processor (vision-language) saved at `path`."""
-    if kind == VISION_LANGUAGE:
-        return load_vl_processor(path, trust_remote_code)
-    return load_tokenizer_from(path, trust_remote_code)
+def load_preprocessor(recipe, path, trust_remote_code=False):
+    """The tokenizer or processor of the recipe's models saved at `path`."""
+    return after_part(recipe).load_preprocessor(path, trust_remote_code)
 
 
 def text_tokenizer(preprocessor):
@@ -95,8 +71,8 @@ def text_tokenizer(preprocessor):
 
 # ---------------------------------------------------------------- weights
 
-def load_model(path, dtype, device, trust_remote_code=False, kind=CAUSAL_LM):
-    model = auto_model_class(kind).from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+def load_model(path, dtype, device, recipe, trust_remote_code=False):
+    model = auto_model_class(recipe).from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
@@ -122,30 +98,18 @@ def require_bitsandbytes():
                            "slightly from the model as trained)") from None
 
 
-def training_quantization(path, dtype, kind, trust_remote_code=False):
-    """The BitsAndBytesConfig the trainer loads the base with (NF4, double quant, uint8 storage): for a
-    vision-language model the language model's linear layers only, the vision tower and lm_head skipped."""
-    if kind == VISION_LANGUAGE:
-        from finetune_launcher.recipes.vision_language.model import meta_layout, quantization_config
-
-        settings = SimpleNamespace(precision=precision_of(dtype), bnb_4bit_quant_storage="uint8")
-        return quantization_config(settings, meta_layout(str(path), trust_remote_code))
-    from finetune_launcher.models.prepare import nf4_config
-
-    return nf4_config(precision_of(dtype), "uint8")
-
-
-def load_dequantized_base(path, dtype, device, trust_remote_code=False, kind=CAUSAL_LM):
+def load_dequantized_base(path, dtype, device, recipe, trust_remote_code=False):
     """The base as a QLoRA run trained against it: loaded on the CPU with the trainer's BitsAndBytesConfig in
     `dtype` ('auto': the checkpoint's own), then de-quantized by transformers to plain Linear layers, so every
-    quantized weight is dequantize(quantize_nf4(W)) in that dtype. A VL model's vision tower was never quantized and
-    stays as stored."""
+    quantized weight is dequantize(quantize_nf4(W)) in that dtype; what training did not quantize (a VL model's
+    vision tower) stays as stored."""
     from transformers.utils import logging as hf_logging
 
     require_bitsandbytes()
     dtype = checkpoint_dtype(path, trust_remote_code) if dtype == "auto" else dtype
-    model = auto_model_class(kind).from_pretrained(
-        str(path), dtype=dtype, quantization_config=training_quantization(path, dtype, kind, trust_remote_code),
+    part = after_part(recipe)
+    model = part.auto_model_class().from_pretrained(
+        str(path), dtype=dtype, quantization_config=part.training_quantization(path, dtype, trust_remote_code),
         device_map={"": "cpu"}, trust_remote_code=trust_remote_code)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "the modules are dequantized in ...": we asked for that dtype
@@ -170,18 +134,15 @@ def uses_dequantized_base(adapter_dirs, qlora_base="dequantized"):
     return qlora_base == "dequantized" and all(qlora)
 
 
-def load_base_for(adapter_dirs, path, dtype, device, trust_remote_code=False, qlora_base="dequantized",
-                  kind=CAUSAL_LM):
+def load_base_for(adapter_dirs, path, dtype, device, recipe, trust_remote_code=False, qlora_base="dequantized"):
     """The base the adapters are applied to: de-quantized for QLoRA adapters (see uses_dequantized_base), else as
     stored."""
     if uses_dequantized_base(adapter_dirs, qlora_base):
-        return load_dequantized_base(path, dtype, device, trust_remote_code, kind)
-    return load_model(path, dtype, device, trust_remote_code, kind)
+        return load_dequantized_base(path, dtype, device, recipe, trust_remote_code)
+    return load_model(path, dtype, device, recipe, trust_remote_code)
 
 
 def is_qlora(adapter_dir):
-    from finetune_launcher.after.run_files import read_training_info
-
     return read_training_info(adapter_dir).get("mode") == "qlora"
 
 

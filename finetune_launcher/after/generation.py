@@ -1,18 +1,20 @@
 """Prompts and generation after training. A prompt is tokenised by the same functions training used
 (finetune_launcher.data.tokenize_instructions / tokenize_chat with an empty response), and the tokens before the first
 supervised label are what the model is given: the template, BOS and token boundaries are exactly the training ones.
-Prompts with images go to vision-language models (finetune_launcher/recipes/vision_language/after.py, the same rule).
+A recipe's after part decides what its models are prompted with (parts.LanguageModelPart: prompt_format, answerer,
+case_from_record): the causal LM's with the text templates here, the vision-language model's with its processor
+(the same rule, finetune_launcher/recipes/vision_language/after.py).
 """
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_launcher.after.bases import VISION_LANGUAGE
+from finetune_launcher.after.parts import language_model_parts
 from finetune_launcher.data.records import DataError, read_jsonl
 from finetune_launcher.data.text import IGNORE_INDEX, tokenize_chat, tokenize_instructions
 
 PROMPT_FORMATS = ("auto", "dolly", "alpaca", "chat", "text")
-DEFAULT_FORMAT = "dolly"  # the instruction template of finetune_launcher.data.prompts, for a base model with no training_info.json
+DEFAULT_FORMAT = "dolly"  # finetune_launcher.data.prompts' instruction template, for a model without training_info.json
 
 
 @dataclass
@@ -34,14 +36,8 @@ class GenerationSettings:
     seed: int = 0
 
 
-def resolve_prompt_format(requested, info, kind=None):
-    """The template to apply: as asked, else the format the model was trained on (training_info.json). A
-    vision-language model always uses its processor's chat template."""
-    if kind == VISION_LANGUAGE:
-        if requested not in (None, "auto", "chat"):
-            raise DataError(f"--format {requested}: a vision-language model is prompted with its processor's chat "
-                            f"template; drop --format")
-        return VISION_LANGUAGE
+def text_prompt_format(requested, info):
+    """The text template to apply: as asked, else the format the model was trained on (training_info.json)."""
     if requested and requested != "auto":
         return requested
     return info.get("dataset_format") or DEFAULT_FORMAT
@@ -50,12 +46,19 @@ def resolve_prompt_format(requested, info, kind=None):
 # ---------------------------------------------------------------- prompt sources
 
 def case_from_record(record, where, base_dir="."):
-    """A PromptCase from a prompt-file line or a dataset record (dolly, alpaca, chat, text, a vision-language row, or
-    {prompt, context, image / images}); image paths are relative to `base_dir`."""
-    if "messages" in record and is_vision_record(record):
-        from finetune_launcher.recipes.vision_language.after import vl_case_from_record
+    """A PromptCase from a prompt-file line or a dataset record: the first recipe's after part (in the table's order,
+    the most specific first) that reads it; image paths are relative to `base_dir`."""
+    for part in language_model_parts():
+        case = part.case_from_record(record, base_dir, where)
+        if case is not None:
+            return case
+    raise DataError(f"{where}: found fields {sorted(record)}; a prompt needs 'prompt' or 'instruction' (optional "
+                    f"'context'), 'messages', or 'text'")
 
-        return vl_case_from_record(record, base_dir, where, PromptCase)
+
+def text_case_from_record(record, base_dir, where):
+    """A PromptCase from a text record (dolly, alpaca, chat, text, or {prompt, context, image / images}); None for
+    a record of none of these formats."""
     if "messages" in record:
         messages = list(record["messages"])
         reference = None
@@ -70,27 +73,19 @@ def case_from_record(record, where, base_dir="."):
             context = record.get("context") or record.get("input") or ""
             reference = record.get("response") or record.get("output") or record.get("reference")
             return PromptCase(record[key], context, reference, images=record_images(record, base_dir, where))
-    raise DataError(f"{where}: found fields {sorted(record)}; a prompt needs 'prompt' or 'instruction' (optional "
-                    f"'context'), 'messages', or 'text'")
-
-
-def is_vision_record(record):
-    """A conversation with images: an `images` list, or content lists (the TRL / transformers form)."""
-    messages = record.get("messages")
-    return bool(record.get("images")) or (isinstance(messages, list) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages))
+    return None
 
 
 def record_images(record, base_dir, where):
     """The `image` (one path) or `images` (a list) of a prompt line, relative to `base_dir`; None when neither."""
-    from finetune_launcher.recipes.vision_language.data import resolve_image_path
-
     images = record.get("images", [record["image"]] if "image" in record else None)
     if images is None:
         return None
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise DataError(f"{where}: 'image' must be an image file path, 'images' a list of them")
-    return [os.path.normpath(resolve_image_path(p, Path(base_dir), where)) for p in images]
+    if any("://" in p for p in images):
+        raise DataError(f"{where}: images are not downloaded: save the image locally and give its path")
+    return [os.path.normpath(Path(base_dir) / Path(p).expanduser()) for p in images]
 
 
 def read_prompt_file(path):

@@ -5,16 +5,16 @@ message naming the base it was trained on, before any weight is loaded. A QLoRA 
 trained against: the base quantized to NF4 as the trainer loads it, then de-quantized (`--qlora-base original` uses
 the stored full-precision weights instead).
 
-Two kinds of language model are handled alike: causal LMs (AutoModelForCausalLM + tokenizer) and vision-language
-models (AutoModelForImageTextToText + processor; finetune_launcher/recipes/vision_language/after.py). The kind is the run's recipe in
-training_info.json, else read from the base's config (a `vision_config` means vision-language). Diffusion runs have
-their own tool (tools/generate_images.py, finetune_launcher/recipes/diffusion/after.py)."""
+Every language-model recipe is handled alike, each through its after part (finetune_launcher/after/parts.py: the
+Auto class, the tokenizer or processor). The recipe is the run's, from training_info.json, else the one the recipe
+table detects from the base's config. Runs of other recipes are refused with the command that reads them."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_launcher.after.bases import (CAUSAL_LM, KIND_NAMES, VISION_LANGUAGE, has_tokenizer, load_base_for,
-                               load_model, load_preprocessor, meta_model, model_kind, pick_device, text_tokenizer,
-                               torch_dtype_for)
+from finetune_launcher import recipe_table
+from finetune_launcher.after.bases import (has_tokenizer, load_base_for, load_model, load_preprocessor, meta_model,
+                                           pick_device, text_tokenizer, torch_dtype_for)
+from finetune_launcher.after.parts import after_part, language_model_part, model_recipe, recorded_recipe
 from finetune_launcher.after.run_files import TRAINING_INFO, AdapterError, read_json_file, read_training_info
 from finetune_launcher.models.references import resolve_model_path
 
@@ -22,20 +22,20 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_LISTED_MISMATCHES = 3
-DIFFUSION_LORA = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
 class LoadedModel:
     """A model ready for evaluation or generation. `name` labels it in tables; `info` is its training_info.json
-    (empty for a plain base model), which carries the dataset format and max_length the run trained with. A
-    vision-language model also has its `processor` (`tokenizer` is the processor's tokenizer)."""
+    (empty for a plain base model), which carries the dataset format and max_length the run trained with. `recipe`
+    names the recipe whose after part serves it; a model with a processor (vision-language) also has its
+    `processor` (`tokenizer` is the processor's tokenizer)."""
     name: str
     model: object
     tokenizer: object
     info: dict = field(default_factory=dict)
     source: str = ""
-    kind: str = CAUSAL_LM
+    recipe: str = recipe_table.DEFAULT
     processor: object = None
 
 
@@ -54,10 +54,9 @@ def check_adapter_dir(adapter_dir):
     if not path.is_dir():
         raise AdapterError(f"{path} is a file; --adapter takes the directory that holds {ADAPTER_CONFIG}")
     if not is_adapter_dir(path):
-        if (path / DIFFUSION_LORA).is_file() or read_training_info(path).get("recipe") == "diffusion":
-            raise AdapterError(f"{path} holds a diffusion run's weights, not a language-model adapter; use "
-                               f"tools/generate_images.py --adapter {path} (--prompt ... to draw, --fuse OUT_DIR to "
-                               f"merge it into a pipeline)")
+        recipe = recorded_recipe(path)
+        if recipe in recipe_table.names():
+            language_model_part(recipe, path)  # another recipe's weights: the command that reads them
         if (path / "config.json").is_file():
             raise AdapterError(f"{path} holds a full model (config.json), not an adapter; pass it with --model")
         raise AdapterError(f"{path} has no {ADAPTER_CONFIG}; pass the best/ or final/ directory of a LoRA or "
@@ -131,9 +130,9 @@ def _adapter_tensor_shapes(adapter_dir):
     return {key: tuple(value.shape) for key, value in state.items()}
 
 
-def base_layer_shapes(base_path, module_names, trust_remote_code=False, kind=CAUSAL_LM):
+def base_layer_shapes(base_path, module_names, recipe, trust_remote_code=False):
     """{module name: (in_features, out_features) or None if absent} for an un-materialised (meta) base model."""
-    model = meta_model(base_path, kind, trust_remote_code)
+    model = meta_model(base_path, recipe, trust_remote_code)
     shapes = {}
     for name in module_names:
         try:
@@ -157,10 +156,10 @@ def layer_fits(want, got):
     return want in got if isinstance(got, set) else want == got
 
 
-def check_adapter_fits_base(adapter_dir, base_reference, base_path, trust_remote_code=False, kind=CAUSAL_LM):
+def check_adapter_fits_base(adapter_dir, base_reference, base_path, recipe, trust_remote_code=False):
     """Raise AdapterError, naming the adapter's own base, when a LoRA layer's shape differs from the base's."""
     expected = adapter_layer_shapes(adapter_dir)
-    actual = base_layer_shapes(base_path, expected, trust_remote_code, kind)
+    actual = base_layer_shapes(base_path, expected, recipe, trust_remote_code)
     problems = [_describe_mismatch(name, want, actual[name]) for name, want in sorted(expected.items())
                 if not layer_fits(want, actual[name])]
     if not problems:
@@ -182,22 +181,31 @@ def _describe_mismatch(name, want, got):
     return f"layer {name} is {got[0]}->{got[1]} in the base, the adapter expects {want[0]}->{want[1]}"
 
 
-# ---------------------------------------------------------------- which kind
+# ---------------------------------------------------------------- which recipe
 
-def adapter_kind(adapter_dir, base_path, trust_remote_code=False):
-    """CAUSAL_LM or VISION_LANGUAGE: the run's recipe, else what the base's config says."""
+def adapter_recipe(adapter_dir, base_path, trust_remote_code=False):
+    """The recipe of the adapter's run (training_info.json), else the one the table detects from the base; a
+    language-model recipe (language_model_part refuses others)."""
     recipe = read_training_info(adapter_dir).get("recipe")
-    if recipe in (CAUSAL_LM, VISION_LANGUAGE):
-        return recipe
-    return model_kind(base_path, trust_remote_code)
+    if recipe not in recipe_table.names():
+        recipe = model_recipe(base_path, trust_remote_code)
+    language_model_part(recipe, adapter_dir)
+    return recipe
 
 
-def same_kind(sources, kinds):
-    """The one kind of all adapters / models; AdapterError when causal-LM and vision-language ones are mixed."""
-    if len(set(kinds)) > 1:
-        listed = ", ".join(f"{d} ({KIND_NAMES[k]})" for d, k in zip(sources, kinds))
+def full_model_recipe(reference, path, trust_remote_code=False):
+    """The recipe of a base, full or merged model (detected from its config); a language-model recipe."""
+    recipe = model_recipe(path, trust_remote_code)
+    language_model_part(recipe, reference)
+    return recipe
+
+
+def same_recipe(sources, recipes):
+    """The one recipe of all adapters / models; AdapterError when they are of different kinds."""
+    if len(set(recipes)) > 1:
+        listed = ", ".join(f"{d} ({after_part(r).LABEL})" for d, r in zip(sources, recipes))
         raise AdapterError(f"models of different kinds: {listed}; evaluate them in separate runs")
-    return kinds[0]
+    return recipes[0]
 
 
 # ---------------------------------------------------------------- loading
@@ -205,11 +213,11 @@ def same_kind(sources, kinds):
 @dataclass
 class LoadedAdapters:
     """The base with every adapter loaded (peft names in `names`, by label): switch with model.set_adapter(name),
-    or `with model.disable_adapter():` for the base. `processor` is None for a causal LM."""
+    or `with model.disable_adapter():` for the base. `processor` is None where the recipe's models have none."""
     model: object
     tokenizer: object
     processor: object
-    kind: str
+    recipe: str
     reference: str
     names: dict
 
@@ -222,19 +230,24 @@ def load_full_model(reference, dtype="auto", device=None, trust_remote_code=Fals
     path = resolve_model_path(str(reference))
     if _looks_like_local_path(path) and not (Path(path) / "config.json").is_file():
         raise AdapterError(f"model not found: {reference} (no config.json at {path}); pass a base model, a "
-                           f"merged model directory (tools/merge_lora.py --out) or a hub id")
+                           f"merged model directory (ftl merge --out) or a hub id")
     device = device or pick_device()
-    kind = model_kind(path, trust_remote_code)
-    model = load_model(path, torch_dtype_for(dtype, device), device, trust_remote_code, kind)
-    preprocessor = load_preprocessor(kind, path, trust_remote_code)
+    recipe = full_model_recipe(reference, path, trust_remote_code)
+    model = load_model(path, torch_dtype_for(dtype, device), device, recipe, trust_remote_code)
+    preprocessor = load_preprocessor(recipe, path, trust_remote_code)
     info = read_training_info(path) if Path(path).is_dir() else {}
-    return LoadedModel(name or str(reference), model, text_tokenizer(preprocessor), info, str(reference), kind,
-                       preprocessor if kind == VISION_LANGUAGE else None)
+    return LoadedModel(name or str(reference), model, text_tokenizer(preprocessor), info, str(reference), recipe,
+                       processor_of(preprocessor))
+
+
+def processor_of(preprocessor):
+    """The processor, when the model has one (it holds the tokenizer); None for a plain tokenizer."""
+    return preprocessor if text_tokenizer(preprocessor) is not preprocessor else None
 
 
 def prepare_adapters(adapter_dirs, base=None, trust_remote_code=False):
-    """Check every adapter directory and that they share one base, of one kind, that fits them. Returns (base
-    reference, base path, kind). Cheap: nothing but configs is loaded."""
+    """Check every adapter directory and that they share one base, of one recipe, that fits them. Returns (base
+    reference, base path, recipe). Cheap: nothing but configs is loaded."""
     adapter_dirs = [check_adapter_dir(d) for d in adapter_dirs]
     reference, path = resolve_base(adapter_dirs[0], base)
     for adapter_dir in adapter_dirs[1:]:
@@ -242,11 +255,11 @@ def prepare_adapters(adapter_dirs, base=None, trust_remote_code=False):
         if base is None and not same_base(other, reference):
             raise AdapterError(f"adapters have different bases: {adapter_dirs[0]} was trained on '{reference}', "
                                f"{adapter_dir} on '{other}'; evaluate them in separate runs")
-    kind = same_kind(adapter_dirs, [adapter_kind(d, path, trust_remote_code) for d in adapter_dirs])
+    recipe = same_recipe(adapter_dirs, [adapter_recipe(d, path, trust_remote_code) for d in adapter_dirs])
     for adapter_dir in adapter_dirs:
-        check_adapter_fits_base(adapter_dir, reference, path, trust_remote_code, kind)
+        check_adapter_fits_base(adapter_dir, reference, path, recipe, trust_remote_code)
         warn_if_another_base(adapter_dir, base)
-    return reference, path, kind
+    return reference, path, recipe
 
 
 def warn_if_another_base(adapter_dir, base):
@@ -272,20 +285,20 @@ def load_adapters(adapter_dirs, base=None, dtype="auto", device=None, trust_remo
     saved with the first adapter (the one training used), else the base's."""
     from peft import PeftModel
 
-    reference, path, kind = prepare_adapters(adapter_dirs, base, trust_remote_code)
+    reference, path, recipe = prepare_adapters(adapter_dirs, base, trust_remote_code)
     device = device or pick_device()
     # peft uses adapter names as module keys, so labels such as "run/best" cannot be used directly
     peft_names = [f"adapter{i}" for i in range(len(adapter_dirs))]
-    model = load_base_for(adapter_dirs, path, torch_dtype_for(dtype, device), device, trust_remote_code, qlora_base,
-                          kind)
+    model = load_base_for(adapter_dirs, path, torch_dtype_for(dtype, device), device, recipe, trust_remote_code,
+                          qlora_base)
     model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=peft_names[0])
     for name, adapter_dir in zip(peft_names[1:], adapter_dirs[1:]):
         model.load_adapter(str(adapter_dir), adapter_name=name)
     model.to(device).eval()
     first = Path(adapter_dirs[0])
-    preprocessor = load_preprocessor(kind, first if has_tokenizer(first) else path, trust_remote_code)
-    return LoadedAdapters(model, text_tokenizer(preprocessor), preprocessor if kind == VISION_LANGUAGE else None,
-                          kind, reference, dict(zip(adapter_labels(adapter_dirs), peft_names)))
+    preprocessor = load_preprocessor(recipe, first if has_tokenizer(first) else path, trust_remote_code)
+    return LoadedAdapters(model, text_tokenizer(preprocessor), processor_of(preprocessor), recipe, reference,
+                          dict(zip(adapter_labels(adapter_dirs), peft_names)))
 
 
 def load_adapter(adapter_dir, base=None, dtype="auto", device=None, trust_remote_code=False,
@@ -293,7 +306,7 @@ def load_adapter(adapter_dir, base=None, dtype="auto", device=None, trust_remote
     """One adapter on its base (de-quantized for a QLoRA adapter, see load_base_for), as a LoadedModel."""
     loaded = load_adapters([adapter_dir], base, dtype, device, trust_remote_code, qlora_base)
     return LoadedModel(Path(adapter_dir).name, loaded.model, loaded.tokenizer, read_training_info(adapter_dir),
-                       str(adapter_dir), loaded.kind, loaded.processor)
+                       str(adapter_dir), loaded.recipe, loaded.processor)
 
 
 def adapter_labels(adapter_dirs):

@@ -1,22 +1,22 @@
-"""Merging a LoRA / QLoRA adapter into its base: sharded safetensors + tokenizer (a vision-language model: + its
-processor), checked against base + adapter before the output directory appears."""
+"""Merging a LoRA / QLoRA adapter into its base: sharded safetensors + the tokenizer or processor, checked against
+base + adapter (on inputs the recipe's after part chooses) before the output directory appears."""
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_launcher.after.bases import (VISION_LANGUAGE, has_tokenizer, is_qlora, load_base_for, load_model,
-                               load_preprocessor, pick_device, require_bitsandbytes, uses_dequantized_base)
+from finetune_launcher.after.bases import (has_tokenizer, is_qlora, load_base_for, load_model, load_preprocessor,
+                                           pick_device, require_bitsandbytes, uses_dequantized_base)
 from finetune_launcher.after.loading import check_adapter_dir, prepare_adapters, resolve_base
+from finetune_launcher.after.parts import after_part
 from finetune_launcher.after.run_files import TRAINING_INFO, AdapterError, read_training_info
 from finetune_launcher.dtypes import dtype_name, torch_dtype
 
 MERGE_TOLERANCE = {"float32": (1e-4, 1e-5), "16-bit": (1e-2, 1e-2)}  # (absolute, relative to the largest logit)
-SAMPLE_TEXT = ("Sort the numbers from smallest to largest.", "92 99 36 86 87", "36 86 87 92 99")
 
 
 @dataclass
 class MergeResult:
     out_dir: Path
-    kind: str
+    recipe: str
     base_reference: str
     dtype: str
     files: list
@@ -43,31 +43,6 @@ def check_merge_target(out_dir, adapter_dir, base_path, overwrite):
 def merge_dtype(name):
     """'auto': the base checkpoint's own dtype, so the merged model is stored like the base."""
     return "auto" if name == "auto" else torch_dtype(name)
-
-
-def verification_samples(tokenizer, vocab_size):
-    """A templated instruction example (the kind of text the adapter was trained on) and random token ids, as
-    forward() inputs."""
-    import torch
-
-    from finetune_launcher.data.prompts import render_instruction_prompt
-
-    instruction, context, response = SAMPLE_TEXT
-    text = render_instruction_prompt(instruction, context) + response
-    real = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    generator = torch.Generator().manual_seed(0)
-    random_ids = torch.randint(0, vocab_size, (1, 48), generator=generator)
-    return [{"input_ids": real}, {"input_ids": random_ids}]
-
-
-def samples_for(kind, preprocessor, model, image_dir):
-    """forward() inputs to compare merged and unmerged logits on: for a vision-language model a real image row
-    (through the training tokenisation and collator) and a text-only one."""
-    if kind == VISION_LANGUAGE:
-        from finetune_launcher.recipes.vision_language.after import check_batches
-
-        return check_batches(preprocessor, image_dir)
-    return verification_samples(preprocessor, model.get_input_embeddings().weight.shape[0])
 
 
 def sample_logits(model, samples):
@@ -99,7 +74,7 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
     adapter_dir, out_dir = check_adapter_dir(adapter_dir), Path(out_dir)
     reference, base_path = resolve_base(adapter_dir, base)
     check_merge_target(out_dir, adapter_dir, base_path, overwrite)
-    _, _, kind = prepare_adapters([adapter_dir], base, trust_remote_code)
+    _, _, recipe = prepare_adapters([adapter_dir], base, trust_remote_code)
     dequantized = uses_dequantized_base([adapter_dir], qlora_base)
     if dequantized:
         require_bitsandbytes()
@@ -115,9 +90,9 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
     tmp = fresh_tmp_dir(out_dir)
     try:
         samples, expected, saved_dtype = save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device,
-                                                     trust_remote_code, qlora_base, kind)
+                                                     recipe, trust_remote_code, qlora_base)
         log(f"merged {adapter_dir} into {reference} ({dtype_name(saved_dtype)}); checking the saved model")
-        reloaded = load_model(tmp, saved_dtype, device, trust_remote_code, kind)
+        reloaded = load_model(tmp, saved_dtype, device, recipe, trust_remote_code)
         diff, tolerance = logits_difference(expected, sample_logits(reloaded, samples), saved_dtype)
         del reloaded
         if diff > tolerance:
@@ -130,11 +105,11 @@ def merge_adapter(adapter_dir, out_dir, base=None, dtype="auto", max_shard_size=
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out_dir.glob("*.safetensors"))
-    return MergeResult(out_dir, kind, reference, dtype_name(saved_dtype), files, diff, tolerance)
+    return MergeResult(out_dir, recipe, reference, dtype_name(saved_dtype), files, diff, tolerance)
 
 
-def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trust_remote_code,
-                qlora_base="dequantized", kind="causal_lm"):
+def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, recipe, trust_remote_code=False,
+                qlora_base="dequantized"):
     """Load base (de-quantized for a QLoRA adapter, see load_base_for) + adapter, record logits on the samples,
     merge, save model and tokenizer (or processor) into `tmp`. Returns (samples, logits before merging, dtype
     saved). Frees the model before returning, so that the check which reloads the saved copy never holds two
@@ -143,12 +118,12 @@ def save_merged(adapter_dir, base_path, tmp, dtype, max_shard_size, device, trus
 
     from peft import PeftModel
 
-    model = load_base_for([adapter_dir], base_path, merge_dtype(dtype), device, trust_remote_code, qlora_base, kind)
+    model = load_base_for([adapter_dir], base_path, merge_dtype(dtype), device, recipe, trust_remote_code, qlora_base)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
-    preprocessor = load_preprocessor(kind, adapter_dir if has_tokenizer(adapter_dir) else base_path,
+    preprocessor = load_preprocessor(recipe, adapter_dir if has_tokenizer(adapter_dir) else base_path,
                                      trust_remote_code)
-    with tempfile.TemporaryDirectory() as image_dir:
-        samples = samples_for(kind, preprocessor, model, image_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        samples = after_part(recipe).merge_check_inputs(preprocessor, model, scratch)
     expected = sample_logits(model, samples)
     merged = model.merge_and_unload()
     saved_dtype = next(merged.parameters()).dtype

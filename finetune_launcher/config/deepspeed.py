@@ -1,5 +1,7 @@
 """The DeepSpeed config of a run: the user's file (`deepspeed_config`) or the shipped one for zero_stage / offload,
-validated against deepspeed_schema.json, reconciled with the run config, then every "auto" filled.
+its keys read in every spelling DeepSpeed accepts (deepspeed_model.py), the values the launcher reads checked against
+deepspeed_schema.json, reconciled with the run config, then every "auto" filled and a user's file checked by
+DeepSpeed's own config classes, so that what DeepSpeed refuses is refused here, before any rank starts.
 
 Reconciling: a concrete value in the file (a ZeRO stage, a micro-batch, bf16 on, ...) and the run-config key it
 corresponds to come from sources of a level each (defaults < YAML < command line; the file has the level of the
@@ -9,6 +11,7 @@ names a ZeRO-3 file and also says `zero_stage: 2` is refused."""
 import json
 from pathlib import Path
 
+from finetune_launcher.config.deepspeed_model import check_with_deepspeed, one_spelling_each
 from finetune_launcher.config.sources import COMMAND_LINE, LEVELS, ConfigError
 from finetune_launcher.resources import resource
 
@@ -18,6 +21,10 @@ OFFLOAD_SECTIONS = ("offload_optimizer", "offload_param")
 
 def shipped_file(zero_stage, offload):
     return resource(f"ds_configs/zero{zero_stage}{'_offload' if offload else ''}.json")
+
+
+def is_shipped(path):
+    return Path(path).resolve().parent == resource("ds_configs").resolve()
 
 
 def read_deepspeed_file(path):
@@ -31,6 +38,10 @@ def read_deepspeed_file(path):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object of DeepSpeed settings")
+    if not is_shipped(path):
+        data = one_spelling_each(data, path)
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.path))
     if errors:
@@ -107,7 +118,8 @@ def reconcile(data, values, sources, path):
         run_level = LEVELS[sources.get(key)]
         if run_level < file_level:
             values[key] = file_value
-            notes.append(f"{key} {file_value!r} from {path} (over {run_value!r} from {sources.get(key) or 'the defaults'})")
+            notes.append(f"{key} {file_value!r} from {path} "
+                         f"(over {run_value!r} from {sources.get(key) or 'the defaults'})")
         elif run_level > file_level:
             _override_in_file(data, key, run_value, values)
             notes.append(f"{key} {run_value!r} from the {sources[key]} (over {file_value!r} in {path})")
@@ -154,8 +166,8 @@ def fill_auto(data, values, world_size, hidden_size, largest_adapter, on_gpu):
     _set_auto(data, "gradient_accumulation_steps", accum)
     _set_auto(data, "train_batch_size", micro * accum * world_size)
     if data["train_batch_size"] != micro * accum * world_size:
-        raise ConfigError(f"train_batch_size is {data['train_batch_size']} in the DeepSpeed config but micro_batch_size "
-                          f"{micro} x gradient_accumulation_steps {accum} x {world_size} processes is "
+        raise ConfigError(f"train_batch_size is {data['train_batch_size']} in the DeepSpeed config but "
+                          f"micro_batch_size {micro} x gradient_accumulation_steps {accum} x {world_size} processes is "
                           f"{micro * accum * world_size}; set it to \"auto\"")
     _set_auto(data, "gradient_clipping", values["max_grad_norm"])
     for name in ("bf16", "fp16"):
@@ -179,6 +191,8 @@ def fill_auto(data, values, world_size, hidden_size, largest_adapter, on_gpu):
     if leftover:
         raise ConfigError(f"the DeepSpeed config has \"auto\" for {', '.join(leftover)}, which the run config does "
                           f"not decide; give concrete values")
+    if values["deepspeed_config"]:
+        check_with_deepspeed(data, values["deepspeed_config"])
     return data
 
 

@@ -13,6 +13,8 @@ from finetune_launcher.config.model_facts import model_facts, resolve_recipe
 from finetune_launcher.config.settings import DEFAULTS, RunConfig
 from finetune_launcher.config.sources import ConfigError, merged_values
 from finetune_launcher.dtypes import DTYPE_NAMES
+from finetune_launcher.estimate import GIB, EstimateError
+from finetune_launcher.estimate.from_config import without_checkpointing
 from finetune_launcher.models.experts import resolve_experts
 from finetune_launcher.resources import MissingResource, resource
 
@@ -247,13 +249,18 @@ def installed_torch_version():
 
 
 def resolve_checkpointing(values, procs, nnodes, machine):
-    """`gradient_checkpointing: auto` from the memory estimate: off when the run fits without it (a third less compute
-    per step), on otherwise."""
-    from finetune_launcher.estimate import resolve_gradient_checkpointing
-
-    gpu = machine.gpu if machine.on_gpu else "cpu"
-    on, why = resolve_gradient_checkpointing(values, procs, nnodes, gpu)
-    return bool(on), why
+    """`gradient_checkpointing: auto` from the memory estimate: off when the run is predicted to fit without it (a
+    third less compute per step), on otherwise or when no estimate can be made."""
+    if values["gradient_checkpointing"] != "auto":
+        return bool(values["gradient_checkpointing"]), "set in the run config"
+    try:
+        result, device = without_checkpointing(values, procs, nnodes, machine.gpu if machine.on_gpu else "cpu")
+    except EstimateError as error:
+        return True, f"auto: on (no memory estimate: {error})"
+    need, have = result.peak_bytes / GIB, device.memory_gib
+    if result.fits:
+        return False, f"auto: off (predicted {need:.1f} GiB of {have:.1f} GiB per {device.name} without it)"
+    return True, f"auto: on (without it {need:.1f} GiB > {have:.1f} GiB per {device.name})"
 
 
 def check_cross_fields(values, source, sources=None):

@@ -12,7 +12,7 @@ import torch
 from finetune_launcher.data.mixture import mix_for_run
 from finetune_launcher.data.prepared import PreparedData
 from finetune_launcher.data.prompts import render_instruction_prompt
-from finetune_launcher.data.records import DataError, check_fields, detect_format, load_records, seeded_split
+from finetune_launcher.data.records import DataError, checked_records, seeded_split
 
 IGNORE_INDEX = -100
 
@@ -182,13 +182,10 @@ def prepare_data(cfg, tokenizer):
     """Read, check, tokenise, truncate, split and pack, following the run config. Raises DataError with the
     cause when nothing trainable is left."""
     stats = DataStats()
-    records, lines, source = load_records(cfg.dataset, cfg.dataset_split)
+    records, lines, source, fmt = checked_records(cfg.dataset, cfg.dataset_format, cfg.model, cfg.dataset_split,
+                                                  cfg.max_examples)
     if not records:
         raise DataError(f"{source}: no records")
-    if cfg.max_examples:
-        records, lines = records[: cfg.max_examples], lines[: cfg.max_examples]
-    fmt = detect_format(records[0], source) if cfg.dataset_format == "auto" else cfg.dataset_format
-    check_fields(records, lines, fmt, source)
     stats.format, stats.examples = fmt, len(records)
     records, eval_records = split_eval(records, lines, fmt, cfg)
 
@@ -215,20 +212,16 @@ def prepare_data(cfg, tokenizer):
 
 def tokenize_file(path, tokenizer, cfg, stats):
     """The examples of a dataset mixed into the run (its own format, detected as for the main dataset)."""
-    records, lines, source = load_records(path)
+    records, _, source, fmt = checked_records(path, "auto", cfg.model)
     if not records:
         raise DataError(f"{source}: no records (mix_datasets)")
-    fmt = detect_format(records[0], source)
-    check_fields(records, lines, fmt, source)
     return tokenize_records(records, fmt, tokenizer, cfg.max_length, stats)
 
 
 def split_eval(records, lines, fmt, cfg):
     """(train records, eval records or None): the eval_dataset file, else a seeded eval_fraction of the records."""
     if cfg.eval_dataset:
-        eval_records, eval_lines, eval_source = load_records(cfg.eval_dataset)
-        check_fields(eval_records, eval_lines, fmt, eval_source)
-        return records, eval_records
+        return records, checked_records(cfg.eval_dataset, fmt, cfg.model)[0]
     if cfg.eval_fraction <= 0:
         return records, None
     return seeded_split(records, cfg.eval_fraction, cfg.seed)

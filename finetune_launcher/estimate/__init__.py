@@ -15,49 +15,48 @@ The peak is the larger of the backward phase (activations alive) and the optimiz
 
 Time per optimizer step: see step_time.py; `--measure` and `--from-history` refit the throughput term.
 
-The run config's recipe picks the model of the run: causal_lm as above; vision_language adds the vision tower
-(vision.py: image tokens by the processor's rules, its weights in the compute dtype, what it keeps for backward, its
-FLOPs); diffusion has its own terms (diffusion.py, with diffusion_meta.py: the UNet's step on the meta device).
+The estimate is of a RunSpec, whose fields are the resolved run config's keys by their own names (from_config.py
+builds it from a resolved config; the estimator decides none of the config's `auto` settings). The run's recipe
+gives its part of the estimate through the recipe table (estimator.py lists what a part gives): causal_lm and
+vision_language the language model's (language.py; a vision tower adds its terms through the architecture:
+recipes/vision_language/estimate_tower.py), diffusion its own (recipes/diffusion/estimate.py).
 
 Modules: inputs (RunSpec, EstimateError), architectures (+ meta_model: AutoConfig and exact counts on the meta
-device; the offline table is finetune_launcher/models/arch_table.py), parameters, devices (gpu_table.json), model_states, activations,
-step_time, calibration, estimator, report, from_config (+ dataset_size), measurement, trainer_log; vision
-(+ vision_table), diffusion (+ diffusion_meta, diffusion_table).
+device; the offline table is finetune_launcher/models/arch_table.py), parameters, devices (gpu_table.json),
+model_states, activations, step_time, calibration, totals (the peak, the run's steps), language, estimator, report,
+from_config (+ dataset_size), measurement, trainer_log, cli (the estimate command).
 Importing this package never imports torch; a model given by a config.json does (transformers' AutoConfig), and so
 does every diffusion estimate (diffusers' models on the meta device).
 """
 from finetune_launcher.estimate.activations import activation_terms, transient_terms
-from finetune_launcher.models.arch_table import ARCHITECTURES
 from finetune_launcher.estimate.architectures import (Architecture, architecture_from_config, architecture_from_table,
-                                          known_models, load_architecture)
-from finetune_launcher.estimate.calibration import (calibration_factor, calibration_key, calibration_path, fit_calibration,
-                                        load_calibration, measured_step_time, save_calibration)
+                                                      known_models, load_architecture)
+from finetune_launcher.estimate.calibration import (calibration_factor, calibration_key, calibration_path,
+                                                    fit_calibration, load_calibration, measured_step_time,
+                                                    save_calibration)
 from finetune_launcher.estimate.devices import (Device, cpu_device, detect_device, device_from_cuda_name, known_gpus,
-                                    known_interconnects, resolve_device)
-from finetune_launcher.recipes.diffusion.estimate import estimate_diffusion, is_pipeline, load_pipeline
-from finetune_launcher.estimate.estimator import estimate, peak_memory, total_optimizer_steps
-from finetune_launcher.estimate.from_config import (estimate_from_config, liger_expected, resolve_gradient_checkpointing,
-                                        spec_from_config)
+                                                known_interconnects, resolve_device)
+from finetune_launcher.estimate.estimator import estimate
+from finetune_launcher.estimate.from_config import estimate_from_config, spec_from_config, without_checkpointing
 from finetune_launcher.estimate.inputs import GIB, EstimateError, RunSpec
 from finetune_launcher.estimate.measurement import (calibrate_from_history, measurement_overrides, run_measurement,
-                                        spec_from_history)
+                                                    spec_from_history)
 from finetune_launcher.estimate.model_states import nf4_tensor_bytes
 from finetune_launcher.estimate.parameters import BaseCounts, ParamCounts, base_counts_from_shapes, count_params
 from finetune_launcher.estimate.report import Estimate, format_hours, preflight_text, render_table
 from finetune_launcher.estimate.step_time import flops_per_token
+from finetune_launcher.estimate.totals import peak_memory, total_optimizer_steps
 from finetune_launcher.estimate.trainer_log import EstimateLog, log_estimate_vs_measured
-from finetune_launcher.recipes.vision_language.estimate import VisionTower, image_tokens, smart_resize
+from finetune_launcher.models.arch_table import ARCHITECTURES
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "BaseCounts", "Device", "Estimate", "EstimateError", "EstimateLog", "GIB",
-    "ParamCounts", "RunSpec", "VisionTower", "activation_terms", "architecture_from_config", "architecture_from_table",
+    "ParamCounts", "RunSpec", "activation_terms", "architecture_from_config", "architecture_from_table",
     "base_counts_from_shapes", "calibrate_from_history", "calibration_factor", "calibration_key", "calibration_path",
-    "count_params", "cpu_device", "detect_device", "device_from_cuda_name", "estimate", "estimate_diffusion", "estimate_from_config",
-    "fit_calibration", "flops_per_token", "format_hours", "image_tokens", "is_pipeline", "known_gpus",
-    "known_interconnects", "known_models", "load_pipeline",
-    "liger_expected", "load_architecture", "load_calibration", "log_estimate_vs_measured", "measured_step_time",
+    "count_params", "cpu_device", "detect_device", "device_from_cuda_name", "estimate", "estimate_from_config",
+    "fit_calibration", "flops_per_token", "format_hours", "known_gpus", "known_interconnects", "known_models",
+    "load_architecture", "load_calibration", "log_estimate_vs_measured", "measured_step_time",
     "measurement_overrides", "nf4_tensor_bytes", "peak_memory", "preflight_text", "render_table", "resolve_device",
-    "resolve_gradient_checkpointing", "run_measurement", "save_calibration", "smart_resize", "spec_from_config",
-    "spec_from_history",
-    "total_optimizer_steps", "transient_terms",
+    "run_measurement", "save_calibration", "spec_from_config", "spec_from_history",
+    "total_optimizer_steps", "transient_terms", "without_checkpointing",
 ]

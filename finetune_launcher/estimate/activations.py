@@ -20,10 +20,10 @@ class ActivationShape:
 
 
 def activation_shape(spec, precision, device_kind="gpu"):
-    seq = -(-spec.seq_len // 8) * 8  # collate pads to a multiple of 8
+    seq = -(-spec.max_length // 8) * 8  # collate pads to a multiple of 8
     masked = spec.attn_implementation in ("sdpa", "eager")
     e = dtype_bytes(precision)
-    return ActivationShape(tokens=spec.micro_batch * seq, batch=spec.micro_batch, seq=seq, e=e, masked=masked,
+    return ActivationShape(tokens=spec.micro_batch_size * seq, batch=spec.micro_batch_size, seq=seq, e=e, masked=masked,
                            mask_bytes=e if device_kind == "cpu" else 1)
 
 
@@ -31,7 +31,7 @@ def saved_inputs(arch, spec):
     """Which layer inputs autograd keeps: a frozen linear keeps nothing; a LoRA adapter keeps its input (its
     dropout's output when lora_dropout > 0); a trainable linear keeps its input."""
     full = spec.mode == "full"
-    targets = set() if full else set(lora_target_names(arch, spec.lora_targets))
+    targets = set() if full else set(lora_target_names(arch, spec.lora_target_modules))
     direct = full or spec.lora_dropout == 0
     mlp_names = {"gate_proj", "up_proj", "gate", "experts"}
     return {"attention_input": full or (direct and bool(targets & {"q_proj", "k_proj", "v_proj"})),
@@ -86,12 +86,12 @@ def lora_saved_bytes(arch, spec, shape):
         return 0
     t, e = shape.tokens, shape.e
     adapter_e = lora_dtype_bytes(spec, e)
-    chosen = set(lora_target_names(arch, spec.lora_targets))
+    chosen = set(lora_target_names(arch, spec.lora_target_modules))
     total = 0
     for name, fan_in, _ in layer_linears(arch):
         if name not in chosen:
             continue
-        total += t * spec.lora_rank * adapter_e  # lora_A output, saved by lora_B
+        total += t * spec.lora_r * adapter_e  # lora_A output, saved by lora_B
         if spec.lora_dropout > 0:
             total += t * fan_in * (adapter_e + shape.mask_bytes)  # dropout output (saved by lora_A) + mask
         elif adapter_e != e:
@@ -148,7 +148,7 @@ def activation_terms(arch, spec, precision, device_kind="gpu"):
 
 def fused_cross_entropy(spec):
     """Liger's fused linear cross-entropy runs outside ZeRO-3 (it reads lm_head.weight outside the module)."""
-    return spec.liger_kernel and spec.zero != 3
+    return spec.liger_kernel and spec.zero_stage != 3
 
 
 def transient_terms(arch, spec, counts, precision, one_layer):
@@ -164,7 +164,7 @@ def transient_terms(arch, spec, counts, precision, one_layer):
         terms = {"logits_gradients": 8 * shape.tokens * arch.vocab_size}
     if spec.gradient_checkpointing:
         terms["recomputed_layer"] = one_layer
-    if spec.zero == 3:
+    if spec.zero_stage == 3:
         terms["zero3_gathered_parameters"] = zero3_live_bytes(spec, counts, e)
     return terms
 
@@ -178,6 +178,6 @@ def zero3_live_bytes(spec, counts, e):
     below the persistence threshold). Plus the full-size gradient of the largest module before its reduce-scatter
     when it trains."""
     base = counts.total - counts.lora
-    live = min(base, spec.max_live_parameters or ZERO3_MAX_LIVE_PARAMETERS)
+    live = min(base, spec.stage3_max_live_parameters or ZERO3_MAX_LIVE_PARAMETERS)
     bytes_per_param = (counts.quantized * NF4_BYTES_PER_PARAM + (base - counts.quantized) * e) / base
     return live * bytes_per_param + (counts.largest_module * e if spec.mode == "full" else 0)

@@ -1,14 +1,18 @@
 """The shapes of a model: from its config.json through transformers' AutoConfig (parameter totals exactly, from the
-model built on the meta device), or from the offline table (no config, no torch: the fast path)."""
+model built on the meta device), or from the offline table (no config, no torch: the fast path). A recipe's estimate
+part may add to both (recipe_table.part(name, "estimate")): OFFLINE_MODELS, entries of its own shape it builds a
+tower for (tower_from_entry), and tower_of(config, directory), the tower of a transformers config it knows (a
+vision-language model's vision tower, whose terms the language model's estimate adds: estimate/language.py)."""
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from finetune_launcher import recipe_table
 from finetune_launcher.models.arch_table import ARCHITECTURES
 from finetune_launcher.estimate.inputs import EstimateError
+from finetune_launcher.estimate.meta_model import describe_meta_model, load_auto_config
 from finetune_launcher.estimate.parameters import BaseCounts
-from finetune_launcher.recipes.vision_language.estimate import VisionTower, processor_pixel_bounds, tower_from_config
-from finetune_launcher.recipes.vision_language.estimate_table import VL_ARCHITECTURES
+from finetune_launcher.models.references import RANDOM_PREFIX, is_builtin, is_random, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Architecture:
     moe_intermediate_size: int = 0
     source: str = "table"
     counts: BaseCounts = None
-    vision: VisionTower = None  # the vision tower of a vision-language model (its shapes: finetune_launcher/recipes/vision_language/estimate.py)
+    vision: object = None  # a tower beside the language model (a VL model's, from its recipe's estimate part)
 
     @property
     def hd(self):
@@ -63,9 +67,22 @@ def _normalise_name(name):
     return name.split("/")[-1]
 
 
+def _estimate_parts():
+    parts = (recipe_table.part(recipe, "estimate") for recipe in recipe_table.recipes())
+    return [part for part in parts if part is not None]
+
+
+def _added_models():
+    """{key: (entry, the estimate part that adds it)} of the offline models the recipes add."""
+    added = {}
+    for part in _estimate_parts():
+        added.update({key: (entry, part) for key, entry in getattr(part, "OFFLINE_MODELS", {}).items()})
+    return added
+
+
 def _table_index():
     index = {}
-    for key, entry in {**ARCHITECTURES, **VL_ARCHITECTURES}.items():
+    for key, entry in {**ARCHITECTURES, **{k: e for k, (e, _) in _added_models().items()}}.items():
         index[_normalise_name(key)] = key
         for alias in entry["names"]:
             index[_normalise_name(alias)] = key
@@ -74,26 +91,24 @@ def _table_index():
 
 
 def known_models():
-    return sorted(ARCHITECTURES) + sorted(VL_ARCHITECTURES)
+    return sorted(ARCHITECTURES) + sorted(_added_models())
 
 
 def architecture_from_table(key, source="table"):
-    if key in VL_ARCHITECTURES:
-        entry = VL_ARCHITECTURES[key]
-        vision = {k: v for k, v in entry["vision"].items() if k != "model_type"}
-        pixels = (entry["pixels"]["min_pixels"], entry["pixels"]["max_pixels"])
-        return Architecture(name=key, source=source, vision=tower_from_config(vision, entry["vision"]["model_type"],
-                                                                              pixels), **entry["text"])
+    added = _added_models()
+    if key in added:
+        entry, part = added[key]
+        return Architecture(name=key, source=source, vision=part.tower_from_entry(entry), **entry["text"])
     if key not in ARCHITECTURES:
         raise EstimateError(f"unknown architecture '{key}'; known architectures: {', '.join(known_models())}")
     entry = {k: v for k, v in ARCHITECTURES[key].items() if k != "names"}
     return Architecture(name=key, source=source, **entry)
 
 
-def architecture_from_config(config, name, source, pixels=None):
+def architecture_from_config(config, name, source, directory=None):
     """Shapes from a transformers config object (vision-language configs keep the LM's in text_config, the vision
-    tower's in vision_config; `pixels`: the image processor's bounds), with transformers' own defaults for what the
-    file leaves out."""
+    tower's in vision_config; `directory`: the model's, whose processor files a tower may read), with transformers'
+    own defaults for what the file leaves out."""
     text = config.get_text_config()
     model_type = getattr(text, "model_type", "") or getattr(config, "model_type", "")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -105,8 +120,8 @@ def architecture_from_config(config, name, source, pixels=None):
     experts = int(getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0)
     inter = int(getattr(text, "intermediate_size", None) or 4 * h)
     bias = getattr(text, "attention_bias", None)
-    vision = getattr(config, "vision_config", None)
-    tower = tower_from_config(vision.to_dict(), config.model_type, pixels) if vision is not None else None
+    tower = next(filter(None, (part.tower_of(config, directory) for part in _estimate_parts()
+                               if hasattr(part, "tower_of"))), None)
     return Architecture(
         vision=tower,
         name=name, source=source, hidden_size=h, intermediate_size=inter,
@@ -126,11 +141,9 @@ def architecture_from_config(config, name, source, pixels=None):
 def architecture_from_config_dir(directory, name):
     """AutoConfig of a directory holding config.json, refined by the model transformers builds from it on the meta
     device (exact totals, tied embeddings, biases and norms as the modeling code has them)."""
-    from finetune_launcher.estimate.meta_model import describe_meta_model, load_auto_config
-
     config_file = Path(directory) / "config.json"
     config = load_auto_config(directory, config_file)
-    arch = architecture_from_config(config, name, str(config_file), processor_pixel_bounds(directory))
+    arch = architecture_from_config(config, name, str(config_file), directory)
     return replace(arch, **describe_meta_model(config, arch, str(config_file)))
 
 
@@ -147,8 +160,6 @@ def _hub_cache_snapshot(model_ref):
 def load_architecture(model_ref):
     """The shapes of `model_ref`: builtin:NAME, random:ARCH, a local directory with config.json, a hub id in the
     offline table, or a hub id already in the local Hugging Face cache. Never loads weights, never downloads."""
-    from finetune_launcher.models.references import RANDOM_PREFIX, is_builtin, is_random, resolve_model_path
-
     if is_random(model_ref):
         key = model_ref[len(RANDOM_PREFIX):]
         return architecture_from_table(key, source=f"offline table ({model_ref})")

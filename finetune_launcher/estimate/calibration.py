@@ -6,20 +6,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 from finetune_launcher.estimate.inputs import WARMUP_STEPS, EstimateError
+from finetune_launcher.models.references import cache_root
 
 CALIBRATION_PATH_ENV = "FTL_ESTIMATE_CALIBRATION"
 
 
 def calibration_path():
-    from finetune_launcher.models.references import cache_root
-
     return Path(os.environ.get(CALIBRATION_PATH_ENV) or cache_root() / "estimate_calibration.json")
 
 
-def calibration_key(device, precision, recipe="causal_lm"):
-    """Language models (text or vision-language) share a factor per device and precision; diffusion has its own
-    (a UNet's convolutions reach another fraction of the peak)."""
-    return f"{device.name}/{precision}" + ("/diffusion" if recipe == "diffusion" else "")
+def calibration_key(device, precision, group=None):
+    """A factor per device and precision, shared by the recipes whose model is the language model's (text or
+    vision-language); a recipe whose model reaches another fraction of the peak names its own `group`."""
+    return f"{device.name}/{precision}" + (f"/{group}" if group else "")
 
 
 def load_calibration(path=None):
@@ -43,11 +42,11 @@ def save_calibration(entry, path=None):
     return path
 
 
-def calibration_factor(calibration, device, precision, recipe="causal_lm"):
-    """Multiplier on the device-bound terms fitted on this device and precision (and recipe kind), or None."""
+def calibration_factor(calibration, device, precision, group=None):
+    """Multiplier on the device-bound terms fitted on this device and precision (and group), or None."""
     if not calibration:
         return None
-    entry = calibration.get(calibration_key(device, precision, recipe))
+    entry = calibration.get(calibration_key(device, precision, group))
     return entry["factor"] if entry else None
 
 
@@ -58,7 +57,7 @@ def fit_calibration(estimate, measured_step_s, source):
     fixed = timing["terms"]["overhead_s"] + timing["terms"]["comm_s"]
     device_bound = timing["device_bound_s"]
     factor = max(0.05, (measured_step_s - fixed) / device_bound) if device_bound > 0 else 1.0
-    return {"key": calibration_key(estimate.device, estimate.precision, estimate.spec.recipe), "factor": factor,
+    return {"key": timing["calibration_key"], "factor": factor,
             "device": estimate.device.name, "precision": estimate.precision, "mode": estimate.spec.mode,
             "measured_step_time_s": measured_step_s, "cold_step_time_s": timing["cold_s"],
             "effective_tflops_per_rank": estimate.flops_per_step / max(1e-9, measured_step_s) / 1e12,

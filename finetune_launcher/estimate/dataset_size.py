@@ -1,36 +1,46 @@
 """Dataset size for the total-time estimate: the examples of a local JSONL counted, their tokens estimated from a
-sample with the model's own tokenizer.json when it is local (hub datasets stay unknown: give --examples); for
-vision-language data the pictures per row and their size from a sample, for diffusion the pictures of an image
-folder."""
+sample with the model's own tokenizer.json when it is local (hub datasets stay unknown: give --examples). A recipe's
+estimate part sizes its own kind of data with these (what a picture holds: recipes/<name>/estimate.py)."""
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
+
+from finetune_launcher.data.prompts import render_instruction_prompt
+from finetune_launcher.models.references import is_builtin, resolve_model_path
 
 EXACT_COUNT_BYTES = 256 * 1024 ** 2  # count lines of files up to this size; extrapolate beyond (stays fast)
 
 
-def with_dataset_size(spec, config):
-    """Count the examples of a local JSONL and estimate their tokens from the first 200; hub datasets stay
-    unknown (give --examples)."""
-    path = Path(config["dataset"])
-    if not path.is_file() or path.suffix not in (".jsonl", ".json"):
-        return spec
-    head = _first_lines(path, 200)
-    if not head:
-        return spec
-    examples = _count_lines(path)
+def local_jsonl(path):
+    """The path of a local JSONL dataset, or None (a hub dataset, a folder, no file)."""
+    path = Path(path)
+    return path if path.is_file() and path.suffix in (".jsonl", ".json") else None
+
+
+def training_examples(path, config):
+    """The examples of a local JSONL the run trains on: its lines, at most max_examples, less the eval split."""
+    examples = count_lines(path)
     if config["max_examples"]:
         examples = min(examples, config["max_examples"])
-    examples = int(examples * (1 - config["eval_fraction"])) if not config["eval_dataset"] else examples
+    return int(examples * (1 - config["eval_fraction"])) if not config["eval_dataset"] else examples
+
+
+def text_dataset_size(config):
+    """{examples, avg_tokens_per_example} of a local JSONL (its tokens estimated from the first 200 examples), or
+    {} for a dataset that is not one (give --examples)."""
+    path = local_jsonl(config["dataset"])
+    head = first_lines(path, 200) if path else None
+    if not head:
+        return {}
+    examples = training_examples(path, config)
     try:
         sample = [_example_text(json.loads(line)) for line in head]
     except (json.JSONDecodeError, AttributeError):
-        return replace(spec, examples=examples)
-    return replace(spec, examples=examples, avg_tokens_per_example=_average_tokens(sample, config))
+        return {"examples": examples}
+    return {"examples": examples, "avg_tokens_per_example": _average_tokens(sample, config)}
 
 
-def _first_lines(path, n):
+def first_lines(path, n):
     lines = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -41,7 +51,7 @@ def _first_lines(path, n):
     return lines
 
 
-def _count_lines(path):
+def count_lines(path):
     size = path.stat().st_size
     with open(path, "rb") as f:
         if size <= EXACT_COUNT_BYTES:
@@ -59,8 +69,6 @@ def _ends_with_newline(path):
 
 def _example_text(record):
     """The text an example trains on: its string fields with the instruction template around them."""
-    from finetune_launcher.data.prompts import render_instruction_prompt
-
     if isinstance(record.get("messages"), list):
         return "\n".join(f"<|{m.get('role')}|>\n{m.get('content')}" for m in record["messages"])
     if "instruction" in record:
@@ -73,8 +81,6 @@ def _example_text(record):
 def _average_tokens(texts, config):
     """With the model's own tokenizer.json when it is local (the builtin models have one), else 4 characters per
     token; plus one EOS."""
-    from finetune_launcher.models.references import is_builtin, resolve_model_path
-
     ref = config["tokenizer"] or config["model"]
     tokenizer_file = (Path(resolve_model_path(ref)) if is_builtin(ref) else Path(ref)) / "tokenizer.json"
     count = None
@@ -89,83 +95,3 @@ def _average_tokens(texts, config):
     if count is None:
         count = sum(len(text) for text in texts) / 4.0
     return count / max(1, len(texts)) + 1
-
-
-
-# ---------------------------------------------------------------- pictures
-
-VL_SAMPLE_ROWS = 200
-
-
-def with_vl_dataset_size(spec, config):
-    """Vision-language rows (one per example, never packed): the examples of a local JSONL (with its mixture's
-    share added), and from a sample of rows of each source the pictures per row and their mean size (a picture's
-    header is read, not its pixels). Sources that are not local JSONL files leave the spec's assumptions."""
-    sources = [(config["dataset"], 1.0 - sum(m["fraction"] for m in config.get("mix_datasets") or ()))]
-    sources += [(m["dataset"], m["fraction"]) for m in config.get("mix_datasets") or ()]
-    main = Path(sources[0][0])
-    if not main.is_file() or main.suffix not in (".jsonl", ".json"):
-        return spec
-    examples = _count_lines(main)
-    if config["max_examples"]:
-        examples = min(examples, config["max_examples"])
-    examples = int(examples * (1 - config["eval_fraction"])) if not config["eval_dataset"] else examples
-    changes = {"examples": int(examples / max(sources[0][1], 1e-9))}
-    samples = [(_picture_sample(Path(path)), fraction) for path, fraction in sources]
-    if all(sample is not None for sample, _ in samples):
-        per_row = sum(fraction * len(sizes) / rows for (sizes, rows), fraction in samples)
-        sizes = [size for (found, _), _ in samples for size in found]
-        changes["images_per_row"] = per_row
-        if sizes:
-            changes["image_size"] = (round(sum(w for w, _ in sizes) / len(sizes)),
-                                     round(sum(h for _, h in sizes) / len(sizes)))
-    return replace(spec, **changes)
-
-
-def _picture_sample(path):
-    """([(width, height)] of the pictures of the first rows, rows read), or None when the file cannot be read."""
-    if not path.is_file():
-        return None
-    try:
-        rows = [json.loads(line) for line in _first_lines(path, VL_SAMPLE_ROWS)]
-    except json.JSONDecodeError:
-        return None
-    sizes = [size for row in rows for size in (_picture_size(path.parent, name) for name in _image_names(row))
-             if size]
-    return sizes, max(1, len(rows))
-
-
-def _image_names(row):
-    """Image paths of a row in either format of finetune_launcher/recipes/vision_language/data.py: an `images` list, or image items
-    naming their file inline."""
-    if not isinstance(row, dict):
-        return []
-    names = list(row.get("images") or [])
-    for message in row.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        for item in content if isinstance(content, list) else []:
-            if isinstance(item, dict) and item.get("type") == "image":
-                names.append(item.get("image", item.get("path")))
-    return [name for name in names if isinstance(name, str)]
-
-
-def _picture_size(base, name):
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(name).expanduser()
-    try:
-        with Image.open(path if path.is_absolute() else base / path) as image:
-            return image.size
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None  # the launcher's data checks name unreadable pictures
-
-
-def with_image_count(spec, config):
-    """Diffusion: the pictures of a local image folder (its metadata.jsonl lines), for the total time."""
-    folder = Path(config["dataset"])
-    metadata = folder / "metadata.jsonl"
-    if not metadata.is_file() and (folder / "train" / "metadata.jsonl").is_file():
-        metadata = folder / "train" / "metadata.jsonl"
-    if not metadata.is_file():
-        return spec
-    return replace(spec, examples=_count_lines(metadata))

@@ -1,4 +1,4 @@
-"""Devices: the GPU table (finetune_launcher/estimate/gpu_table.json), this machine's CPU, interconnects between nodes, and
+"""Devices: the GPU table (gpu_table.json beside this module), this machine's CPU, interconnects between nodes, and
 which device this machine has (nvidia-smi first: no torch import)."""
 import json
 import os

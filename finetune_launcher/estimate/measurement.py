@@ -2,14 +2,20 @@
 the refit of the throughput term from a run's training_history.json."""
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
+
+import yaml
 
 from finetune_launcher.estimate.calibration import fit_calibration, measured_step_time, save_calibration
 from finetune_launcher.estimate.devices import cpu_device, device_from_cuda_name, known_gpus, resolve_device
 from finetune_launcher.estimate.estimator import estimate
 from finetune_launcher.estimate.from_config import spec_from_config
 from finetune_launcher.estimate.inputs import WARMUP_STEPS, EstimateError
+from finetune_launcher.resources import PACKAGE_DIR
 
 
 def measurement_overrides(steps, out_dir, run_name="estimate-measure"):
@@ -23,12 +29,6 @@ def measurement_overrides(steps, out_dir, run_name="estimate-measure"):
 def run_measurement(config_path, mode, steps, nproc, overrides=(), out_dir=None, timeout=None):
     """Train `steps` (+ warm-up) real steps of the run through the launcher and the trainer; return the run's
     training_history.json as a dict. Raises EstimateError with the trainer's output tail when it fails."""
-    import subprocess
-    import sys
-    import tempfile
-
-    from finetune_launcher.resources import PACKAGE_DIR
-
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="ftl-measure-"))
     config_path = _config_with_mode(config_path, mode, out_dir)
     cmd = [sys.executable, "-m", "finetune_launcher.launch", "--mode", mode, str(config_path), "--no-preflight",
@@ -44,8 +44,6 @@ def run_measurement(config_path, mode, steps, nproc, overrides=(), out_dir=None,
 
 def _config_with_mode(config_path, mode, out_dir):
     """The launcher insists that a config's mode matches the launcher's: write a copy when measuring another mode."""
-    import yaml
-
     data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
     if data.get("mode") == mode:
         return config_path
@@ -72,11 +70,9 @@ def spec_from_history(history, gpu=None):
     else:
         device = device_from_cuda_name(device_name)
         if device is None:
-            raise EstimateError(f"the run's device '{device_name}' is not in finetune_launcher/estimate/gpu_table.json; pass --gpu "
-                                f"(known: {', '.join(known_gpus())})")
-    config.setdefault("precision", meta.get("precision", "auto"))
-    if meta.get("precision"):
-        config["precision"] = meta["precision"]
+            raise EstimateError(f"the run's device '{device_name}' is not in the estimator's GPU table "
+                                f"(finetune_launcher/estimate/gpu_table.json); pass --gpu (known: "
+                                f"{', '.join(known_gpus())})")
     spec = spec_from_config(config, world // nnodes, nnodes, gpu=device.name)
     if meta.get("total_steps"):
         spec = replace(spec, max_steps=int(meta["total_steps"]))

@@ -12,14 +12,6 @@ ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32
 MASTER_BYTES = 4
 
 
-def resolve_precision(spec, device):
-    if spec.precision != "auto":
-        return spec.precision
-    if device.kind == "cpu":
-        return "fp32"
-    return "bf16" if device.tflops.get("bf16") else "fp16"
-
-
 def dtype_bytes(precision):
     return 4 if precision == "fp32" else 2
 
@@ -32,11 +24,11 @@ def lora_dtype_bytes(spec, e):
     """peft creates adapters in fp32. DeepSpeed casts every parameter to the compute dtype unless the model was
     built inside zero.Init (ZeRO-3 LoRA): then the adapters stay fp32. A 4-bit model is not built inside zero.Init,
     so QLoRA's adapters are cast (both measured with DeepSpeed 0.19)."""
-    return 4 if spec.zero == 3 and spec.mode == "lora" else e
+    return 4 if spec.zero_stage == 3 and spec.mode == "lora" else e
 
 
 def zero3_partitions_at_load(spec):
-    return spec.zero == 3 and spec.mode != "qlora"
+    return spec.zero_stage == 3 and spec.mode != "qlora"
 
 
 def nf4_tensor_bytes(numel):
@@ -60,13 +52,13 @@ def weight_bytes(spec, counts, e):
     """Parameter bytes held by one rank at the optimizer step: whole under ZeRO-2, 1/N under ZeRO-3 (small
     "persistent" parameters are partitioned too at that point: measured)."""
     lora = counts.lora * lora_dtype_bytes(spec, e)
-    base = counts.total - counts.lora
+    base = counts.total - counts.lora  # (with peft's trainable copies of modules_to_save, in the compute dtype)
     if spec.mode == "qlora":
         packed, state = quantized_bytes(counts)  # quant_state tensors are not parameters: never sharded
         dense = (base - counts.quantized) * e
-        return (packed + dense + lora) / (spec.world if spec.zero == 3 else 1) + state
-    if spec.zero == 3:
-        return 0.0 if spec.offload else (base * e + lora) / spec.world  # offload_param: partitions in CPU memory
+        return (packed + dense + lora) / (spec.world_size if spec.zero_stage == 3 else 1) + state
+    if spec.zero_stage == 3:
+        return 0.0 if spec.offload else (base * e + lora) / spec.world_size  # offload_param: partitions in CPU memory
     return base * e + lora
 
 
@@ -74,19 +66,19 @@ def gradient_bytes(spec, arch, counts, e):
     """(bytes in the backward phase, bytes during the optimizer step) on one rank. Backward: the rank's gradient
     partition in the compute dtype and the reduce bucket(s). Step: ZeRO-2 frees both and holds the fp32 copy of
     the partition; ZeRO-3 keeps them and adds the fp32 copy (both measured in DeepSpeed 0.19)."""
-    partition = counts.trainable / spec.world
-    buckets = reduce_bucket(spec, arch) * e * (2 if spec.overlap_comm and spec.zero == 2 else 1)
+    partition = counts.trainable / spec.world_size
+    buckets = reduce_bucket(spec, arch) * e * (2 if spec.overlap_comm and spec.zero_stage == 2 else 1)
     if spec.offload:
         return buckets, 0.0  # the partition gradients go to pinned CPU buffers
     backward = partition * e + buckets
     fp32_copy = partition * 4
-    return backward, fp32_copy + (backward if spec.zero == 3 else 0.0)
+    return backward, fp32_copy + (backward if spec.zero_stage == 3 else 0.0)
 
 
 def optimizer_bytes(spec, counts):
     if spec.offload:
         return 0.0
-    return counts.trainable / spec.world * (MASTER_BYTES + ADAM_STATE_BYTES)
+    return counts.trainable / spec.world_size * (MASTER_BYTES + ADAM_STATE_BYTES)
 
 
 def host_bytes_per_node(spec, counts, e):
@@ -94,9 +86,9 @@ def host_bytes_per_node(spec, counts, e):
     the whole model each rank loads (not built inside zero.Init) before DeepSpeed partitions it."""
     per_rank = 0.0
     if spec.offload:
-        per_rank += counts.trainable / spec.world * (MASTER_BYTES + ADAM_STATE_BYTES + 4)
-        if spec.zero == 3:
-            per_rank += counts.total * e / spec.world
-    if spec.zero == 3 and not zero3_partitions_at_load(spec):
-        per_rank += weight_bytes(replace(spec, zero=2), counts, e)
-    return per_rank * spec.gpus_per_node
+        per_rank += counts.trainable / spec.world_size * (MASTER_BYTES + ADAM_STATE_BYTES + 4)
+        if spec.zero_stage == 3:
+            per_rank += counts.total * e / spec.world_size
+    if spec.zero_stage == 3 and not zero3_partitions_at_load(spec):
+        per_rank += weight_bytes(replace(spec, zero_stage=2), counts, e)
+    return per_rank * spec.procs_per_node

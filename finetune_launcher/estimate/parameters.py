@@ -3,7 +3,6 @@ the meta device, see meta_model.py) and of the run (LoRA adapters, what trains, 
 from dataclasses import dataclass
 
 from finetune_launcher.estimate.inputs import EstimateError
-from finetune_launcher.recipes.vision_language.estimate import vision_trainable
 
 
 @dataclass(frozen=True)
@@ -21,8 +20,11 @@ class BaseCounts:
 
 @dataclass
 class ParamCounts:
-    """The run's counts: adapters added, what trains, what is stored in NF4."""
+    """The run's counts: the model as published (`base`), what the run adds to it (`adapter`: peft's LoRA matrices
+    and its trainable copies of modules_to_save), what trains, what is stored in NF4. `total` is what the ranks
+    hold: base + adapter."""
     total: int
+    base: int
     trainable: int
     lora: int
     embedding: int
@@ -34,6 +36,10 @@ class ParamCounts:
     vision: int = 0
     vision_lora: int = 0         # LoRA on the vision blocks (lora_vision), part of `lora`
     merger_trainable: int = 0    # merger parameters that train (train_merger), part of `trainable`
+
+    @property
+    def adapter(self):
+        return self.total - self.base
 
 
 def layer_linears(arch):
@@ -99,15 +105,15 @@ def base_counts_from_shapes(arch):
 def count_params(arch, spec):
     """The run's counts for `spec` (mode, LoRA rank and targets) on `arch`."""
     base = arch.counts or base_counts_from_shapes(arch)
-    lora_sizes = lora_tensor_sizes(arch, spec.lora_rank, spec.lora_targets) if spec.mode != "full" else []
-    vision_lora, merger = vision_trainable(arch.vision, spec) if arch.vision else (0, 0)
+    lora_sizes = lora_tensor_sizes(arch, spec.lora_r, spec.lora_target_modules) if spec.mode != "full" else []
+    vision_lora, merger = arch.vision.trainable(spec) if arch.vision else (0, 0)
     lora = arch.num_hidden_layers * sum(lora_sizes) + vision_lora
     quantized_sizes = base.linear_sizes if spec.mode == "qlora" else ()
     if spec.mode == "full":  # the language model trains; the vision tower is frozen but for trained mergers
         total, trainable = base.total, base.total - base.vision + merger
     else:  # modules_to_save: peft trains a copy of each merger beside the frozen original
         total, trainable = base.total + lora + merger, lora + merger
-    return ParamCounts(total=total, trainable=trainable, lora=lora,
+    return ParamCounts(total=total, base=base.total, trainable=trainable, lora=lora,
                        embedding=base.embedding, lm_head=base.lm_head, quantized=sum(quantized_sizes),
                        quantized_sizes=quantized_sizes, matmul_per_token=base.matmul_per_token,
                        largest_module=base.largest_module, vision=base.vision, vision_lora=vision_lora,

@@ -8,7 +8,6 @@ from finetune_launcher.estimate.devices import Device
 from finetune_launcher.estimate.inputs import GIB, RunSpec
 from finetune_launcher.estimate.model_states import dtype_bytes, reduce_bucket
 from finetune_launcher.estimate.parameters import ParamCounts
-from finetune_launcher.recipes.vision_language.estimate import describe_vision, picture
 
 
 @dataclass
@@ -28,6 +27,8 @@ class Estimate:
     interconnect: str
     assumptions: list
     host_bytes: float = 0.0
+    unit: str = "tokens"  # what a step's rows hold and tokens_per_s counts: tokens, or images (diffusion)
+    row: str = ""         # one row of the micro-batch, for the table: "seq 2048", "512px pictures"
     alternatives: list = field(default_factory=list)
 
     @property
@@ -45,12 +46,7 @@ class Estimate:
     @property
     def tokens_per_s(self):
         """Real (non-pad) tokens per second over all ranks."""
-        return self.timing["tokens_per_rank_step"] * self.spec.world * self.fill / self.step_time_s
-
-    @property
-    def unit(self):
-        """What a step's rows are: tokens, or pictures for diffusion (tokens_per_s then counts images)."""
-        return "images" if self.spec.recipe == "diffusion" else "tokens"
+        return self.timing["tokens_per_rank_step"] * self.spec.world_size * self.fill / self.step_time_s
 
     @property
     def fill(self):
@@ -75,7 +71,7 @@ class Estimate:
     def _vision_json(self):
         if not getattr(self.arch, "vision", None):
             return {}
-        width, height, tokens, _ = picture(self.arch.vision, self.spec)
+        width, height, tokens, _ = self.arch.vision.picture(self.spec)
         return {"image_size": [width, height], "image_tokens_per_image": tokens,
                 "images_per_row": self.spec.images_per_row}
 
@@ -87,9 +83,9 @@ class Estimate:
         return {
             "model": self.spec.model, "architecture": self.arch.name, "architecture_source": self.arch.source,
             "mode": self.spec.mode, "device": self.device.name, "precision": self.precision,
-            "world_size": self.spec.world, "gpus_per_node": self.spec.gpus_per_node, "nodes": self.spec.nodes,
-            "params_total": self.counts.total, "params_trainable": self.counts.trainable,
-            "params_lora": self.counts.lora, "params_quantized_nf4": self.counts.quantized,
+            "world_size": self.spec.world_size, "procs_per_node": self.spec.procs_per_node, "nnodes": self.spec.nnodes,
+            "params_base": self.counts.base, "params_adapter": self.counts.adapter,
+            "params_trainable": self.counts.trainable, "params_quantized_nf4": self.counts.quantized,
             "params_vision": self.counts.vision, **self._vision_json(),
             "memory_per_gpu_gib": {"total": round(self.peak_bytes / GIB, 3), **gib},
             "memory_peak_phase": self.peak_phase,
@@ -106,10 +102,10 @@ class Estimate:
             "communication": self.timing["comm"],
             "flops_per_token": self.timing["flops_per_token"],
             "tokens_per_s": round(self.tokens_per_s, 2), "unit": self.unit,
-            "tokens_per_step": int(self.timing["tokens_per_rank_step"] * self.spec.world * self.fill),
+            "tokens_per_step": int(self.timing["tokens_per_rank_step"] * self.spec.world_size * self.fill),
             "total_steps": self.total_steps, "total_steps_note": self.steps_note,
             "total_time_h": None if self.total_time_h is None else round(self.total_time_h, 4),
-            "interconnect": self.interconnect if self.spec.nodes > 1 else None,
+            "interconnect": self.interconnect if self.spec.nnodes > 1 else None,
             "alternatives": self.alternatives,
             "assumptions": self.assumptions,
             "inputs": asdict(self.spec),
@@ -125,13 +121,13 @@ def assumptions_for(result):
         + (", parameter counts from transformers' model built on the meta device" if arch.counts else
            ", parameter counts from its layer shapes"),
         f"precision {result.precision} ({dtype_bytes(result.precision)} bytes); AdamW with fp32 master weights "
-        f"and moments (12 bytes per trainable parameter, /{spec.world} ranks)",
-        f"rows of {spec.seq_len} tokens (padded width); {result.fill:.0%} of them real tokens "
+        f"and moments (12 bytes per trainable parameter, /{spec.world_size} ranks)",
+        f"rows of {spec.max_length} tokens (padded width); {result.fill:.0%} of them real tokens "
         f"({'packed' if spec.packing else 'unpacked'})",
         f"attention {spec.attn_implementation}"
         + (" with a materialised mask (packing/padding): full s^2 attention FLOPs, K/V repeated for GQA"
            if spec.attn_implementation in ("sdpa", "eager") else " (no mask, causal)"),
-        f"ZeRO-{spec.zero}{' + CPU offload' if spec.offload else ''}: reduce bucket "
+        f"ZeRO-{spec.zero_stage}{' + CPU offload' if spec.offload else ''}: reduce bucket "
         f"{reduce_bucket(spec, arch):,} elements (hidden^2, as ds_configs fill 'auto')",
         f"margin {spec.margin:.0%} on top of everything (allocator fragmentation); runtime "
         f"{result.memory['runtime'] / GIB:.1f} GiB per rank",
@@ -144,15 +140,15 @@ def assumptions_for(result):
         "communication not overlapped with compute" if not spec.overlap_comm else
         "communication overlapped with compute (only the excess counts)",
     ]
-    if spec.world > 1:
+    if spec.world_size > 1:
         notes.append(f"bus bandwidth {t['comm'].get('busbw_gbps', 0):g} GB/s "
-                     f"({device.link if spec.nodes == 1 else result.interconnect})")
+                     f"({device.link if spec.nnodes == 1 else result.interconnect})")
     if spec.mode == "qlora":
         notes.append("QLoRA: nn.Linear layers in NF4 with double quantisation (0.516 bytes/param), embeddings, "
                      "norms and lm_head in the compute dtype; de-quantised on every forward, backward and "
                      "recompute at 2.5 bytes/param of memory traffic")
     if arch.vision:
-        notes.append(describe_vision(arch.vision, spec))
+        notes.append(arch.vision.describe(spec))
     elif arch.vision_params:
         notes.append(f"vision tower: {arch.vision_params:,} parameters, counted in the weights and model states; "
                      f"its activations and FLOPs are not modelled for this model type")
@@ -171,7 +167,7 @@ def preflight_text(result):
     total = f", {format_hours(result.total_time_h)} for {result.total_steps} steps" if result.total_steps else ""
     verdict = "fits" if result.fits else "DOES NOT FIT"
     calibrated = "calibrated" if result.timing["calibration_factor"] else "cold estimate"
-    lines = [f"pre-flight estimate ({result.device.name} x {result.spec.world}, {result.precision}): "
+    lines = [f"pre-flight estimate ({result.device.name} x {result.spec.world_size}, {result.precision}): "
              f"{mem:.2f} GiB of {result.device.memory_gib:.1f} GiB per rank ({verdict}; "
              f"{result._breakdown_text().replace(', ', ' + ')} GiB); "
              f"{result.step_time_s:.2f} s/step, {result.tokens_per_s:,.{2 if result.unit == 'images' else 0}f} "
@@ -197,14 +193,16 @@ def render_table(result):
     s, c = result.spec, result.counts
     rows = [
         ("model", f"{s.model} ({result.arch.source})"),
-        ("mode", f"{s.mode}{f' r={s.lora_rank}' if s.mode != 'full' else ''}, ZeRO-{s.zero}"
+        ("mode", f"{s.mode}{f' r={s.lora_r}' if s.mode != 'full' else ''}, ZeRO-{s.zero_stage}"
                  f"{' + offload' if s.offload else ''}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"),
-        ("ranks", f"{s.gpus_per_node} per node x {s.nodes} node(s) of {result.device.name}"),
-        ("batch", f"micro {s.micro_batch} x " + (f"{s.resolution}px pictures" if s.recipe == "diffusion" else
-                                                  f"seq {s.seq_len}") + f" x accum {s.grad_accum} x {s.world} ranks"),
-        ("parameters", f"{c.total / 1e9:.3f} B total, {c.trainable / 1e6:.2f} M trainable"
-                       f"{f', {c.quantized / 1e9:.3f} B in NF4' if c.quantized else ''}"
-                       f"{f', {c.vision / 1e6:.1f} M in the vision tower' if c.vision else ''}"),
+        ("ranks", f"{s.procs_per_node} per node x {s.nnodes} node(s) of {result.device.name}"),
+        ("batch", f"micro {s.micro_batch_size} x {result.row} x accum {s.gradient_accumulation_steps} x "
+                  f"{s.world_size} ranks"),
+        ("parameters", f"{c.base / 1e9:.3f} B in the model"
+                       f"{f', {c.vision / 1e6:.1f} M of them in the vision tower' if c.vision else ''}"
+                       f"{f', {c.quantized / 1e9:.3f} B of them in NF4' if c.quantized else ''}"
+                       f"{f' + {c.adapter / 1e6:.2f} M adapter' if c.adapter else ''}; "
+                       f"{c.trainable / 1e6:.2f} M trainable"),
     ]
     lines = [f"{k:<12} {v}" for k, v in rows]
     lines += ["", f"memory per rank (GiB)       peak phase: {result.peak_phase}"]

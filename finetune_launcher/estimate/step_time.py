@@ -2,11 +2,10 @@
 device's peak (MFU), element-wise work at memory bandwidth, QLoRA de-quantisation, the optimizer update, ZeRO
 communication (reduce-scatter / all-gather at NCCL bus bandwidth) and per-layer framework overhead."""
 from finetune_launcher.estimate.activations import activation_shape
-from finetune_launcher.estimate.calibration import calibration_factor
+from finetune_launcher.estimate.calibration import calibration_factor, calibration_key
 from finetune_launcher.estimate.devices import CPU_MEMORY_GBPS_PER_RANK, inter_node_busbw
 from finetune_launcher.estimate.model_states import NF4_BYTES_PER_PARAM
 from finetune_launcher.estimate.parameters import layer_linears, lora_target_names
-from finetune_launcher.recipes.vision_language.estimate import vision_flops
 
 OPTIMIZER_BYTES_PER_PARAM = 60  # DeepSpeed step: gradient flatten, norm, clip, AdamW, copy back to 16-bit
 # Per transformer layer and pass (forward, backward, recompute): python dispatch, kernel launches, hooks. Priors
@@ -25,7 +24,7 @@ LIGER_MFU_GAIN = 1.25
 def attention_flops_per_token(arch, spec, masked):
     """Forward QK^T and AV: 4 x span x heads x head_dim per layer; causal kernels skip half unless a mask is
     materialised (SDPA with packing/padding computes the full square)."""
-    span = spec.seq_len * (1.0 if masked else 0.5)
+    span = spec.max_length * (1.0 if masked else 0.5)
     return 4 * span * arch.q_width * arch.num_hidden_layers
 
 
@@ -36,7 +35,7 @@ def flops_per_token(arch, spec, counts, masked):
     n = counts.matmul_per_token
     n_layers = n - arch.vocab_size * arch.hidden_size - recompute_skipped_per_token(arch, spec)
     attn = attention_flops_per_token(arch, spec, masked)
-    lora = counts.lora - counts.vision_lora if spec.mode != "full" else 0  # vision LoRA: see vision.py
+    lora = counts.lora - counts.vision_lora if spec.mode != "full" else 0  # vision LoRA: the tower's flops
     forward = 2 * n + attn + 2 * lora
     backward = (4 * n if spec.mode == "full" else 2 * n) + 2 * attn + 4 * lora
     recompute = (2 * n_layers + attn + 2 * lora) if spec.gradient_checkpointing else 0
@@ -48,7 +47,7 @@ def recompute_skipped_per_token(arch, spec):
     """Weights per token the recompute does not multiply: torch's non-reentrant checkpoint stops a layer's
     recompute once every tensor it saved is back, so the last matmul (down_proj, whose output nothing saves) is
     skipped unless a LoRA adapter on it runs after it (measured with torch's FlopCounterMode)."""
-    if arch.is_moe or (spec.mode != "full" and "down_proj" in lora_target_names(arch, spec.lora_targets)):
+    if arch.is_moe or (spec.mode != "full" and "down_proj" in lora_target_names(arch, spec.lora_target_modules)):
         return 0
     return arch.num_hidden_layers * arch.hidden_size * arch.intermediate_size
 
@@ -56,42 +55,43 @@ def recompute_skipped_per_token(arch, spec):
 def comm_seconds(spec, device, counts, e, interconnect):
     """Exposed ZeRO communication per optimizer step, from nccl-tests' bus-bandwidth definitions:
     reduce-scatter / all-gather of S bytes over n ranks take S x (n-1)/n / busbw."""
-    w = spec.world
+    w = spec.world_size
     if w == 1:
         return 0.0, {}
-    busbw = device.intra_busbw_gbps if spec.nodes == 1 else inter_node_busbw(device, interconnect)
+    busbw = device.intra_busbw_gbps if spec.nnodes == 1 else inter_node_busbw(device, interconnect)
     factor = (w - 1) / w / (busbw * 1e9)
-    grads = counts.trainable * e * factor * spec.grad_accum  # reduce-scatter after every backward
-    params = counts.trainable * e * factor if spec.zero == 2 else 0.0  # all-gather of updated parameters
+    grads = counts.trainable * e * factor * spec.gradient_accumulation_steps  # reduce-scatter after every backward
+    params = counts.trainable * e * factor if spec.zero_stage == 2 else 0.0  # all-gather of updated parameters
     gather = 0.0
-    if spec.zero == 3:
+    if spec.zero_stage == 3:
         weight_bytes_total = counts.quantized * NF4_BYTES_PER_PARAM + (counts.total - counts.quantized) * e
         passes = 3 if spec.gradient_checkpointing else 2
-        gather = weight_bytes_total * factor * passes * spec.grad_accum
+        gather = weight_bytes_total * factor * passes * spec.gradient_accumulation_steps
     return grads + params + gather, {"reduce_scatter_s": grads, "allgather_params_s": params,
                                      "zero3_gather_s": gather, "busbw_gbps": busbw}
 
 
-def step_time(arch, spec, device, counts, precision, activations_per_layer, calibration, interconnect):
+def step_time(arch, spec, device, counts, activations_per_layer, calibration, interconnect):
     """Seconds per optimizer step, by term, before and after calibration."""
+    precision = spec.precision
     shape = activation_shape(spec, precision)
     e = shape.e
-    tokens = shape.tokens * spec.grad_accum  # per rank per step (padded)
+    tokens = shape.tokens * spec.gradient_accumulation_steps  # per rank per step (padded)
     flops = flops_per_token(arch, spec, counts, shape.masked)
     mfu = default_mfu(device, spec.mode) * (LIGER_MFU_GAIN if spec.liger_kernel else 1.0)
     peak = device.peak_flops(precision)
     bandwidth = device.hbm_tbps * 1e12
     passes = 3 if spec.gradient_checkpointing else 2
+    accum = spec.gradient_accumulation_steps
     terms = {
         "matmul_s": flops["total"] * tokens / (peak * mfu),
-        "elementwise_s": 3 * activations_per_layer * arch.num_hidden_layers * spec.grad_accum *
-        (passes / 2) / bandwidth,
-        "dequant_s": (counts.quantized * 2.5 * passes * spec.grad_accum / bandwidth) if spec.mode == "qlora" else 0,
-        "optimizer_s": counts.trainable / spec.world * OPTIMIZER_BYTES_PER_PARAM /
+        "elementwise_s": 3 * activations_per_layer * arch.num_hidden_layers * accum * (passes / 2) / bandwidth,
+        "dequant_s": (counts.quantized * 2.5 * passes * accum / bandwidth) if spec.mode == "qlora" else 0,
+        "optimizer_s": counts.trainable / spec.world_size * OPTIMIZER_BYTES_PER_PARAM /
         (bandwidth if not spec.offload else CPU_MEMORY_GBPS_PER_RANK * 1e9),
     }
     if arch.vision:
-        terms["vision_s"] = sum(vision_flops(arch.vision, spec).values()) * spec.grad_accum / (peak * mfu)
+        terms["vision_s"] = sum(arch.vision.flops(spec).values()) * accum / (peak * mfu)
     compute_bound = sum(terms.values())
     terms["overhead_s"] = overhead_seconds(arch, spec, device, passes, compute_bound) + \
         zero3_fetch_seconds(arch, spec, device, passes)
@@ -107,14 +107,15 @@ def step_time(arch, spec, device, counts, precision, activations_per_layer, cali
     calibrated = compute_bound * factor + terms["overhead_s"] + terms["comm_s"] if factor else None
     return {"terms": terms, "comm": comm_detail, "flops_per_token": flops, "mfu_assumed": mfu,
             "tokens_per_rank_step": tokens, "cold_s": cold, "calibrated_s": calibrated,
-            "calibration_factor": factor, "device_bound_s": compute_bound}
+            "calibration_factor": factor, "device_bound_s": compute_bound,
+            "calibration_key": calibration_key(device, precision)}
 
 
 def overhead_seconds(arch, spec, device, passes, compute_bound):
     """Framework time per step: python dispatch and launches per layer and pass, plus a per-step constant. On a
     CPU it adds to the compute; a GPU runs ahead of the launching thread, so only what exceeds compute shows."""
     kind = "cpu" if device.kind == "cpu" else "gpu"
-    launches = LAYER_OVERHEAD_S[kind] * arch.num_hidden_layers * passes * spec.grad_accum
+    launches = LAYER_OVERHEAD_S[kind] * arch.num_hidden_layers * passes * spec.gradient_accumulation_steps
     if kind == "cpu":
         return STEP_OVERHEAD_S[kind] + launches
     return STEP_OVERHEAD_S[kind] + max(0.0, launches - compute_bound)
@@ -123,12 +124,12 @@ def overhead_seconds(arch, spec, device, passes, compute_bound):
 def zero3_fetch_seconds(arch, spec, device, passes):
     """Hook time of ZeRO-3's gathers: one per decoder layer (zero3_gather: layer) or one per linear of it (module;
     norms and LoRA matrices stay whole: below the persistence threshold), plus the embedding and the output head, on
-    every pass of every micro-batch. Diffusion's UNet has no decoder layers: module by module."""
-    if spec.zero != 3 or device.kind == "cpu":
+    every pass of every micro-batch."""
+    if spec.zero_stage != 3 or device.kind == "cpu":
         return 0.0
-    per_layer = 1 if spec.zero3_gather == "layer" and spec.recipe != "diffusion" else len(layer_linears(arch))
+    per_layer = 1 if spec.zero3_gather == "layer" else len(layer_linears(arch))
     modules = per_layer * arch.num_hidden_layers + 2
-    return ZERO3_FETCH_S * modules * passes * spec.grad_accum
+    return ZERO3_FETCH_S * modules * passes * spec.gradient_accumulation_steps
 
 
 def default_mfu(device, mode):

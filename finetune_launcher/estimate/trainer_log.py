@@ -3,6 +3,7 @@ recorded under metadata.estimate in training_history.json."""
 import json
 import os
 
+from finetune_launcher.console import say
 from finetune_launcher.estimate.from_config import estimate_from_config
 from finetune_launcher.estimate.inputs import GIB, WARMUP_STEPS
 
@@ -89,8 +90,6 @@ class EstimateLog:
 
     @staticmethod
     def _say(text):
-        from finetune_launcher.console import say
-
         say(text)
 
 

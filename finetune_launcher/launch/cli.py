@@ -5,8 +5,8 @@ the ranks, each reading the resolved config: forked from this process on one CPU
 with torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's own code. SIGTERM or SIGUSR1 sent to
 it reach the training ranks (see finetune_launcher.launch.signals).
 
-usage: python -m finetune_launcher.launch [--mode lora|qlora|full] [--recipe NAME] [CONFIG.yaml] [launcher options]
-                              [--key value ...]
+usage: ftl train [--mode lora|qlora|full] [--recipe NAME] [CONFIG.yaml] [launcher options] [--key value ...]
+       (the same: python -m finetune_launcher.launch ..., bash launch/train_<mode>.sh [CONFIG.yaml] ...)
 launcher options:
   --launcher fork|torchrun|accelerate|deepspeed   how processes are started (default: fork on one node without
                          GPUs, ranks forked from the launcher after its imports, with torchrun's environment;
@@ -22,7 +22,6 @@ Anything else is a run-config override (--lora_r 8, --zero 3, --offload, --max_s
 import json
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 from finetune_launcher import exit_codes, recipe_table
@@ -173,8 +172,9 @@ def start_ranks(cfg, options, prepared, verdict=None):
     from finetune_launcher.data.prepared import PREPARED_ENV
     from finetune_launcher.estimate.trainer_log import LAUNCH_ESTIMATE_ENV, estimate_figures
     from finetune_launcher.launch.commands import launch_env
+    from finetune_launcher.launch.scratch import launch_scratch_dir
 
-    with tempfile.TemporaryDirectory(prefix="ftl-launch-") as scratch:
+    with launch_scratch_dir() as scratch:
         resolved = Path(scratch) / "run_config.json"
         resolved.write_text(cfg.to_json())
         env = launch_env(cfg.procs_per_node)

@@ -15,6 +15,7 @@ import sys
 from finetune_launcher import recipe_table
 from finetune_launcher.rank_imports import RANK_IMPORTS, leave_out_bitsandbytes
 from finetune_launcher.launch import LaunchError
+from finetune_launcher.launch.lifetime import die_with_parent, libc
 
 RANK_THREADS_ENV = "FTL_RANK_OMP_NUM_THREADS"
 RANK_ENTRY = "finetune_launcher.__main__"  # what `python -m finetune_launcher` runs  # the caller's OMP_NUM_THREADS, kept for the ranks
@@ -76,18 +77,21 @@ def start_forked_ranks(resolved, envs):
     config file; returns torch.multiprocessing's ProcessContext (pids, join)."""
     import torch.multiprocessing as mp
 
+    libc()  # loaded here, so a rank only calls into it
     try:
-        return mp.start_processes(forked_rank, args=(str(resolved), envs), nprocs=len(envs), join=False,
-                                  start_method="fork")
+        return mp.start_processes(forked_rank, args=(str(resolved), envs, os.getpid()), nprocs=len(envs),
+                                  join=False, start_method="fork")
     except OSError as error:
         raise LaunchError(f"could not start the training processes: {error}") from error
 
 
-def forked_rank(local_rank, resolved, envs):
-    """A forked rank: its own environment, the stop signals as a fresh process has them, the thread count the
-    launcher chose, then the trainer; it ends with os._exit and never returns into the launcher's code."""
+def forked_rank(local_rank, resolved, envs, launcher_pid):
+    """A forked rank: it dies with the launcher (a `kill -9` of the launcher alone must not leave it training as an
+    orphan), its own environment, the stop signals as a fresh process has them, the thread count the launcher chose,
+    then the trainer; it ends with os._exit and never returns into the launcher's code."""
     import traceback
 
+    die_with_parent(launcher_pid, signal.SIGKILL)
     os.environ.clear()
     os.environ.update(envs[local_rank])
     for sig in (signal.SIGTERM, signal.SIGUSR1):

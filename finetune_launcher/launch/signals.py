@@ -1,9 +1,16 @@
 """Stop signals around the launcher: SIGTERM / SIGUSR1 sent to `launch/train_*.sh` reach the training ranks, which
 save a checkpoint at their next step and exit 0; inside a Slurm step (srun) the launcher ignores both, since Slurm
-signals every process of the step itself."""
+signals every process of the step itself. And no rank outlives the launcher: a `kill -9` of the launcher alone takes
+its forked ranks, or the launcher tool (torchrun, accelerate, DeepSpeed's runner) and through it its workers, along
+(see die_with_parent)."""
+import functools
 import os
 import signal
 import subprocess
+import sys
+
+from finetune_launcher.launch.forked import start_forked_ranks
+from finetune_launcher.launch.lifetime import die_with_parent, libc
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -19,10 +26,8 @@ def run_and_report(cmd, env, code_file):
 
 
 def fork_and_report(resolved, envs, code_file):
-    """As run_and_report, for ranks forked from this process (finetune_launcher.launch.forked): `envs` maps each local rank to
-    its environment."""
-    from finetune_launcher.launch.forked import start_forked_ranks
-
+    """As run_and_report, for ranks forked from this process (finetune_launcher.launch.forked): `envs` maps each local
+    rank to its environment."""
     envs = {rank: dict(env, FTL_EXIT_CODE_FILE=str(code_file)) for rank, env in envs.items()}
     with StopForwarder() as forwarder:
         returncode = forwarder.watch(start_forked_ranks(resolved, envs))
@@ -67,7 +72,8 @@ class StopForwarder:
     rank is signalled as soon as it catches the signal (/proc/PID/status SigCgt): the trainer installs its handler
     after its imports, and before that the signal would kill it. Ranks that start later get it too.
 
-    Forked ranks (finetune_launcher.launch.forked) are known by their PIDs instead, and wait for the signal the same way.
+    Forked ranks (finetune_launcher.launch.forked) are known by their PIDs instead, and wait for the signal the same
+    way.
 
     Inside a Slurm step the launcher ignores both signals instead (the child inherits that; torchrun and the
     trainer install their own handlers): Slurm has signalled every process of the step already."""
@@ -102,8 +108,11 @@ class StopForwarder:
         self.sent[signum] = set()  # (again) to every rank
 
     def run(self, cmd, env):
-        """Popen + wait (as subprocess.run), passing stop signals on while the command runs; returns its code."""
-        with subprocess.Popen(cmd, env=env) as proc:
+        """Popen + wait (as subprocess.run), passing stop signals on while the command runs; returns its code. The
+        command gets SIGTERM should this process die first: torchrun (also under accelerate) and DeepSpeed's runner
+        stop their workers on SIGTERM (not on SIGKILL, which would leave them running in their own sessions)."""
+        parent_death = functools.partial(die_with_parent, os.getpid(), signal.SIGTERM, libc())
+        with subprocess.Popen(cmd, env=env, preexec_fn=parent_death) as proc:
             try:
                 while True:
                     try:

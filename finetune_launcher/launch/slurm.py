@@ -1,7 +1,8 @@
 """Submit a training run to Slurm: render launch/slurm/train.sbatch for a run config and a few flags, then sbatch it.
 
-usage: python -m finetune_launcher.submit --config CONFIG.yaml [--nodes N] [--gpus-per-node G] [--time HH:MM:SS]
-                              [--partition P] [--account A] [--mode lora|qlora|full] [--dry-run] [--key value ...]
+usage: ftl submit --config CONFIG.yaml [--nodes N] [--gpus-per-node G] [--time HH:MM:SS]
+                  [--partition P] [--account A] [--mode lora|qlora|full] [--dry-run] [--key value ...]
+       (the same: python -m finetune_launcher.submit ..., bash launch/submit.sh ...)
   --nodes N            nodes (default 1); one task per node runs torchrun with G processes
   --gpus-per-node G    GPUs (= training processes) per node (default 8); 0 on a CPU cluster: --nproc-per-node
                        processes per node (default 1) over gloo

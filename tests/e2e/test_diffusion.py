@@ -48,6 +48,25 @@ def pipeline_image(pipeline, prompt="a red circle on a white background", seed=0
                                generator=generator, output_type="np").images[0])
 
 
+def test_the_curves_plot_the_throughput_a_diffusion_history_records(recipe_runs, tmp_path, monkeypatch):
+    """training_curves.png's third panel draws the run's images/s (a diffusion history has no tokens/s): the data
+    handed to the panel, read back from its axes."""
+    import matplotlib.pyplot as plt
+
+    from finetune_launcher.history import plot_history
+
+    _, run_dir = recipe_runs["sd-lora"]
+    history = read_history(run_dir)
+    figures, subplots = [], plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *args, **kwargs: figures.append(subplots(*args, **kwargs)) or
+                        figures[-1])
+    plot_history(history, tmp_path / "curves.png")
+    _, axes = figures[0]
+    (line,) = axes[2].get_lines()
+    assert axes[2].get_title() == "images/s"
+    assert list(line.get_ydata()) == [r["images_per_s"] for r in history["records"]] and len(line.get_ydata()) > 1
+
+
 @pytest.mark.parametrize("which", ["best", "final"])
 def test_load_lora_weights_of_best_and_final_changes_the_pictures(recipe_runs, which):
     _, run_dir = recipe_runs["sd-lora"]

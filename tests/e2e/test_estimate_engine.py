@@ -131,7 +131,7 @@ def test_activation_bytes_match_saved_tensors(name, mode, checkpointing):
     micro, seq = 2, 256
     model = build_model(name, mode, checkpointing)
     measured = saved_for_backward_bytes(model, collate(packed_rows(micro, seq), 0, True))
-    spec = RunSpec(model=name, mode=mode, seq_len=seq, micro_batch=micro, gradient_checkpointing=checkpointing,
+    spec = RunSpec(model=name, mode=mode, max_length=seq, micro_batch_size=micro, gradient_checkpointing=checkpointing,
                    packing=True, lora_dropout=0.0, gpu="cpu")
     terms, _ = activation_terms(load_architecture(name), spec, "fp32", "cpu")
     estimated = sum(terms.values())

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, assert_ok, launcher_env, read_history, run_launcher
+from tests.conftest import (REPO, assert_ok, assert_refused_before_launch, launch_here, launcher_env, read_history,
+                            run_launcher)
 
 pytestmark = pytest.mark.slow
 
@@ -45,3 +46,18 @@ def test_missing_wandb_or_bad_field_names_fail_before_training(tmp_path):
     proc = run_launcher("train_lora.sh", "--dataset", bad, "--output_dir", tmp_path, "--no-preflight")
     assert proc.returncode == 2
     assert "bad.jsonl: line 1 has fields ['answer', 'question']" in proc.stderr
+
+
+@pytest.mark.parametrize("data", ["train.jsonl", "train_trl.jsonl"])
+def test_a_vision_language_file_for_a_text_model_is_refused_naming_the_image_rows(tmp_path, capsys, data):
+    """LLaMA-Factory's <image> + `images` rows and TRL's image items, given to a text-only model: refused before
+    launch (the model would read <image> as text and never see a picture), naming the model, the first image row,
+    how many there are, and what to use instead."""
+    path = REPO / "data" / "tiny_vl" / data
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    pictured = [number for number, row in enumerate(rows, start=1) if row.get("images") or "image" in json.dumps(
+        [item for m in row["messages"] if isinstance(m["content"], list) for item in m["content"]])]
+    proc = launch_here(capsys, "--model", "builtin:tiny-llama", "--dataset", path, "--output_dir", tmp_path)
+    assert_refused_before_launch(proc, f"{path}:{pictured[0]}: ", f"{len(pictured)} of the {len(rows)} rows have "
+                                 f"images", "builtin:tiny-llama is a text-only model",
+                                 "image-text-to-text model (e.g. model: builtin:tiny-qwen3-vl)", "remove the images")

@@ -1,7 +1,8 @@
-"""tools/generate_images.py through its command line on a diffusion run's best/ (a LoRA on the tiny SD pipeline's UNet
-and text encoder, saved by finetune_launcher.recipes.diffusion.model as the diffusion recipe saves it): PNGs per prompt and seed, the
-base beside the LoRA for the same seeds, a fused pipeline that loads with StableDiffusionPipeline.from_pretrained
-and draws what base + LoRA draw, and one-line errors for wrong directories."""
+"""`ftl generate-images` (tools/generate_images.py) through its command line on a diffusion run's best/ (a LoRA on
+the tiny SD pipeline's UNet and text encoder, saved by finetune_launcher.recipes.diffusion.model as the diffusion
+recipe saves it): PNGs per prompt and seed, the base beside the LoRA for the same seeds, a fused pipeline that loads
+with StableDiffusionPipeline.from_pretrained and draws what base + LoRA draw, and one-line errors for wrong
+directories."""
 import json
 import types
 
@@ -30,11 +31,13 @@ def saved_run(tmp_path_factory, mode):
     """outputs/<run>/best of a LoRA (or QLoRA) run with text-encoder LoRA, as the diffusion recipe saves it, and the
     model as trained: random LoRA B matrices stand in for training (they start at zero, where the LoRA changes
     nothing)."""
+    from finetune_launcher import recipe_table
     from finetune_launcher.recipes.diffusion.model import load_diffusion, save_diffusion_lora
 
+    targets = recipe_table.get("diffusion").defaults["lora_target_modules"]  # the recipe's default
     cfg = types.SimpleNamespace(model="builtin:tiny-sd", mode=mode, precision="fp32", lora_r=4, lora_alpha=8,
-                                lora_dropout=0.0, lora_target_modules=None, gradient_checkpointing=False,
-                                text_encoder_lora=True, zero_stage=2)
+                                lora_dropout=0.0, lora_target_modules=targets, gradient_checkpointing=False,
+                                text_encoder_lora=True, zero_stage=2, bnb_4bit_quant_storage="uint8")
     parts = load_diffusion(cfg, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -128,12 +131,12 @@ def test_wrong_directories_are_one_line_errors(run_dir, tmp_path, tiny_model_pat
     (lm_adapter / "adapter_config.json").write_text("{}")
     (lm_adapter / "training_info.json").write_text(json.dumps({"recipe": "causal_lm"}))
     assert_clear_error(run_tool("generate_images.py", "--adapter", lm_adapter, "--prompt", PROMPT),
-                       "causal-LM run's adapter, not diffusion weights", "tools/generate.py")
+                       "causal-LM run's adapter, not diffusion weights", "ftl generate text --adapter")
     not_a_pipeline = run_tool("generate_images.py", "--adapter", run_dir / "best", "--base", tiny_model_path,
                               "--prompt", PROMPT)
     assert_clear_error(not_a_pipeline, "is not a diffusers pipeline (no model_index.json)", "--base")
     text_tool = run_tool("generate.py", "text", "--adapter", run_dir / "best", "--prompt", PROMPT)
-    assert_clear_error(text_tool, "diffusion run's weights", "tools/generate_images.py")
+    assert_clear_error(text_tool, "diffusion run's weights", "ftl generate-images --adapter")
 
 
 def test_a_qlora_lora_draws_on_the_dequantized_unet_what_the_4bit_model_draws(tmp_path_factory, tmp_path):

@@ -157,3 +157,78 @@ def test_deepspeed_multi_node_runs_its_part_without_ssh(tmp_path, monkeypatch):
     monkeypatch.delenv("FTL_HOSTS")
     with pytest.raises(LaunchError, match="FTL_HOSTS"):
         commands.deepspeed_command(sys.executable, cfg, options, "run_config.json")
+
+
+# ---------------------------------------------------------------- a launcher killed outright (kill -9)
+
+def living(processes):
+    """The processes still running (a zombie has ended: it waits only for a parent to read its status)."""
+    import psutil
+
+    alive = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+def training_ranks_under(launcher, run_dir, timeout=240):
+    """The launcher's descendants (the launcher tool and the ranks) once the history shows a trained step."""
+    import time
+
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert launcher.poll() is None, f"the launch ended with {launcher.returncode} before it was killed"
+        if (run_dir / "training_history.json").exists() and read_history(run_dir)["records"]:
+            descendants = psutil.Process(launcher.pid).children(recursive=True)
+            assert len(descendants) >= 2, descendants  # the two ranks (and torchrun)
+            return descendants
+        time.sleep(0.2)
+    raise AssertionError("no step was trained in time")
+
+
+@slow
+@pytest.mark.parametrize("launcher", ["fork", "torchrun"])
+def test_a_killed_launcher_takes_every_rank_along_and_leaves_no_scratch_directory(launcher, tiny_model_path, tmp_path):
+    """`kill -9` of the launcher's process alone: its ranks (forked, or torchrun's workers, which torchrun runs in
+    sessions of their own) end within seconds instead of training to the end of a long run, and the launch's scratch
+    directory, which the killed launcher could not remove, is gone after the next launch."""
+    import os
+    import signal
+
+    import psutil
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    out = tmp_path / "out"
+    env = launcher_env(TMPDIR=str(temp), OMP_NUM_THREADS=1)
+    args = ["--mode", "lora", "--launcher", launcher, "--no-preflight", "--output_dir", str(out)]
+    with holding_machine(), open(tmp_path / "launch.log", "w") as log:
+        # started as `bash launch/train_lora.sh &` starts it: SIGINT ignored (torch.multiprocessing's own death
+        # signal for the ranks it forks is SIGINT, which then does nothing)
+        victim = subprocess.Popen([sys.executable, "-m", "finetune_launcher.launch", *args, "--max_steps", "100000",
+                                   "--logging_steps", "1", "--eval_steps", "100000"], cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            processes = training_ranks_under(victim, out / "tiny_lora")
+        except BaseException:
+            victim.kill()
+            raise
+        finally:
+            print((tmp_path / "launch.log").read_text()[-3000:])
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        _, still = psutil.wait_procs(processes, timeout=30)
+        assert not living(still), [(p.pid, p.cmdline()[:4]) for p in living(still)]
+    assert [p.name for p in temp.iterdir() if p.name.startswith("ftl-launch-")], "the killed launch had a scratch dir"
+
+    next_launch = subprocess.run([sys.executable, "-m", "finetune_launcher.launch", *args, "--dry-run"], cwd=REPO,
+                                 env=env, capture_output=True, text=True, timeout=300)
+    assert next_launch.returncode == 0, next_launch.stdout[-2000:] + next_launch.stderr[-3000:]
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("ftl-launch-")]

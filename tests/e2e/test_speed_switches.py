@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
     def get(name):
         if name not in done:
             steps, args, env = RUNS[name]
-            if name == "switched":  # also profiled, as tools/bench.py --profile does (steps 2-3)
+            if name == "switched":  # also profiled, as bench/bench.py --profile does (steps 2-3)
                 env = launcher_env(FTL_COMPILE_BACKEND="aot_eager", FTL_PROFILE_JSON=str(out / "profile.json"),
                                    FTL_PROFILE_STEPS="2-3")
             proc = run_launcher("train_lora.sh", *STEPS, "--max_steps", steps, *args, "--output_dir", out,
@@ -90,7 +90,7 @@ def test_a_ddp_checkpoint_resumes_where_deepspeed_would_be(runs):
 
 
 def test_profile_summary_names_where_the_step_time_goes(runs):
-    """FTL_PROFILE_JSON (what tools/bench.py --profile sets): a summary of the profiled steps from rank 0."""
+    """FTL_PROFILE_JSON (what bench/bench.py --profile sets): a summary of the profiled steps from rank 0."""
     runs("switched")
     summary = json.loads((runs.out / "profile.json").read_text())
     assert summary["steps"] == 2 and summary["wall_s"] > 0

@@ -26,9 +26,10 @@ def test_vl_runs_learn_and_record_what_the_engine_ran(recipe_runs, name):
     evals = history["evals"]
     assert evals[0]["step"] == 0 and evals[-1]["eval_loss"] < 0.7 * evals[0]["eval_loss"], evals
     data = meta["data"]
-    assert data["image_rows"] > 0 and data["text_rows"] > 0, data
-    assert data["mixture"]["counts"]["data/tiny_vl/retention.jsonl"] > 0, data
-    assert "(image + text)" in proc.stdout and "mixed in: " in proc.stdout
+    mixed = data["mixture"]["counts"]["data/tiny_vl/retention.jsonl"]
+    assert data["image_rows"] > 0 and mixed <= data["text_rows"] < data["train_rows"], data
+    assert data["image_rows"] + data["text_rows"] == data["train_rows"], data
+    assert "(image + text)" in proc.stdout and f"{mixed} mixed in from data/tiny_vl/retention.jsonl" in proc.stdout
 
 
 def test_the_default_run_trains_the_language_model_only(recipe_runs):
@@ -37,6 +38,25 @@ def test_the_default_run_trains_the_language_model_only(recipe_runs):
     _, run_dir = recipe_runs["vl-lora"]
     keys = list(load_file(run_dir / "best" / "adapter_model.safetensors"))
     assert keys and all(".language_model." in k for k in keys), [k for k in keys if ".language_model." not in k][:3]
+
+
+def test_best_holds_a_processor_auto_processor_builds_without_torchvision(recipe_runs):
+    """best/'s processor: AutoProcessor (trust_remote_code: transformers cannot build any Qwen-VL processor without
+    torchvision otherwise) builds it here, and it tokenises a picture with the run's processor's image tokens."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from finetune_launcher.config import RunConfig
+    from finetune_launcher.recipes.vision_language.model import load_processor
+
+    _, run_dir = recipe_runs["vl-lora"]
+    loaded = AutoProcessor.from_pretrained(run_dir / "best", trust_remote_code=True)
+    trained_with = load_processor(RunConfig.from_dict(read_history(run_dir)["metadata"]["config"]))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    image = Image.open(REPO / "data" / "tiny_vl" / "images" / "held_0000.png")
+    ids = [processor(images=[image], text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
+                     return_tensors="pt")["input_ids"].tolist() for processor in (trained_with, loaded)]
+    assert ids[0] == ids[1] and loaded.image_token_id in ids[1][0]
 
 
 def test_zero3_ran_steps_where_one_rank_had_no_image(recipe_runs):

@@ -100,11 +100,11 @@ def test_merged_model_loads_with_the_ecosystem_and_gives_base_plus_adapter_logit
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from finetune_launcher.after.bases import load_vl_processor
+    from finetune_launcher.recipes.vision_language.after import load_preprocessor
 
     proc, out = merged
     assert "max abs diff" in proc.stdout and (out / "processor_config.json").is_file()
-    batch = image_batch(load_vl_processor(out))
+    batch = image_batch(load_preprocessor(out))
     with torch.no_grad():
         merged_logits = AutoModelForImageTextToText.from_pretrained(out)(**batch).logits
         base = AutoModelForImageTextToText.from_pretrained(tiny_vl_path)

@@ -220,26 +220,30 @@ def test_bad_report_to_names_the_key_and_the_fix(tmp_path, line, needle):
     assert "use tensorboard, wandb, a list of them, or none" in message or "use none alone" in message
 
 
-def test_metric_sinks_follow_report_to(tmp_path, monkeypatch):
-    """tensorboard unless report_to is none or empty; wandb only when named (and checked before the run starts)."""
+def test_metric_sinks_follow_the_resolved_report_to(tmp_path, monkeypatch):
+    """tensorboard unless report_to is none or empty; wandb only when named (and checked before the run starts):
+    the sinks read the resolved config's value as it is."""
     import importlib.util
 
     from finetune_launcher.history import MetricSinks, check_sinks_available
 
+    def resolved(report_to):
+        return resolve(write(tmp_path, MINIMAL), parse_overrides(["--report_to", report_to])).report_to
+
     def events_written(name, report_to):
-        sinks = MetricSinks(tmp_path / name / "tensorboard", report_to, "run", {})
+        sinks = MetricSinks(tmp_path / name / "tensorboard", resolved(report_to), "run", {})
         sinks.log(1, {"loss": 1.0})
         sinks.close()
         return bool(list((tmp_path / name).rglob("events.out.tfevents*")))
 
-    assert events_written("list", ["tensorboard"]) and events_written("string", "tensorboard")
-    assert not events_written("empty", []) and not events_written("none", "none")
+    assert events_written("list", "[tensorboard]") and events_written("string", "tensorboard")
+    assert not events_written("empty", "[]") and not events_written("none", "none")
     monkeypatch.setenv("WANDB_MODE", "disabled")  # wandb.init returns a no-op run: nothing leaves the machine
-    assert events_written("wandb", ["wandb"]) and events_written("wandb-string", "wandb")  # tensorboard as well
+    assert events_written("wandb", "[wandb]") and events_written("wandb-string", "wandb")  # tensorboard as well
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "wandb" else real_find_spec(name, *args))
     with pytest.raises(ConfigError, match="report_to includes wandb but wandb is not installed"):
-        check_sinks_available("wandb")
-    check_sinks_available("none")
-    check_sinks_available(["tensorboard"])
+        check_sinks_available(resolved("wandb"))
+    check_sinks_available(resolved("none"))
+    check_sinks_available(resolved("tensorboard"))

@@ -44,6 +44,20 @@ def test_malformed_line_names_file_and_line(tmp_path, tiny_tokenizer):
         prepare_data(config_for(path), tiny_tokenizer)
 
 
+def test_every_bad_line_is_counted_and_the_first_is_named(tmp_path, tiny_tokenizer):
+    """A malformed line 9 and a missing field on lines 3 and 6: the error names line 3 first, and the others."""
+    good = json.dumps({"instruction": "a", "response": "b"})
+    lines = [good] * 10
+    lines[2] = lines[5] = json.dumps({"instruction": "a"})
+    lines[8] = '{"instruction": oops}'
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as error:
+        prepare_data(config_for(path), tiny_tokenizer)
+    assert str(error.value).startswith(f"{path}:3: missing field(s) ['response']")
+    assert str(error.value).endswith(f"[the first of 3 bad lines in {path}; also line(s) 6, 9]")
+
+
 def test_missing_field_names_line_and_expected_fields(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}] * 3 + [{"instruction": "a"}])
     with pytest.raises(DataError, match=r"d.jsonl:4: missing field\(s\) \['response'\]"):

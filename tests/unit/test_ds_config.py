@@ -45,6 +45,44 @@ PEER_STYLE_ZERO3 = {
         "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"},
 }
 
+# Peers' ZeRO-3 files as their projects ship them (contents copied): axolotl's deepspeed_configs/zero3_bf16.json and
+# zero3_bf16_cpuoffload_all.json name ZeRO-3 fields without the stage3_ prefix, the transformers docs' DeepSpeed page
+# writes ds_config_zero3.json with the deprecated stage3_gather_fp16_weights_on_model_save.
+PEER_FILES = {
+    "axolotl zero3_bf16.json": {
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 0,
+                              "reduce_bucket_size": "auto", "prefetch_bucket_size": "auto",
+                              "param_persistence_threshold": "auto", "max_live_parameters": 0,
+                              "max_reuse_distance": 0, "gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": True}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False},
+    "axolotl zero3_bf16_cpuoffload_all.json": {
+        "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                              "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                              "contiguous_gradients": True, "sub_group_size": 0, "reduce_bucket_size": "auto",
+                              "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                              "max_live_parameters": 0, "max_reuse_distance": 0,
+                              "gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": True}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False},
+    "transformers docs ds_config_zero3.json": {
+        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "optimizer": {"type": "AdamW",
+                      "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                      "warmup_num_steps": "auto"}},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                              "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                              "contiguous_gradients": True, "sub_group_size": 1e9, "reduce_bucket_size": "auto",
+                              "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                              "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+                              "stage3_gather_fp16_weights_on_model_save": True},
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False},
+}
+
 
 def write_json(tmp_path, data, name="ds.json"):
     path = tmp_path / name
@@ -130,7 +168,7 @@ def test_a_ds_file_with_zero3_decides_the_checkpointing_estimate_too(tmp_path):
     assert zero2.gradient_checkpointing is True and zero3.gradient_checkpointing is False
     from finetune_launcher.launch.preflight import preflight
 
-    assert preflight(zero3).spec.zero == 3 and preflight(zero2).spec.zero == 2
+    assert preflight(zero3).spec.zero_stage == 3 and preflight(zero2).spec.zero_stage == 2
 
 
 def test_contradicting_batch_size_names_the_key(tmp_path):
@@ -220,3 +258,68 @@ def test_the_shipped_configs_are_found_from_an_installed_package(tmp_path):
     assert out.returncode == 0, out.stderr
     found = [Path(line) for line in out.stdout.split()]
     assert all(path.is_file() and prefix in path.parents for path in found), found
+
+
+# ---------------------------------------------------------------- what DeepSpeed itself accepts
+
+def deepspeed_accepts(cfg):
+    """DeepSpeed's own config classes on the resolved dict, as a rank builds them (for a world of one here)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = cfg.deepspeed_dict()
+    return DeepSpeedConfig(dict(ds, train_batch_size=cfg.micro_batch_size * cfg.gradient_accumulation_steps))
+
+
+@pytest.mark.parametrize("peer", sorted(PEER_FILES))
+def test_peer_files_in_every_spelling_resolve_to_a_dict_deepspeed_accepts(tmp_path, peer):
+    """Each spelling DeepSpeed accepts is one setting: the filler neither adds a second spelling beside the file's
+    (DeepSpeed refuses two) nor leaves an unprefixed "auto" unfilled; the file's own values are kept."""
+    cfg = resolve(REPO / "configs" / "tiny_lora.yaml", {"deepspeed_config": write_json(tmp_path, PEER_FILES[peer])})
+    parsed = deepspeed_accepts(cfg).zero_config
+    given = PEER_FILES[peer]["zero_optimization"]
+    assert parsed.stage == 3 and parsed.gather_16bit_weights_on_model_save is True
+    assert parsed.prefetch_bucket_size == int(0.9 * HIDDEN * HIDDEN)  # "auto" filled in whichever spelling
+    live = given.get("max_live_parameters", given.get("stage3_max_live_parameters"))
+    assert parsed.max_live_parameters == live
+
+
+def test_deprecated_and_old_spellings_keep_their_meaning(tmp_path):
+    """`cpu_offload: true` is DeepSpeed's old offload_optimizer to the CPU, `bfloat16` its old `bf16`."""
+    file = write_json(tmp_path, {"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 2, "cpu_offload": True}})
+    cfg = resolve(REPO / "configs" / "tiny_lora.yaml", {"deepspeed_config": file})
+    assert cfg.offload is True and cfg.precision == "bf16"
+    parsed = deepspeed_accepts(cfg)
+    assert parsed.zero_config.offload_optimizer.device == "cpu" and parsed.bfloat16_config.enabled
+
+
+def test_two_spellings_of_one_setting_in_a_file_are_refused_naming_both(tmp_path):
+    file = write_json(tmp_path, {"zero_optimization": {"stage": 3, "max_live_parameters": 1e8,
+                                                       "stage3_max_live_parameters": 1e9}})
+    with pytest.raises(ConfigError) as error:
+        resolved({"deepspeed_config": file})
+    message = str(error.value)
+    assert "'zero_optimization.max_live_parameters'" in message and "'zero_optimization.stage3_max_live_parameters'" \
+        in message and "keep one" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("zero,key,suggestion", [
+    ({"stage": 2, "overlap_com": False}, "zero_optimization.overlap_com", "overlap_comm"),
+    ({"stage": 3, "offload_param": {"device": "cpu", "pin_memroy": True}}, "zero_optimization.offload_param.pin_memroy",
+     "pin_memory"),
+])
+def test_a_key_deepspeed_does_not_know_is_refused_before_launch(tmp_path, capsys, zero, key, suggestion):
+    """The launcher says it in one `error:` line naming the file, the key and the close match, and exits 2; no rank
+    starts to fail with DeepSpeed's pydantic traceback."""
+    from finetune_launcher.launch.cli import main
+
+    file = write_json(tmp_path, {"zero_optimization": zero})
+    assert main(["--mode", "lora", str(REPO / "configs" / "tiny_lora.yaml"), "--deepspeed", file, "--dry-run"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {file}: key '{key}'"), errors
+    assert f"did you mean '{suggestion}'" in errors[0] and "Traceback" not in errors[0]
+
+
+def test_a_value_deepspeed_refuses_names_the_key(tmp_path):
+    file = write_json(tmp_path, {"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}})
+    with pytest.raises(ConfigError, match=r"key 'zero_optimization.reduce_bucket_size'"):
+        resolved({"deepspeed_config": file})

@@ -10,15 +10,16 @@ from types import MappingProxyType
 import pytest
 
 from tests.conftest import REPO
-from finetune_launcher.estimate import (EstimateError, EstimateLog, RunSpec, estimate, estimate_from_config, liger_expected,
-                            load_architecture, measured_step_time, resolve_device, spec_from_config)
+from finetune_launcher.estimate import (EstimateError, EstimateLog, RunSpec, estimate, estimate_from_config,
+                                        load_architecture, measured_step_time, resolve_device, spec_from_config)
+from finetune_launcher.estimate.cli import main as estimate_command
 
 LLAMA8B = "meta-llama/Meta-Llama-3-8B-Instruct"
 
 
 def spec(**kw):
-    base = dict(model=LLAMA8B, mode="full", gpus_per_node=8, gpu="H100-80GB", seq_len=4096, micro_batch=1,
-                zero=2, gradient_checkpointing=False, precision="bf16", lora_dropout=0.0)
+    base = dict(model=LLAMA8B, mode="full", procs_per_node=8, gpu="H100-80GB", max_length=4096, micro_batch_size=1,
+                zero_stage=2, gradient_checkpointing=False, precision="bf16", lora_dropout=0.0)
     base.update(kw)
     return RunSpec(**base)
 
@@ -26,7 +27,8 @@ def spec(**kw):
 # ------------------------------------------------------------------ total steps
 
 def test_total_steps_follow_the_trainer_arithmetic():
-    r = estimate(spec(mode="lora", examples=10000, epochs=2, micro_batch=2, grad_accum=4, packing=False))
+    r = estimate(spec(mode="lora", examples=10000, num_epochs=2, micro_batch_size=2, gradient_accumulation_steps=4,
+                      packing=False))
     assert r.total_steps == 2 * (10000 // 8 // 8)
     assert r.total_time_h == pytest.approx(r.total_steps * r.step_time_s / 3600)
 
@@ -57,13 +59,18 @@ def test_hub_ids_and_local_directories_resolve(tiny_model_path):
 def test_fp16_only_gpu_refuses_bf16():
     with pytest.raises(EstimateError, match="fp16"):
         estimate(spec(gpu="V100-32GB", precision="bf16"))
-    assert estimate(spec(gpu="V100-32GB", precision="auto")).precision == "fp16"
+    assert estimate(spec(gpu="V100-32GB", precision="fp16")).precision == "fp16"
+
+
+def test_precision_auto_is_left_to_the_config_resolution():
+    with pytest.raises(EstimateError, match="'auto' is decided when the run config is resolved"):
+        estimate(spec(precision="auto"))
 
 
 # ------------------------------------------------------------------ verdict and alternatives
 
 def test_a_run_that_does_not_fit_gets_ranked_alternatives_that_fit():
-    r = estimate(spec(model="Qwen/Qwen2.5-32B-Instruct", mode="lora", zero=2))
+    r = estimate(spec(model="Qwen/Qwen2.5-32B-Instruct", mode="lora", zero_stage=2))
     assert not r.fits
     assert "exceeds" in r.refusal and "--force" in r.refusal and "suggested fix" in r.refusal
     assert r.alternatives
@@ -135,16 +142,30 @@ def test_launcher_exits_4_when_it_does_not_fit_unless_forced(capsys):
 
 # ------------------------------------------------------------------ the run-config mapping
 
-def test_spec_from_a_read_only_mapping_resolves_the_auto_settings():
-    """The run config may be any Mapping (the trainer's frozen config's as_dict()); `auto` resolves as the trainer
-    does: Liger on GPUs, checkpointing off where the run fits without it; booleans are taken as given."""
-    config = dict(_tiny_config(), gradient_checkpointing="auto", liger_kernel="auto")
-    auto = spec_from_config(MappingProxyType(config), 8, 1, gpu="H100-80GB")
-    assert auto.liger_kernel is True and auto.gradient_checkpointing is False
-    assert spec_from_config(MappingProxyType(config), 2, 1, gpu="cpu").liger_kernel is False
-    given = spec_from_config(MappingProxyType(dict(config, gradient_checkpointing=True, liger_kernel=False)), 8, 1,
-                             gpu="H100-80GB")
+def test_spec_takes_each_run_config_key_by_its_own_name():
+    """Every RunSpec field named as a run-config key holds that key's resolved value; the machine comes from the
+    caller."""
+    from dataclasses import fields
+
+    config = _tiny_config(max_length=96, micro_batch_size=3, gradient_accumulation_steps=5, zero_stage=3, lora_r=4,
+                          lora_target_modules=["q_proj", "v_proj"], lora_dropout=0.0, num_epochs=3, max_steps=7,
+                          packing=False, attn_implementation="eager", overlap_comm=True, zero3_gather="module")
+    made = spec_from_config(MappingProxyType(config), 2, 1, gpu="cpu")
+    shared = [f.name for f in fields(RunSpec) if f.name in config and f.name not in ("gpu", "procs_per_node")]
+    assert len(shared) > 20
+    for name in shared:
+        assert getattr(made, name) == config[name], name
+
+
+def test_the_resolved_decisions_are_taken_as_given_and_auto_is_refused():
+    """Gradient checkpointing and Liger's kernels are what the config resolution decided, even where the run would
+    fit without checkpointing and the GPU could run Liger's kernels; an unresolved `auto` is refused."""
+    config = dict(_tiny_config(), gradient_checkpointing=True, liger_kernel=False)
+    given = spec_from_config(MappingProxyType(config), 8, 1, gpu="H100-80GB")
     assert given.gradient_checkpointing is True and given.liger_kernel is False
+    for key in ("gradient_checkpointing", "liger_kernel", "precision"):
+        with pytest.raises(EstimateError, match=f"not resolved \\({key}: auto\\)"):
+            spec_from_config(dict(config, **{key: "auto"}), 8, 1, gpu="H100-80GB")
 
 
 def test_a_resolved_deepspeed_dict_in_the_mapping_gives_the_bucket_and_overlap(tmp_path):
@@ -163,7 +184,15 @@ def test_a_users_deepspeed_file_gives_its_numbers(tmp_path):
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000,
                                                       "stage3_max_live_parameters": 12345, "overlap_comm": "auto"}}))
     spec = spec_from_config(_tiny_config(deepspeed_config=str(path)), 2, 1, gpu="cpu")
-    assert (spec.reduce_bucket_size, spec.max_live_parameters, spec.overlap_comm) == (1000, 12345, False)
+    assert (spec.reduce_bucket_size, spec.stage3_max_live_parameters, spec.overlap_comm) == (1000, 12345, False)
+
+
+def test_a_peer_files_unprefixed_zero3_names_give_their_numbers(tmp_path):
+    """axolotl writes max_live_parameters without the stage3_ prefix; the estimate reads it all the same."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "max_live_parameters": 12345}}))
+    spec = spec_from_config(_tiny_config(deepspeed_config=str(path)), 2, 1, gpu="cpu")
+    assert spec.stage3_max_live_parameters == 12345
 
 
 class _History:
@@ -184,18 +213,15 @@ def test_trainer_log_records_estimate_and_measured(capsys):
 
 # ------------------------------------------------------------------ the command line
 
-REQUIRED_KEYS = ("params_total", "params_trainable", "memory_per_gpu_gib", "fits", "step_time_s", "tokens_per_s",
-                 "total_steps", "total_time_h", "assumptions")
+REQUIRED_KEYS = ("params_base", "params_adapter", "params_trainable", "memory_per_gpu_gib", "fits", "step_time_s",
+                 "tokens_per_s", "total_steps", "total_time_h", "assumptions")
 ISSUE_FLAGS = ["--model", "Qwen/Qwen2.5-7B-Instruct", "--mode", "lora", "--gpus-per-node", "8", "--nodes", "1",
                "--gpu", "H100-80GB", "--seq-len", "2048", "--micro-batch", "2", "--grad-accum", "4", "--zero", "2",
                "--gradient-checkpointing", "--lora-rank", "16", "--examples", "20000", "--epochs", "2"]
 
 
 def _cli(argv):
-    sys.path.insert(0, str(REPO / "tools"))
-    import estimate_time
-
-    return estimate_time.main(argv)
+    return estimate_command(argv)
 
 
 def test_cli_json_has_the_documented_keys(capsys):
@@ -205,7 +231,7 @@ def test_cli_json_has_the_documented_keys(capsys):
         assert key in data, key
     for key in ("total", "weights", "gradients", "optimizer", "activations", "other"):
         assert key in data["memory_per_gpu_gib"], key
-    assert data["params_total"] == 7_615_616_512 + data["params_lora"]
+    assert data["params_base"] == 7_615_616_512 and data["params_adapter"] == data["params_trainable"] > 0
     assert data["total_steps"] == 2 * (20000 // 8 // 8)
     assert isinstance(data["assumptions"], list) and len(data["assumptions"]) > 5
 
@@ -225,19 +251,27 @@ def test_cli_errors_exit_2_and_list_known_names(capsys):
     assert "H100-80GB" in capsys.readouterr().err
 
 
-def test_cli_answers_without_loading_torch_or_the_training_stack():
-    """Why it answers in well under 2 s (0.6-0.7 s here: `time python tools/estimate_time.py ... --json`): no
-    torch, DeepSpeed, peft or bitsandbytes import, whose start-up alone takes seconds."""
-    probe = ("import runpy, sys; sys.argv = ['estimate_time.py'] + sys.argv[1:]; sys.path.insert(0, 'tools')\n"
-             "try:\n    runpy.run_path('tools/estimate_time.py', run_name='__main__')\n"
-             "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+def test_the_estimate_of_a_resolved_config_loads_no_torch(tmp_path):
+    """The launcher's pre-flight for a model of the offline table imports no torch, DeepSpeed, peft or
+    bitsandbytes (whose start-up alone takes seconds): the resolved config is read as written."""
+    config = _tiny_config(model="Qwen/Qwen2.5-7B-Instruct")
+    path = tmp_path / "resolved.json"
+    path.write_text(json.dumps(config))
+    probe = ("import json, sys\nfrom finetune_launcher.estimate import estimate_from_config\n"
+             "result = estimate_from_config(json.load(open(sys.argv[1])), 8, 1, gpu='H100-80GB', calibration={})\n"
              "heavy = [m for m in ('torch', 'deepspeed', 'peft', 'bitsandbytes') if m in sys.modules]\n"
-             "print('HEAVY', heavy, file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", probe, *ISSUE_FLAGS, "--json"], capture_output=True, text=True,
-                          cwd=REPO, timeout=60)
+             "print('HEAVY', heavy, result.fits)")
+    proc = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "HEAVY []" in proc.stderr, proc.stderr[-2000:]
-    assert json.loads(proc.stdout)["fits"] is True
+    assert "HEAVY [] True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_the_tools_script_runs_the_estimate_command():
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "estimate_time.py"), *ISSUE_FLAGS, "--json",
+                           "--no-calibration"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["params_base"] == 7_615_616_512
 
 
 def config_header_estimates():
@@ -279,15 +313,9 @@ def test_a_memory_size_the_gpu_does_not_have_is_unknown():
         resolve_device("A100-32GB")
 
 
-def test_liger_is_expected_on_gpus_only_when_auto():
-    assert liger_expected({"liger_kernel": "auto"}, "H100-80GB") is True
-    assert liger_expected({"liger_kernel": "auto"}, "cpu") is False
-    assert liger_expected({"liger_kernel": False}, "H100-80GB") is False
-
-
 def test_cli_without_a_config_follows_the_trainers_defaults(capsys):
-    """No --gradient-checkpointing flag: off where the run fits without it, as gradient_checkpointing: auto does;
-    Liger's kernels on GPUs, as liger_kernel: auto does."""
+    """No --gradient-checkpointing flag: the run config's gradient_checkpointing: auto, resolved as for a launch
+    (off where the run fits without it); Liger's kernels on GPUs, as liger_kernel: auto resolves."""
     common = ["--model", "meta-llama/Meta-Llama-3-8B", "--mode", "lora", "--seq-len", "2048", "--micro-batch", "2",
               "--json", "--no-calibration"]
     assert _cli(common + ["--gpu", "H200"]) == 0

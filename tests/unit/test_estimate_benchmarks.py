@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tests.conftest import REPO
-from tools.benchlib import predict
+from bench.benchlib import predict
 from finetune_launcher.estimate import cpu_device, fit_calibration, resolve_device
 
 BENCHMARKS = REPO / "docs" / "benchmarks"
@@ -91,9 +91,9 @@ def test_bench_runs_with_liger_within_tolerance(case):
 
 
 def test_cpu_accuracy_cases_within_tolerance():
-    """tools/estimate_accuracy.py's cases on the 2-core machine docs/estimation.md describes: calibrated on the
+    """bench/estimate_accuracy.py's cases on the 2-core machine docs/estimation.md describes: calibrated on the
     first case, the seven others predicted."""
-    from tools.estimate_accuracy import CASES, case_config
+    from bench.estimate_accuracy import CASES, case_config
 
     measured = json.loads((BENCHMARKS / "estimate_accuracy_cpu.json").read_text())["cases"]
     args = argparse.Namespace(model="builtin:small-llama", dataset="data/tiny_instruct.jsonl", seq_len=256,

@@ -136,7 +136,7 @@ def test_lora_counts_equal_peft(key, targets):
     config.num_hidden_layers = 2
     model = get_peft_model(meta_model(config), LoraConfig(r=16, target_modules=targets))
     arch = replace(architecture_from_table(key), num_hidden_layers=2)
-    ours = count_params(arch, RunSpec(model=key, mode="lora", lora_rank=16, lora_targets=targets)).lora
+    ours = count_params(arch, RunSpec(model=key, mode="lora", lora_r=16, lora_target_modules=targets)).lora
     assert ours == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -168,9 +168,35 @@ def test_flops_per_token_equal_torch_flop_counter(mode, checkpointing):
     name, micro, seq = "builtin:tiny-llama", 2, 128
     model = build_model(name, mode, checkpointing, attn_implementation="eager")
     forward, total = counted_flops(model, collate(packed_rows(micro, seq), 0, True))
-    spec = RunSpec(model=name, mode=mode, seq_len=seq, micro_batch=micro, gradient_checkpointing=checkpointing,
+    spec = RunSpec(model=name, mode=mode, max_length=seq, micro_batch_size=micro, gradient_checkpointing=checkpointing,
                    lora_dropout=0.0, gpu="cpu", attn_implementation="eager")
     arch = load_architecture(name)
     ours = flops_per_token(arch, spec, count_params(arch, spec), masked=True)
     assert ours["forward"] * micro * seq == pytest.approx(forward, rel=1e-6)
     assert ours["total"] * micro * seq == pytest.approx(total, rel=0.025)
+
+
+def test_the_base_model_and_the_adapter_are_reported_apart(tmp_path, capsys):
+    """LoRA on every linear of an MoE, its experts included (the issue's Qwen3-30B-A3B printed 31.53B as its total,
+    30.53B real): the JSON and the table give the model's parameters as transformers builds it and the adapter's as
+    peft adds it, apart."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    from finetune_launcher.estimate.cli import main
+
+    config = AutoConfig.for_model("qwen3_moe", **TINY_TEXT, num_experts=8, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, decoder_sparse_step=1, tie_word_embeddings=False)
+    config.save_pretrained(tmp_path / "moe")
+    model = meta_model(config)
+    base = numel(model.parameters())
+    adapted = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    adapter = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    argv = ["--model", str(tmp_path / "moe"), "--mode", "lora", "--lora-r", "8", "--gpu", "H100-80GB",
+            "--no-calibration"]
+    assert main(argv + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["params_base"], data["params_adapter"], data["params_trainable"]) == (base, adapter, adapter)
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert f"{base / 1e9:.3f} B in the model + {adapter / 1e6:.2f} M adapter" in table

@@ -2,6 +2,7 @@
 log's LoRA count), the tiny pipeline loaded for real, a real CPU training step of the tiny pipeline (autograd's
 saved-tensor hooks, torch's allocation counter, FlopCounterMode with eager attention), bitsandbytes' NF4 storage of
 the QLoRA UNet, and the calibration fit on a diffusion history."""
+import json
 import types
 
 import pytest
@@ -17,8 +18,8 @@ TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def tiny_spec(**changes):
-    fields = dict(model="builtin:tiny-sd", recipe="diffusion", mode="lora", lora_rank=4, lora_targets=TARGETS,
-                  lora_dropout=0.0, resolution=64, micro_batch=2, gpu="cpu", precision="fp32", packing=False)
+    fields = dict(model="builtin:tiny-sd", recipe="diffusion", mode="lora", lora_r=4, lora_target_modules=TARGETS,
+                  lora_dropout=0.0, resolution=64, micro_batch_size=2, gpu="cpu", precision="fp32", packing=False)
     return RunSpec(**{**fields, **changes})
 
 
@@ -121,7 +122,7 @@ def test_unet_flops_equal_the_flop_counter_on_a_real_step(checkpointing):
 
 
 def test_qlora_weights_equal_bitsandbytes_storage():
-    """The QLoRA UNet as finetune_launcher/recipes/diffusion/model.py loads it (nn.Linear -> NF4 double quant, the rest and the
+    """The QLoRA UNet as the recipe's model.py loads it (nn.Linear -> NF4 double quant, the rest and the
     adapters fp32 here), plus the frozen VAE and text encoder: bytes of every parameter and quant_state tensor."""
     from finetune_launcher.recipes.diffusion.model import load_diffusion
 
@@ -137,14 +138,15 @@ def test_qlora_weights_equal_bitsandbytes_storage():
             if state is not None:
                 nested = [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
                 held += sum(t.untyped_storage().nbytes() for t in nested)
-    predicted = estimate(tiny_spec(mode="qlora", micro_batch=1), calibration={}, with_alternatives=False)
+    predicted = estimate(tiny_spec(mode="qlora", micro_batch_size=1), calibration={}, with_alternatives=False)
     assert predicted.counts.quantized > 0
     assert predicted.memory["weights"] == pytest.approx(held, rel=0.001)
 
 
 def test_sd15_on_a_24gb_gpu_fits_and_qlora_saves_the_linear_weights():
-    spec = RunSpec(model="runwayml/stable-diffusion-v1-5", recipe="diffusion", mode="lora", lora_rank=16,
-                   lora_targets=TARGETS, lora_dropout=0.05, micro_batch=1, grad_accum=4, gpu="RTX-4090",
+    spec = RunSpec(model="runwayml/stable-diffusion-v1-5", recipe="diffusion", mode="lora", lora_r=16,
+                   lora_target_modules=TARGETS, lora_dropout=0.05, micro_batch_size=1, gradient_accumulation_steps=4,
+                   gpu="RTX-4090",
                    precision="bf16", max_steps=100, packing=False, gradient_checkpointing=False)
     lora = estimate(spec, calibration={}, with_alternatives=False)
     qlora = estimate(RunSpec(**{**spec.__dict__, "mode": "qlora"}), calibration={}, with_alternatives=False)
@@ -169,6 +171,44 @@ def test_diffusion_calibration_has_its_own_key(tmp_path):
     cold, entry, calibrated = calibrate_from_history(history, path=tmp_path / "calibration.json")
     assert entry["key"] == "cpu/fp32/diffusion" and cold.spec.recipe == "diffusion"
     assert calibrated.step_time_s == pytest.approx(0.9, rel=1e-6)
-    language = estimate(RunSpec(model="builtin:tiny-llama", gpu="cpu"), calibration={entry["key"]: entry},
-                        with_alternatives=False)
+    language = estimate(RunSpec(model="builtin:tiny-llama", gpu="cpu", precision="fp32"),
+                        calibration={entry["key"]: entry}, with_alternatives=False)
     assert language.timing["calibration_factor"] is None
+
+
+def test_the_diffusion_recipe_claims_diffusers_pipelines_only(tmp_path, tiny_model_path):
+    """The recipe table's model facts: builtin:tiny-sd and a pipeline directory give the UNet's widest block, for
+    `recipe: auto` too; a hub id of the estimator's offline table its entry's, for a pre-flight of another machine;
+    a causal LM and an unknown name are not pipelines. `recipe: auto` picks the diffusion recipe for what is
+    claimed."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from finetune_launcher import recipe_table
+    from finetune_launcher.models.references import resolve_model_path
+
+    claim = recipe_table.part("diffusion", "model_facts")
+    tiny = Path(resolve_model_path("builtin:tiny-sd"))
+    widest = max(json.loads((tiny / "unet" / "config.json").read_text())["block_out_channels"])
+    copied = shutil.copytree(tiny, tmp_path / "my-pipeline")
+    for model in ("builtin:tiny-sd", str(copied)):
+        facts = claim({"model": model, "recipe": "auto"})
+        assert (facts.pipeline, facts.hidden_size, facts.widest) == (True, widest, 8 * widest)
+        assert recipe_table.detect(facts).name == "diffusion"
+    sd15 = {"model": "runwayml/stable-diffusion-v1-5", "recipe": "auto"}
+    assert claim(sd15, require_model=False).hidden_size == 1280
+    assert claim({"model": str(tiny_model_path), "recipe": "auto"}) is None
+    assert claim({"model": "Qwen/Qwen2.5-7B-Instruct", "recipe": "auto"}, require_model=False) is None
+
+
+def test_an_estimate_for_a_pipeline_of_the_offline_table_needs_no_recipe_flag(capsys):
+    """`estimate --model runwayml/stable-diffusion-v1-5 ...` on a machine without the pipeline: the recipe follows
+    the model, as the config resolution detects it."""
+    from finetune_launcher.estimate.cli import main
+
+    argv = ["--model", "runwayml/stable-diffusion-v1-5", "--gpu", "RTX-4090", "--resolution", "256", "--json",
+            "--no-calibration"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    assert data["unit"] == "images" and data["inputs"]["recipe"] == "diffusion" and data["fits"]

@@ -17,9 +17,9 @@ GIB = 2 ** 30
 SETUPS = [(model, ranks) for model in ("qwen2.5-1.5b", "llama-3-8b", "qwen2.5-72b") for ranks in (1, 8, 64)]
 
 
-def full_finetune(model, ranks, zero, offload=False):
-    spec = RunSpec(model=model, mode="full", zero=zero, offload=offload, gpus_per_node=min(ranks, 8),
-                   nodes=max(1, ranks // 8), gpu="H100-80GB", precision="bf16")
+def full_finetune(model, ranks, zero_stage, offload=False):
+    spec = RunSpec(model=model, mode="full", zero_stage=zero_stage, offload=offload, procs_per_node=min(ranks, 8),
+                   nnodes=max(1, ranks // 8), gpu="H100-80GB", precision="bf16")
     return estimate(spec, calibration={}, with_alternatives=False)
 
 
@@ -34,7 +34,7 @@ def deepspeed_per_gpu(function, options, *args, ranks):
 
 
 def sixteen_bit_gradient_partition(result):
-    return 2 * result.counts.total / result.spec.world
+    return 2 * result.counts.total / result.spec.world_size
 
 
 @pytest.mark.parametrize("model,ranks", SETUPS)
@@ -45,7 +45,7 @@ def test_zero2_model_states_match_deepspeeds_estimator(model, ranks):
     the difference is that term, to DeepSpeed's print rounding (0.01 GB)."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
 
-    r = full_finetune(model, ranks, zero=2)
+    r = full_finetune(model, ranks, zero_stage=2)
     m = r.memory
     ours = m["weights"] + m["optimizer"] + max(m["gradients"], m["gradients_at_step"])
     theirs = deepspeed_per_gpu(estimate_zero2_model_states_mem_needs_all_cold, "offload_optimizer=none$",
@@ -58,7 +58,7 @@ def test_zero2_model_states_match_deepspeeds_estimator(model, ranks):
 def test_zero2_offload_keeps_the_16bit_weights_on_the_gpu_like_deepspeed(model, ranks):
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
 
-    r = full_finetune(model, ranks, zero=2, offload=True)
+    r = full_finetune(model, ranks, zero_stage=2, offload=True)
     m = r.memory
     theirs = deepspeed_per_gpu(estimate_zero2_model_states_mem_needs_all_cold, r"offload_optimizer=(?!none)",
                                r.counts.total, ranks=ranks)
@@ -81,7 +81,7 @@ def test_zero3_model_states_match_deepspeeds_estimator(model, ranks):
 
     layers = meta_model(random_shape_config(model)).modules()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in layers)
-    r = full_finetune(model, ranks, zero=3)
+    r = full_finetune(model, ranks, zero_stage=3)
     m = r.memory
     theirs = deepspeed_per_gpu(estimate_zero3_model_states_mem_needs_all_cold,
                                "offload_param=none, offload_optimizer=none, zero_init=1$",

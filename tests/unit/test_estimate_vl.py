@@ -10,7 +10,7 @@ import torch
 
 from finetune_launcher.estimate import RunSpec, count_params, estimate, load_architecture, spec_from_config
 from finetune_launcher.estimate.architectures import architecture_from_table
-from finetune_launcher.recipes.vision_language.estimate import image_tokens, vision_activation_terms
+from finetune_launcher.recipes.vision_language.estimate_tower import image_tokens, vision_activation_terms
 from finetune_launcher.recipes.vision_language.estimate_table import VL_ARCHITECTURES
 
 
@@ -98,7 +98,7 @@ def test_vision_tower_keeps_what_the_estimate_says(train_merger):
         param.requires_grad = train_merger and "merger" in name
     pictures = image_processor()(images=[Image.new("RGB", (64, 64), c) for c in ("red", "blue")], return_tensors="pt")
     measured = saved_bytes(visual, pictures["pixel_values"], pictures["image_grid_thw"])
-    spec = RunSpec(model=str(path), mode="lora", micro_batch=2, image_size=(64, 64), train_merger=train_merger,
+    spec = RunSpec(model=str(path), mode="lora", micro_batch_size=2, image_size=(64, 64), train_merger=train_merger,
                    recipe="vision_language", packing=False)
     predicted = sum(vision_activation_terms(load_architecture(str(path)).vision, spec, 4).values())
     if train_merger:
@@ -130,7 +130,7 @@ def test_vl_data_sample_gives_pictures_per_row_and_size():
 
 
 def test_bigger_pictures_cost_more_memory_and_time():
-    base = RunSpec(model="Qwen/Qwen3-VL-8B-Instruct", mode="lora", gpu="A100-80GB", seq_len=4096,
+    base = RunSpec(model="Qwen/Qwen3-VL-8B-Instruct", mode="lora", gpu="A100-80GB", max_length=4096,
                    recipe="vision_language", packing=False, train_merger=True)
     small = estimate(replace(base, image_size=(448, 448)), calibration={}, with_alternatives=False)
     large = estimate(replace(base, image_size=(1344, 1344)), calibration={}, with_alternatives=False)

@@ -1,12 +1,10 @@
-"""The prompt tools/generate.py gives the model is, token for token, the prompt part of the same example as training
-tokenises it (finetune_launcher.data.tokenize_records, labels -100 on the prompt), so the template cannot drift between them."""
-import importlib.util
-import sys
-
+"""The prompt `ftl generate` (tools/generate.py) gives the model is, token for token, the prompt part of the same
+example as training tokenises it (finetune_launcher.data.tokenize_records, labels -100 on the prompt), so the template
+cannot drift between them."""
 import pytest
 import torch
 
-from tests.conftest import REPO
+from finetune_launcher.after import generate_command
 from finetune_launcher.after.loading import LoadedModel
 from finetune_launcher.data.text import IGNORE_INDEX, DataStats, tokenize_records
 
@@ -28,22 +26,13 @@ class RecordingModel:
         return torch.cat([input_ids, torch.tensor([[self.eos_id]])], dim=1)
 
 
-def generate_tool():
-    spec = importlib.util.spec_from_file_location("generate_tool", REPO / "tools" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def prompt_fed_by_the_tool(monkeypatch, tokenizer, fmt, *argv):
-    """Run tools/generate.py's main() with its command line, on a model trained with dataset format `fmt`."""
-    tool = generate_tool()
+    """Run `ftl generate`'s main() with its command line, on a model trained with dataset format `fmt`."""
     model = RecordingModel(tokenizer.eos_token_id)
     loaded = LoadedModel("run/best", model, tokenizer, {"dataset_format": fmt}, "run/best")
-    monkeypatch.setattr(tool, "load", lambda args: loaded)
-    monkeypatch.setattr(sys, "argv", ["generate.py", "text", "--adapter", "run/best", *argv])
-    monkeypatch.setattr(tool, "check_source", lambda args: None)  # no adapter on disk: the model is stubbed
-    assert tool.main() == 0
+    monkeypatch.setattr(generate_command, "load", lambda args: loaded)
+    monkeypatch.setattr(generate_command, "check_source", lambda args: None)  # no adapter on disk: a stub model
+    assert generate_command.main(["text", "--adapter", "run/best", *argv]) == 0
     assert len(model.prompts) == 1
     return model.prompts[0]
 

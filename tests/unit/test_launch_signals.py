@@ -202,3 +202,20 @@ def test_a_rank_forked_after_the_launcher_computed_runs_on_the_threads_it_was_gi
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "launcher threads 1" in proc.stdout and (tmp_path / "threads").read_text() == "2"
+
+
+def test_scratch_directories_of_dead_launchers_are_removed_and_live_ones_kept(tmp_path):
+    """A launcher killed outright cannot remove its scratch directory (ftl-launch-<pid>-...): the next launch removes
+    those whose launcher is gone, never one whose launcher still runs."""
+    from finetune_launcher.launch.scratch import remove_orphaned_scratch
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f"ftl-launch-{dead.pid}-abcd"
+    live = tmp_path / f"ftl-launch-{os.getpid()}-efgh"
+    unrelated = tmp_path / "ftl-launchpad"
+    for path in (orphan, live, unrelated):
+        path.mkdir()
+        (path / "run_config.json").write_text("{}")
+    remove_orphaned_scratch(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unrelated.name])

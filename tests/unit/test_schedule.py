@@ -65,3 +65,48 @@ def test_a_relative_threshold_is_a_percentage_of_the_best_loss():
     event = tracker.on_eval(1.92, 2)  # 4% better: not enough
     assert not event["improved"] and event["lr_reduced"] and schedule.scale == 0.5
     assert tracker.on_eval(1.80, 3)["improved"]  # 10% better than 2.0
+
+
+class ScriptedEvals:
+    """A task whose evals return the given losses in turn and whose best/ saves are recorded."""
+
+    stats = {}
+
+    def __init__(self, losses):
+        self.losses, self.saved = list(losses), []
+
+    def evaluate(self, engine):
+        return self.losses.pop(0)
+
+    def after_eval(self, engine, step):
+        return {}
+
+    def save_weights(self, engine, out_dir, info):
+        self.saved.append((out_dir.name, info["step"]))
+
+
+def test_the_console_says_what_best_is_chosen_among(tmp_path, capsys):
+    """Step 0 evaluates the base model; best/ holds trained weights only, so the first eval after training started
+    is best/ even when it is worse than step 0, and the console says both."""
+    from types import SimpleNamespace
+
+    from finetune_launcher.history import History, MetricSinks
+    from finetune_launcher.loop import Trainer
+
+    config = cfg(output_dir=str(tmp_path), run_name="run")
+    schedule = LRSchedule(config, 100)
+    task = ScriptedEvals([7.72, 8.31, 8.02, 7.10])
+    history = History(tmp_path / "training_history.json", {}, enabled=False)
+    trainer = Trainer(config, SimpleNamespace(is_main=True), task, None, schedule, EvalTracker(config, schedule),
+                      history, MetricSinks(tmp_path, (), "run", {}, enabled=False), 100,
+                      SimpleNamespace(stop=None, estimate=None))
+    trainer.evaluate_baseline()
+    for step in (10, 20, 30):
+        trainer.evaluate_and_track(step)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval step")]
+    assert "loss 7.7200 (the base model; best/ is the best eval after it)" in lines[0]
+    assert "loss 8.3100 (best since training started -> best/; the base model's 7.7200 at step 0 is lower)" in lines[1]
+    assert lines[2].endswith("loss 8.0200 (best since training started -> best/; the base model's 7.7200 at step 0 "
+                             "is lower)")
+    assert lines[3].endswith("loss 7.1000 (best since training started -> best/)")
+    assert task.saved == [("best", 10), ("best", 20), ("best", 30)] and history.data["best"]["step"] == 30

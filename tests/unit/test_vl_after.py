@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import REPO, vl_settings
 from finetune_launcher.after.generation import GenerationSettings, PromptCase, case_from_record, read_prompt_file
-from finetune_launcher.recipes.vision_language.after import VLPrompter, generate_vl
+from finetune_launcher.recipes.vision_language.prompts import VLPrompter, generate_vl
 from finetune_launcher.recipes.vision_language.evaluation import answers_match, cannot_match, normalise_answer
 from finetune_launcher.data.records import DataError
 from finetune_launcher.data.text import IGNORE_INDEX
@@ -178,3 +178,27 @@ def test_qlora_vl_adapter_merges_into_the_dequantized_base_with_the_vision_tower
     assert vision and all(torch.equal(merged_state[k], base_state[k]) for k in vision)
     language = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged_state[language], base_state[language])
+
+
+def test_the_saved_processor_loads_with_auto_processor_without_torchvision(tmp_path):
+    """The processor a run saves beside its weights (with the run's pixel bounds): transformers builds every Qwen-VL
+    processor with a video processor, which needs torchvision (absent here); AutoProcessor with trust_remote_code
+    builds it without one, and it gives the training processor's tokens and pixels for an image and text. Without
+    trust_remote_code AutoProcessor builds the class recorded, transformers' own (the whole one with torchvision)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from finetune_launcher.recipes.vision_language.model import SavedProcessor, load_processor
+
+    trained_with = load_processor(vl_settings(max_pixels=32 * 32))
+    SavedProcessor(trained_with).save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    image = Image.open(DATA / "images" / "held_0000.png")
+    inputs = [processor(images=[image], text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
+                        return_tensors="pt") for processor in (trained_with, loaded)]
+    assert inputs[0]["input_ids"].tolist() == inputs[1]["input_ids"].tolist()
+    assert int((inputs[1]["input_ids"] == loaded.image_token_id).sum()) == 4  # max_pixels 32x32: 4 image tokens
+    torch.testing.assert_close(inputs[0]["pixel_values"], inputs[1]["pixel_values"])
+    assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "Qwen3VLProcessor"
+    assert (tmp_path / "video_preprocessor_config.json").is_file()

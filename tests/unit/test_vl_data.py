@@ -155,6 +155,39 @@ def test_bad_rows_name_the_file_and_line(vl_processor, tmp_path, problem, messag
         load_vl_rows(write_rows(tmp_path / "d.jsonl", [image_row(good), bad]), vl_processor, 256)
 
 
+def test_the_first_bad_row_is_named_with_the_count_of_bad_rows(vl_processor, tmp_path):
+    """A missing image on line 2 (found when images are read) and a placeholder mismatch on line 4 (found when
+    rows are parsed): the error names line 2 first, and how many lines are bad."""
+    good = copy_image(tmp_path)
+    rows = [image_row(good), image_row("nowhere.png"), text_row(), dict(image_row(good), images=[good, good]),
+            image_row(good)]
+    path = write_rows(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        load_vl_rows(path, vl_processor, 256)
+    assert str(error.value).startswith(f"{path}:2: image file not found: ")
+    assert str(error.value).endswith(f"[the first of 2 bad lines in {path}; also line(s) 4]")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_runs_data_names_its_first_bad_row_whichever_split_holds_it(vl_processor, tmp_path, seed):
+    """The launcher's data preparation, with a seeded eval split: a missing image on line 2 and a placeholder
+    mismatch on line 5 are named first-line-first whether the split puts them in the train or the eval rows."""
+    from types import SimpleNamespace
+
+    from finetune_launcher.recipes.vision_language.data import prepare_vl_data
+
+    good = copy_image(tmp_path)
+    rows = [image_row(good)] * 6
+    rows[1], rows[4] = image_row("nowhere.png"), dict(image_row(good), images=[good, good])
+    path = write_rows(tmp_path / "d.jsonl", rows)
+    cfg = SimpleNamespace(dataset=str(path), max_examples=None, eval_dataset=None, eval_fraction=0.5, seed=seed,
+                          max_length=256, image_overflow="drop", mix_datasets=None)
+    with pytest.raises(DataError) as error:
+        prepare_vl_data(cfg, vl_processor)
+    assert str(error.value).startswith(f"{path}:2: image file not found: ")
+    assert str(error.value).endswith(f"[the first of 2 bad lines in {path}; also line(s) 5]")
+
+
 def test_an_image_unreadable_at_batch_time_names_its_row(vl_processor, tmp_path):
     image = copy_image(tmp_path)
     rows, _ = load_vl_rows(write_rows(tmp_path / "d.jsonl", [image_row(image)]), vl_processor, 256)
@@ -285,3 +318,32 @@ def test_mixture_repeats_a_small_source_only_as_needed():
 def test_mixture_refuses_bad_fractions(fractions, message):
     with pytest.raises(DataError, match=message):
         mix_sources([("main", [1, 2]), ("other", [3])], fractions, seed=0)
+
+
+def test_the_data_summary_counts_the_rows_the_run_trains_on(vl_processor, tmp_path, capsys):
+    """With a text-only pool mixed in, the summary and the history's counts describe the mixed training rows (the
+    rows drawn from the pool, not the whole pool), and the drawn rows are labelled as mixed in."""
+    from types import SimpleNamespace
+
+    from finetune_launcher.recipes.vision_language.data import prepare_vl_data
+    from finetune_launcher.recipes.vision_language.recipe import report_data
+
+    main = write_rows(tmp_path / "train.jsonl", head_rows(DATA / "train.jsonl", 40))
+    shutil.copytree(DATA / "images", tmp_path / "images")
+    pool = str(DATA / "retention.jsonl")
+    cfg = SimpleNamespace(dataset=str(main), max_examples=None, eval_dataset=None, eval_fraction=0.1, seed=3,
+                          max_length=256, image_overflow="drop", mix_datasets=[{"dataset": pool, "fraction": 0.1}])
+    data = prepare_vl_data(cfg, vl_processor)
+    rows, stats = data.train_rows, data.stats
+    pictured = [r for r in rows if r["images"]]
+    mixed = stats["mixture"]["counts"][pool]
+    assert 0 < mixed < len(head_rows(pool, 1000))
+    assert (stats["train_rows"], stats["image_rows"], stats["text_rows"]) == (len(rows), len(pictured),
+                                                                              len(rows) - len(pictured))
+    assert stats["images"] == sum(len(r["images"]) for r in rows)
+    assert stats["image_tokens"] == sum(sum(r["image_tokens"]) for r in rows)
+    report_data(stats, cfg)
+    summary = capsys.readouterr().out
+    assert f"{len(rows)} train / {len(data.eval_rows)} eval rows ({len(rows) - mixed} from {main}, {mixed} mixed " \
+           f"in from {pool}): {len(pictured)} with images" in summary, summary
+    assert f", {len(rows) - len(pictured)} text-only" in summary, summary

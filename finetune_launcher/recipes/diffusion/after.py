@@ -1,5 +1,5 @@
-"""Images from a diffusion run after training (tools/generate_images.py): the base pipeline named in the run's
-training_info.json with the run's weights on it -- a LoRA through diffusers' own
+"""Images from a diffusion run after training (`ftl generate-images`, generate_images.py): the base pipeline named in
+the run's training_info.json with the run's weights on it -- a LoRA through diffusers' own
 `StableDiffusionPipeline.load_lora_weights`, or a full fine-tune's unet/ -- sampled for prompts and seeds; base and
 tuned side by side; and the weights fused into a complete pipeline directory, checked against base + LoRA before it
 appears.
@@ -7,23 +7,37 @@ appears.
 Each image's starting noise comes from a CPU generator seeded by its seed (as the training samples do), so a seed
 gives the same picture on any device, for the base and the tuned pipeline alike. A QLoRA run's LoRA goes on the UNet
 it was trained against, as the language-model tools do: every linear weight quantized to NF4 as training quantizes it
-(finetune_launcher.recipes.diffusion.model.quantize_unet_linears), then de-quantized (`qlora_base="original"`: the stored UNet)."""
+(finetune_launcher.recipes.diffusion.model.quantize_unet_linears), then de-quantized (`qlora_base="original"`: the
+stored UNet).
+
+This module is also the recipe's after part for the shared tools (finetune_launcher/after/parts.py: AfterPart): they
+refuse a diffusion run's weights with the command that reads them."""
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_launcher.after.bases import KIND_NAMES
+from finetune_launcher import recipe_table
+from finetune_launcher.after.parts import after_part, recorded_recipe
 from finetune_launcher.after.run_files import TRAINING_INFO, AdapterError, read_training_info
 from finetune_launcher.fsutil import apply_umask, atomic_write_json, fresh_tmp_dir, replace_dir
 from finetune_launcher.models.references import resolve_model_path
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # finetune_launcher.recipes.diffusion.model.LORA_WEIGHTS, without importing torch
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # model.LORA_WEIGHTS, without importing torch
 PIPELINE_INDEX = "model_index.json"
 FUSE_TOLERANCE = 2 / 255  # fused vs base + LoRA: the largest pixel difference allowed (images in [0, 1])
 CHECK_PROMPT, CHECK_SEED, CHECK_STEPS = "a red circle on a white background", 0, 4
 QLORA_BASES = ("dequantized", "original")
 NF4_BLOCK = 64  # bitsandbytes' Params4bit default, which training's Linear4bit layers use
+RECIPE = "diffusion"
+LABEL = "diffusion"
+COMMANDS = ("generate-images",)
+WEIGHT_FILES = (LORA_WEIGHTS, "unet/config.json")
+
+
+def usage(directory):
+    return (f"ftl generate-images --adapter {directory} (--prompt ... to draw, --fuse OUT_DIR to merge it into a "
+            f"pipeline)")
 
 
 @dataclass
@@ -46,11 +60,11 @@ def check_diffusion_dir(directory):
                            f"run, e.g. outputs/tiny_sd_lora/best")
     if not path.is_dir():
         raise AdapterError(f"{path} is a file; --adapter takes the best/ or final/ directory of a diffusion run")
-    recipe = read_training_info(path).get("recipe")
-    if (path / "adapter_config.json").is_file() or recipe in KIND_NAMES:
-        what = f"a {KIND_NAMES[recipe]} run's" if recipe in KIND_NAMES else "a language-model"
-        raise AdapterError(f"{path} holds {what} adapter, not diffusion weights; use tools/generate.py (text) or "
-                           f"tools/evaluate.py for it")
+    recipe = recorded_recipe(path)
+    if (path / "adapter_config.json").is_file() or recipe not in (None, RECIPE):
+        other = after_part(recipe) if recipe in recipe_table.names() else None
+        what, use = (other.LABEL, other.usage(path)) if other else ("language-model", "ftl generate or ftl evaluate")
+        raise AdapterError(f"{path} holds a {what} run's adapter, not diffusion weights; use {use}")
     if (path / LORA_WEIGHTS).is_file():
         return "lora"
     if (path / "unet" / "config.json").is_file():
@@ -204,10 +218,10 @@ def tuned_base(weights, dtype, device, qlora_base):
 
 
 def fuse_weights(weights, out_dir, overwrite=False, log=print, qlora_base="dequantized"):
-    """Write a complete pipeline with the run's weights in it (the LoRA fused into the UNet, and the text encoder if
-    it has one, by finetune_launcher.recipes.diffusion.model.fuse_lora_into_pipeline; a full fine-tune's UNet in place of the base's).
-    It is reloaded with StableDiffusionPipeline.from_pretrained and must draw the picture base + weights draw for a
-    fixed prompt and seed before `out_dir` appears. Returns the largest pixel difference."""
+    """Write a complete pipeline with the run's weights in it (the LoRA fused into the UNet, and the text encoder if it
+    has one, by finetune_launcher.recipes.diffusion.model.fuse_lora_into_pipeline; a full fine-tune's UNet in place of
+    the base's). It is reloaded with StableDiffusionPipeline.from_pretrained and must draw the picture base + weights
+    draw for a fixed prompt and seed before `out_dir` appears. Returns the largest pixel difference."""
     import numpy as np
     import torch
 
@@ -243,8 +257,8 @@ def fuse_weights(weights, out_dir, overwrite=False, log=print, qlora_base="dequa
 
 
 def write_fused(weights, directory, qlora_base="dequantized"):
-    """A LoRA on the stored base: finetune_launcher.recipes.diffusion.model.fuse_lora_into_pipeline; on a de-quantized UNet or a full
-    UNet: the same steps on the pipeline built here."""
+    """A LoRA on the stored base: finetune_launcher.recipes.diffusion.model.fuse_lora_into_pipeline; on a de-quantized
+    UNet or a full UNet: the same steps on the pipeline built here."""
     if weights.kind == "lora" and not uses_dequantized_unet(weights, qlora_base):
         from finetune_launcher.recipes.diffusion.model import fuse_lora_into_pipeline
 

@@ -1,6 +1,6 @@
 """Offline table of diffusers pipelines, as their unet/, vae/ and text_encoder/ config.json files give them, so the
 pre-flight needs no download. The counts are not stored: they come from the models diffusers and transformers
-build from these configs on the meta device (finetune_launcher/recipes/diffusion/estimate_meta.py); a unit test holds them to the
+build from these configs on the meta device (estimate_meta.py); a unit test holds them to the
 published totals below.
 """
 

@@ -1,148 +1,72 @@
-"""Prompts and generation for vision-language models after training. A prompt (text, optionally images) becomes a
-conversation ending in an empty assistant turn, tokenised by the functions training uses
-(finetune_launcher.recipes.vision_language.data.tokenize_conversation: the processor's chat template, one image token per image patch
-group); the tokens before the first supervised label are the prompt, and the images' pixels come from the training
-collator, so template, image tokens and pixels are exactly the training ones. Prompts are generated one at a time and
-unpadded: the rows are right-padded in training, which batched generation cannot continue from.
-"""
+"""The vision-language model after training (finetune_launcher/after/parts.py: LanguageModelPart):
+AutoModelForImageTextToText and the processor saved beside the weights, prompts with pictures tokenised as training
+tokenises them (prompts.py), the merge checked on an image row, and the eval loss and answer accuracy of
+evaluation.py."""
+from types import SimpleNamespace
+
 from finetune_launcher.data.records import DataError
-from finetune_launcher.data.text import IGNORE_INDEX
-from finetune_launcher.recipes.vision_language.data import (image_size, image_token_count, normalise_record, render,
-                                        tokenize_conversation)
-from finetune_launcher.recipes.vision_language.batching import VLCollator
+from finetune_launcher.recipes.vision_language.evaluation import evaluate_vl
+from finetune_launcher.recipes.vision_language.prompts import (VLPrompter, check_batches, generate_vl,
+                                                               is_vision_record, vl_case_from_record)
 
-END_OF_TURN_MARKER = "XQZMARKER"
-CHECK_QUESTION, CHECK_ANSWER = "What color is the shape?", "red"
+LABEL = "vision-language"
+COMMANDS = ("evaluate", "generate", "merge")
+WEIGHT_FILES = ()  # a peft adapter like any language model's: training_info.json or the base's config tells
+PREPROCESSOR = "processor"
+TAKES_IMAGES = True
+DEMO_PROMPTS = "tools/demo_prompts_vl.jsonl"
+MERGE_CHECK = "an image row and a text row"
+PROMPT_FORMAT = "vision_language"  # the processor's chat template, as `ftl generate` reports the template
 
-
-def vl_messages(case):
-    """The conversation to answer, as content lists: the case's own (from a dataset row), or one user turn with the
-    images first and then the text (the order of the shipped data's "<image>question")."""
-    if case.messages:
-        return [dict(m) for m in case.messages]
-    # "\n" between instruction and context, as the vision-language default's text-only rows are written
-    text = f"{case.instruction}\n{case.context}" if case.context else case.instruction
-    content = [{"type": "image"} for _ in case.images or ()] + [{"type": "text", "text": text}]
-    return [{"role": "user", "content": content}]
+evaluate = evaluate_vl
 
 
-def vl_case_from_record(record, base_dir, where, make_case):
-    """A prompt case from a vision-language dataset row (messages with <image> placeholders or content lists,
-    images relative to `base_dir`); a final assistant turn becomes the reference."""
-    _, messages, images = normalise_record(_with_answer_slot(record), base_dir, where)
-    reference = None
-    if record["messages"][-1].get("role") == "assistant":
-        reference = content_text(messages.pop()["content"])
-    else:
-        messages.pop()  # the empty slot _with_answer_slot added
-    users = [m for m in messages if m["role"] == "user"]
-    if not users:
-        raise DataError(f"{where}: the conversation has no user message to answer")
-    return make_case(content_text(users[-1]["content"]), reference=reference, messages=messages, images=images)
+def usage(directory):
+    return f"ftl generate text --adapter {directory} --image PICTURE --prompt ... (or ftl evaluate, ftl merge)"
 
 
-def _with_answer_slot(record):
-    """normalise_record wants an assistant turn; a prompt-only row gets an empty one."""
-    messages = record.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and \
-            messages[-1].get("role") != "assistant":
-        return dict(record, messages=messages + [{"role": "assistant", "content": ""}])
-    return record
+def auto_model_class():
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
 
 
-def content_text(content):
-    return "".join(item["text"] for item in content if item["type"] == "text")
+def load_preprocessor(path, trust_remote_code=False):
+    """The processor saved next to the weights, loaded as training loads it (model.load_processor: without
+    torchvision, the same class without its video processor), with the run's saved pixel bounds."""
+    from finetune_launcher.recipes.vision_language.model import load_processor
+
+    return load_processor(SimpleNamespace(model=str(path), trust_remote_code=trust_remote_code, min_pixels=None,
+                                          max_pixels=None))
 
 
-class VLPrompter:
-    """Turns prompt cases into the inputs generate() takes, for one processor."""
+def training_quantization(path, dtype, trust_remote_code=False):
+    """The language model's linear layers in NF4 (double quant, uint8 storage), the vision tower and lm_head
+    skipped, as the trainer loads a QLoRA base."""
+    from finetune_launcher.dtypes import precision_of
+    from finetune_launcher.recipes.vision_language.model import meta_layout, quantization_config
 
-    def __init__(self, processor):
-        self.processor = processor
-        self.collator = VLCollator(processor, pad_to_multiple=1)
-        self.stop_ids = end_of_turn_ids(processor)
-
-    def prompt_row(self, case, where="prompt"):
-        """{input_ids, images, image_tokens, where}: the tokens training puts before the answer."""
-        images = [str(p) for p in case.images or ()]
-        counts = [image_token_count(self.processor, *image_size(p, where)) for p in images]
-        messages = vl_messages(case) + [{"role": "assistant", "content": []}]
-        ids, labels = tokenize_conversation(self.processor, messages, counts, where)
-        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
-        return {"input_ids": ids[:first], "labels": [IGNORE_INDEX] * first, "images": images,
-                "image_tokens": counts, "where": where}
-
-    def inputs(self, case, where="prompt"):
-        """input_ids, attention_mask and, with images, pixel_values, image_grid_thw (and mm_token_type_ids where
-        the model takes it: without it Qwen-VL's generate silently uses text positions for the image tokens)."""
-        import torch
-
-        row = self.prompt_row(case, where)
-        if row["images"]:
-            batch = self.collator([row])
-            batch.pop("labels")
-            return batch
-        ids = torch.tensor([row["input_ids"]])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    settings = SimpleNamespace(precision=precision_of(dtype), bnb_4bit_quant_storage="uint8")
+    return quantization_config(settings, meta_layout(str(path), trust_remote_code))
 
 
-def end_of_turn_ids(processor):
-    """EOS and the special token the chat template closes an assistant turn with (<|im_end|> for Qwen): training
-    supervises that token, so generation stops on it."""
-    tokenizer = processor.tokenizer
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    rendered = render(processor, [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                                  {"role": "assistant", "content": [{"type": "text", "text": END_OF_TURN_MARKER}]}])
-    after = tokenizer(rendered.split(END_OF_TURN_MARKER, 1)[-1], add_special_tokens=False)["input_ids"]
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    if after and (after[0] in tokenizer.all_special_ids or getattr(added.get(after[0]), "special", False)):
-        stops.append(after[0])
-    return sorted(set(stops))
+def merge_check_inputs(processor, model, scratch_dir):
+    """A picture with a question and its answer through the training tokenisation and collator, and a text row."""
+    return check_batches(processor, scratch_dir)
 
 
-def generate_vl(model, prompter, case, settings, stopping_criteria=None, where="prompt"):
-    """Generate the answer to `case` (greedy unless settings.temperature > 0); returns the decoded new text."""
-    import torch
-
-    from finetune_launcher.after.generation import decoding_kwargs
-
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in prompter.inputs(case, where).items()}
-    tokenizer = prompter.processor.tokenizer
-    kwargs = decoding_kwargs(settings, prompter.stop_ids, tokenizer.pad_token_id)
-    if stopping_criteria is not None:
-        kwargs["stopping_criteria"] = stopping_criteria
-    with torch.no_grad():
-        output = model.generate(**inputs, **kwargs)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+def case_from_record(record, base_dir, where):
+    """A prompt case from a row of a vision-language dataset; None for any other record."""
+    return vl_case_from_record(record, base_dir, where) if is_vision_record(record) else None
 
 
-# ---------------------------------------------------------------- rows for checking a merge
+def prompt_format(requested, info):
+    if requested not in (None, "auto", "chat"):
+        raise DataError(f"--format {requested}: a vision-language model is prompted with its processor's chat "
+                        f"template; drop --format")
+    return PROMPT_FORMAT
 
-def check_batches(processor, image_dir):
-    """Two batches to compare a merged model with base + adapter: a picture (drawn into `image_dir`) with a question
-    and its answer, through the training tokenisation and collator, and a text-only turn."""
-    from PIL import Image, ImageDraw
 
-    path = f"{image_dir}/check.png"
-    image = Image.new("RGB", (64, 64), (255, 255, 255))
-    ImageDraw.Draw(image).rectangle((12, 16, 44, 48), fill=(220, 30, 30))
-    image.save(path)
-    collator = VLCollator(processor, pad_to_multiple=1)
-    batches = []
-    for content, images in (([{"type": "image"}, {"type": "text", "text": CHECK_QUESTION}], [path]),
-                            ([{"type": "text", "text": "Reverse the order of the words.\nred blue"}], [])):
-        messages = [{"role": "user", "content": content},
-                    {"role": "assistant", "content": [{"type": "text", "text": CHECK_ANSWER}]}]
-        counts = [image_token_count(processor, *image_size(p, "merge check")) for p in images]
-        ids, _ = tokenize_conversation(processor, messages, counts, "merge check")
-        if images:
-            batch = collator([{"input_ids": ids, "labels": ids, "images": images, "image_tokens": counts,
-                               "where": "merge check"}])
-            batch.pop("labels")
-        else:
-            import torch
-
-            batch = {"input_ids": torch.tensor([ids])}
-        batches.append(batch)
-    return batches
+def answerer(loaded, fmt, settings):
+    prompter = VLPrompter(loaded.processor)
+    return lambda case: generate_vl(loaded.model, prompter, case, settings)

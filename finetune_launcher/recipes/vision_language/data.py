@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_launcher.data.prepared import PreparedData
-from finetune_launcher.data.records import DataError, read_jsonl, seeded_split
+from finetune_launcher.data.records import BadLines, DataError, checked_lines, read_jsonl, seeded_split
 from finetune_launcher.recipes.vision_language.model import load_processor
 from finetune_launcher.data.text import IGNORE_INDEX
 
@@ -46,6 +46,8 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class VLStats:
+    """What reading found (every row read, mixed-in pools included) and what the rows kept hold (count_rows: after
+    a mixture, the rows the run trains on)."""
     examples: int = 0
     image_rows: int = 0
     text_rows: int = 0
@@ -55,17 +57,30 @@ class VLStats:
     truncated: int = 0               # rows that lost supervised tokens to max_length
     dropped_no_response: int = 0     # rows with no supervised token left (dropped)
 
+    def count_rows(self, rows):
+        self.image_rows = sum(1 for row in rows if row["images"])
+        self.text_rows = len(rows) - self.image_rows
+        self.images = sum(len(row["images"]) for row in rows)
+        self.image_tokens = sum(sum(row["image_tokens"]) for row in rows)
+        return self
+
     def as_dict(self):
         return dict(self.__dict__)
 
 
 # ---------------------------------------------------------------- reading
 
-def read_conversations(path):
+def read_conversations(path, bad_lines=None):
     """[(where, messages, image_paths)] for a JSONL file: `where` is "file:line", `messages` use content lists with
-    {"type": "image"} items in the order of `image_paths` (absolute). Raises DataError naming the line."""
+    {"type": "image"} items in the order of `image_paths` (absolute). Bad lines are left out and gathered in
+    `bad_lines` (else raised: a DataError naming the first bad line and how many there are)."""
     path = Path(path)
-    return [normalise_record(record, path.parent, f"{path}:{number}") for number, record in read_jsonl(path)]
+    conversations = []
+    with checked_lines(bad_lines) as bad:
+        for number, record in read_jsonl(path, bad):
+            with bad.checking(f"{path}:{number}"):
+                conversations.append(normalise_record(record, path.parent, f"{path}:{number}"))
+    return conversations
 
 
 def normalise_record(record, base_dir, where):
@@ -256,33 +271,44 @@ def fit_to_length(row, max_length, image_overflow, stats, image_id):
     return dict(row, input_ids=ids, labels=labels)
 
 
-def tokenize_rows(conversations, processor, max_length, image_overflow="drop", stats=None):
+def tokenize_rows(conversations, processor, max_length, image_overflow="drop", stats=None, bad_lines=None):
     """Conversations from read_conversations -> rows {input_ids, labels, images, image_tokens, where}, in order;
-    rows that do not fit are dropped or refused by `image_overflow` (counted in `stats`, a VLStats)."""
+    rows that do not fit are dropped or refused by `image_overflow` (counted in `stats`, a VLStats). Rows that
+    cannot be read (an image, the template) are gathered in `bad_lines` (else raised, the first with the count)."""
     if image_overflow not in IMAGE_OVERFLOW_CHOICES:
         raise DataError(f"image_overflow is '{image_overflow}'; use one of {', '.join(IMAGE_OVERFLOW_CHOICES)}")
     stats = stats if stats is not None else VLStats()
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     rows = []
-    for where, messages, paths in conversations:
-        counts = [image_token_count(processor, *image_size(p, where)) for p in paths]
-        input_ids, labels = tokenize_conversation(processor, messages, counts, where)
-        stats.examples += 1
-        row = fit_to_length({"input_ids": input_ids, "labels": labels, "images": paths, "image_tokens": counts,
-                             "where": where}, max_length, image_overflow, stats, image_id)
-        if row is None:
-            continue
-        rows.append(row)
-        stats.image_rows += bool(paths)
-        stats.text_rows += not paths
-        stats.images += len(paths)
-        stats.image_tokens += sum(counts)
-    return rows, stats
+    with checked_lines(bad_lines) as bad:
+        for where, messages, paths in conversations:
+            with bad.checking(where):
+                row = tokenize_row(processor, where, messages, paths, stats)
+                row = fit_to_length(row, max_length, image_overflow, stats, image_id)
+                if row is not None:
+                    rows.append(row)
+    return rows, stats.count_rows(rows)
+
+
+def tokenize_row(processor, where, messages, paths, stats):
+    counts = [image_token_count(processor, *image_size(p, where)) for p in paths]
+    input_ids, labels = tokenize_conversation(processor, messages, counts, where)
+    stats.examples += 1
+    return {"input_ids": input_ids, "labels": labels, "images": paths, "image_tokens": counts, "where": where}
+
+
+def file_rows(path, processor, max_length, image_overflow, stats):
+    """The rows of one JSONL file, every line read and checked before one DataError names the first bad line."""
+    bad = BadLines()
+    rows, _ = tokenize_rows(read_conversations(path, bad), processor, max_length, image_overflow, stats, bad)
+    bad.raise_first()
+    return rows
 
 
 def load_vl_rows(path, processor, max_length, image_overflow="drop"):
     """Read and tokenise one JSONL file: (rows, VLStats)."""
-    rows, stats = tokenize_rows(read_conversations(path), processor, max_length, image_overflow)
+    stats = VLStats()
+    rows = file_rows(path, processor, max_length, image_overflow, stats)
     if not rows:
         raise DataError(f"{path}: no row is left to train on ({stats.examples} read, {stats.dropped_image_overflow} "
                         f"dropped because max_length {max_length} would cut an image, {stats.dropped_no_response} "
@@ -300,26 +326,29 @@ def prepare_vl_data(cfg, processor):
     cfg.mix_datasets mixed in, tokenised with the processor; raises DataError when nothing is left to train on."""
     from finetune_launcher.data.mixture import mix_for_run
 
-    conversations = read_conversations(cfg.dataset)
-    if not conversations:
+    bad = BadLines()
+    conversations = read_conversations(cfg.dataset, bad)
+    if not conversations and not bad.found:
         raise DataError(f"{cfg.dataset}: no records")
     if cfg.max_examples:
         conversations = conversations[:cfg.max_examples]
     held_out = []
-    if cfg.eval_dataset:
-        held_out = read_conversations(cfg.eval_dataset)
-    elif cfg.eval_fraction > 0:
+    if cfg.eval_fraction > 0 and not cfg.eval_dataset:
         conversations, held_out = seeded_split(conversations, cfg.eval_fraction, cfg.seed)
     stats = VLStats()
-    rows, _ = tokenize_rows(conversations, processor, cfg.max_length, cfg.image_overflow, stats)
-    eval_rows, _ = tokenize_rows(held_out, processor, cfg.max_length, cfg.image_overflow, VLStats())
-    rows, mixture = mix_for_run(cfg, rows, lambda path: tokenize_rows(read_conversations(path), processor,
-                                                                    cfg.max_length, cfg.image_overflow, stats)[0])
+    rows, _ = tokenize_rows(conversations, processor, cfg.max_length, cfg.image_overflow, stats, bad)
+    eval_rows, _ = tokenize_rows(held_out, processor, cfg.max_length, cfg.image_overflow, VLStats(), bad)
+    bad.raise_first()
+    if cfg.eval_dataset:
+        eval_rows = file_rows(cfg.eval_dataset, processor, cfg.max_length, cfg.image_overflow, VLStats())
+    rows, mixture = mix_for_run(cfg, rows, lambda path: file_rows(path, processor, cfg.max_length,
+                                                                  cfg.image_overflow, stats))
     if not rows:
         raise DataError(f"{cfg.dataset}: no row is left to train on ({stats.examples} read, "
                         f"{stats.dropped_image_overflow} dropped because max_length {cfg.max_length} would cut an "
                         f"image, {stats.dropped_no_response} with no supervised token left); raise max_length or "
                         f"lower max_pixels")
+    stats.count_rows(rows)  # the rows the run trains on, mixed-in rows included
     facts = {**stats.as_dict(), "format": "vision_language", "train_rows": len(rows), "eval_rows": len(eval_rows),
              "mixture": mixture}
     return PreparedData(rows, eval_rows, facts)

@@ -1,23 +1,22 @@
 """Eval loss and answer accuracy of vision-language models (base, adapters, merged models) on a held-out JSONL of
 image + text conversations.
 
-The loss is over the same rows and labels as training (finetune_launcher.recipes.vision_language.data.tokenize_rows: assistant turns
-supervised, rows that max_length would cut through an image dropped; batches from the training collator), the sum of
-token losses over all supervised tokens divided by their count, as the trainer's eval computes it. The accuracy is
-over the rows whose conversation ends in its one assistant answer: the answer generated greedily from the prompt
-(finetune_launcher/recipes/vision_language/after.py), compared with the reference after lower-casing and removing punctuation and extra
-whitespace (exact match)."""
+The loss is over the same rows and labels as training (finetune_launcher.recipes.vision_language.data.tokenize_rows:
+assistant turns supervised, rows that max_length would cut through an image dropped; batches from the training
+collator), the sum of token losses over all supervised tokens divided by their count, as the trainer's eval computes it.
+The accuracy is over the rows whose conversation ends in its one assistant answer: the answer generated greedily from
+the prompt (prompts.py), compared with the reference after lower-casing and removing punctuation and extra whitespace
+(exact match)."""
 import string
 
-from finetune_launcher.after.bases import VISION_LANGUAGE, qlora_note, uses_dequantized_base
-from finetune_launcher.after.evaluation import perplexity, unique_label
+from finetune_launcher.after.evaluation import evaluate_each, loss_result, new_report, summed_token_loss, unique_label
 from finetune_launcher.after.generation import PromptCase
-from finetune_launcher.after.loading import load_adapters, load_full_model, read_training_info
-from finetune_launcher.recipes.vision_language.after import VLPrompter, content_text, generate_vl
 from finetune_launcher.data.records import DataError
-from finetune_launcher.recipes.vision_language.data import read_conversations, tokenize_rows
 from finetune_launcher.recipes.vision_language.batching import VLCollator
+from finetune_launcher.recipes.vision_language.data import read_conversations, tokenize_rows
+from finetune_launcher.recipes.vision_language.prompts import VLPrompter, content_text, generate_vl
 
+PROMPT_FORMAT = "vision_language"  # the report's format: the processor's chat template
 PUNCTUATION = str.maketrans("", "", string.punctuation)
 IMAGE_OVERFLOW = "drop"  # the schema's default; training_info.json does not record the run's choice
 
@@ -66,21 +65,9 @@ def answer_cases(conversations):
 
 def vl_eval_loss(model, rows, collator, batch_size=8):
     """(token-weighted mean loss, supervised token count) over `rows`, batched by the training collator."""
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
     ordered = sorted(rows, key=lambda r: len(r["input_ids"]))
-    loss_sum, tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ordered), batch_size):
-            batch = {k: v.to(device) for k, v in collator(ordered[start:start + batch_size]).items()}
-            labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
-            loss_sum += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                              ignore_index=-100, reduction="sum"))
-            tokens += int((labels[:, 1:] != -100).sum())
-    return loss_sum / max(tokens, 1), tokens
+    batches = (collator(ordered[start:start + batch_size]) for start in range(0, len(ordered), batch_size))
+    return summed_token_loss(model, batches)
 
 
 def cannot_match(reference, tokenizer, prompt_length):
@@ -129,14 +116,13 @@ class VLEvaluation:
         self.cases = answer_cases(conversations)
         self.collator, self.prompter = VLCollator(processor), VLPrompter(processor)
 
-    def measure(self, label, source, model, info=None):
+    def measure(self, label, source, model, processor=None, info=None):
+        """The loss of the active model and, unless options.no_accuracy, its answer accuracy (processor: the one
+        the rows were made with serves every model)."""
         options = self.options
         label = unique_label(label, source, self.report.results)
         loss, tokens = vl_eval_loss(model, self.rows, self.collator, options.batch_size)
-        result = {"model": source, "eval_loss": loss, "perplexity": perplexity(loss), "tokens": tokens,
-                  "examples": len(self.rows)}
-        if info and info.get("eval_loss") is not None:
-            result["training_eval_loss"] = info["eval_loss"]
+        result = loss_result(source, loss, tokens, len(self.rows), info)
         if self.cases and not options.no_accuracy:
             correct, scored, kept = answer_accuracy(model, self.prompter, self.cases, options.generation,
                                                     options.save_examples)
@@ -153,39 +139,13 @@ class VLEvaluation:
             row["generations"][label] = text
 
 
-def evaluate_vl(options, log, new_report):
+def evaluate_vl(options, log):
     """Evaluate the base (unless options.no_base), each vision-language adapter and each --model."""
     conversations = read_vl_eval_data(options.data)
-    evaluation = None
-    if options.adapters:
-        log(f"loading base and {len(options.adapters)} adapter(s)")
-        loaded = load_adapters(options.adapters, options.base, options.dtype,
-                               trust_remote_code=options.trust_remote_code, qlora_base=options.qlora_base)
-        note = qlora_note(options.adapters, options.qlora_base)
-        if note:
-            log(note)
-        report = new_report(options, VISION_LANGUAGE, read_training_info(options.adapters[0]))
-        evaluation = VLEvaluation(conversations, loaded.processor, options, report)
+
+    def start(processor, info):
+        evaluation = VLEvaluation(conversations, processor, options, new_report(options, PROMPT_FORMAT, info))
         log(f"{len(evaluation.rows)} rows, {len(evaluation.cases)} with one reference answer")
-        if not options.no_base:
-            source = str(loaded.reference)
-            if uses_dequantized_base(options.adapters, options.qlora_base):
-                source += " (NF4 de-quantized)"
-            log(f"evaluating base {source}")
-            with loaded.model.disable_adapter():
-                evaluation.measure("base", source, loaded.model)
-        for (label, peft_name), adapter_dir in zip(loaded.names.items(), options.adapters):
-            log(f"evaluating {label} ({adapter_dir})")
-            loaded.model.set_adapter(peft_name)
-            evaluation.measure(label, str(adapter_dir), loaded.model, read_training_info(adapter_dir))
-        del loaded
-    for reference in options.models:
-        log(f"loading model {reference}")
-        model = load_full_model(reference, options.dtype, trust_remote_code=options.trust_remote_code)
-        if evaluation is None:
-            evaluation = VLEvaluation(conversations, model.processor, options,
-                                      new_report(options, VISION_LANGUAGE, model.info))
-        evaluation.measure(model.name.rstrip("/").rpartition("/")[2] or model.name, str(reference), model.model,
-                           model.info)
-        del model
-    return evaluation.report
+        return evaluation
+
+    return evaluate_each(options, log, start)

@@ -25,6 +25,7 @@ from finetune_launcher.models.references import resolve_model_path
 
 PROJECTOR_WORDS = ("merger", "projector")
 VIDEO_CONFIG = "video_preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
 
 
 # ---------------------------------------------------------------- processor
@@ -57,17 +58,15 @@ def image_only_processor(path, trust_remote_code):
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
 
-    recorded = Path(path) / "processor_config.json"
+    from finetune_launcher.recipes.vision_language.processing_image_only import without_video
+
+    recorded = Path(path) / PROCESSOR_CONFIG
     if recorded.exists():
         base = processor_class_from_name(json.loads(recorded.read_text())["processor_class"])
     else:
         base = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))]
 
-    class ImageOnlyProcessor(base):
-        # The processor's sub-processors are read from __init__'s signature: this one has no video_processor.
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
+    class ImageOnlyProcessor(without_video(base)):
         def save_pretrained(self, save_directory, **kwargs):
             """Also copy the model's video processor config, so the saved processor is complete."""
             saved = super().save_pretrained(save_directory, **kwargs)
@@ -76,12 +75,39 @@ def image_only_processor(path, trust_remote_code):
                 shutil.copy(video, Path(save_directory) / VIDEO_CONFIG)
             return saved
 
-    # save_pretrained records the class name: the base's, so the saved processor loads anywhere
-    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = base.__name__
-
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = base.__name__  # as without_video says
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return ImageOnlyProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+
+
+class SavedProcessor:
+    """What best/ and final/ hold beside the weights: the processor, with the entry that lets AutoProcessor build it
+    where torchvision is missing (processing_image_only.py says how)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def save_pretrained(self, directory):
+        self.processor.save_pretrained(directory)
+        add_image_only_entry(directory)
+
+
+def add_image_only_entry(directory):
+    """processing_image_only.py beside the saved processor, named in its auto_map; a processor of the model's own
+    code (one with an auto_map already) is left as it is."""
+    from finetune_launcher.recipes.vision_language import processing_image_only
+
+    config_path = Path(directory) / PROCESSOR_CONFIG
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    if "auto_map" in config:
+        return
+    module = Path(processing_image_only.__file__)
+    shutil.copy(module, Path(directory) / module.name)
+    config["auto_map"] = {"AutoProcessor": f"{module.stem}.{processing_image_only.ImageOnlyProcessor.__name__}"}
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def set_pixel_bounds(processor, min_pixels, max_pixels):

@@ -15,7 +15,7 @@ from finetune_launcher.engines import build_engine, engine_name
 from finetune_launcher.lm_task import LanguageModelTask
 from finetune_launcher.loop import train
 from finetune_launcher.models.prepare import count_parameters
-from finetune_launcher.recipes.vision_language.model import load_processor, load_vl_model
+from finetune_launcher.recipes.vision_language.model import SavedProcessor, load_processor, load_vl_model
 
 
 def run(cfg, ctx, watch):
@@ -32,7 +32,7 @@ def run(cfg, ctx, watch):
     engine = build_engine(model, cfg, ctx.device, ctx.world)
     sampler = LengthGroupedSampler(data.train_rows, ctx.rank, ctx.world, cfg.micro_batch_size,
                                    cfg.gradient_accumulation_steps, cfg.seed)
-    task = LanguageModelTask(cfg, ctx, model, processor, sampler, data.train_rows, data.eval_rows,
+    task = LanguageModelTask(cfg, ctx, model, SavedProcessor(processor), sampler, data.train_rows, data.eval_rows,
                              VLCollator(processor), data.stats)
     # ---- the loop, then best/ and final/
     outcome = train(cfg, ctx, task, engine, watch, params)
@@ -41,11 +41,14 @@ def run(cfg, ctx, watch):
 
 
 def report_data(stats, cfg):
+    """The rows the run trains on: where they come from (the dataset, the mixed-in pools) and what they hold."""
     mixture = stats.get("mixture")
-    mixed = f"; mixed in: {', '.join(f'{n} {c}' for n, c in mixture['counts'].items())}" if mixture else ""
-    say(f"data {cfg.dataset} (image + text): {stats['train_rows']} train / {stats['eval_rows']} eval rows, "
-        f"{stats['image_rows']} with images ({stats['image_tokens']} image tokens), {stats['text_rows']} text-only"
-        f"{mixed}")
+    sources = ""
+    if mixture:
+        sources = " (" + ", ".join(f"{count} from {name}" if name == cfg.dataset else f"{count} mixed in from {name}"
+                                   for name, count in mixture["counts"].items()) + ")"
+    say(f"data {cfg.dataset} (image + text): {stats['train_rows']} train / {stats['eval_rows']} eval rows{sources}: "
+        f"{stats['image_rows']} with images ({stats['image_tokens']} image tokens), {stats['text_rows']} text-only")
     if stats["dropped_image_overflow"] or stats["truncated"] or stats["dropped_no_response"]:
         warn(f"max_length {cfg.max_length}: {stats['dropped_image_overflow']} rows dropped because it would cut an "
              f"image (image_overflow: drop), {stats['truncated']} lost response tokens, "

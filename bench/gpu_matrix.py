@@ -1,9 +1,9 @@
 """Every mode and ZeRO stage through the real launchers on this machine's GPUs, with the estimator's cold and
 calibrated predictions beside what was measured (a benchmark, not a test).
 
-    python tools/gpu_matrix.py --json docs/benchmarks/gpu_matrix_h200.json          # one device call
-    python tools/gpu_matrix.py --model builtin:small-llama --seq-len 256 --steps 6   # the same on a CPU
-    python tools/gpu_matrix.py --preset eight-gpu --json docs/benchmarks/eight_gpu_h200x8.json   # the 32B shapes
+    python bench/gpu_matrix.py --json docs/benchmarks/gpu_matrix_h200.json          # one device call
+    python bench/gpu_matrix.py --model builtin:small-llama --seq-len 256 --steps 6   # the same on a CPU
+    python bench/gpu_matrix.py --preset eight-gpu --json docs/benchmarks/eight_gpu_h200x8.json   # the 32B shapes
 
 Preset eight-gpu (every GPU of the machine, or 2 CPU processes): the Qwen2.5-32B shape built under zero.Init on the
 GPUs for ZeRO-3 (no checkpoint on disk; QLoRA writes random bf16 weights once to quantise them while loading):
@@ -18,7 +18,7 @@ with a synthetic text corpus that fills every row. Measured: the median step tim
 steps, and the largest peak of allocated and reserved GPU memory over the ranks. Predicted: the estimator cold
 (no calibration) and calibrated leave-one-out (the factor is the median of the factors fitted on the other cases of
 the same precision, so no case predicts itself); memory without the margin. Every case runs the DeepSpeed engine
-with eager layers (`engine: deepspeed`, `compile_layers: false`: what the estimator models; tools/bench.py measures
+with eager layers (`engine: deepspeed`, `compile_layers: false`: what the estimator models; bench/bench.py measures
 the switches). A run is ended once its last step is recorded (no final save is timed), and --budget (default 520 s)
 skips the cases that would not fit one device call.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchlib import (log_tail, measured, predict, run_launcher, versions, write_json,  # noqa: E402
+from bench.benchlib import (log_tail, measured, predict, run_launcher, versions, write_json,  # noqa: E402
                             write_text_corpus)
 from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 
@@ -91,7 +91,7 @@ def base_config(args, corpus):
             "packing": True, "eval_fraction": 0.0, "max_steps": args.steps, "num_epochs": 1,
             "learning_rate": 1e-4, "lr_scheduler": "constant", "warmup_steps": 0, "logging_steps": 1,
             "save_steps": 100000, "save_total_limit": 1, "precision": "auto", "seed": 0,
-            # the estimator's modes and stages as calibrated; the issue-20 switches are measured by tools/bench.py
+            # the estimator's modes and stages as calibrated; the issue-20 switches are measured by bench/bench.py
             "engine": "deepspeed", "compile_layers": False}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
+from bench.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
                             versions, write_json)
 from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 
@@ -89,7 +89,7 @@ def run_ours(args, model_dir, timeout):
 def run_hf(args, model_dir, name, timeout):
     out = Path(args.work_dir) / name
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "tools" / "hf_baseline.py"), "--model", str(model_dir), "--vl-data", args.data,
+    cmd = [sys.executable, str(REPO / "bench" / "hf_baseline.py"), "--model", str(model_dir), "--vl-data", args.data,
            "--seq-len", str(args.max_length), "--micro-batch", str(args.micro_batch), "--grad-accum",
            str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(WARMUP), "--json",
            str(out / "result.json")] + (["--liger"] if name == "hf-liger" else [])

@@ -2,8 +2,8 @@
 predict others (another sequence length, micro-batch, LoRA rank, mode, ZeRO stage, checkpointing), run them all
 through the real launcher and trainer, and print predicted vs measured step time, cold and calibrated.
 
-    python tools/estimate_accuracy.py                       # CPU: builtin:small-llama, 2 processes
-    python tools/estimate_accuracy.py --model Qwen/Qwen2.5-7B-Instruct --dataset data/my.jsonl --seq-len 2048 \\
+    python bench/estimate_accuracy.py                       # CPU: builtin:small-llama, 2 processes
+    python bench/estimate_accuracy.py --model Qwen/Qwen2.5-7B-Instruct --dataset data/my.jsonl --seq-len 2048 \\
         --micro-batch 2 --steps 8 --json docs/benchmarks/estimate_accuracy_h100.json      # the GPU issue
 
 Each case runs `--steps` measured steps after 2 warm-up steps; the measured figure is their median. The
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchlib import predict  # noqa: E402
+from bench.benchlib import predict  # noqa: E402
 from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 from finetune_launcher.estimate import detect_device, fit_calibration, measured_step_time, run_measurement  # noqa: E402
 

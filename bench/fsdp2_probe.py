@@ -6,7 +6,7 @@ fsdp2, plain again: the two plain runs show the host's drift):
   plain    replicated weights (what the ddp engine runs)
   fsdp2    every decoder layer and the root sharded with fully_shard (bf16 params, fp32 gradient reduction)
 
-    python tools/fsdp2_probe.py --model random:llama-3-8b --json $OUT/fsdp2_probe.json
+    python bench/fsdp2_probe.py --model random:llama-3-8b --json $OUT/fsdp2_probe.json
 """
 import argparse
 import json

@@ -2,7 +2,7 @@
 interpreter, then torch.cuda.is_initialized(). A rank cannot be forked from a launcher in which CUDA has started
 (finetune_launcher/launch/forked.py); docs/benchmarks.md has what an H200 showed.
 
-    python tools/cuda_at_import.py [MODULE ...]
+    python bench/cuda_at_import.py [MODULE ...]
 """
 import subprocess
 import sys

@@ -28,7 +28,7 @@ Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps th
               through grouped GEMMs instead of peft's full-size weight per forward)
   ours-grouped-gc  ours-grouped with gradient checkpointing forced on
 Mixture of experts (issue 30, one H200, ~7 minutes: `bash bench/moe_h200.sh`):
-    python tools/bench.py --model random:qwen3-30b-a3b --seq-len 2048 --micro-batch 1 --grad-accum 4 \
+    python bench/bench.py --model random:qwen3-30b-a3b --seq-len 2048 --micro-batch 1 --grad-accum 4 \
         --cases ours-grouped,hf-gc,ours,hf-liger --profile ours-grouped,hf-gc --budget 450 --json OUT.json
 --profile CASE[,CASE]: those cases run 3 more steps under torch.profiler (not measured); the summary (wall vs kernel
 time, GPU busy fraction, top kernels and CPU ops, syncs and launches: finetune_launcher/profiling.py) goes into the case's row.
@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
+from bench.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
                             versions, write_json, write_text_corpus)
 from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 from finetune_launcher.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
@@ -132,7 +132,7 @@ def run_ours(args, corpus, name, timeout, **change):
 def run_hf(args, corpus, name, timeout, checkpointing=False, liger=False):
     out = Path(args.work_dir) / name
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "tools" / "hf_baseline.py"), "--model", args.model, "--data", str(corpus),
+    cmd = [sys.executable, str(REPO / "bench" / "hf_baseline.py"), "--model", args.model, "--data", str(corpus),
            "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--grad-accum",
            str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(WARMUP), "--lora-r", str(args.lora_r),
            "--json", str(out / "result.json")] + (["--gradient-checkpointing"] if checkpointing else []) + \
@@ -158,7 +158,7 @@ def model_flops_per_token(model_ref, mode, seq_len):
     from finetune_launcher.estimate import count_params, load_architecture, RunSpec
 
     arch = load_architecture(model_ref)
-    spec = RunSpec(model=model_ref, mode=mode, seq_len=seq_len)
+    spec = RunSpec(model=model_ref, mode=mode, max_length=seq_len)
     counts = count_params(arch, spec)
     n = counts.matmul_per_token if arch.is_moe else counts.total
     attention = 12 * arch.num_hidden_layers * seq_len * arch.q_width

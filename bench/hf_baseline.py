@@ -1,15 +1,15 @@
-"""The stack our users run today, as the baseline of tools/bench.py: Hugging Face Trainer + PEFT LoRA + SDPA (+ gradient
+"""The stack our users run today, as the baseline of bench/bench.py: Hugging Face Trainer + PEFT LoRA + SDPA (+ gradient
 checkpointing, or + Liger's kernels through TrainingArguments(use_liger_kernel=True)), one process, same random-init
 model shape, same data, same tokens per optimizer step.
 
-    python tools/hf_baseline.py --model random:llama-3-8b --data corpus.jsonl --seq-len 2048 --micro-batch 2 \\
+    python bench/hf_baseline.py --model random:llama-3-8b --data corpus.jsonl --seq-len 2048 --micro-batch 2 \\
         --grad-accum 2 --steps 12 --gradient-checkpointing --json out.json
-    python tools/hf_baseline.py ... --liger --profile profile.json      # hf-liger, with a torch.profiler summary
+    python bench/hf_baseline.py ... --liger --profile profile.json      # hf-liger, with a torch.profiler summary
 
-    python tools/hf_baseline.py --model DIR --vl-data data/tiny_vl/train.jsonl --seq-len 512 ...   # image + text
+    python bench/hf_baseline.py --model DIR --vl-data data/tiny_vl/train.jsonl --seq-len 512 ...   # image + text
 
 Prints and writes: median step time after the warm-up, tokens/s, peak GPU memory and the loss of every step. With
---vl-data (a vision-language model directory, tools/bench_vl.py): AutoModelForImageTextToText and its processor,
+--vl-data (a vision-language model directory, bench/bench_vl.py): AutoModelForImageTextToText and its processor,
 the rows and micro-batches our VL recipe makes (finetune_launcher/data), LoRA on the language model's linears; tokens/s counts
 the non-pad tokens of each step, image tokens included, as our trainer does.
 """

@@ -2,11 +2,11 @@
 # The embedded defaults of the vision-language and diffusion recipes (LoRA and QLoRA) through the real launchers on
 # whatever GPUs this machine has (a smoke run, not a benchmark). Each case gets LIMIT seconds; a case still running
 # then has every Python process of it dump its stacks (faulthandler on SIGABRT) into its log, so a hang says where.
-#   bash tools/gpu_smoke.sh OUT_DIR [LIMIT]          (GPU_SMOKE_CASES="vl-lora sd-qlora" runs only those)
+#   bash bench/gpu_smoke.sh OUT_DIR [LIMIT]          (GPU_SMOKE_CASES="vl-lora sd-qlora" runs only those)
 # OUT_DIR/<case>.log (launcher output), OUT_DIR/runs/<case>/ (the run), OUT_DIR/summary.json (exit code, seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:?usage: bash tools/gpu_smoke.sh OUT_DIR [LIMIT]}"
+OUT="${1:?usage: bash bench/gpu_smoke.sh OUT_DIR [LIMIT]}"
 LIMIT="${2:-120}"
 mkdir -p "$OUT/runs"
 export PYTHONFAULTHANDLER=1
