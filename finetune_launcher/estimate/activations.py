@@ -33,7 +33,7 @@ def saved_inputs(arch, spec):
     full = spec.mode == "full"
     targets = set() if full else set(lora_target_names(arch, spec.lora_target_modules))
     direct = full or spec.lora_dropout == 0
-    mlp_names = {"gate_proj", "up_proj", "gate", "experts"}
+    mlp_names = {"gate_proj", "up_proj", "gate", "experts.gate_up_proj", "experts.down_proj"}
     return {"attention_input": full or (direct and bool(targets & {"q_proj", "k_proj", "v_proj"})),
             "mlp_input": full or (direct and bool(targets & mlp_names)),
             "down_input": full or (direct and "down_proj" in targets),
@@ -110,7 +110,19 @@ def layer_activation_terms(arch, spec, shape):
     terms.update(attention_saved_bytes(arch, spec, shape))
     terms["mlp"] = mlp_saved_bytes(arch, spec, shape)
     terms["lora"] = lora_saved_bytes(arch, spec, shape)
+    terms["expert_lora_weights"] = expert_lora_weight_bytes(arch, spec, shape)
     return terms
+
+
+def expert_lora_weight_bytes(arch, spec, shape):
+    """moe_lora_kernel peft: peft folds the adapter into each LoRA'd expert weight (W + s B A, all experts) on every
+    forward, and the experts' grouped GEMM keeps that copy for the backward; the grouped kernel keeps none."""
+    if spec.mode == "full" or not arch.is_moe or spec.moe_lora_kernel != "peft":
+        return 0
+    chosen = set(lora_target_names(arch, spec.lora_target_modules))
+    per_expert = {"experts.gate_up_proj": 2 * arch.moe_intermediate_size * arch.hidden_size,
+                  "experts.down_proj": arch.hidden_size * arch.moe_intermediate_size}
+    return sum(arch.num_experts * n * shape.e for name, n in per_expert.items() if name in chosen)
 
 
 def model_level_activation_terms(arch, spec, shape):

@@ -78,7 +78,7 @@ def parse_args(argv):
 SHARED_KEYS = ("model", "dataset", "mode", "recipe", "max_length", "micro_batch_size", "gradient_accumulation_steps",
                "zero_stage", "lora_r", "lora_target_modules", "lora_dropout", "precision", "attn_implementation",
                "num_epochs", "max_steps", "offload", "gradient_checkpointing", "liger_kernel", "packing",
-               "overlap_comm")
+               "overlap_comm", "moe_lora_kernel")
 SCALAR_TYPES = {"boolean": bool, "integer": int, "number": float, "string": str}
 
 
@@ -103,6 +103,7 @@ def add_config_flags(group):
                        choices=["sdpa", "eager", "flash_attention_2", "flash_attention_3"])
     group.add_argument("--num-epochs", "--epochs", dest="num_epochs", type=float)
     group.add_argument("--max-steps", type=int)
+    group.add_argument("--moe-lora-kernel", choices=["peft", "grouped"], help="a mixture of experts' LoRA kernel")
     add_switch(group, "offload")
     add_switch(group, "gradient_checkpointing", text="(default: auto, off where the run fits without it)")
     add_switch(group, "liger_kernel", "liger", text="Liger's kernels (default: auto, on for CUDA GPUs)")

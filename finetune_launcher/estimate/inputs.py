@@ -38,6 +38,7 @@ class RunSpec:
     overlap_comm: bool = False
     liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy outside ZeRO-3)
     zero3_gather: str = "layer"  # ZeRO-3 gathers a decoder layer at once, or module by module
+    moe_lora_kernel: str = "peft"  # a mixture of experts' LoRA: peft keeps a full-size expert weight per layer
     num_epochs: float = 1.0
     max_steps: int = None
     # vision-language: the processor's pixel bounds (None: the model's own), what of the vision tower trains

@@ -3,6 +3,7 @@ the meta device, see meta_model.py) and of the run (LoRA adapters, what trains, 
 from dataclasses import dataclass
 
 from finetune_launcher.estimate.inputs import EstimateError
+from finetune_launcher.models.experts import EXPERTS, FUSED, GATE_UP, ROUTER, expert_weights
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,22 @@ def quantized_linears(arch):
 
 
 def lora_target_names(arch, targets):
-    names = [n for n, _, _ in layer_linears(arch)] + (["experts"] if arch.is_moe else [])
+    """The LoRA targets of one layer as the trainer resolves them; an MoE's experts as experts.gate_up_proj and
+    experts.down_proj (models/experts.py: the names that mean them), its router frozen (no LoRA under all-linear)."""
+    names = [n for n, _, _ in layer_linears(arch) if not (arch.is_moe and n == ROUTER)]
+    if arch.is_moe:
+        names += [f"{EXPERTS}.{weight}" for weight in FUSED]
     if targets in (None, "all-linear"):
         return names
     targets = [targets] if isinstance(targets, str) else list(targets)
+    if arch.is_moe:
+        targets = [expert for t in targets for expert in
+                   ([f"{EXPERTS}.{w}" for w in expert_weights(t)] or [t])]
     unknown = [t for t in targets if t not in names]
     if unknown:
         raise EstimateError(f"LoRA target(s) {unknown} are not modules of {arch.name}; its targets are "
                             f"{', '.join(names)} (or all-linear)")
-    return targets
+    return list(dict.fromkeys(targets))
 
 
 def lora_tensor_sizes(arch, rank, targets):
@@ -75,10 +83,11 @@ def lora_tensor_sizes(arch, rank, targets):
     for name, fan_in, fan_out in layer_linears(arch):
         if name in chosen:
             sizes += [rank * fan_in, fan_out * rank]
-    if "experts" in chosen:
-        e, h, inter = arch.num_experts, arch.hidden_size, arch.moe_intermediate_size
-        sizes += [2 * rank * e * h, 2 * inter * 2 * rank * e,  # gate_up_proj: peft doubles the rank
-                  rank * e * inter, h * rank * e]                     # down_proj
+    e, h, inter = arch.num_experts, arch.hidden_size, arch.moe_intermediate_size
+    if f"{EXPERTS}.{GATE_UP}" in chosen:
+        sizes += [2 * rank * e * h, 2 * inter * 2 * rank * e]  # gate_up_proj: rank 2r (gate and up, r each)
+    if f"{EXPERTS}.down_proj" in chosen:
+        sizes += [rank * e * inter, h * rank * e]
     return sizes
 
 

@@ -102,12 +102,12 @@ def grouped_lora_forward(self, hidden_states, top_k_index, top_k_weights, **kwar
 
 
 def lora_factors(wrapper):
-    """(A [experts, r, in], B [experts, out, r], scaling) of a ParamWrapper's active adapter (peft's layout:
+    """(A [experts, r, in], B^T [experts, r, out], scaling) of a ParamWrapper's active adapter (peft's layout:
     lora_A.weight [experts * r, in], expert-major; lora_B.weight [out, r * experts], expert-minor)."""
     adapter = wrapper.active_adapters[0]
     a, b = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
     e = wrapper.num_experts
-    return (a.reshape(e, -1, a.shape[-1]), b.reshape(b.shape[0], -1, e).permute(2, 0, 1).contiguous(),
+    return (a.reshape(e, -1, a.shape[-1]), b.reshape(b.shape[0], -1, e).permute(2, 1, 0).contiguous(),
             wrapper.scaling[adapter])
 
 
@@ -136,6 +136,16 @@ def lora_linear(rows, weight, adapter, offsets):
     out = _grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
     if adapter is None:
         return out
-    a, b, scaling = adapter
-    low = _grouped_mm(rows, a.to(weight.dtype).transpose(-2, -1), offs=offsets)
-    return out + scaling * _grouped_mm(low, b.to(weight.dtype).transpose(-2, -1), offs=offsets)
+    a, b_t, scaling = adapter
+    low = grouped_mm(rows, a.to(weight.dtype).transpose(-2, -1), offsets)
+    return out + scaling * grouped_mm(low, b_t.to(weight.dtype), offsets)
+
+
+def grouped_mm(rows, weight, offsets):
+    """transformers' grouped GEMM; its loop over experts where a row is not a multiple of 16 bytes (a LoRA rank
+    below 8 in bf16), which the CUDA kernel refuses."""
+    from transformers.integrations.moe import _grouped_mm
+
+    if rows.shape[-1] * weight.element_size() % 16 == 0:
+        return _grouped_mm(rows, weight, offs=offsets)
+    return torch.ops.transformers.grouped_mm_fallback(rows.to(weight.dtype), weight, offs=offsets)

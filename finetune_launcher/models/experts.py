@@ -10,10 +10,11 @@ from finetune_launcher.errors import ConfigError
 EXPERTS = "experts"          # the module that holds the experts' fused weights, in every MoE block
 ROUTER = "gate"              # the router's module name in Qwen/Mixtral MoE blocks
 GATE_UP = "gate_up_proj"     # the gate and up projections side by side (2 x intermediate rows)
+FUSED = (GATE_UP, "down_proj")  # the fused 3D weights of an experts module, in transformers' order
 # LoRA target names that mean the experts: the module, its fused parameters, and the per-projection names of the
 # transformers-4 checkpoints (gate_proj + up_proj are gate_up_proj now, as peft converts such adapters).
-EXPERT_TARGETS = {"experts": None, "gate_up_proj": GATE_UP, "down_proj": "down_proj", "gate_proj": GATE_UP,
-                  "up_proj": GATE_UP}
+EXPERT_TARGETS = {"experts": FUSED, "gate_up_proj": (GATE_UP,), "down_proj": ("down_proj",),
+                  "gate_proj": (GATE_UP,), "up_proj": (GATE_UP,)}
 
 
 # ---------------------------------------------------------------- before launch (no torch)
@@ -39,7 +40,12 @@ def resolve_experts(values, experts):
 
 def reaches_experts(targets):
     """Whether `lora_target_modules` puts LoRA on the experts of an MoE model."""
-    return targets == "all-linear" or any(_short(t) in EXPERT_TARGETS for t in targets)
+    return targets == "all-linear" or any(expert_weights(t) for t in targets)
+
+
+def expert_weights(target):
+    """The fused expert weights a LoRA target name means (e.g. gate_proj -> gate_up_proj), () for other names."""
+    return EXPERT_TARGETS.get(_short(target), ())
 
 
 def router_refusal(model):
@@ -113,13 +119,11 @@ def lora_targets(model, requested, rank, alpha):
     else:
         modules, params = [], []
         for name in requested:
-            short = _short(name)
-            if short == ROUTER:
+            if _short(name) == ROUTER:
                 raise ConfigError(router_refusal(getattr(model.config, "name_or_path", "the model")))
-            if short in EXPERT_TARGETS and (short in fused or short == EXPERTS or EXPERT_TARGETS[short] in fused):
-                wanted = fused if short == EXPERTS else [EXPERT_TARGETS[short]]
-                params += [p for p in wanted if p not in params]
-            else:
+            wanted = [p for p in expert_weights(name) if p in fused]
+            params += [p for p in wanted if p not in params]
+            if not wanted:
                 modules.append(name)
     arguments = {"target_modules": modules, "target_parameters": [f"{EXPERTS}.{p}" for p in params]}
     if GATE_UP in params:

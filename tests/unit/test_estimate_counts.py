@@ -130,14 +130,22 @@ def test_random_unknown_is_an_estimate_error_naming_the_known_architectures():
 @pytest.mark.parametrize("key,targets", [("llama-3-8b", "all-linear"), ("llama-3-8b", ["q_proj", "v_proj"]),
                                          ("qwen3-30b-a3b", "all-linear")])
 def test_lora_counts_equal_peft(key, targets):
+    """peft's LoRA on the targets as the trainer gives them (an MoE: the experts' fused weights through
+    target_parameters, the router frozen; models/experts.py)."""
     from peft import LoraConfig, get_peft_model
 
     config = random_shape_config(key)
     config.num_hidden_layers = 2
-    model = get_peft_model(meta_model(config), LoraConfig(r=16, target_modules=targets))
+    model = get_peft_model(meta_model(config), LoraConfig(r=16, **lora_arguments(meta_model(config), targets, 16)))
     arch = replace(architecture_from_table(key), num_hidden_layers=2)
     ours = count_params(arch, RunSpec(model=key, mode="lora", lora_r=16, lora_target_modules=targets)).lora
     assert ours == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_arguments(model, targets, rank):
+    from finetune_launcher.models.experts import is_moe, lora_targets
+
+    return lora_targets(model, targets, rank, 8) if is_moe(model) else {"target_modules": targets}
 
 
 # ------------------------------------------------------------------ FLOPs
@@ -179,7 +187,7 @@ def test_flops_per_token_equal_torch_flop_counter(mode, checkpointing):
 def test_the_base_model_and_the_adapter_are_reported_apart(tmp_path, capsys):
     """LoRA on every linear of an MoE, its experts included (the issue's Qwen3-30B-A3B printed 31.53B as its total,
     30.53B real): the JSON and the table give the model's parameters as transformers builds it and the adapter's as
-    peft adds it, apart."""
+    peft adds it for the trainer's targets, apart."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig
 
@@ -190,7 +198,7 @@ def test_the_base_model_and_the_adapter_are_reported_apart(tmp_path, capsys):
     config.save_pretrained(tmp_path / "moe")
     model = meta_model(config)
     base = numel(model.parameters())
-    adapted = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    adapted = get_peft_model(model, LoraConfig(r=8, **lora_arguments(model, "all-linear", 8)))
     adapter = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     argv = ["--model", str(tmp_path / "moe"), "--mode", "lora", "--lora-r", "8", "--gpu", "H100-80GB",
             "--no-calibration"]

@@ -245,6 +245,51 @@ def test_expert_load_shares_and_the_idle_expert_warning(tiny_moe_path, capsys):
     assert balance.metrics(step=11)["expert_load"]["busiest"] == [0.25, 1.0]
 
 
+# ---------------------------------------------------------------- the estimate
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "down_proj"], ["v_proj", "experts"]])
+def test_the_estimate_counts_the_adapter_the_trainer_adds(tiny_moe_path, targets):
+    from finetune_launcher.estimate import RunSpec, count_params, load_architecture
+
+    trained = sum(p.numel() for p in trainable(with_lora(tiny_moe_path, lora_target_modules=targets)).values())
+    spec = RunSpec(model=tiny_moe_path, mode="lora", lora_r=4, lora_target_modules=targets)
+    assert count_params(load_architecture(tiny_moe_path), spec).lora == trained
+
+
+def kept_for_backward(model, inputs):
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**inputs)
+    return sum(kept.values())
+
+
+def test_the_estimate_counts_the_expert_weight_peft_keeps_for_the_backward(tiny_moe_path):
+    """moe_lora_kernel peft keeps a full-size copy of each layer's LoRA'd expert weights for the backward; the
+    grouped kernel does not. The estimate's term against what autograd keeps beyond the parameters."""
+    from dataclasses import replace
+
+    from finetune_launcher.estimate import RunSpec, load_architecture
+    from finetune_launcher.estimate.activations import activation_shape, expert_lora_weight_bytes
+
+    inputs = batch(rows=2, length=128)
+    measured = (kept_for_backward(with_lora(tiny_moe_path, moe_lora_kernel="peft"), inputs)
+                - kept_for_backward(with_lora(tiny_moe_path, moe_lora_kernel="grouped"), inputs))
+    arch = load_architecture(tiny_moe_path)
+    spec = RunSpec(model=tiny_moe_path, mode="lora", lora_r=4, lora_dropout=0.0, max_length=128, micro_batch_size=2,
+                   precision="fp32", moe_lora_kernel="peft")
+    shape = activation_shape(spec, "fp32")
+    predicted = arch.num_hidden_layers * expert_lora_weight_bytes(arch, spec, shape)
+    assert predicted == pytest.approx(measured, rel=0.15)
+    assert expert_lora_weight_bytes(arch, replace(spec, moe_lora_kernel="grouped"), shape) == 0
+
+
 # ---------------------------------------------------------------- QLoRA, ZeRO-3, the header
 
 def test_qlora_quantizes_the_linears_and_keeps_the_experts_16_bit(tmp_path):
