@@ -24,7 +24,7 @@ def resolve_experts(values, experts):
     how); refuses the router as a LoRA target."""
     lora = values["mode"] in ("lora", "qlora")
     targets = values["lora_target_modules"]
-    if lora and targets != "all-linear" and ROUTER in map(_short, targets):
+    if lora and targets != "all-linear" and any(is_router(t) for t in targets):
         raise ConfigError(router_refusal(values["model"]))
     head = f"mixture of experts ({experts} experts per block); "
     if not lora:
@@ -54,6 +54,10 @@ def router_refusal(model):
             f"with); remove it, or train every weight with mode: full")
 
 
+def is_router(target):
+    return target.rsplit(".", 1)[-1] == ROUTER
+
+
 def _short(name):
     return name.rsplit(".", 1)[-1] if name.startswith(EXPERTS + ".") else name
 
@@ -66,9 +70,7 @@ def experts_modules(model):
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] != EXPERTS:
             continue
-        own = [p for p in module.parameters(recurse=False)]
-        shapes = [getattr(p, "ds_shape", p.shape) for p in own]
-        if any(len(shape) == 3 for shape in shapes):
+        if any(len(getattr(p, "ds_shape", p.shape)) == 3 for p in module.parameters(recurse=False)):
             found.append((name, module))
     return found
 
@@ -119,7 +121,7 @@ def lora_targets(model, requested, rank, alpha):
     else:
         modules, params = [], []
         for name in requested:
-            if _short(name) == ROUTER:
+            if is_router(name):
                 raise ConfigError(router_refusal(getattr(model.config, "name_or_path", "the model")))
             wanted = [p for p in expert_weights(name) if p in fused]
             params += [p for p in wanted if p not in params]

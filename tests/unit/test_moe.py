@@ -123,6 +123,7 @@ def test_all_linear_puts_lora_on_attention_and_experts_with_router_and_norms_fro
     (["o_proj", "down_proj"], {"o_proj"}, {"down_proj"}),
     (["q_proj", "gate_proj", "up_proj"], {"q_proj"}, {"gate_up_proj"}),   # a transformers-4 target list
     (["q_proj", "k_proj"], {"q_proj", "k_proj"}, set()),
+    (["experts"], set(), {"gate_up_proj", "down_proj"}),
 ])
 def test_the_experts_targets_are_nameable(tiny_moe_path, targets, expect_modules, expect_experts):
     model = with_lora(tiny_moe_path, lora_target_modules=targets)
@@ -132,7 +133,7 @@ def test_the_experts_targets_are_nameable(tiny_moe_path, targets, expect_modules
 
 
 def test_the_router_as_a_lora_target_is_refused_before_launch(capsys):
-    proc = launch_here(capsys, MOE_LORA, "--lora_target_modules", "[q_proj, gate]")
+    proc = launch_here(capsys, MOE_LORA, "--lora_target_modules", "[q_proj, mlp.gate]")
     assert_refused_before_launch(proc, "'gate' is the router", "mode: full")
 
 
