@@ -37,10 +37,11 @@ def lora_config(cfg, task_type="CAUSAL_LM", target_modules=None):
 
 def zero3_init_context(cfg):
     """Keep the returned object alive as long as the model: while it exists, transformers builds models inside
-    DeepSpeed's zero.Init under ZeRO-3 (partitioned as they load). None outside ZeRO-3."""
+    DeepSpeed's zero.Init under ZeRO-3 (partitioned as they load). None outside DeepSpeed's ZeRO-3 (the fsdp2
+    engine shards the loaded model)."""
     from transformers.integrations import HfDeepSpeedConfig
 
-    return HfDeepSpeedConfig(cfg.deepspeed_dict()) if cfg.zero_stage == 3 else None
+    return HfDeepSpeedConfig(cfg.deepspeed_dict()) if cfg.zero_stage == 3 and cfg.engine == "deepspeed" else None
 
 
 def load_model(cfg, device):
