@@ -12,11 +12,13 @@ loop's one host sync per step.
 
 Checkpoints go through torch.distributed.checkpoint (DCP), which reshards on load: a run saved on 2 processes
 resumes on 1 and the reverse. best/ and final/ get whole tensors from `full_state_dict` (gathered to rank 0)."""
+from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from finetune_launcher.console import say
 from finetune_launcher.dtypes import torch_dtype
 from finetune_launcher.errors import ConfigError
 
@@ -37,9 +39,13 @@ class FSDP2Engine:
         self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
         mesh = init_device_mesh(device.type, (world_size,))
         quantized = four_bit_states(model)
-        for unit in [*sharding_units(model), model]:
+        units = sharding_units(model)
+        for unit in [*units, model]:
             shard_unit(unit, model, mesh, self.dtype, same_start_everything)
         prepare_4bit_weights(model, quantized)
+        kinds = Counter(type(unit).__name__ for unit in units)
+        say(f"fsdp2: {len(units)} units and the root sharded over {world_size} process"
+            f"{'es' if world_size > 1 else ''} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params)
         self.micro_step = 0
@@ -141,7 +147,7 @@ class FSDP2Engine:
     def state_options(adapters_only):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(ignore_frozen_params=adapters_only)
+        return StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
 
 
 # ---------------------------------------------------------------- the units
