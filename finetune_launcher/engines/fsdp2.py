@@ -40,10 +40,10 @@ class FSDP2Engine:
         mesh = init_device_mesh(device.type, (world_size,))
         quantized = four_bit_states(model)
         units = sharding_units(model)
+        kinds = Counter(type(unit).__name__ for unit in units)
         for unit in [*units, model]:
             shard_unit(unit, model, mesh, self.dtype, same_start_everything)
         prepare_4bit_weights(model, quantized)
-        kinds = Counter(type(unit).__name__ for unit in units)
         say(f"fsdp2: {len(units)} units and the root sharded over {world_size} process"
             f"{'es' if world_size > 1 else ''} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})")
         self.params = [p for p in model.parameters() if p.requires_grad]
