@@ -190,18 +190,6 @@ def load_training_state(engine, path, rank, adapters_only):
 
 # ---------------------------------------------------------------- best/ and final/ weights
 
-def adapter_state(model, trainable=None):
-    """The LoRA weights by peft's names, from `trainable` ({parameter name: whole tensor}, as
-    engines.full_state_dict gives them; default: the model's own trainable parameters) rather than
-    `model.state_dict()`, which would also serialise every 4-bit base weight (and fails on bitsandbytes' CPU
-    layout)."""
-    from peft import get_peft_model_state_dict
-
-    if trainable is None:
-        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, state_dict=trainable).items()}
-
-
 def save_training_info(out_dir, info):
     """training_info.json beside saved weights: what the tools after training read (base model, mode, recipe)."""
     atomic_write_json(Path(out_dir) / "training_info.json", info)
@@ -212,10 +200,11 @@ def save_weights(engine, model, tokenizer, out_dir, mode, rank, info):
     """Write `out_dir` (best/ or final/) atomically: adapters for LoRA/QLoRA, the whole model for full.
     All ranks must call it (sharded engines gather collectively)."""
     out_dir = Path(out_dir)
-    adapters = mode in ("lora", "qlora")
-    state = full_state_dict(engine, trainable_only=adapters)
+    # LoRA: the trainable weights by the model's own names, which peft's save_pretrained turns into the adapter's
+    # (once: given its own output, it looks up modules_to_save weights under names it has already changed); never
+    # `model.state_dict()`, which would also serialise every 4-bit base weight.
+    state = full_state_dict(engine, trainable_only=mode in ("lora", "qlora"))
     if rank == 0:
-        state = adapter_state(model, state) if adapters else state
         tmp = fresh_tmp_dir(out_dir)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
