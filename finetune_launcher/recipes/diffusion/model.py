@@ -32,13 +32,11 @@ class DiffusionModelError(ConfigError):
 
 class DiffusionModel(torch.nn.Module):
     """What the engine trains: the text encoder (frozen unless it has LoRA) and the UNet, so a sharding engine
-    partitions and gathers every trainable weight. `compute_dtype`: the run's precision (under FSDP2 the UNet's
-    own parameters are fp32 master weights, gathered in this dtype)."""
+    partitions and gathers every trainable weight."""
 
-    def __init__(self, unet, text_encoder, compute_dtype=None):
+    def __init__(self, unet, text_encoder):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
-        self.compute_dtype = compute_dtype or unet.dtype
 
     def encode_prompt(self, input_ids):
         trainable = any(p.requires_grad for p in self.text_encoder.parameters())
@@ -46,7 +44,8 @@ class DiffusionModel(torch.nn.Module):
             return self.text_encoder(input_ids, return_dict=False)[0]
 
     def forward(self, noisy_latents, timesteps, input_ids):
-        dtype = self.compute_dtype  # the objective works in fp32; the engine computes in the run's precision
+        # the objective works in fp32; DeepSpeed's bf16/fp16 casts the weights, FSDP2 has gathered them in that dtype
+        dtype = self.unet.dtype
         hidden = self.encode_prompt(input_ids).to(dtype)
         return self.unet(noisy_latents.to(dtype), timesteps, hidden, return_dict=False)[0]
 
@@ -95,7 +94,7 @@ def load_diffusion(cfg, device):
         text_encoder.train()
         if cfg.gradient_checkpointing:
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return DiffusionParts(DiffusionModel(unet, text_encoder, dtype), vae, tokenizer,
+    return DiffusionParts(DiffusionModel(unet, text_encoder), vae, tokenizer,
                           DDPMScheduler.from_pretrained(path, subfolder="scheduler"), load_sample_scheduler(path), path)
 
 
