@@ -6,9 +6,9 @@ and freed after, its gradients reduce-scattered in one.
 
 What trains is sharded in fp32 (the master weights the optimizer steps); frozen weights (a LoRA base, NF4 weights
 stored in the compute dtype) stay in the compute dtype. The gathered copy computes in the run's precision and the
-gradients are reduced in fp32 (MixedPrecisionPolicy). Accumulation reduces only on the last micro-batch of a step
-(set_requires_gradient_sync); the clip runs over the sharded gradients and leaves the norm on the device for the
-loop's one host sync per step.
+gradients are reduced in fp32 (MixedPrecisionPolicy). LoRA's accumulation reduces only on the last micro-batch of a
+step (set_requires_gradient_sync; a full fine-tune reduces every micro-batch into its sharded gradients, as ZeRO-3
+does); the clip runs over the sharded gradients and leaves the norm on the device for the loop's one host sync.
 
 Checkpoints go through torch.distributed.checkpoint (DCP), which reshards on load: a run saved on 2 processes
 resumes on 1 and the reverse. best/ and final/ get whole tensors from `full_state_dict` (gathered to rank 0)."""
@@ -37,6 +37,9 @@ class FSDP2Engine:
         self.module, self.device, self.world_size = model, device, world_size
         self.dtype = torch_dtype(cfg.precision)
         self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
+        # Skipping the reduce-scatter keeps a micro-batch's gradients unsharded (fp32) until the step's last one:
+        # a few MB of adapters, but for a full fine-tune the whole model's, which sharding exists to avoid.
+        self.reduce_every_micro_batch = cfg.mode == "full"
         mesh = init_device_mesh(device.type, (world_size,))
         quantized = four_bit_states(model)
         units = sharding_units(model)
@@ -60,7 +63,7 @@ class FSDP2Engine:
         return (self.micro_step + 1) % self.accumulation == 0
 
     def backward(self, loss):
-        self.module.set_requires_gradient_sync(self.at_boundary())  # reduce-scatter on the step's last micro-batch
+        self.module.set_requires_gradient_sync(self.reduce_every_micro_batch or self.at_boundary())
         (loss / self.accumulation).backward()  # DeepSpeed's 1/accumulation (the reduce-scatter averages over ranks)
 
     def step(self):
