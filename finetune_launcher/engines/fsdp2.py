@@ -256,8 +256,8 @@ def prepare_4bit_weights(model, states):
         for module in mine:
             checksum, quant_state = states[module]
             if bytes_checksum(module.weight.data) != checksum:
-                raise RuntimeError("engine fsdp2 changed the bytes of a 4-bit weight while sharding it "
-                                   "(bitsandbytes #1945); run QLoRA with engine: deepspeed")
+                raise ConfigError("key 'engine': fsdp2 changed the bytes of a 4-bit weight while sharding it "
+                                  "(bitsandbytes #1945); run this QLoRA with engine: deepspeed")
             quant_state.to(module.weight.device)  # in place
             module.weight.quant_state = module.quant_state = quant_state
         unit.reshard()
