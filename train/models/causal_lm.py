@@ -1,9 +1,12 @@
 """Tokenizer and causal-LM loading for full, LoRA and QLoRA fine-tunes, including the ZeRO-3 init context."""
+import copy
+from contextlib import contextmanager
+
 import torch
 
 from train.dtypes import torch_dtype
 from train.models.compiled_layers import compile_decoder_layers
-from train.models.tiny import is_random, materialize_random_weights, resolve_model_path
+from train.models.tiny import is_random, resolve_model_path
 
 
 def load_tokenizer(cfg):
@@ -47,19 +50,21 @@ def load_model(cfg, device):
     """Return (model, keepalive) for the run's mode; see zero3_init_context for `keepalive`."""
     from transformers import AutoModelForCausalLM
 
+    path = resolve_model_path(cfg.model)
+    if is_random(cfg.model) and cfg.mode == "qlora":  # built before the ZeRO-3 context: a 4-bit model has no zero.Init
+        model = random_4bit_model(path, AutoModelForCausalLM, quantization_config(cfg.precision,
+                                                                                 cfg.bnb_4bit_quant_storage),
+                                  device, cfg.attn_implementation)
     keepalive = zero3_init_context(cfg)
     kwargs = dict(dtype=torch_dtype(cfg.precision), attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code)
-    path = resolve_model_path(cfg.model)
     if cfg.mode == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg.precision, cfg.bnb_4bit_quant_storage)
         if cfg.zero_stage == 2:
             kwargs["device_map"] = {"": device}
-        if is_random(cfg.model):
-            materialize_random_weights(path, torch_dtype(cfg.precision))
     if is_random(cfg.model) and cfg.mode != "qlora":
         model = random_model(path, kwargs, device, cfg.zero_stage)
-    else:
+    elif not is_random(cfg.model):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     if cfg.mode == "qlora":
@@ -125,6 +130,82 @@ def random_model(path, kwargs, device, zero_stage):
         return AutoModelForCausalLM.from_config(model_cfg, **kwargs)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(model_cfg, **kwargs)
+
+
+def random_4bit_model(path, auto_class, quant_config, device, attn_implementation):
+    """A random-init model of the shape at `path` (config.json only) with its decoder layers' linear layers in
+    bitsandbytes NF4 (double quant, `quant_config`'s compute and storage dtypes), built on `device` one decoder layer
+    at a time: everything outside the decoder layers (embeddings, norm, lm_head, a vision tower) is built whole in the
+    compute dtype, then each layer is made in the compute dtype, initialised, its linears quantised and the 16-bit
+    weights freed before the next. At most one layer's 16-bit weights exist beside the 4-bit model, so no checkpoint
+    on disk is needed (a 32B shape's 65 GB would not fit the disk) and the 16-bit model never exists whole. The
+    linears quantised are those transformers' bitsandbytes loader quantises with this project's skip lists (every
+    linear of the language model's layers, not lm_head nor a vision tower). Marked as transformers marks a 4-bit
+    load, so peft and the HF Trainer treat it as one."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig
+
+    dtype, storage = quant_config.bnb_4bit_compute_dtype, quant_config.bnb_4bit_quant_storage
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config()
+    layers = text.num_hidden_layers
+    shell_config = copy.deepcopy(config)
+    shell_text = shell_config.get_text_config()
+    with torch.device("meta"):  # the decoder layer class, from a one-layer model that allocates nothing
+        shell_text.num_hidden_layers = 1
+        layer_class = type(auto_class.from_config(shell_config).get_decoder().layers[0])
+    shell_text.num_hidden_layers = 0
+    with torch.device(device):
+        model = auto_class.from_config(shell_config, dtype=dtype, attn_implementation=attn_implementation)
+    shell_text.num_hidden_layers = layers  # the config object the model's modules hold
+    decoder = model.get_decoder()
+    for index in range(layers):
+        with torch.device(device), default_dtype(dtype):
+            layer = layer_class(decoder.config, index)
+        for module in layer.modules():
+            model._init_weights(module)
+        quantize_linears(layer, dtype, storage, device, bnb)
+        decoder.layers.append(layer)
+    model.config.quantization_config = quant_config
+    model.is_quantized, model.is_loaded_in_4bit, model.quantization_method = True, True, "bitsandbytes"
+    for module in model.modules():
+        if hasattr(module, "config") and hasattr(module.config, "to_dict"):
+            module.config._is_quantized = True
+    try:
+        from transformers.quantizers import AutoHfQuantizer
+
+        model.hf_quantizer = AutoHfQuantizer.from_config(quant_config, pre_quantized=False)
+    except Exception:  # noqa: BLE001 - only the HF Trainer's "is it trainable" check reads it
+        pass
+    return model
+
+
+def quantize_linears(module, dtype, storage, device, bnb):
+    """Replace every nn.Linear under `module` by a bitsandbytes Linear4bit holding its weight in NF4 (double quant,
+    `storage` dtype), as transformers' loader builds them; the 16-bit weight is released."""
+    for parent in list(module.modules()):
+        for name, linear in list(parent.named_children()):
+            if type(linear) is not torch.nn.Linear:
+                continue
+            quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, dtype,
+                                          compress_statistics=True, quant_type="nf4", quant_storage=storage,
+                                          device="meta")
+            quantized.weight = bnb.nn.Params4bit(linear.weight.data.to(dtype), requires_grad=False,
+                                                 compress_statistics=True, quant_type="nf4", quant_storage=storage,
+                                                 module=quantized)._quantize(device)
+            if linear.bias is not None:
+                quantized.bias = torch.nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
+            setattr(parent, name, quantized)
+
+
+@contextmanager
+def default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def disable_cpu_weight_repacking(model):

@@ -3,10 +3,11 @@
 - `builtin:tiny-llama` (and `builtin:small-llama`): a tiny Llama-architecture causal LM with random weights and a BPE
   tokenizer trained on the shipped data, saved like any hub checkpoint (config.json, safetensors, tokenizer files)
   so the real `from_pretrained` path loads it.
-- `random:<architecture>` (e.g. `random:qwen2.5-1.5b`, `random:llama-3-8b`, `random:qwen2.5-32b`): the exact shape of
-  a real model from train/models/arch_table.py, randomly initialised where it is trained (on the GPUs, under zero.Init for
-  ZeRO-3), for benchmarks; only config.json and the tiny tokenizer are written. QLoRA needs weights on disk to
-  quantise while loading: `materialize_random_weights` writes them once.
+- `random:<architecture>` (e.g. `random:qwen2.5-1.5b`, `random:llama-3-8b`, `random:qwen2.5-32b`, and the
+  vision-language `random:qwen3-vl-32b`): the exact shape of a real model from train/models/arch_table.py (vision-language
+  ones from train/estimate/vision_table.py), randomly initialised where it is trained (on the GPUs, under zero.Init for
+  ZeRO-3), for benchmarks; only config.json and the tiny tokenizer (and a VL model's processor files) are written,
+  never weights. QLoRA quantises each decoder layer as it is made (train/models/causal_lm.py: random_4bit_model).
 """
 import json
 import os
@@ -170,11 +171,13 @@ def random_shape_config(arch_key):
     """A transformers config of the exact shape of a real architecture (from the estimator's offline table)."""
     from transformers import AutoConfig
 
+    from train.estimate.vision_table import VL_ARCHITECTURES
     from train.models.arch_table import ARCHITECTURES
 
     if arch_key not in ARCHITECTURES:
+        known = sorted([*ARCHITECTURES, *VL_ARCHITECTURES])
         raise ModelReferenceError(f"unknown architecture '{arch_key}' for random:; known: "
-                                  f"{', '.join(RANDOM_PREFIX + k for k in sorted(ARCHITECTURES))}")
+                                  f"{', '.join(RANDOM_PREFIX + k for k in known)}")
     spec = dict(ARCHITECTURES[arch_key])
     model_type = next(t for prefix, t in MODEL_TYPES if arch_key.startswith(prefix))
     fields = {k: spec[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -189,11 +192,19 @@ def random_shape_config(arch_key):
 
 
 def build_random_shape(arch_key):
-    """config.json + the tiny tokenizer (ids < 1024 are valid in every real vocabulary); no weights."""
+    """config.json + the tiny tokenizer (ids < 1024 are valid in every real vocabulary); no weights. A
+    vision-language shape also gets the tiny VL tokenizer, chat template and processor files (train/models/tiny_vl.py)
+    with the model's own patch size and pixel bounds."""
+    from train.estimate.vision_table import VL_ARCHITECTURES
+
     target = cache_root() / "models" / f"random-{arch_key}-{BUILD_VERSION}"
     if (target / "config.json").exists():
         return target
     with _locked(target):
+        if not (target / "config.json").exists() and arch_key in VL_ARCHITECTURES:
+            from train.models.tiny_vl import build_random_vl_directory
+
+            build_random_vl_directory(arch_key, target)
         if not (target / "config.json").exists():
             tiny = Path(resolve_model_path("builtin:tiny-llama"))
             with built_into(target) as tmp:
@@ -202,30 +213,3 @@ def build_random_shape(arch_key):
                     if name.startswith(("tokenizer", "chat_template")):
                         shutil.copy(tiny / name, tmp / name)
     return target
-
-
-def has_weights(path):
-    return any(Path(path).glob("*.safetensors"))
-
-
-def materialize_random_weights(path, dtype):
-    """Write random bf16/fp16 weights next to a random shape's config (once), for paths that need a checkpoint."""
-    path = Path(path)
-    if has_weights(path):
-        return path
-    with _locked(path / "weights"):
-        if not has_weights(path):
-            _build_outside_process_group("write_random_weights", str(path), str(dtype).removeprefix("torch."))
-    return path
-
-
-def write_random_weights(path, dtype_name):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(1234)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype_name))
-    model.save_pretrained(path, safe_serialization=True, max_shard_size="5GB")
-    apply_umask(Path(path))

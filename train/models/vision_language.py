@@ -18,9 +18,9 @@ import torch
 
 from train.errors import ConfigError
 from train.dtypes import torch_dtype
-from train.models.causal_lm import disable_cpu_weight_repacking, zero3_init_context
+from train.models.causal_lm import disable_cpu_weight_repacking, random_4bit_model, zero3_init_context
 from train.models.compiled_layers import compile_decoder_layers
-from train.models.tiny import resolve_model_path
+from train.models.tiny import is_random, resolve_model_path
 
 PROJECTOR_WORDS = ("merger", "projector")
 VIDEO_CONFIG = "video_preprocessor_config.json"
@@ -198,6 +198,9 @@ def load_vl_model(cfg, device):
 
     path = resolve_model_path(cfg.model)
     layout = meta_layout(path, cfg.trust_remote_code)  # before the ZeRO-3 context exists: no zero.Init for this one
+    if is_random(cfg.model) and cfg.mode == "qlora":  # random:ARCH, its decoder layers quantised as they are made
+        model = random_4bit_model(path, AutoModelForImageTextToText, quantization_config(cfg, layout), device,
+                                  cfg.attn_implementation)
     keepalive = zero3_init_context(cfg)
     kwargs = dict(dtype=torch_dtype(cfg.precision), attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code)
@@ -205,7 +208,18 @@ def load_vl_model(cfg, device):
         kwargs["quantization_config"] = quantization_config(cfg, layout)
         if cfg.zero_stage != 3:
             kwargs["device_map"] = {"": device}
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if is_random(cfg.model) and cfg.mode != "qlora":  # random:ARCH built where it trains (zero.Init under ZeRO-3)
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(path)
+        kwargs.pop("trust_remote_code")
+        if cfg.zero_stage == 3:
+            model = AutoModelForImageTextToText.from_config(model_config, **kwargs)
+        else:
+            with torch.device(device):
+                model = AutoModelForImageTextToText.from_config(model_config, **kwargs)
+    elif not is_random(cfg.model):
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     model.config.use_cache = model.config.get_text_config().use_cache = False
     if cfg.mode == "qlora":
         disable_cpu_weight_repacking(model)
