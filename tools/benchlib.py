@@ -36,6 +36,53 @@ def write_text_corpus(path, words, seed=0, words_per_doc=2000):
     return path
 
 
+TOKENS_PER_WORD = 1.3  # English through a real model's tokenizer (Llama-3 / Qwen2.5: about 1.3 tokens a word)
+
+
+def one_token_words(model_ref):
+    """Words the model's tokenizer (the tiny one of a random: shape) encodes as one token each, after a space: text
+    of n of them is n tokens, so synthetic examples get the token lengths real text of that many words would have."""
+    from transformers import AutoTokenizer
+
+    from train.models.tiny import resolve_model_path
+
+    vocab = AutoTokenizer.from_pretrained(resolve_model_path(model_ref)).get_vocab()
+    words = sorted(k[1:] for k in vocab if k.startswith("\u0120") and k[1:].isalpha() and k[1:].islower()
+                   and len(k) >= 4)
+    return words or WORDS
+
+
+def write_instruction_corpus(path, examples, model_ref, seed=0):
+    """A Dolly-like JSONL (instruction, context, response) with Dolly's shape of lengths, counted in words of real
+    English (TOKENS_PER_WORD tokens each): instructions of tens of words (log-normal, median 12), a context on 30% of
+    the examples (median 80 words, up to 600), responses from tens of words to a thousand (log-normal, median 80,
+    sigma 1.0, 8-1000 words). Returns the path and the examples' token lengths as written (before the template)."""
+    import math
+
+    path = Path(path)
+    rng = random.Random(seed)
+    words = one_token_words(model_ref)
+
+    def text(n_words):
+        return " ".join(rng.choice(words) for _ in range(max(1, round(n_words * TOKENS_PER_WORD))))
+
+    def lognormal(median, sigma, low, high):
+        return min(high, max(low, math.exp(rng.gauss(math.log(median), sigma))))
+
+    lengths = []
+    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for _ in range(examples):
+            record = {"instruction": text(lognormal(12, 0.6, 3, 80)),
+                      "context": text(lognormal(80, 0.8, 10, 600)) if rng.random() < 0.3 else "",
+                      "response": text(lognormal(80, 1.0, 8, 1000))}
+            lengths.append(sum(len(v.split()) for v in record.values()))
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    return path, lengths
+
+
 def write_config(config, path):
     import yaml
 

@@ -72,7 +72,7 @@ def parse_args(argv):
     p.add_argument("--lora-targets", help="all-linear or a comma list (q_proj,v_proj)")
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2", "flash_attention_3"])
+    p.add_argument("--attn", choices=["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"])
     p.add_argument("--overlap-comm", action="store_true", default=None)
     p.add_argument("--examples", type=int, help="training examples (with --epochs gives the total time)")
     p.add_argument("--tokens", type=int, help="training tokens instead of --examples")

@@ -28,7 +28,7 @@ from train.console import Progress, say, warn
 from train.distributed import all_reduce_max, all_reduce_sum, barrier, reduced_tensor
 from train.engine import engine_facts
 from train.exit_codes import OK
-from train.guards import (TrainingError, fp16_skipped_step, is_finite, nonfinite, nothing_to_learn,
+from train.guards import (TrainingError, fp16_loss_scale, fp16_skipped_step, is_finite, nonfinite, nothing_to_learn,
                           with_debug_faults)
 from train.history import History, MetricSinks, plot_history
 from train.profiling import StepProfiler
@@ -202,6 +202,9 @@ class Trainer:
                   "step_time_s": step_time, f"supervised_{task.unit}s": int(units)}
         if task.throughput == "tokens":
             record["nonpad_fraction"] = real / max(1.0, padded)
+        scale = fp16_loss_scale(engine)
+        if scale is not None:  # fp16: the scale this step left, and whether an overflow skipped it
+            record.update(loss_scale=scale, step_skipped=fp16_skipped_step(engine))
         return record
 
     def batches_of(self, step):
