@@ -340,6 +340,9 @@ def main():
     if unknown:
         sys.exit(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
     started = time.time()
+    from train.estimate import detect_device
+
+    device = detect_device(1)
     rows_needed = (args.steps + PROFILED_STEPS + 2) * args.micro_batch * args.grad_accum
     corpus = write_text_corpus(Path(args.work_dir) / "corpus.jsonl", words=rows_needed * args.seq_len)
     prepare_models(args, cases)
@@ -359,11 +362,8 @@ def main():
                   else f"FAILED (exit {row['exit_code']})\n{row.get('error', '')}")
         print(ascii_safe(f"[{i}/{len(cases)}] {name}: {status} ({row['wall_s']:.0f} s)"), flush=True)
         if args.json:
-            write_json({"command": " ".join(sys.argv), "partial": True, "settings": vars(args), "cases": rows},
-                       args.json)
-    from train.estimate import detect_device
-
-    device = detect_device(1)
+            write_json({"command": " ".join(sys.argv), "partial": True, "device": device.name, "settings": vars(args),
+                        "cases": rows}, args.json)
     rows = add_ratios(add_estimates(rows, device), args, device)
     print(ascii_safe(render(rows, args, device)))
     if args.json:

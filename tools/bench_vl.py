@@ -66,6 +66,8 @@ def parse_args():
     p.add_argument("--config", help="a run config YAML whose settings both stacks use (see above)")
     p.add_argument("--pictures", type=int, default=0, help="synthetic pictures (rows) to write instead of --data")
     p.add_argument("--picture-size", default="768x768", help="WxH of the synthetic pictures")
+    p.add_argument("--reuse", metavar="FILE", help="re-predict an earlier --json's cases with today's estimator (no "
+                                                   "runs; the synthetic pictures are written again, same seed)")
     return p.parse_args()
 
 
@@ -184,6 +186,33 @@ def write_pictures(args):
     return str(target)
 
 
+def reuse(args):
+    """Re-predict the cases of an earlier --json (measured on its device) with today's estimator."""
+    from train.estimate import resolve_device
+
+    data = json.loads(Path(args.reuse).read_text())
+    for key, value in data.get("settings", {}).items():
+        if key not in ("reuse", "json", "work_dir"):
+            setattr(args, key, value)
+    if args.pictures:
+        args.data = write_pictures(args)
+    rows = data["cases"]
+    for r in rows:
+        r.pop("estimate", None)
+        if r.get("stack") == "finetune-launcher" and "config" in r:
+            r["config"]["dataset"] = args.data
+    rows = add_estimates(rows, resolve_device(data["device"]))
+    for r in rows:
+        est = r.get("estimate")
+        if est:
+            print(ascii_safe(f"{r['case']}: {r['step_time_s']:.3f} s/step measured, {est['step_time_cold_s']:.3f} "
+                             f"predicted ({est['step_time_error']:+.0%}); peak {r.get('peak_reserved_gib')} GiB "
+                             f"reserved, {est['peak_gib']:.1f} predicted ({est.get('peak_error', float('nan')):+.0%})"))
+    if args.json:
+        write_json(dict(data, cases=rows, reused_from=args.reuse, repredicted=time.strftime("%Y-%m-%d")), args.json)
+    return 0
+
+
 def add_estimates(rows, device):
     for r in rows:
         if r.get("stack") == "finetune-launcher" and "tokens_per_s" in r:
@@ -201,7 +230,12 @@ def add_estimates(rows, device):
 def main():
     make_console_safe()
     args = parse_args()
+    if args.reuse:
+        return reuse(args)
     started = time.time()
+    from train.estimate import detect_device
+
+    device = detect_device(1)
     if args.model:  # random:ARCH: its directory (config, tokenizer, processor) now, the weights where it trains
         import subprocess
 
@@ -223,11 +257,8 @@ def main():
                   else f"FAILED (exit {row['exit_code']})\n{row.get('error', '')}")
         print(ascii_safe(f"{name}: {status} ({row['wall_s']:.0f} s)"), flush=True)
         if args.json:
-            write_json({"command": " ".join(sys.argv), "partial": True, "settings": vars(args), "cases": rows},
-                       args.json)
-    from train.estimate import detect_device
-
-    device = detect_device(1)
+            write_json({"command": " ".join(sys.argv), "partial": True, "device": device.name, "settings": vars(args),
+                        "cases": rows}, args.json)
     rows = add_estimates(rows, device)
     by_name = {r["case"]: r for r in rows}
     for r in rows:

@@ -154,6 +154,9 @@ def test_random_vl_qlora_quantizes_the_language_model_layers_only(tiny_random_sh
     assert len(linears) == 7 * base.config.text_config.num_hidden_layers
     assert all(n.startswith("model.language_model.layers.") for n in linears)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in base.named_modules() if n.startswith("model.visual"))
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    validate_quantization_for_training(model)  # what HF Trainer asks of a 4-bit model (tools/hf_baseline.py --qlora)
     ids = torch.randint(5, 1000, (1, 24))
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
