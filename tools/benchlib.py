@@ -108,11 +108,39 @@ def run_launcher(config, out_dir, nproc, extra=(), timeout=600, log_name="train.
     with open(log, "w", encoding="utf-8") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-        code = wait_for(proc, history_file, t0 + timeout, stop_after_step)
+        proc = start_case(cmd, stdout=f, env={**os.environ, **(env or {})})
+        try:
+            code = wait_for(proc, history_file, t0 + timeout, stop_after_step)
+        finally:
+            RUNNING.discard(proc)
     history = json.loads(history_file.read_text()) if history_file.exists() else None
     return code, history, time.time() - t0, log
+
+
+RUNNING = set()  # the cases running now (their launchers), ended with the benchmark when it is stopped
+
+
+def start_case(cmd, **popen):
+    """Start one case's command in a session of its own (stop_group ends it and everything it started); if the
+    benchmark itself is stopped (SIGTERM, e.g. from `timeout`, or SIGINT), the case goes with it instead of training
+    on beside whatever runs next on the GPU (seen on the H200, issue 31)."""
+    import signal
+
+    if not RUNNING and signal.getsignal(signal.SIGTERM) is not stop_running_cases:
+        signal.signal(signal.SIGTERM, stop_running_cases)
+        signal.signal(signal.SIGINT, stop_running_cases)
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    RUNNING.add(proc)
+    return proc
+
+
+def stop_running_cases(signum=None, _frame=None):
+    """End every running case's processes; as a signal handler, then exit (128 + the signal)."""
+    for proc in list(RUNNING):
+        stop_group(proc)
+        RUNNING.discard(proc)
+    if signum is not None:
+        raise SystemExit(128 + signum)
 
 
 def wait_for(proc, history_file, deadline, stop_after_step):
@@ -137,15 +165,36 @@ def recorded_step(history_file):
 
 
 def stop_group(proc):
-    """SIGKILL to every process of the run's session (the launcher, torchrun, the ranks), then reap the launcher."""
+    """SIGKILL to every process of the run (the launcher, torchrun, the ranks), then reap the launcher. torchrun
+    starts each rank in a session of its own, so the ranks are found as descendants, not only as members of the
+    launcher's session: a rank that outlived its killed torchrun trained on beside the next case (seen on the
+    H200, issue 31)."""
     import signal
 
-    for pid in session_members(proc.pid):
+    for pid in set(session_members(proc.pid)) | set(descendants(proc.pid)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
+
+
+def descendants(root):
+    """Every process below `root` in the parent tree (from /proc/PID/stat)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def session_members(sid):
@@ -176,10 +225,14 @@ def run_hf_baseline(cmd, out, name, timeout):
     (out / "result.json").unlink(missing_ok=True)
     t0 = time.time()
     with open(out / "train.log", "w", encoding="utf-8") as f:
+        proc = start_case(cmd, stdout=f)
         try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            stop_group(proc)
             code = 124
+        finally:
+            RUNNING.discard(proc)
     row = {"case": name, "stack": "HF Trainer + PEFT", "exit_code": code, "wall_s": round(time.time() - t0, 1),
            "command": " ".join(cmd)}
     if code != 0 or not (out / "result.json").exists():

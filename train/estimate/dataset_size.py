@@ -30,6 +30,24 @@ def with_dataset_size(spec, config):
     return replace(spec, examples=examples, avg_tokens_per_example=_average_tokens(sample, config))
 
 
+def is_text_blocks(config):
+    """Whether the run trains on plain text cut into full max_length blocks (dataset_format text, named or detected
+    from a local JSONL's first record as the data module detects it)."""
+    fmt = config.get("dataset_format", "auto")
+    if fmt != "auto":
+        return fmt == "text"
+    path = Path(str(config.get("dataset", "")))
+    if not path.is_file() or path.suffix not in (".jsonl", ".json"):
+        return False
+    head = _first_lines(path, 1)
+    try:
+        from train.data.records import detect_format
+
+        return bool(head) and detect_format(json.loads(head[0]), str(path)) == "text"
+    except (ValueError, AttributeError, TypeError):  # not JSON, or no known format: the data checks say so
+        return False
+
+
 def _first_lines(path, n):
     lines = []
     with open(path, encoding="utf-8", errors="replace") as f:

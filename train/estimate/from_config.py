@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from train.estimate.calibration import load_calibration
-from train.estimate.dataset_size import with_dataset_size, with_image_count, with_vl_dataset_size
+from train.estimate.dataset_size import is_text_blocks, with_dataset_size, with_image_count, with_vl_dataset_size
 from train.estimate.devices import detect_device, resolve_device
 from train.estimate.estimator import estimate
 from train.estimate.inputs import GIB, EstimateError, RunSpec
@@ -32,8 +32,11 @@ def spec_from_config(config, nproc, nnodes, gpu=None):
         spec = RunSpec(**common, resolution=config["resolution"], cache_latents=config["cache_latents"],
                        text_encoder_lora=config["text_encoder_lora"])
         return with_deepspeed_settings(with_image_count(spec, config), config)
+    compiled = config.get("compile_layers")
     spec = RunSpec(**common, seq_len=config["max_length"], attn_implementation=config["attn_implementation"],
-                   liger_kernel=liger_expected(config, gpu), packing=config["packing"])
+                   liger_kernel=liger_expected(config, gpu), packing=config["packing"],
+                   compile_layers=compiled if isinstance(compiled, bool) else None,
+                   text_blocks=recipe == "causal_lm" and is_text_blocks(config))
     if recipe == "vision_language":  # length-grouped rows, never packed (train/data/vision_language.py)
         spec = with_vl_dataset_size(replace(spec, packing=False, min_pixels=config["min_pixels"],
                                             max_pixels=config["max_pixels"], train_merger=config["train_merger"],

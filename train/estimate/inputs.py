@@ -46,6 +46,8 @@ class RunSpec:
     zero3_gather: str = "layer"  # ZeRO-3 gathers a decoder layer at once, or module by module
     fill: float = None
     liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy outside ZeRO-3)
+    compile_layers: bool = None  # regional torch.compile of the decoder layers; None: as `auto` (on for GPUs)
+    text_blocks: bool = False   # rows cut from plain text (dataset_format text): full rows, no attention mask
     recipe: str = "causal_lm"   # causal_lm | vision_language | diffusion (the run config's recipe)
     # vision-language: the pictures of a row and the processor's pixel bounds (None: the model's own)
     image_size: tuple = None    # (width, height); None: a square of max_pixels, cut to what a row holds
