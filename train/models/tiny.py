@@ -4,10 +4,11 @@
   tokenizer trained on the shipped data, saved like any hub checkpoint (config.json, safetensors, tokenizer files)
   so the real `from_pretrained` path loads it.
 - `random:<architecture>` (e.g. `random:qwen2.5-1.5b`, `random:llama-3-8b`, `random:qwen2.5-32b`, and the
-  vision-language `random:qwen3-vl-32b`): the exact shape of a real model from train/models/arch_table.py (vision-language
-  ones from train/estimate/vision_table.py), randomly initialised where it is trained (on the GPUs, under zero.Init for
-  ZeRO-3), for benchmarks; only config.json and the tiny tokenizer (and a VL model's processor files) are written,
-  never weights. QLoRA quantises each decoder layer as it is made (train/models/causal_lm.py: random_4bit_model).
+  vision-language `random:qwen3-vl-32b`): the exact shape of a real model from train/models/arch_table.py
+  (vision-language ones from train/estimate/vision_table.py), randomly initialised where it is trained (on the GPUs,
+  under zero.Init for ZeRO-3), for benchmarks; only config.json and the tiny tokenizer (and a VL model's processor
+  files) are written, never weights. QLoRA quantises each decoder layer as it is made (train/models/causal_lm.py:
+  random_4bit_model).
 """
 import json
 import os
