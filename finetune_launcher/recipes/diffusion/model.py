@@ -113,7 +113,10 @@ def quantize_unet_linears(unet, cfg, device):
         raise DiffusionModelError("mode qlora needs bitsandbytes (pip install -e '.[gpu]'); or use mode lora") from None
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(quantize_linears(unet, cfg, device), use_gradient_checkpointing=False)
+    quantize_linears(unet, torch_dtype(cfg.precision), torch_dtype(cfg.bnb_4bit_quant_storage), device)
+    unet.to(device)
+    unet.is_loaded_in_4bit = True  # what diffusers' quantizer sets; peft then wraps Linear4bit with its 4-bit LoRA
+    return prepare_model_for_kbit_training(unet, use_gradient_checkpointing=False)
 
 
 def linear_name_endings(model):
