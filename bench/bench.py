@@ -1,9 +1,12 @@
 """Side by side on one GPU: our trainer (through `bash launch/train_*.sh`) against the stack users run today
-(tools/hf_baseline.py: HF Trainer + PEFT + SDPA), same random-init model shape, same data, same tokens per optimizer
+(bench/hf_baseline.py: HF Trainer + PEFT + SDPA), same random-init model shape, same data, same tokens per optimizer
 step, same precision (a benchmark, not a test).
 
-    python tools/bench.py --json docs/benchmarks/bench_h200.json              # Llama-3-8B shape, seq 2048, mb 2
-    python tools/bench.py --model builtin:small-llama --seq-len 256 --steps 6 --cases hf-gc,ours,ours-gc   # CPU
+    python bench/bench.py --json docs/benchmarks/bench_h200.json              # Llama-3-8B shape, seq 2048, mb 2
+    python bench/bench.py --model builtin:small-llama --seq-len 256 --steps 6 --cases hf-gc,ours,ours-gc   # CPU
+    python bench/bench.py --model random:qwen2.5-32b --micro-batch 1 --grad-accum 4 --cases ours,hf-liger,ours-qlora
+    python bench/bench.py --cases ours,ours-packed,ours-packed-flex        # packed instruction data (issue 31)
+    python bench/bench.py --reuse docs/benchmarks/X.json --json Y.json     # re-predict a run's cases (no runs)
 
 Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps the call inside a device call):
   hf-gc       baseline with gradient checkpointing (what most users run)
@@ -24,9 +27,16 @@ Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps th
               engine, compiled layers): MFU
   ours-full-deepspeed  the same with engine: deepspeed (ZeRO-2; the trainer before)
   ours-full-bucket5e8   the same with DeepSpeed's reduce_bucket_size at 5e8 elements (DeepSpeed's own default)
+  ours-packed ours on packed instruction data: a Dolly-like file with real lengths (bench/benchlib.py:
+              write_instruction_corpus; several examples a row, none attending to another: SDPA with a block-diagonal
+              mask); tokens/s counts the rows' real tokens
+  ours-packed-flex  ours-packed with attn_implementation: flex_attention (FlexAttention with a document mask: the
+              blocks between examples are skipped, no mask is materialised)
   ours-grouped  ours with moe_lora_kernel: grouped (a mixture of experts: the experts' LoRA on the activations
               through grouped GEMMs instead of peft's full-size weight per forward)
   ours-grouped-gc  ours-grouped with gradient checkpointing forced on
+Beside each of our cases: the estimator's cold prediction for the same run config (step time, and peak memory
+without the margin against the reserved peak), as the launcher's pre-flight makes it.
 Mixture of experts (issue 30, one H200, ~7 minutes: `bash bench/moe_h200.sh`):
     python bench/bench.py --model random:qwen3-30b-a3b --seq-len 2048 --micro-batch 1 --grad-accum 4 \
         --cases ours-grouped,hf-gc,ours,hf-liger --profile ours-grouped,hf-gc --budget 450 --json OUT.json
@@ -48,15 +58,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlib import (REPO, launch_decisions, log_tail, measured, run_hf_baseline, run_launcher,  # noqa: E402
-                            versions, write_json, write_text_corpus)
+from bench.benchlib import (REPO, launch_decisions, log_tail, measured, predict, run_hf_baseline,  # noqa: E402
+                            run_launcher, versions, write_instruction_corpus, write_json, write_text_corpus)
 from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 from finetune_launcher.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 
 WARMUP = 3
 CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
          "ours-z3", "ours-z3-keep", "ours-z3-prefetch", "ours-z3-module", "ours-full", "ours-full-deepspeed",
-         "ours-full-bucket5e8", "ours-grouped", "ours-grouped-gc")
+         "ours-full-bucket5e8", "ours-packed", "ours-packed-flex", "ours-grouped", "ours-grouped-gc")
+PACKED_EXAMPLES = 3000  # Dolly-like examples written for the packed cases (about 1,700 rows of 2048 tokens)
 # each case's step time against another's: (case, against, key, what the ratio says)
 STEP_RATIOS = (("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
                ("ours-z3", "ours", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (both defaults)"),
@@ -67,6 +78,10 @@ STEP_RATIOS = (("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time
                 "full fine-tune step time, ddp / deepspeed"),
                ("ours-grouped", "ours", "step_time_vs_peft_kernel",
                 "MoE LoRA step time, moe_lora_kernel grouped / peft"))
+# tokens/s of a case against another's: (case, against, key, what the ratio says)
+RATE_RATIOS = (("ours-packed", "ours", "tokens_per_s_vs_text_blocks", "packed (SDPA) tokens/s / text blocks"),
+               ("ours-packed-flex", "ours", "tokens_per_s_vs_text_blocks", "packed (flex) tokens/s / text blocks"),
+               ("ours-packed-flex", "ours-packed", "tokens_per_s_vs_sdpa", "packed: flex / SDPA tokens/s"))
 # the targets' cases first: with --budget, the last ones are the ones skipped
 DEFAULT_CASES = ("hf-gc", "hf-liger", "ours", "ours-gc", "ours-z3", "ours-full", "ours-qlora", "ours-z3-module",
                  "ours-full-deepspeed", "ours-eager")
@@ -90,6 +105,8 @@ def parse_args():
     p.add_argument("--budget", type=int, default=500, help="seconds for all cases: a case starts only with at "
                                                           "least 60 s left, and never runs past the budget")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--reuse", metavar="FILE", help="re-predict an earlier --json's cases with today's estimator "
+                                                   "(no runs; the packed corpus is written again, same seed)")
     return p.parse_args()
 
 
@@ -122,8 +139,11 @@ def run_ours(args, corpus, name, timeout, **change):
     if got is None:
         return dict(row, error=log_tail(log))
     row.update(launch_decisions(log))
-    row["losses"] = [r["loss"] for r in history["records"] if r["step"] <= args.steps]
+    records = [r for r in history["records"] if r["step"] <= args.steps]
+    row["losses"] = [r["loss"] for r in records]
     row["tokens_per_step"] = args.micro_batch * args.grad_accum * args.seq_len
+    row["nonpad_fraction"] = sorted(r["nonpad_fraction"] for r in records)[len(records) // 2]
+    row["data"] = {k: v for k, v in history["metadata"].get("data", {}).items() if not isinstance(v, (list, dict))}
     if profiled and profile_file.exists():
         row["profile"] = json.loads(profile_file.read_text())
     return dict(row, **got)
@@ -165,10 +185,24 @@ def model_flops_per_token(model_ref, mode, seq_len):
     return (6 if mode == "full" else 4) * n + attention
 
 
-def add_ratios(rows, args):
-    from finetune_launcher.estimate import detect_device
+def add_estimates(rows, device):
+    """The estimator's cold prediction beside each of our cases (memory without the margin; the HF baseline has no
+    run config)."""
+    for r in rows:
+        if "tokens_per_s" not in r or r.get("stack") != "finetune-launcher":
+            continue
+        result = predict(r["config"], 1, device, {})
+        r["estimate"] = {"step_time_cold_s": result.step_time_s, "peak_gib": result.peak_bytes / 2**30,
+                         "gradient_checkpointing": result.spec.gradient_checkpointing,
+                         "memory_terms_gib": {k: v / 2**30 for k, v in result.breakdown.items()},
+                         "step_time_terms_s": dict(result.timing["terms"])}
+        r["estimate"]["step_time_error"] = result.step_time_s / r["step_time_s"] - 1
+        if r.get("peak_reserved_gib"):
+            r["estimate"]["peak_error"] = r["estimate"]["peak_gib"] / r["peak_reserved_gib"] - 1
+    return rows
 
-    device = detect_device(1)
+
+def add_ratios(rows, args, device):
     peak = device.peak_flops("bf16") if device.kind != "cpu" else device.peak_flops("fp32")
     by_name = {r["case"]: r for r in rows}
     for r in rows:
@@ -186,23 +220,30 @@ def add_ratios(rows, args):
     for case, against, key, _ in STEP_RATIOS:
         if "step_time_s" in by_name.get(case, {}) and "step_time_s" in by_name.get(against, {}):
             by_name[case][key] = by_name[case]["step_time_s"] / by_name[against]["step_time_s"]
-    return rows, device
+    for case, against, key, _ in RATE_RATIOS:
+        if "tokens_per_s" in by_name.get(case, {}) and "tokens_per_s" in by_name.get(against, {}):
+            by_name[case][key] = by_name[case]["tokens_per_s"] / by_name[against]["tokens_per_s"]
+    return rows
 
 
 def render(rows, args, device):
-    lines = [f"{'case':<15} {'stack':<18} {'s/step':>7} {'tok/s':>8} {'MFU':>6} {'x hf-liger':>10} {'x hf-gc':>8} "
-             f"{'peak GiB':>9} {'loss first->last':>17}"]
+    lines = [f"{'case':<16} {'stack':<18} {'s/step':>7} {'tok/s':>8} {'MFU':>6} {'x hf-liger':>10} {'x hf-gc':>8} "
+             f"{'peak GiB':>9} {'est s':>6} {'err':>5} {'est GiB':>7} {'err':>5} {'loss first->last':>17}"]
     for r in rows:
         if "tokens_per_s" not in r:
-            lines.append(f"{r['case']:<15} {r['stack']:<18} {r.get('skipped') or 'FAILED (exit %s)' % r['exit_code']}")
+            lines.append(f"{r['case']:<16} {r['stack']:<18} {r.get('skipped') or 'FAILED (exit %s)' % r['exit_code']}")
             continue
         losses = r.get("losses") or [float("nan")]
-        lines.append(f"{r['case']:<15} {r['stack']:<18} {r['step_time_s']:7.3f} {r['tokens_per_s']:8,.0f} "
-                     f"{r['mfu']:6.1%} {r.get('vs_hf_liger', float('nan')):10.2f} "
-                     f"{r.get('vs_hf_gc', float('nan')):8.2f} {r.get('peak_reserved_gib') or float('nan'):9.1f} "
+        nan = float("nan")
+        est = r.get("estimate", {})
+        lines.append(f"{r['case']:<16} {r['stack']:<18} {r['step_time_s']:7.3f} {r['tokens_per_s']:8,.0f} "
+                     f"{r['mfu']:6.1%} {r.get('vs_hf_liger', nan):10.2f} "
+                     f"{r.get('vs_hf_gc', nan):8.2f} {r.get('peak_reserved_gib') or nan:9.1f} "
+                     f"{est.get('step_time_cold_s', nan):6.3f} {est.get('step_time_error', nan):+5.0%} "
+                     f"{est.get('peak_gib', nan):7.1f} {est.get('peak_error', nan):+5.0%} "
                      f"{losses[0]:8.3f}->{losses[-1]:.3f}")
     by_name = {r["case"]: r for r in rows}
-    for case, _, key, what in STEP_RATIOS:
+    for case, _, key, what in STEP_RATIOS + RATE_RATIOS:
         if key in by_name.get(case, {}):
             lines.append(f"{what}: {by_name[case][key]:.2f}")
     for r in rows:
@@ -213,12 +254,13 @@ def render(rows, args, device):
                          f"GPU busy {prof['gpu_busy_fraction'] or 0:.0%}")
     lines.append(f"device {device.name}; LoRA model {args.model} r={args.lora_r} all linears; seq {args.seq_len}; "
                  f"micro-batch {args.micro_batch} x accumulation {args.grad_accum}; {args.steps} steps, median after "
-                 f"{WARMUP}; peak = max reserved")
+                 f"{WARMUP}; peak = max reserved; est: the estimator cold (memory without margin)")
     return "\n".join(lines)
 
 
-def runners(args, corpus):
+def runners(args, corpus, packed_corpus=None):
     """name -> function(timeout) -> row."""
+    packed = lambda: dict(dataset=str(packed_corpus()), dataset_format="dolly")  # noqa: E731 - written when run
     full = dict(mode="full", model=args.full_model)
     bucket = lambda: str(ds_file_with(args, reduce_bucket_size=5e8))  # noqa: E731 - written only when run
     # ZeRO-3 keeping every parameter gathered for the forward until its backward (no re-gather in the backward)
@@ -247,38 +289,77 @@ def runners(args, corpus):
         "ours-full-deepspeed": lambda t: run_ours(args, corpus, "ours-full-deepspeed", t, **full, engine="deepspeed"),
         "ours-full-bucket5e8": lambda t: run_ours(args, corpus, "ours-full-bucket5e8", t, **full,
                                                   deepspeed_config=bucket()),
+        "ours-packed": lambda t: run_ours(args, corpus, "ours-packed", t, **packed()),
+        "ours-packed-flex": lambda t: run_ours(args, corpus, "ours-packed-flex", t, **packed(),
+                                               attn_implementation="flex_attention"),
         "ours-grouped": lambda t: run_ours(args, corpus, "ours-grouped", t, moe_lora_kernel="grouped"),
         "ours-grouped-gc": lambda t: run_ours(args, corpus, "ours-grouped-gc", t, moe_lora_kernel="grouped",
                                               gradient_checkpointing=True),
     }
 
 
+def packed_corpus(args):
+    """The Dolly-like file of the packed cases (written once under --work-dir; its token lengths beside it)."""
+    path = Path(args.work_dir) / "instructions.jsonl"
+    if not path.exists():
+        _, lengths = write_instruction_corpus(path, PACKED_EXAMPLES, args.model)
+        lengths.sort()
+        stats = {"examples": len(lengths), "mean_tokens": sum(lengths) / len(lengths),
+                 **{f"p{q}_tokens": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (10, 50, 90, 99)},
+                 "max_tokens": lengths[-1], "note": "tokens of instruction + context + response, before the template"}
+        write_json(stats, path.with_suffix(".stats.json"))
+    return path.resolve()
+
+
 def prepare_models(args, cases):
-    """Build the random shapes' directories (and the QLoRA case's random weights, written once) before any case,
-    so no case's time or timeout includes them."""
+    """Build the random shapes' directories (config and tokenizer: the trainer builds the weights where it trains,
+    QLoRA's 4-bit ones too) before any case, so no case's time or timeout includes them."""
     t0 = time.time()
-    code = ("import sys, torch; from finetune_launcher.models.references import resolve_model_path, materialize_random_weights\n"
-            "paths = [resolve_model_path(m) for m in sys.argv[2:]]\n"
-            "if sys.argv[1] == 'qlora' and sys.argv[2].startswith('random:'):\n"
-            "    materialize_random_weights(paths[0], torch.bfloat16 if torch.cuda.is_available() else torch.float32)")
+    code = "import sys; from finetune_launcher.models.references import resolve_model_path; [resolve_model_path(m) for m in sys.argv[1:]]"
     models = [args.model] + ([args.full_model] if any(c.startswith("ours-full") for c in cases) else [])
-    subprocess.run([sys.executable, "-c", code, "qlora" if "ours-qlora" in cases else "-", *models], cwd=REPO,
-                   check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    subprocess.run([sys.executable, "-c", code, *models], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
     print(f"models ready ({time.time() - t0:.0f} s)", flush=True)
+
+
+def reuse(args):
+    """Re-predict the cases of an earlier --json (measured on its device) with today's estimator."""
+    from finetune_launcher.estimate import resolve_device
+
+    data = json.loads(Path(args.reuse).read_text())
+    for key, value in data.get("settings", {}).items():
+        if key not in ("reuse", "json"):
+            setattr(args, key, value)
+    rows = data["cases"]
+    for r in rows:
+        r.pop("estimate", None)
+        if r.get("config", {}).get("dataset_format") == "dolly":  # the same file again, here
+            r["config"]["dataset"] = str(packed_corpus(args))
+    device = resolve_device(data["device"])
+    rows = add_ratios(add_estimates(rows, device), args, device)
+    print(ascii_safe(render(rows, args, device)))
+    if args.json:
+        write_json(dict(data, cases=rows, reused_from=args.reuse, repredicted=time.strftime("%Y-%m-%d")), args.json)
+    return 0
 
 
 def main():
     make_console_safe()
     args = parse_args()
+    if args.reuse:
+        return reuse(args)
     cases = args.cases.split(",")
     unknown = [c for c in cases + [c for c in args.profile.split(",") if c] if c not in CASES]
     if unknown:
         sys.exit(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
     started = time.time()
+    from finetune_launcher.estimate import detect_device
+
+    device = detect_device(1)
     rows_needed = (args.steps + PROFILED_STEPS + 2) * args.micro_batch * args.grad_accum
     corpus = write_text_corpus(Path(args.work_dir) / "corpus.jsonl", words=rows_needed * args.seq_len)
     prepare_models(args, cases)
-    run = runners(args, corpus)
+    run = runners(args, corpus, lambda: packed_corpus(args))
     rows = []
     for i, name in enumerate(cases, 1):
         left = args.budget - (time.time() - started)
@@ -294,12 +375,16 @@ def main():
                   else f"FAILED (exit {row['exit_code']})\n{row.get('error', '')}")
         print(ascii_safe(f"[{i}/{len(cases)}] {name}: {status} ({row['wall_s']:.0f} s)"), flush=True)
         if args.json:
-            write_json({"command": " ".join(sys.argv), "partial": True, "cases": rows}, args.json)
-    rows, device = add_ratios(rows, args)
+            write_json({"command": " ".join(sys.argv), "partial": True, "device": device.name, "settings": vars(args),
+                        "cases": rows}, args.json)
+    rows = add_ratios(add_estimates(rows, device), args, device)
     print(ascii_safe(render(rows, args, device)))
     if args.json:
+        stats = Path(args.work_dir) / "instructions.stats.json"
         write_json({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "device": device.name,
-                    "versions": versions(), "total_s": round(time.time() - started, 1), "cases": rows}, args.json)
+                    "versions": versions(), "total_s": round(time.time() - started, 1), "settings": vars(args),
+                    "packed_corpus": json.loads(stats.read_text()) if stats.exists() else None, "cases": rows},
+                   args.json)
     return 0 if all("tokens_per_s" in r for r in rows) else 1
 
 

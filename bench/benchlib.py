@@ -1,4 +1,4 @@
-"""Shared by the GPU benchmark scripts (tools/gpu_matrix.py, tools/bench.py): a synthetic corpus that fills every
+"""Shared by the GPU benchmark scripts (bench/gpu_matrix.py, bench/bench.py): a synthetic corpus that fills every
 row, running a case through `bash launch/train_<mode>.sh`, reading what the trainer measured, and the estimator's
 prediction for the same run."""
 import json
@@ -36,6 +36,53 @@ def write_text_corpus(path, words, seed=0, words_per_doc=2000):
     return path
 
 
+TOKENS_PER_WORD = 1.3  # English through a real model's tokenizer (Llama-3 / Qwen2.5: about 1.3 tokens a word)
+
+
+def one_token_words(model_ref):
+    """Words the model's tokenizer (the tiny one of a random: shape) encodes as one token each, after a space: text
+    of n of them is n tokens, so synthetic examples get the token lengths real text of that many words would have."""
+    from transformers import AutoTokenizer
+
+    from finetune_launcher.models.references import resolve_model_path
+
+    vocab = AutoTokenizer.from_pretrained(resolve_model_path(model_ref)).get_vocab()
+    words = sorted(k[1:] for k in vocab if k.startswith("\u0120") and k[1:].isalpha() and k[1:].islower()
+                   and len(k) >= 4)
+    return words or WORDS
+
+
+def write_instruction_corpus(path, examples, model_ref, seed=0):
+    """A Dolly-like JSONL (instruction, context, response) with Dolly's shape of lengths, counted in words of real
+    English (TOKENS_PER_WORD tokens each): instructions of tens of words (log-normal, median 12), a context on 30% of
+    the examples (median 80 words, up to 600), responses from tens of words to a thousand (log-normal, median 80,
+    sigma 1.0, 8-1000 words). Returns the path and the examples' token lengths as written (before the template)."""
+    import math
+
+    path = Path(path)
+    rng = random.Random(seed)
+    words = one_token_words(model_ref)
+
+    def text(n_words):
+        return " ".join(rng.choice(words) for _ in range(max(1, round(n_words * TOKENS_PER_WORD))))
+
+    def lognormal(median, sigma, low, high):
+        return min(high, max(low, math.exp(rng.gauss(math.log(median), sigma))))
+
+    lengths = []
+    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for _ in range(examples):
+            record = {"instruction": text(lognormal(12, 0.6, 3, 80)),
+                      "context": text(lognormal(80, 0.8, 10, 600)) if rng.random() < 0.3 else "",
+                      "response": text(lognormal(80, 1.0, 8, 1000))}
+            lengths.append(sum(len(v.split()) for v in record.values()))
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    return path, lengths
+
+
 def write_config(config, path):
     import yaml
 
@@ -61,11 +108,39 @@ def run_launcher(config, out_dir, nproc, extra=(), timeout=600, log_name="train.
     with open(log, "w", encoding="utf-8") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-        code = wait_for(proc, history_file, t0 + timeout, stop_after_step)
+        proc = start_case(cmd, stdout=f, env={**os.environ, **(env or {})})
+        try:
+            code = wait_for(proc, history_file, t0 + timeout, stop_after_step)
+        finally:
+            RUNNING.discard(proc)
     history = json.loads(history_file.read_text()) if history_file.exists() else None
     return code, history, time.time() - t0, log
+
+
+RUNNING = set()  # the cases running now (their launchers), ended with the benchmark when it is stopped
+
+
+def start_case(cmd, **popen):
+    """Start one case's command in a session of its own (stop_group ends it and everything it started); if the
+    benchmark itself is stopped (SIGTERM, e.g. from `timeout`, or SIGINT), the case goes with it instead of training
+    on beside whatever runs next on the GPU (seen on the H200, issue 31)."""
+    import signal
+
+    if not RUNNING and signal.getsignal(signal.SIGTERM) is not stop_running_cases:
+        signal.signal(signal.SIGTERM, stop_running_cases)
+        signal.signal(signal.SIGINT, stop_running_cases)
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    RUNNING.add(proc)
+    return proc
+
+
+def stop_running_cases(signum=None, _frame=None):
+    """End every running case's processes; as a signal handler, then exit (128 + the signal)."""
+    for proc in list(RUNNING):
+        stop_group(proc)
+        RUNNING.discard(proc)
+    if signum is not None:
+        raise SystemExit(128 + signum)
 
 
 def wait_for(proc, history_file, deadline, stop_after_step):
@@ -90,15 +165,36 @@ def recorded_step(history_file):
 
 
 def stop_group(proc):
-    """SIGKILL to every process of the run's session (the launcher, torchrun, the ranks), then reap the launcher."""
+    """SIGKILL to every process of the run (the launcher, torchrun, the ranks), then reap the launcher. torchrun
+    starts each rank in a session of its own, so the ranks are found as descendants, not only as members of the
+    launcher's session: a rank that outlived its killed torchrun trained on beside the next case (seen on the
+    H200, issue 31)."""
     import signal
 
-    for pid in session_members(proc.pid):
+    for pid in set(session_members(proc.pid)) | set(descendants(proc.pid)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
+
+
+def descendants(root):
+    """Every process below `root` in the parent tree (from /proc/PID/stat)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def session_members(sid):
@@ -124,15 +220,19 @@ def launch_decisions(log):
 
 
 def run_hf_baseline(cmd, out, name, timeout):
-    """Run tools/hf_baseline.py's `cmd` (writing out/result.json), its output in out/train.log; the row of the
+    """Run bench/hf_baseline.py's `cmd` (writing out/result.json), its output in out/train.log; the row of the
     case, with the baseline's result or the log's tail as the error."""
     (out / "result.json").unlink(missing_ok=True)
     t0 = time.time()
     with open(out / "train.log", "w", encoding="utf-8") as f:
+        proc = start_case(cmd, stdout=f)
         try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            stop_group(proc)
             code = 124
+        finally:
+            RUNNING.discard(proc)
     row = {"case": name, "stack": "HF Trainer + PEFT", "exit_code": code, "wall_s": round(time.time() - t0, 1),
            "command": " ".join(cmd)}
     if code != 0 or not (out / "result.json").exists():

@@ -6,7 +6,7 @@ calibrated predictions beside what was measured (a benchmark, not a test).
     python bench/gpu_matrix.py --preset eight-gpu --json docs/benchmarks/eight_gpu_h200x8.json   # the 32B shapes
 
 Preset eight-gpu (every GPU of the machine, or 2 CPU processes): the Qwen2.5-32B shape built under zero.Init on the
-GPUs for ZeRO-3 (no checkpoint on disk; QLoRA writes random bf16 weights once to quantise them while loading):
+GPUs for ZeRO-3 (no checkpoint on disk; QLoRA builds its 4-bit model on each GPU one decoder layer at a time):
 LoRA r=64 ZeRO-2 and ZeRO-3, QLoRA r=8, full fine-tune ZeRO-3 with a checkpoint at step 10 and a resumed run from
 it; the consolidated save and the resume are timed from the history's `saves`.
 

@@ -7,11 +7,16 @@ model shape, same data, same tokens per optimizer step.
     python bench/hf_baseline.py ... --liger --profile profile.json      # hf-liger, with a torch.profiler summary
 
     python bench/hf_baseline.py --model DIR --vl-data data/tiny_vl/train.jsonl --seq-len 512 ...   # image + text
+    python bench/hf_baseline.py --model random:qwen3-vl-32b --vl-data rows.jsonl --qlora --fp16 --lora-r 8 \
+        --lora-targets q_proj,k_proj,v_proj,o_proj --lora-dropout 0.05 --max-pixels 262144 --gradient-checkpointing
 
 Prints and writes: median step time after the warm-up, tokens/s, peak GPU memory and the loss of every step. With
 --vl-data (a vision-language model directory, bench/bench_vl.py): AutoModelForImageTextToText and its processor,
 the rows and micro-batches our VL recipe makes (finetune_launcher/data), LoRA on the language model's linears; tokens/s counts
-the non-pad tokens of each step, image tokens included, as our trainer does.
+the non-pad tokens of each step, image tokens included, as our trainer does. A `random:` vision-language shape is
+built on the GPU as our trainer builds it (with --qlora its language model's layers in NF4 as they are made:
+finetune_launcher/recipes/causal_lm/model.py random_4bit_model), then HF's QLoRA recipe: peft's prepare_model_for_kbit_training, LoRA,
+the Trainer with --fp16 (autocast and its GradScaler; the scale of every step is recorded) or bf16.
 """
 import argparse
 import json
@@ -37,6 +42,12 @@ def parse_args():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list (q_proj,k_proj,...)")
+    p.add_argument("--qlora", action="store_true", help="NF4 with double quantisation (vision-language, random: "
+                                                        "shapes)")
+    p.add_argument("--fp16", action="store_true", help="fp16 with the Trainer's loss scaling instead of bf16")
+    p.add_argument("--max-pixels", type=int, help="the image processor's bound (vision-language)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--liger", action="store_true", help="TrainingArguments(use_liger_kernel=True)")
     p.add_argument("--profile", metavar="FILE", help="torch.profiler summary of 3 steps after the measured ones "
@@ -45,14 +56,13 @@ def parse_args():
     return p.parse_args()
 
 
-def build_model(model_ref):
+def build_model(model_ref, dtype):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from finetune_launcher.models.references import is_builtin, resolve_model_path
 
     path = resolve_model_path(model_ref)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         if is_builtin(model_ref):  # the same weights our trainer starts from
@@ -79,28 +89,61 @@ def build_dataset(path, model_ref, seq_len, rows_needed):
     return [{"input_ids": torch.tensor(r.input_ids), "labels": torch.tensor(r.labels)} for r in rows[:rows_needed]]
 
 
-def build_vl(args, rows_needed):
-    """(LoRA model, rows, collator counting non-pad tokens) for a vision-language model directory."""
+def compute_dtype(args):
     import torch
-    from peft import LoraConfig, get_peft_model
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.float16 if args.fp16 else torch.bfloat16
+
+
+def build_vl(args, rows_needed):
+    """(LoRA model, rows, collator counting non-pad tokens) for a vision-language model directory or random: shape."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from types import SimpleNamespace
 
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
 
     from finetune_launcher.recipes.vision_language.data import load_vl_rows
     from finetune_launcher.recipes.vision_language.batching import VLCollator
-    from finetune_launcher.recipes.vision_language.model import load_processor, lora_target_pattern, module_layout
+    from finetune_launcher.models.prepare import random_4bit_model
+    from finetune_launcher.models.references import is_random, resolve_model_path
+    from finetune_launcher.recipes.vision_language.model import load_processor, lora_target_pattern, meta_layout, module_layout
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    dtype = compute_dtype(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = resolve_model_path(args.model)
+    torch.manual_seed(0)
+    if args.qlora:
+        layout = meta_layout(path, False)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
+                                   llm_int8_skip_modules=[*layout["vision"], layout["lm_head"]])
+        if is_random(args.model):
+            model = random_4bit_model(path, AutoModelForImageTextToText, quant, device, "sdpa")
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                                quantization_config=quant, device_map={"": device})
+    elif is_random(args.model):
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                            attn_implementation="sdpa")
+    else:
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
-    target = lora_target_pattern(module_layout(model), "all-linear", False, args.model)
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                             target_modules=target, task_type="CAUSAL_LM"))
+    if args.qlora:  # HF's QLoRA recipe: everything not 4-bit to fp32, checkpointing with input gradients
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
+    target = lora_target_pattern(module_layout(model), targets, False, args.model)
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,
+                                             lora_dropout=args.lora_dropout, target_modules=target,
+                                             task_type="CAUSAL_LM"))
     # AutoProcessor (without torchvision, as on this project's CPU stack, the same class without its video processor)
     processor = load_processor(SimpleNamespace(model=args.model, trust_remote_code=False, min_pixels=None,
-                                               max_pixels=None))
+                                               max_pixels=args.max_pixels))
     rows, _ = load_vl_rows(args.vl_data, processor, args.seq_len)
     if len(rows) < rows_needed:
         sys.exit(f"{args.vl_data}: {len(rows)} rows, need {rows_needed}")
@@ -129,12 +172,16 @@ def main():
     if args.vl_data:
         model, data, collator, counted = build_vl(args, rows_needed)
     else:
-        model = build_model(args.model)
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        if args.qlora:
+            sys.exit("--qlora is for vision-language shapes here (--vl-data)")
+        model = build_model(args.model, compute_dtype(args))
+        targets = LORA_TARGETS if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,
+                                                 lora_dropout=args.lora_dropout, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
         data, collator = build_dataset(args.data, args.model, args.seq_len, rows_needed), default_data_collator
 
-    step_ends = []
+    step_ends, scales = [], []
     profiler = StepProfiler(args.profile, args.steps + 1, args.steps + 3)
 
     class Timer(TrainerCallback):
@@ -146,13 +193,17 @@ def main():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             step_ends.append(time.perf_counter())
+            scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+            if scaler is not None:  # fp16: the GradScaler's scale after this step
+                scales.append(float(scaler.get_scale()))
             if profiler.profile is not None and state.global_step == profiler.last:
                 profiler.stop()
 
     training_args = TrainingArguments(
         output_dir="/tmp/hf_baseline", per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.grad_accum, max_steps=total_steps, learning_rate=1e-4,
-        lr_scheduler_type="constant", warmup_steps=0, bf16=torch.cuda.is_available(), logging_steps=1,
+        lr_scheduler_type="constant", warmup_steps=0, bf16=torch.cuda.is_available() and not args.fp16,
+        fp16=args.fp16, logging_steps=1,
         save_strategy="no", report_to=[], gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0, seed=0,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), use_liger_kernel=args.liger)
@@ -177,7 +228,9 @@ def main():
               "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
               "losses": losses, "optimizer": training_args.optim if isinstance(training_args.optim, str)
-              else training_args.optim.value}
+              else training_args.optim.value, "precision": "fp16" if args.fp16 else str(compute_dtype(args)),
+              "qlora": args.qlora, "lora_r": args.lora_r, "lora_targets": args.lora_targets,
+              "loss_scales": scales or None}
     print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """Checkpoints: training state for resume (DeepSpeed engine + our client state + per-rank RNG), written to a
 temporary directory and renamed into place only when every rank has finished; and the user-facing `best/` and
-`final/` weights (LoRA adapters gathered under ZeRO-3, full models consolidated to 16-bit safetensors)."""
+`final/` weights (LoRA adapters or the whole model, gathered by the engine when it shards them)."""
 import hashlib
 import json
 import random
@@ -12,25 +12,42 @@ import torch
 
 from finetune_launcher.config.settings import identity_keys
 from finetune_launcher.distributed import barrier
+from finetune_launcher.engines import full_state_dict
 from finetune_launcher.fsutil import apply_umask, atomic_write_json, atomic_write_text, fresh_tmp_dir, replace_dir
 
 LATEST = "latest"
 IDENTITY_FILE = "run_settings.json"
 HASHED_BYTES = 256 * 1024 ** 2  # data files up to this size are hashed whole; larger ones by size and mtime
+RESHARDING_ENGINES = ("ddp", "fsdp2")  # checkpoints that load on any number of processes (whole, or DCP)
+BATCH_LAYOUT = ("world_size", "micro_batch_size", "gradient_accumulation_steps")
 
 
 # ---------------------------------------------------------------- what a checkpoint was trained with
 
 def training_identity(cfg):
     """The settings that change what is trained (config.identity_keys: the keys declared so) plus a fingerprint of each
-    local data file, so an edited dataset is not continued silently either."""
+    local data file, so an edited dataset is not continued silently either. The engine's checkpoint format too (listed
+    only when it is not DeepSpeed's: older checkpoints match); for engines whose checkpoints load on any number of
+    processes, the global batch of a step rather than how it is split over processes and micro-batches."""
     values = cfg.as_dict()
     identity = {key: values[key] for key in identity_keys(cfg.recipe)}
-    if values["engine"] != "deepspeed":  # its own checkpoint format (listed only then: older checkpoints match)
+    if values["engine"] != "deepspeed":
         identity["engine"] = values["engine"]
+    if values["engine"] in RESHARDING_ENGINES:
+        identity = with_global_batch(identity, values)
     for key in ("dataset", "eval_dataset"):
         if values.get(key) and Path(values[key]).is_file():
             identity[f"{key}_content"] = file_fingerprint(Path(values[key]))
+    return identity
+
+
+def with_global_batch(identity, values=None):
+    """`identity` with its batch layout (processes x micro-batch x accumulation) replaced by the global batch: the
+    rows of a step are the same whichever way they are split (the samplers deal them from the global order)."""
+    values = values or identity
+    identity = {k: v for k, v in identity.items() if k not in BATCH_LAYOUT}
+    identity["global_batch_size"] = values["world_size"] * values["micro_batch_size"] * \
+        values["gradient_accumulation_steps"]
     return identity
 
 
@@ -47,13 +64,25 @@ def file_fingerprint(path):
 
 def resume_differences(checkpoint, identity):
     """[(key, value in the checkpoint, value now)] for every training setting that differs. A checkpoint without a
-    record of its settings (written by an older version) is compared on nothing."""
+    record of its settings (written by an older version) is compared on nothing. Between engines only the engine is
+    named, not the batch layout each records its own way."""
     path = Path(checkpoint) / IDENTITY_FILE
     if not path.is_file():
         return []
     saved = json.loads(path.read_text())
-    keys = sorted(set(saved) | set(identity))
-    return [(key, saved.get(key), identity.get(key)) for key in keys if saved.get(key) != identity.get(key)]
+    saved_engine, engine = saved.pop("engine", "deepspeed"), identity.get("engine", "deepspeed")
+    now = {k: v for k, v in identity.items() if k != "engine"}
+    if saved_engine != engine:
+        saved, now = without_batch_layout(saved), without_batch_layout(now)
+    elif engine in RESHARDING_ENGINES and "global_batch_size" not in saved and "world_size" in saved:
+        saved = with_global_batch(saved)  # recorded before checkpoints were compared by global batch
+    keys = sorted(set(saved) | set(now))
+    differences = [(key, saved.get(key), now.get(key)) for key in keys if saved.get(key) != now.get(key)]
+    return ([("engine", saved_engine, engine)] if saved_engine != engine else []) + differences
+
+
+def without_batch_layout(identity):
+    return {k: v for k, v in identity.items() if k not in (*BATCH_LAYOUT, "global_batch_size")}
 
 
 # ---------------------------------------------------------------- training state (resume)
@@ -161,31 +190,6 @@ def load_training_state(engine, path, rank, adapters_only):
 
 # ---------------------------------------------------------------- best/ and final/ weights
 
-def _zero3(engine):
-    return engine.zero_optimization_stage() == 3
-
-
-def adapter_state(model):
-    """The LoRA weights by peft's names. Built from the trainable parameters rather than `model.state_dict()`, which
-    would also serialise every 4-bit base weight (and fails on bitsandbytes' CPU layout)."""
-    from peft import get_peft_model_state_dict
-
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, state_dict=trainable).items()}
-
-
-def gathered_adapter_state(model, engine):
-    """The LoRA weights as full tensors on every rank (ZeRO-3 holds only a shard, shape [0], otherwise)."""
-    if not _zero3(engine):
-        return adapter_state(model)
-    import deepspeed
-
-    engine.empty_partition_cache()  # parameters still prefetched by the last forward cannot be gathered
-    params = [p for p in model.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return adapter_state(model)
-
-
 def save_training_info(out_dir, info):
     """training_info.json beside saved weights: what the tools after training read (base model, mode, recipe)."""
     atomic_write_json(Path(out_dir) / "training_info.json", info)
@@ -194,15 +198,12 @@ def save_training_info(out_dir, info):
 
 def save_weights(engine, model, tokenizer, out_dir, mode, rank, info):
     """Write `out_dir` (best/ or final/) atomically: adapters for LoRA/QLoRA, the whole model for full.
-    All ranks must call it (ZeRO-3 gathers are collective)."""
+    All ranks must call it (sharded engines gather collectively)."""
     out_dir = Path(out_dir)
-    if mode in ("lora", "qlora"):
-        state = gathered_adapter_state(model, engine)
-    elif _zero3(engine):
-        engine.empty_partition_cache()
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
+    # LoRA: the trainable weights by the model's own names, which peft's save_pretrained turns into the adapter's
+    # (once: given its own output, it looks up modules_to_save weights under names it has already changed); never
+    # `model.state_dict()`, which would also serialise every 4-bit base weight.
+    state = full_state_dict(engine, trainable_only=mode in ("lora", "qlora"))
     if rank == 0:
         tmp = fresh_tmp_dir(out_dir)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)

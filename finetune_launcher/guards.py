@@ -84,3 +84,12 @@ def is_finite(value):
 def fp16_skipped_step(engine):
     """With fp16 loss scaling an overflow skips the step and lowers the scale: expected, not fatal."""
     return bool(getattr(engine, "fp16_enabled", lambda: False)()) and not engine.was_step_applied()
+
+
+def fp16_loss_scale(engine):
+    """The dynamic loss scale DeepSpeed's fp16 optimizer holds after this step (a Python number: no sync), or None
+    outside fp16."""
+    if not getattr(engine, "fp16_enabled", lambda: False)():
+        return None
+    scale = getattr(getattr(engine, "optimizer", None), "cur_scale", None)
+    return float(scale) if isinstance(scale, (int, float)) else None

@@ -11,14 +11,14 @@ import torch
 
 from finetune_launcher import __version__
 from finetune_launcher.checkpoint import (latest_checkpoint, load_training_state, resume_problem, save_training_state,
-                              training_identity)
+                                         training_identity)
 from finetune_launcher.config import ConfigError, RunConfig
 from finetune_launcher.console import Progress, say, warn
 from finetune_launcher.distributed import RankContext, all_reduce_max, all_reduce_sum, barrier, reduced_tensor
 from finetune_launcher.engines import engine_facts
 from finetune_launcher.exit_codes import OK
-from finetune_launcher.guards import (TrainingError, Watchers, fp16_skipped_step, is_finite, nonfinite,
-                                     nothing_to_learn, with_debug_faults)
+from finetune_launcher.guards import (TrainingError, Watchers, fp16_loss_scale, fp16_skipped_step, is_finite,
+                                     nonfinite, nothing_to_learn, with_debug_faults)
 from finetune_launcher.history import History, MetricSinks, plot_history
 from finetune_launcher.profiling import StepProfiler
 from finetune_launcher.schedule import EvalTracker, LRSchedule
@@ -188,6 +188,9 @@ class Trainer:
                   "step_time_s": step_time, f"supervised_{task.unit}s": int(units)}
         if task.throughput == "tokens":
             record["nonpad_fraction"] = real / max(1.0, padded)
+        scale = fp16_loss_scale(engine)
+        if scale is not None:  # fp16: the scale this step left, and whether an overflow skipped it
+            record.update(loss_scale=scale, step_skipped=fp16_skipped_step(engine))
         return record
 
     def batches_of(self, step):

@@ -60,6 +60,7 @@ class Recipe:
       rows            prepare_rows(cfg) -> the launch's prepared data (the launcher calls it once per launch)
       estimate        estimate_part: the estimator's RunSpec fields and model of this recipe
       model_facts     facts(values) -> ModelFacts or None: claims a model only this recipe trains (optional)
+      random          a module with SHAPES (random:<shape> names) and build(shape, target) (optional)
       after           the after-training tools' loaders and checks for this recipe's artefacts (optional;
                       finetune_launcher/after/parts.py lists what it provides)
       command         a module adding a command of its own to `ftl` (NAME, SUMMARY, main(argv)) (optional)"""
@@ -124,7 +125,7 @@ def _vision_language():
                 help="LoRA on the vision tower's linear layers too"),
         ),
         modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate",
-                 "after": "after"})
+                 "after": "after", "random": "tiny"})
 
 
 def _diffusion():

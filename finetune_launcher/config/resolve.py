@@ -173,22 +173,27 @@ def liger_problem(machine, model_type):
 
 
 def resolve_engine(values, machine, world):
-    """`engine: auto` -> ddp (plain PyTorch: no ZeRO bookkeeping, no per-parameter hooks) on CUDA GPUs where ZeRO
-    partitions nothing worth it: LoRA/QLoRA on replicated weights, or any mode on one process; deepspeed otherwise."""
+    """`engine: auto` on CUDA GPUs without a DeepSpeed file: fsdp2 for sharded runs (zero_stage 3), ddp (plain
+    PyTorch: no ZeRO bookkeeping, no per-parameter hooks) where ZeRO-2 would partition nothing worth it (LoRA/QLoRA on
+    replicated weights, or any mode on one process); deepspeed otherwise, for a DeepSpeed file, its CPU optimizer
+    offload, fp16 loss scaling, and on the CPU."""
     setting = values["engine"]
     if setting == "deepspeed":
         return "deepspeed", "set in the run config"
-    problem = ddp_problem(values, world)
-    if problem and setting == "ddp":
-        raise ConfigError(f"key 'engine': ddp, but {problem}; set engine: auto or deepspeed")
-    if setting == "ddp":
-        return "ddp", "set in the run config"
-    if problem:
-        return "deepspeed", f"auto: {problem}"
+    if setting != "auto":
+        problem = ENGINE_PROBLEMS[setting](values, world)
+        if problem:
+            raise ConfigError(f"key 'engine': {setting}, but {problem}; set engine: auto or deepspeed")
+        return setting, "set in the run config"
     if values["deepspeed_config"]:
         return "deepspeed", f"auto: a DeepSpeed file was given ({values['deepspeed_config']})"
     if not machine.on_gpu:
-        return "deepspeed", "auto: deepspeed on the CPU (engine: ddp opts in)"
+        return "deepspeed", "auto: deepspeed on the CPU (engine: ddp or fsdp2 opts in)"
+    if values["zero_stage"] == 3:
+        return auto_sharded_engine(values, world)
+    problem = ddp_problem(values, world)
+    if problem:
+        return "deepspeed", f"auto: {problem}"
     if values["mode"] == "full":
         return "ddp", ("auto: full fine-tune on one process, where ZeRO-2 partitions nothing: plain PyTorch with fp32 "
                        "master weights, without ZeRO's per-parameter gradient hooks and buckets")
@@ -196,16 +201,51 @@ def resolve_engine(values, machine, world):
                    f"per-parameter gradient hooks")
 
 
+def auto_sharded_engine(values, world):
+    problem = fsdp2_problem(values, world)
+    if problem:
+        return "deepspeed", f"auto: zero_stage 3 on DeepSpeed, as {problem}"
+    if values["mode"] == "qlora":
+        return "deepspeed", ("auto: zero_stage 3 QLoRA on DeepSpeed until FSDP2's sharding of NF4 weights is measured "
+                             "on GPUs (bitsandbytes #1945; engine: fsdp2 opts in)")
+    return "fsdp2", ("auto: zero_stage 3 on FSDP2 (fully_shard per layer, torch's collectives without per-module "
+                     "Python hooks: 1.06x the unsharded step against ZeRO-3's 1.81x, docs/benchmarks.md)")
+
+
+def recipe_engines(values):
+    return recipe_table.get(values["recipe"]).engines
+
+
 def ddp_problem(values, world):
-    if "ddp" not in recipe_table.get(values["recipe"]).engines:
-        return f"the {values['recipe']} recipe does not run on the ddp engine"
+    if "ddp" not in recipe_engines(values):
+        return f"the {values['recipe']} recipe runs on {' or '.join(recipe_engines(values))}"
     if values["mode"] == "full" and world > 1:
         return "a full fine-tune on several processes needs ZeRO's partitioning of gradients and optimizer states"
-    if values["zero_stage"] == 3 or values["offload"]:
-        return "ZeRO-3 and offload are DeepSpeed's"
+    if values["zero_stage"] == 3:
+        return "zero_stage 3 shards the weights (engine fsdp2 or deepspeed)"
+    if values["offload"]:
+        return "optimizer offload is DeepSpeed's"
     if values["precision"] == "fp16":
         return "fp16 loss scaling is DeepSpeed's"
     return None
+
+
+def fsdp2_problem(values, world):
+    if "fsdp2" not in recipe_engines(values):
+        return f"the {values['recipe']} recipe runs on {' or '.join(recipe_engines(values))}"
+    if values["zero_stage"] != 3:
+        return (f"fsdp2 shards weights, gradients and optimizer states, which is zero_stage 3 (this run has "
+                f"zero_stage {values['zero_stage']}: add --zero 3)")
+    if values["deepspeed_config"]:
+        return f"a DeepSpeed file was given ({values['deepspeed_config']}); remove deepspeed_config to run fsdp2"
+    if values["offload"]:
+        return "optimizer offload is DeepSpeed's (DeepSpeedCPUAdam; FSDP2's CPU offload is not measured here)"
+    if values["precision"] == "fp16":
+        return "fp16 loss scaling is DeepSpeed's"
+    return None
+
+
+ENGINE_PROBLEMS = {"ddp": ddp_problem, "fsdp2": fsdp2_problem}
 
 
 def resolve_compile(values, machine):
@@ -230,7 +270,7 @@ def compile_problem(values, machine):
     no_layers = recipe_table.get(values["recipe"]).compile_layers
     if no_layers:
         return f"the {values['recipe']} recipe cannot compile layers: {no_layers}"
-    if values["zero_stage"] == 3 and values["zero3_gather"] == "module":
+    if values["zero_stage"] == 3 and values["engine"] == "deepspeed" and values["zero3_gather"] == "module":
         return "ZeRO-3 with zero3_gather: module gathers parameters inside each layer's forward"
     version = installed_torch_version() if machine.local else None
     if version and version < (2, 5):

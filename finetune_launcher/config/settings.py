@@ -152,8 +152,9 @@ class RunConfig:
                                  "torch.compile of each decoder layer (one graph shared by all); auto: on CUDA GPUs")
     zero3_gather: str = key("layer", {"enum": ["layer", "module"]},
                             "ZeRO-3: gather a decoder layer's parameters at once, or module by module")
-    engine: str = key("auto", {"enum": ["auto", "deepspeed", "ddp"]},
-                      "deepspeed, or ddp (plain PyTorch for replicated weights); auto: see README")
+    engine: str = key("auto", {"enum": ["auto", "deepspeed", "ddp", "fsdp2"]},
+                      "deepspeed; ddp: plain PyTorch for replicated weights; fsdp2: torch's FSDP2 for zero_stage 3 "
+                      "(checkpoints resume on any number of processes); auto: see README")
     debug_nan_at_step: int = key(None, {"type": ["integer", "null"], "minimum": 1},
                                  "testing only: make the loss NaN at this step")
     debug_nan_grad_at_step: int = key(None, {"type": ["integer", "null"], "minimum": 1},

@@ -1,16 +1,24 @@
-"""The engine of a run: DeepSpeed (ZeRO-2/3, offload, fp16 loss scaling) or, with `engine: ddp`, the plain PyTorch
-one (finetune_launcher/engines/plain.py); either with a torch AdamW (or DeepSpeed's CPU Adam with optimizer offload on GPUs)."""
+"""The engine of a run: DeepSpeed (ZeRO-2/3, offload, fp16 loss scaling), with `engine: ddp` the plain PyTorch one
+(finetune_launcher/engines/plain.py), or with `engine: fsdp2` torch's FSDP2 (finetune_launcher/engines/fsdp2.py);
+each with a torch AdamW (or DeepSpeed's CPU Adam with optimizer offload on GPUs). `full_state_dict` gives the savers
+whole weights whichever engine holds them."""
 from functools import partial
 
 import torch
 
 
 def build_engine(model, cfg, device=None, world_size=1):
-    """`device` and `world_size` (the rank's) are needed by the ddp engine only."""
+    """`device` and `world_size` (the rank's) are needed by the ddp and fsdp2 engines only."""
     if cfg.engine == "ddp":
         from finetune_launcher.engines.plain import PlainEngine
 
         return PlainEngine(model, cfg, partial(torch_adamw, cfg=cfg), device, world_size)
+    if cfg.engine == "fsdp2":
+        from finetune_launcher.engines.fsdp2 import FSDP2Engine
+        from finetune_launcher.models.references import is_random
+
+        return FSDP2Engine(model, cfg, partial(torch_adamw, cfg=cfg), device, world_size,
+                           same_start_everything=is_random(cfg.model))
     import deepspeed
 
     if cfg.zero_stage == 3 and cfg.zero3_gather == "layer":
@@ -31,7 +39,35 @@ def build_engine(model, cfg, device=None, world_size=1):
 
 
 def engine_name(cfg):
-    return "ddp engine" if cfg.engine == "ddp" else f"ZeRO-{cfg.zero_stage}{' + offload' if cfg.offload else ''}"
+    if cfg.engine == "ddp":
+        return "ddp engine"
+    if cfg.engine == "fsdp2":
+        return "FSDP2 (sharded per layer)"
+    return f"ZeRO-{cfg.zero_stage}{' + offload' if cfg.offload else ''}"
+
+
+def full_state_dict(engine, trainable_only):
+    """The model's weights as whole CPU tensors on rank 0 (None on the other ranks), by the model's own parameter
+    names: the trainable ones only (adapters), or the whole state dict. Every rank calls it (sharded engines gather)."""
+    if hasattr(engine, "full_state_dict"):
+        return engine.full_state_dict(trainable_only)
+    import torch.distributed as dist
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    model, zero3 = engine.module, engine.zero_optimization_stage() == 3
+    if zero3:
+        engine.empty_partition_cache()  # parameters still prefetched by the last forward cannot be gathered
+    if not trainable_only:
+        if zero3:
+            return engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if main else None
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not zero3:
+        return {name: p.detach().cpu().clone() for name, p in trainable.items()} if main else None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(trainable.values()), modifier_rank=None):
+        return {name: p.detach().cpu().clone() for name, p in trainable.items()} if main else None
 
 
 def gather_whole_layers(model):
@@ -88,8 +124,9 @@ def engine_facts(engine):
     """What the engine really runs (recorded in the history, asserted by tests): ZeRO stage, offload, precision."""
     offload = engine.zero_offload_optimizer() if hasattr(engine, "zero_offload_optimizer") else None
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    from finetune_launcher.engines.fsdp2 import FSDP2Engine
     from finetune_launcher.engines.plain import PlainEngine
 
-    kind = "ddp" if isinstance(engine, PlainEngine) else "deepspeed"
+    kind = engine.kind if isinstance(engine, (PlainEngine, FSDP2Engine)) else "deepspeed"
     return {"engine": kind, "zero_stage": int(engine.zero_optimization_stage()), "offload_optimizer": bool(offload),
             "precision": precision, "world_size": int(engine.world_size)}

@@ -18,6 +18,8 @@ STATE_FILE = "plain_engine.pt"
 
 
 class PlainEngine:
+    kind = "ddp"
+
     def __init__(self, model, cfg, make_optimizer, device, world_size):
         self.module, self.device, self.world_size = model, device, world_size
         self.dtype = torch_dtype(cfg.precision)
@@ -97,7 +99,18 @@ class PlainEngine:
     def was_step_applied(self):
         return True
 
-    # ------------------------------------------------------------ checkpoints (replicated: rank 0 writes)
+    # ------------------------------------------------------------ weights and checkpoints (replicated: rank 0 writes)
+
+    def full_state_dict(self, trainable_only):
+        """The weights as CPU tensors on rank 0 (None on the others): the trainable ones only, or the whole state
+        dict (see finetune_launcher.engines.full_state_dict)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        if trainable_only:
+            return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest=False, exclude_frozen_parameters=True):
         import torch.distributed as dist
@@ -128,7 +141,7 @@ class PlainEngine:
                 param.copy_(master)
         if load_optimizer_states:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.micro_step = state["micro_step"]
+        self.micro_step = 0  # saved at a step's end: a fresh step, whatever accumulation this run splits it into
         return str(path), state["client_state"]
 
 

@@ -21,10 +21,22 @@ class ActivationShape:
 
 def activation_shape(spec, precision, device_kind="gpu"):
     seq = -(-spec.max_length // 8) * 8  # collate pads to a multiple of 8
-    masked = spec.attn_implementation in ("sdpa", "eager")
+    masked = attention_masked(spec)
     e = dtype_bytes(precision)
-    return ActivationShape(tokens=spec.micro_batch_size * seq, batch=spec.micro_batch_size, seq=seq, e=e, masked=masked,
-                           mask_bytes=e if device_kind == "cpu" else 1)
+    return ActivationShape(tokens=spec.micro_batch_size * seq, batch=spec.micro_batch_size, seq=seq, e=e,
+                           masked=masked, mask_bytes=e if device_kind == "cpu" else 1)
+
+
+def attention_masked(spec):
+    """Whether SDPA/eager attention gets a materialised mask: packed rows (a block-diagonal mask from the restarting
+    positions) and padded micro-batches do; full text blocks and single unpadded rows do not (transformers then drops
+    the mask and SDPA runs its causal flash kernel, GQA's k/v not repeated). FlexAttention and flash-attn never
+    materialise one; eager attention always does."""
+    if spec.attn_implementation == "eager":
+        return True
+    if spec.attn_implementation != "sdpa" or spec.text_blocks:
+        return False
+    return spec.packing or spec.micro_batch_size > 1
 
 
 def saved_inputs(arch, spec):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from finetune_launcher.data.prompts import render_instruction_prompt
+from finetune_launcher.data.records import detect_format
 from finetune_launcher.models.references import is_builtin, resolve_model_path
 
 EXACT_COUNT_BYTES = 256 * 1024 ** 2  # count lines of files up to this size; extrapolate beyond (stays fast)
@@ -26,8 +27,8 @@ def training_examples(path, config):
 
 
 def text_dataset_size(config):
-    """{examples, avg_tokens_per_example} of a local JSONL (its tokens estimated from the first 200 examples), or
-    {} for a dataset that is not one (give --examples)."""
+    """{examples, avg_tokens_per_example, text_blocks} of a local JSONL (its tokens estimated from the first 200
+    examples), or {} for a dataset that is not one (give --examples)."""
     path = local_jsonl(config["dataset"])
     head = first_lines(path, 200) if path else None
     if not head:
@@ -37,7 +38,19 @@ def text_dataset_size(config):
         sample = [_example_text(json.loads(line)) for line in head]
     except (json.JSONDecodeError, AttributeError):
         return {"examples": examples}
-    return {"examples": examples, "avg_tokens_per_example": _average_tokens(sample, config)}
+    return {"examples": examples, "avg_tokens_per_example": _average_tokens(sample, config),
+            "text_blocks": is_text_blocks(config, head[0])}
+
+
+def is_text_blocks(config, first_line):
+    """Whether the run trains on plain text cut into full max_length blocks (dataset_format text, named or detected
+    from the first record as the data module detects it): full rows, no attention mask."""
+    if config.get("dataset_format", "auto") != "auto":
+        return config["dataset_format"] == "text"
+    try:
+        return detect_format(json.loads(first_line), str(config["dataset"])) == "text"
+    except (ValueError, AttributeError, TypeError):  # not JSON, or no known format: the data checks say so
+        return False
 
 
 def first_lines(path, n):

@@ -25,6 +25,10 @@ class Device:
     mfu: dict
     link: str = ""
     kind: str = "gpu"  # or "cpu"
+    # compiled layers (step_time.py): the fraction of the dense peak the training matrix products reach, and of the
+    # memory bandwidth the memory-bound kernels reach; None where not measured (the MFU prior is used)
+    tensor_core_efficiency: float = None
+    memory_efficiency: float = 1.0
 
     def peak_flops(self, precision):
         value = self.tflops.get(precision)

@@ -37,6 +37,7 @@ class RunSpec:
     attn_implementation: str = "sdpa"
     overlap_comm: bool = False
     liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy outside ZeRO-3)
+    compile_layers: bool = False  # regional torch.compile of the decoder layers (as resolved)
     zero3_gather: str = "layer"  # ZeRO-3 gathers a decoder layer at once, or module by module
     moe_lora_kernel: str = "peft"  # a mixture of experts' LoRA: peft keeps a full-size expert weight per layer
     num_epochs: float = 1.0
@@ -63,6 +64,7 @@ class RunSpec:
     tokens: int = None
     avg_tokens_per_example: float = None
     fill: float = None          # fraction of a row holding real tokens; None: PACKED_FILL or UNPACKED_FILL
+    text_blocks: bool = False   # rows cut from plain text (dataset_format text): full rows, no attention mask
     image_size: tuple = None    # (width, height) of a picture; None: a square of max_pixels, cut to what a row holds
     images_per_row: float = 1.0
     margin: float = DEFAULT_MARGIN

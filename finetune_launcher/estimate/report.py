@@ -2,6 +2,7 @@
 the pre-flight line."""
 from dataclasses import asdict, dataclass, field
 
+from finetune_launcher.estimate.activations import attention_masked
 from finetune_launcher.estimate.architectures import Architecture
 from finetune_launcher.estimate.calibration import calibration_path
 from finetune_launcher.estimate.devices import Device
@@ -126,14 +127,18 @@ def assumptions_for(result):
         f"({'packed' if spec.packing else 'unpacked'})",
         f"attention {spec.attn_implementation}"
         + (" with a materialised mask (packing/padding): full s^2 attention FLOPs, K/V repeated for GQA"
-           if spec.attn_implementation in ("sdpa", "eager") else " (no mask, causal)"),
+           if attention_masked(spec) else " (no mask, causal)"),
         f"ZeRO-{spec.zero_stage}{' + CPU offload' if spec.offload else ''}: reduce bucket "
         f"{reduce_bucket(spec, arch):,} elements (hidden^2, as ds_configs fill 'auto')",
         f"margin {spec.margin:.0%} on top of everything (allocator fragmentation); runtime "
         f"{result.memory['runtime'] / GIB:.1f} GiB per rank",
         f"peak phase: {result.peak_phase} (activations are freed before the optimizer step's fp32 gradient copy)",
         f"{device.name}: {device.memory_gib:.1f} GiB, {device.peak_flops(result.precision) / 1e12:g} TFLOP/s "
-        f"{result.precision} peak, MFU {t['mfu_assumed']:.0%} until calibrated, {device.hbm_tbps:g} TB/s memory",
+        f"{result.precision} peak, "
+        + (f"compiled layers: matrix products at {device.tensor_core_efficiency:.0%} of it, LoRA adapters and "
+           f"element-wise work by their bytes at {device.memory_efficiency:.0%} of"
+           if t.get("compiled_layers_model") else f"MFU {t['mfu_assumed']:.0%} until calibrated,")
+        + f" {device.hbm_tbps:g} TB/s memory",
         f"FLOPs per token {t['flops_per_token']['total'] / 1e9:.3g} G "
         f"({'6N' if spec.mode == 'full' else '4N'}{' + 2N recompute' if spec.gradient_checkpointing else ''}"
         f" + attention)",

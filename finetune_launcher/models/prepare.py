@@ -1,9 +1,14 @@
-"""Model preparation every recipe shares: the LoRA config, bitsandbytes' NF4 config (and NF4 for modules that
-transformers does not load, such as a diffusers UNet), the ZeRO-3 init context, parameter counting, and keeping
-bitsandbytes from repacking 4-bit weights for its CPU kernels."""
+"""Model preparation every recipe shares: loading a transformers model as the run needs it (whole or partitioned as
+it loads, 16-bit or NF4, a `random:` shape built where it trains), the LoRA config, bitsandbytes' NF4 config (and
+NF4 for modules that transformers does not load, such as a diffusers UNet), the ZeRO-3 init context, parameter
+counting, and keeping bitsandbytes from repacking 4-bit weights for its CPU kernels."""
+import copy
+from contextlib import contextmanager
+
 import torch
 
 from finetune_launcher.dtypes import torch_dtype
+from finetune_launcher.models.references import is_random
 
 
 def lora_config(cfg, target_modules, task_type=None, modules_to_save=None, target_parameters=None, **extra):
@@ -32,31 +37,29 @@ def nf4_config(precision, quant_storage, skip_modules=None):
                               llm_int8_skip_modules=list(skip_modules) if skip_modules else None)
 
 
-def quantize_linears(model, cfg, device):
-    """Replace every nn.Linear of `model` by bitsandbytes' Linear4bit (NF4, double quant, the run's compute and
-    storage dtypes), quantized as it moves to `device`: what BitsAndBytesConfig does while transformers loads a
-    model, for models it does not load (diffusers refuses to quantize without a GPU)."""
+def quantize_linears(module, compute_dtype, storage_dtype, device):
+    """Replace every nn.Linear under `module` by bitsandbytes' Linear4bit holding its weight in NF4 (double quant,
+    `storage_dtype`), quantized on `device` now, as transformers' loader builds them; the 16-bit weight is released.
+    For models transformers does not load (diffusers refuses to quantize without a GPU) and random: shapes."""
     import bitsandbytes as bnb
 
-    compute, storage = torch_dtype(cfg.precision), torch_dtype(cfg.bnb_4bit_quant_storage)
-    for parent in list(model.modules()):
+    for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(parent, name, linear_to_4bit(bnb, child, compute, storage))
-    model.to(device)  # Params4bit quantizes on its first move to a real device (CPU included)
-    model.is_loaded_in_4bit = True  # what transformers' and diffusers' quantizers set; peft then uses its 4-bit LoRA
-    disable_cpu_weight_repacking(model)
-    return model
+                setattr(parent, name, linear_to_4bit(bnb, child, compute_dtype, storage_dtype, device))
+    disable_cpu_weight_repacking(module)
+    return module
 
 
-def linear_to_4bit(bnb, linear, compute_dtype, storage):
+def linear_to_4bit(bnb, linear, compute_dtype, storage, device):
     quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                                   quant_storage=storage, device="meta")
-    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", quant_storage=storage, module=quantized)
+    quantized.weight = bnb.nn.Params4bit(linear.weight.data.to(compute_dtype), requires_grad=False,
+                                         compress_statistics=True, quant_type="nf4", quant_storage=storage,
+                                         module=quantized).to(device)  # Params4bit quantizes on its first move
     if linear.bias is not None:
-        quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        quantized.bias = torch.nn.Parameter(linear.bias.data.to(device, compute_dtype), requires_grad=False)
     return quantized
 
 
@@ -98,3 +101,97 @@ def count_parameters(model):
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+# ---------------------------------------------------------------- loading
+
+def load_base_model(cfg, path, auto_class, device, quantization=None):
+    """(model, keepalive): the run's model from `path` through transformers' `auto_class`, in the run's precision,
+    partitioned as it loads where loads_partitioned says so (keep `keepalive` as long as the model), NF4 with
+    `quantization` (a BitsAndBytesConfig) for QLoRA; a `random:` shape is built where it trains, its QLoRA layers
+    quantised one at a time (random_4bit_model: no checkpoint on disk)."""
+    if is_random(cfg.model) and quantization is not None:  # before the ZeRO-3 context: a 4-bit model has no zero.Init
+        model = random_4bit_model(path, auto_class, quantization, device, cfg.attn_implementation)
+        return model, zero3_init_context(cfg)
+    keepalive = zero3_init_context(cfg)
+    kwargs = dict(dtype=torch_dtype(cfg.precision), attn_implementation=cfg.attn_implementation)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        if not loads_partitioned(cfg):
+            kwargs["device_map"] = {"": device}
+    if is_random(cfg.model):
+        model = random_model(path, auto_class, kwargs, device, loads_partitioned(cfg))
+    else:
+        model = auto_class.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if quantization is not None:
+        disable_cpu_weight_repacking(model)
+    return model, keepalive
+
+
+def random_model(path, auto_class, kwargs, device, partitioned):
+    """A random-init model of a real shape, built where it trains: under zero.Init (`partitioned`) it is partitioned
+    as it is created; otherwise it is created directly on this rank's device."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(path)
+    if partitioned:
+        return auto_class.from_config(model_config, **kwargs)
+    with torch.device(device):
+        return auto_class.from_config(model_config, **kwargs)
+
+
+def random_4bit_model(path, auto_class, quant_config, device, attn_implementation):
+    """A random-init model of the shape at `path` (config.json only) with its decoder layers' linear layers in NF4
+    (`quant_config`'s compute and storage dtypes), built on `device` one decoder layer at a time: everything outside
+    the decoder layers (embeddings, norm, lm_head, a vision tower) is built whole in the compute dtype, then each
+    layer is made, initialised, its linears quantised and its 16-bit weights freed before the next. At most one
+    layer's 16-bit weights exist beside the 4-bit model, so no checkpoint on disk is needed (a 32B shape's 65 GB would
+    not fit the device's disk). Marked as transformers marks a 4-bit load, so peft and the HF Trainer treat it as one."""
+    from transformers import AutoConfig
+
+    dtype, storage = quant_config.bnb_4bit_compute_dtype, quant_config.bnb_4bit_quant_storage
+    config = AutoConfig.from_pretrained(path)
+    layers = config.get_text_config().num_hidden_layers
+    shell_config = copy.deepcopy(config)
+    shell_text = shell_config.get_text_config()
+    with torch.device("meta"):  # the decoder layer class, from a one-layer model that allocates nothing
+        shell_text.num_hidden_layers = 1
+        layer_class = type(auto_class.from_config(shell_config).get_decoder().layers[0])
+    shell_text.num_hidden_layers = 0
+    with torch.device(device):
+        model = auto_class.from_config(shell_config, dtype=dtype, attn_implementation=attn_implementation)
+    shell_text.num_hidden_layers = layers  # the config object the model's modules hold
+    decoder = model.get_decoder()
+    for index in range(layers):
+        with torch.device(device), default_dtype(dtype):
+            layer = layer_class(decoder.config, index)
+        for module in layer.modules():
+            model._init_weights(module)
+        decoder.layers.append(quantize_linears(layer, dtype, storage, device))
+    mark_4bit(model, quant_config)
+    return model
+
+
+def mark_4bit(model, quant_config):
+    """What transformers sets on a model it loads in 4 bits (peft and the HF Trainer read it)."""
+    model.config.quantization_config = quant_config
+    model.is_quantized, model.is_loaded_in_4bit, model.quantization_method = True, True, "bitsandbytes"
+    for module in model.modules():
+        if hasattr(module, "config") and hasattr(module.config, "to_dict"):
+            module.config._is_quantized = True
+    try:
+        from transformers.quantizers import AutoHfQuantizer
+
+        model.hf_quantizer = AutoHfQuantizer.from_config(quant_config, pre_quantized=False)
+    except Exception:  # noqa: BLE001 - only the HF Trainer's "is it trainable" check reads it
+        pass
+
+
+@contextmanager
+def default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

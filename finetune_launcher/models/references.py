@@ -4,10 +4,11 @@ cache (`.cache/models/`, FTL_CACHE_DIR) so nothing is downloaded:
 - `builtin:NAME`: a model a recipe builds itself (its recipe-table entry lists them: tiny-llama, tiny-qwen3-vl,
   tiny-sd, ...), built once under a lock all ranks share, saved like any hub checkpoint so the real
   `from_pretrained` path loads it;
-- `random:<architecture>` (e.g. `random:qwen2.5-1.5b`, `random:llama-3-8b`, `random:qwen2.5-32b`): the exact shape of
-  a real model from models/arch_table.py, randomly initialised where it is trained (on the GPUs, under zero.Init
-  for ZeRO-3), for benchmarks; only config.json and the tiny tokenizer are written. QLoRA needs weights on disk to
-  quantise while loading: `materialize_random_weights` writes them once.
+- `random:<architecture>` (e.g. `random:qwen2.5-1.5b`, `random:llama-3-8b`, `random:qwen2.5-32b`, and the shapes a
+  recipe adds through its `random` part, such as the vision-language `random:qwen3-vl-32b`): the exact shape of a
+  real model from models/arch_table.py, randomly initialised where it is trained (on the GPUs, under zero.Init for
+  ZeRO-3), for benchmarks; only config.json and the tiny tokenizer (and a VL model's processor files) are written,
+  never weights. QLoRA quantises each decoder layer as it is made (recipes/causal_lm/model.py: random_4bit_model).
 """
 import os
 import shutil
@@ -110,8 +111,9 @@ def random_shape_config(arch_key):
     from finetune_launcher.models.arch_table import ARCHITECTURES, CONFIG_VALUES
 
     if arch_key not in ARCHITECTURES:
+        known = sorted([*ARCHITECTURES, *recipe_random_shapes()])
         raise ModelReferenceError(f"unknown architecture '{arch_key}' for random:; known: "
-                                  f"{', '.join(RANDOM_PREFIX + k for k in sorted(ARCHITECTURES))}")
+                                  f"{', '.join(RANDOM_PREFIX + k for k in known)}")
     spec = dict(ARCHITECTURES[arch_key])
     model_type = next(t for prefix, t in MODEL_TYPES if arch_key.startswith(prefix))
     fields = {k: spec[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -125,12 +127,25 @@ def random_shape_config(arch_key):
     return AutoConfig.for_model(model_type, **{**values, **fields, **CONFIG_VALUES.get(arch_key, {})})
 
 
+def recipe_random_shapes():
+    """{architecture: the recipe's `random` part that builds it} (recipe table)."""
+    found = {}
+    for recipe in recipe_table.recipes():
+        part = recipe_table.part(recipe, "random")
+        found.update(dict.fromkeys(part.SHAPES, part) if part else {})
+    return found
+
+
 def build_random_shape(arch_key):
-    """config.json + the tiny tokenizer (ids < 1024 are valid in every real vocabulary); no weights."""
+    """config.json + the tiny tokenizer (ids < 1024 are valid in every real vocabulary); no weights. A shape a
+    recipe adds (its `random` part, e.g. a vision-language model's) is built by that recipe's part."""
     target = cache_root() / "models" / f"random-{arch_key}-{RANDOM_VERSION}"
     if (target / "config.json").exists():
         return target
     with _locked(target):
+        builder = recipe_random_shapes().get(arch_key)
+        if not (target / "config.json").exists() and builder is not None:
+            builder.build(arch_key, target)
         if not (target / "config.json").exists():
             tiny = Path(resolve_model_path("builtin:tiny-llama"))
             with built_into(target) as tmp:
@@ -139,30 +154,3 @@ def build_random_shape(arch_key):
                     if name.startswith(("tokenizer", "chat_template")):
                         shutil.copy(tiny / name, tmp / name)
     return target
-
-
-def has_weights(path):
-    return any(Path(path).glob("*.safetensors"))
-
-
-def materialize_random_weights(path, dtype):
-    """Write random bf16/fp16 weights next to a random shape's config (once), for paths that need a checkpoint."""
-    path = Path(path)
-    if has_weights(path):
-        return path
-    with _locked(path / "weights"):
-        if not has_weights(path):
-            _build_outside_process_group("write_random_weights", str(path), str(dtype).removeprefix("torch."))
-    return path
-
-
-def write_random_weights(path, dtype_name):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(1234)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype_name))
-    model.save_pretrained(path, safe_serialization=True, max_shard_size="5GB")
-    apply_umask(Path(path))

@@ -75,8 +75,10 @@ def test_zero3_ran_steps_where_one_rank_had_no_image(recipe_runs):
                 for rank in range(2)]
     mixed_steps = 0
     for step in range(cfg.max_steps):
-        has_images = [any(rows[i]["images"] for group in s.micro_batches(0, step) for i in group) for s in samplers]
-        mixed_steps += has_images[0] != has_images[1]
+        micro_batches = [s.micro_batches(0, step) for s in samplers]
+        for k in range(cfg.gradient_accumulation_steps):  # the ranks' k-th forwards run side by side
+            has_images = [any(rows[i]["images"] for i in groups[k]) for groups in micro_batches]
+            mixed_steps += has_images[0] != has_images[1]
     assert mixed_steps > 0, "no step put a text-only micro-batch beside an image one"
 
 

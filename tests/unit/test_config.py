@@ -247,3 +247,11 @@ def test_metric_sinks_follow_the_resolved_report_to(tmp_path, monkeypatch):
         check_sinks_available(resolved("wandb"))
     check_sinks_available(resolved("none"))
     check_sinks_available(resolved("tensorboard"))
+
+
+def test_flex_attention_is_an_attention_implementation(tmp_path):
+    """FlexAttention with a document mask for packed rows (docs/benchmarks.md, issue 31); a made-up name is refused."""
+    assert resolve(write(tmp_path, MINIMAL + "attn_implementation: flex_attention\n")).attn_implementation == \
+        "flex_attention"
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        resolve(write(tmp_path, MINIMAL + "attn_implementation: flexattention\n"))

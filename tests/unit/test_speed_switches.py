@@ -31,13 +31,12 @@ def test_a_full_fine_tune_on_one_process_runs_the_ddp_engine_and_on_several_deep
     several = resolved(mode="full", procs=8)
     assert several.engine == "deepspeed" and "several processes needs ZeRO's partitioning" in \
         several.decisions["engine"]
-    assert resolved(mode="full", procs=1, zero_stage=3).engine == "deepspeed"
+    assert resolved(mode="full", procs=1, zero_stage=3).engine == "fsdp2", "sharded: FSDP2 (tests/unit/test_fsdp2.py)"
 
 
 @pytest.mark.parametrize("overrides,why", [
     ({"mode": "full", "procs": 2}, "full fine-tune on several processes needs ZeRO's partitioning"),
-    ({"zero_stage": 3}, "ZeRO-3 and offload are DeepSpeed's"),
-    ({"offload": True}, "ZeRO-3 and offload are DeepSpeed's"),
+    ({"offload": True}, "optimizer offload is DeepSpeed's"),
     ({"precision": "fp16"}, "fp16 loss scaling is DeepSpeed's"),
     ({"deepspeed_config": "ds_configs/zero2.json"}, "a DeepSpeed file was given"),
 ])
@@ -49,8 +48,8 @@ def test_engine_auto_keeps_deepspeed_where_it_does_something(overrides, why):
 @pytest.mark.parametrize("overrides,needle", [
     ({"engine": "ddp", "mode": "full", "procs": 2},
      "key 'engine': ddp, but a full fine-tune on several processes needs ZeRO's partitioning"),
-    ({"engine": "ddp", "zero_stage": 3}, "key 'engine': ddp, but ZeRO-3 and offload are DeepSpeed's"),
-    ({"compile_layers": True, "zero_stage": 3, "zero3_gather": "module"},
+    ({"engine": "ddp", "zero_stage": 3}, "key 'engine': ddp, but zero_stage 3 shards the weights"),
+    ({"compile_layers": True, "zero_stage": 3, "zero3_gather": "module", "engine": "deepspeed"},
      "key 'compile_layers': true, but ZeRO-3 with zero3_gather: module gathers parameters inside each layer's "
      "forward"),
 ])
@@ -62,8 +61,9 @@ def test_switches_forced_where_they_cannot_run_are_refused_naming_the_key(overri
 
 def test_compile_auto_under_zero3_follows_the_gather_and_forced_choices_are_kept():
     assert resolved(zero_stage=3).compile_layers is True, "per-layer gathers leave no hook inside a layer"
-    cfg = resolved(zero_stage=3, zero3_gather="module")
+    cfg = resolved(zero_stage=3, zero3_gather="module", engine="deepspeed")
     assert cfg.compile_layers is False and "ZeRO-3" in cfg.decisions["compile_layers"]
+    assert resolved(zero_stage=3, zero3_gather="module").compile_layers is True, "FSDP2 gathers outside the layers"
     assert resolved(compile_layers=False).compile_layers is False
     assert resolved(on="cpu", procs=2, compile_layers=True, engine="ddp").compile_layers is True
     assert resolved(engine="deepspeed").engine == "deepspeed"

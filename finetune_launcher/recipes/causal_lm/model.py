@@ -1,13 +1,10 @@
 """Tokenizer and causal-LM loading for full, LoRA and QLoRA fine-tunes."""
-import torch
 
-from finetune_launcher.dtypes import torch_dtype
 from finetune_launcher.models.compiled_layers import compile_decoder_layers
 from finetune_launcher.models.expert_lora import add_expert_lora, prepare_kbit_keeping_experts
 from finetune_launcher.models.experts import is_moe
-from finetune_launcher.models.prepare import (disable_cpu_weight_repacking, loads_partitioned, lora_config, nf4_config,
-                                             zero3_init_context)
-from finetune_launcher.models.references import is_random, materialize_random_weights, resolve_model_path
+from finetune_launcher.models.prepare import load_base_model, lora_config, nf4_config
+from finetune_launcher.models.references import resolve_model_path
 
 
 def load_tokenizer(cfg):
@@ -21,26 +18,12 @@ def load_tokenizer(cfg):
 
 
 def load_model(cfg, device):
-    """Return (model, keepalive) for the run's mode; see zero3_init_context for `keepalive`."""
+    """Return (model, keepalive) for the run's mode; see models.prepare.load_base_model for `keepalive`."""
     from transformers import AutoModelForCausalLM
 
-    keepalive = zero3_init_context(cfg)
-    kwargs = dict(dtype=torch_dtype(cfg.precision), attn_implementation=cfg.attn_implementation,
-                  trust_remote_code=cfg.trust_remote_code)
-    path = resolve_model_path(cfg.model)
-    if cfg.mode == "qlora":
-        kwargs["quantization_config"] = nf4_config(cfg.precision, cfg.bnb_4bit_quant_storage)
-        if not loads_partitioned(cfg):
-            kwargs["device_map"] = {"": device}
-        if is_random(cfg.model):
-            materialize_random_weights(path, torch_dtype(cfg.precision))
-    if is_random(cfg.model) and cfg.mode != "qlora":
-        model = random_model(path, kwargs, device, loads_partitioned(cfg))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    quantization = nf4_config(cfg.precision, cfg.bnb_4bit_quant_storage) if cfg.mode == "qlora" else None
+    model, keepalive = load_base_model(cfg, resolve_model_path(cfg.model), AutoModelForCausalLM, device, quantization)
     model.config.use_cache = False
-    if cfg.mode == "qlora":
-        disable_cpu_weight_repacking(model)
     if cfg.liger_kernel:
         apply_liger_kernels(model, cfg.zero_stage, in_layers=not cfg.compile_layers)
     model = prepare_for_training(model, cfg)
@@ -95,15 +78,3 @@ def apply_liger_kernels(model, zero_stage, in_layers=True):
     note = "" if fused_ce else "; no fused cross-entropy under ZeRO-3"
     note += "" if in_layers else "; the compiled layers fuse norm, MLP and RoPE"
     say(f"liger kernels: on ({', '.join(kernels)}{note})")
-
-
-def random_model(path, kwargs, device, partitioned):
-    """A random-init model of a real shape, built where it trains: under zero.Init (ZeRO-3) it is partitioned as it
-    is created; otherwise it is created directly on this rank's device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_cfg = AutoConfig.from_pretrained(path)
-    if partitioned:
-        return AutoModelForCausalLM.from_config(model_cfg, **kwargs)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(model_cfg, **kwargs)

@@ -30,8 +30,8 @@ class DiffusionModelError(ConfigError):
 
 
 class DiffusionModel(torch.nn.Module):
-    """What the DeepSpeed engine trains: the text encoder (frozen unless it has LoRA) and the UNet, so under ZeRO-3
-    every trainable weight is partitioned and gathered by the one engine."""
+    """What the engine trains: the text encoder (frozen unless it has LoRA) and the UNet, so a sharding engine
+    partitions and gathers every trainable weight."""
 
     def __init__(self, unet, text_encoder):
         super().__init__()
@@ -43,7 +43,8 @@ class DiffusionModel(torch.nn.Module):
             return self.text_encoder(input_ids, return_dict=False)[0]
 
     def forward(self, noisy_latents, timesteps, input_ids):
-        dtype = self.unet.dtype  # the objective works in fp32; DeepSpeed's bf16/fp16 casts the weights
+        # the objective works in fp32; DeepSpeed's bf16/fp16 casts the weights, FSDP2 has gathered them in that dtype
+        dtype = self.unet.dtype
         hidden = self.encode_prompt(input_ids).to(dtype)
         return self.unet(noisy_latents.to(dtype), timesteps, hidden, return_dict=False)[0]
 
@@ -112,7 +113,10 @@ def quantize_unet_linears(unet, cfg, device):
         raise DiffusionModelError("mode qlora needs bitsandbytes (pip install -e '.[gpu]'); or use mode lora") from None
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(quantize_linears(unet, cfg, device), use_gradient_checkpointing=False)
+    quantize_linears(unet, torch_dtype(cfg.precision), torch_dtype(cfg.bnb_4bit_quant_storage), device)
+    unet.to(device)
+    unet.is_loaded_in_4bit = True  # what diffusers' quantizer sets; peft then wraps Linear4bit with its 4-bit LoRA
+    return prepare_model_for_kbit_training(unet, use_gradient_checkpointing=False)
 
 
 def linear_name_endings(model):
@@ -162,26 +166,32 @@ def has_lora(model):
     return bool(getattr(model, "peft_config", None))
 
 
-def lora_state(model):
-    """The adapter weights by peft's names (adapter name removed), from the trainable parameters only: a full
-    state_dict would also serialise every 4-bit base weight. Under ZeRO-3, call inside GatheredParameters."""
+def lora_state(model, trainable=None):
+    """The adapter weights by peft's names (adapter name removed), from `trainable` ({name in `model`: whole
+    tensor}; default: the model's own trainable parameters) only: a full state_dict would also serialise every 4-bit
+    base weight."""
     from peft import get_peft_model_state_dict
 
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if trainable is None:
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     state = get_peft_model_state_dict(model, state_dict=trainable, save_embedding_layers=False)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
-def save_diffusion_lora(unet, text_encoder, out_dir):
+def save_diffusion_lora(unet, text_encoder, out_dir, trainable=None):
     """Write `out_dir` atomically: pytorch_lora_weights.safetensors in diffusers' format (with the LoRA configs as
     metadata, so rank and alpha load right; `StableDiffusionPipeline.load_lora_weights(out_dir)` reads it) and
-    peft's adapter files under unet/ (and text_encoder/ when it has LoRA) for `PeftModel.from_pretrained`."""
+    peft's adapter files under unet/ (and text_encoder/ when it has LoRA) for `PeftModel.from_pretrained`.
+    `trainable`: the DiffusionModel's trainable weights whole ({"unet.<name>": tensor, ...}, as the engine gathers
+    them); default: the parts' own parameters."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     out_dir = Path(out_dir)
     parts = {"unet": unet, "text_encoder": text_encoder if has_lora(text_encoder) else None}
-    states = {name: lora_state(model) for name, model in parts.items() if model is not None}
+    states = {name: lora_state(model, None if trainable is None else
+                               {k[len(name) + 1:]: v for k, v in trainable.items() if k.startswith(name + ".")})
+              for name, model in parts.items() if model is not None}
     tmp = fresh_tmp_dir(out_dir)
     StableDiffusionPipeline.save_lora_weights(
         tmp, unet_lora_layers=convert_state_dict_to_diffusers(states["unet"]),

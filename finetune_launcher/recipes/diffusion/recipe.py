@@ -6,8 +6,6 @@ samples the validation prompts with fixed seeds into outputs/<run>/samples/.
 
     bash launch/train_diffusion.sh configs/tiny_sd_lora.yaml     (--mode qlora | full, --zero 3, ...)
 """
-import contextlib
-
 import torch
 
 from finetune_launcher.checkpoint import save_training_info
@@ -16,10 +14,10 @@ from finetune_launcher.data.prepared import rank_rows
 from finetune_launcher.data.sampling import ShardedSampler
 from finetune_launcher.recipes.diffusion.data import eval_batches, prepare_rows, training_batch
 from finetune_launcher.distributed import all_reduce_sum, barrier
-from finetune_launcher.engines import build_engine
+from finetune_launcher.engines import build_engine, engine_name, full_state_dict
 from finetune_launcher.loop import train
-from finetune_launcher.task import StepTask
 from finetune_launcher.models.prepare import count_parameters
+from finetune_launcher.task import StepTask
 from finetune_launcher.recipes.diffusion.model import load_diffusion, save_diffusion_lora, save_full_unet
 from finetune_launcher.recipes.diffusion.objective import LatentCache, training_loss, validation_loss
 from finetune_launcher.recipes.diffusion.sampling import sample_images, save_grid
@@ -34,11 +32,11 @@ def run(cfg, ctx, watch):
     train_data, held_out = data.train_rows, data.eval_rows
     params = count_parameters(parts.model)
     say(f"model {cfg.model}: UNet + text encoder {params[1] / 1e6:.2f}M parameters, {params[0] / 1e6:.3f}M "
-        f"trainable ({cfg.mode}{', text-encoder LoRA' if cfg.text_encoder_lora else ''}; ZeRO-{cfg.zero_stage}, "
+        f"trainable ({cfg.mode}{', text-encoder LoRA' if cfg.text_encoder_lora else ''}; {engine_name(cfg)}, "
         f"{cfg.precision}, {ctx.world} process{'es' if ctx.world > 1 else ''})")
     say(f"data {cfg.dataset}: {len(train_data)} train / {len(held_out) if held_out else 0} held-out pictures at "
         f"{cfg.resolution}x{cfg.resolution}")
-    engine = build_engine(parts.model, cfg)
+    engine = build_engine(parts.model, cfg, ctx.device, ctx.world)
     task = DiffusionTask(cfg, ctx, parts, train_data, held_out, data.stats)
     # ---- the loop, then best/ and final/
     return train(cfg, ctx, task, engine, watch, params)
@@ -98,32 +96,14 @@ class DiffusionTask(StepTask):
         return {"samples": str(path), "images": {"samples": grid} if grid is not None else {}}
 
     def save_weights(self, engine, out_dir, info):
-        """best/ and final/: the LoRA in diffusers' format + peft's adapters, or the full UNet; all ranks call."""
-        module = engine.module
-        zero3 = engine.zero_optimization_stage() == 3
-        info = {**info, "resolution": self.c.resolution, "pipeline": self.parts.path}
-        if self.c.lora:
-            with gathered_trainables(engine, zero3):
-                if self.ctx.is_main:
-                    save_diffusion_lora(module.unet, module.text_encoder, out_dir)
-        else:
-            state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
-            if self.ctx.is_main:
-                save_full_unet(module, out_dir, state)
+        """best/ and final/: the LoRA in diffusers' format + peft's adapters, or the full UNet; all ranks call (the
+        engine gathers the weights it shards), rank 0 writes."""
+        state = full_state_dict(engine, trainable_only=self.c.lora)
         if self.ctx.is_main:
-            save_training_info(out_dir, info)
+            model = self.parts.model
+            if self.c.lora:
+                save_diffusion_lora(model.unet, model.text_encoder, out_dir, state)
+            else:
+                save_full_unet(model, out_dir, state)
+            save_training_info(out_dir, {**info, "resolution": self.c.resolution, "pipeline": self.parts.path})
         barrier()
-
-
-@contextlib.contextmanager
-def gathered_trainables(engine, zero3):
-    """Under ZeRO-3 the trainable weights whole on every rank for the duration (each holds a shard otherwise)."""
-    if not zero3:
-        yield
-        return
-    import deepspeed
-
-    engine.empty_partition_cache()
-    with deepspeed.zero.GatheredParameters([p for p in engine.module.parameters() if p.requires_grad],
-                                           modifier_rank=None):
-        yield

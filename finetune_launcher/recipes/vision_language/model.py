@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 
 from finetune_launcher.errors import ConfigError
-from finetune_launcher.dtypes import torch_dtype
-from finetune_launcher.models.prepare import (disable_cpu_weight_repacking, loads_partitioned, lora_config, nf4_config,
-                                             zero3_init_context)
+from finetune_launcher.models.prepare import load_base_model, lora_config, nf4_config
 from finetune_launcher.models.compiled_layers import compile_decoder_layers
 from finetune_launcher.models.references import resolve_model_path
 
@@ -211,22 +209,14 @@ def quantization_config(cfg, layout):
 # ---------------------------------------------------------------- loading
 
 def load_vl_model(cfg, device):
-    """Return (model, keepalive); see finetune_launcher.models.prepare.zero3_init_context for `keepalive`."""
+    """Return (model, keepalive); see models.prepare.load_base_model for `keepalive`."""
     from transformers import AutoModelForImageTextToText
 
     path = resolve_model_path(cfg.model)
     layout = meta_layout(path, cfg.trust_remote_code)  # before the ZeRO-3 context exists: no zero.Init for this one
-    keepalive = zero3_init_context(cfg)
-    kwargs = dict(dtype=torch_dtype(cfg.precision), attn_implementation=cfg.attn_implementation,
-                  trust_remote_code=cfg.trust_remote_code)
-    if cfg.mode == "qlora":
-        kwargs["quantization_config"] = quantization_config(cfg, layout)
-        if not loads_partitioned(cfg):
-            kwargs["device_map"] = {"": device}
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    quantization = quantization_config(cfg, layout) if cfg.mode == "qlora" else None
+    model, keepalive = load_base_model(cfg, path, AutoModelForImageTextToText, device, quantization)
     model.config.use_cache = model.config.get_text_config().use_cache = False
-    if cfg.mode == "qlora":
-        disable_cpu_weight_repacking(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input-grad hook, so frozen embeddings stay as they are.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

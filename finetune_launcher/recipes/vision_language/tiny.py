@@ -14,6 +14,7 @@ from pathlib import Path
 from finetune_launcher.fsutil import built_into
 from finetune_launcher.resources import resource
 from finetune_launcher.recipes.causal_lm.tiny import _corpus_lines
+from finetune_launcher.recipes.vision_language.estimate_table import VL_ARCHITECTURES
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 VOCAB_SIZE = 1024
@@ -77,7 +78,7 @@ def vl_config(kind, tokenizer, text=None, vision=None, rope_theta=10000.0, mrope
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     text = {**TEXT, "vocab_size": len(tokenizer), "pad_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"], "bos_token_id": None, **(text or {})}
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     # M-RoPE splits the rotary half of each head (tiny: head_dim / 2 = 16) into temporal, height and width sections.
     rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": list(mrope_section)}
     if kind == "qwen3-vl":
@@ -127,9 +128,10 @@ def build_tiny_vl(kind, target):
 
 
 def build_vl_directory(kind, target, shape=None, pixels=(MIN_PIXELS, MAX_PIXELS), dtype_name="float32",
-                       device="cpu"):
+                       device="cpu", weights=True):
     """The tiny model's directory, or with `shape` (vl_config's keyword arguments, vision.patch_size included) a
-    random-init model of a real shape, its weights made on `device` in `dtype_name` (tools/bench_vl.py)."""
+    random-init model of a real shape, its weights made on `device` in `dtype_name` (tools/bench_vl.py); with
+    `weights=False` only the config (a `random:` shape, built where it trains)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -137,19 +139,55 @@ def build_vl_directory(kind, target, shape=None, pixels=(MIN_PIXELS, MAX_PIXELS)
     with built_into(target) as tmp:
         tokenizer = train_vl_tokenizer()
         config = vl_config(kind, tokenizer, **shape)
-        torch.manual_seed(1234)
-        with torch.device(device):
-            model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype_name))
-        with torch.no_grad():
-            # As in finetune_launcher/recipes/causal_lm/tiny.py: a frozen head at the default init (std 0.02) caps the logits so low that
-            # LoRA cannot fit anything; std 0.1 behaves like a pretrained head.
-            model.lm_head.weight.mul_(5.0)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+        if weights:
+            torch.manual_seed(1234)
+            with torch.device(device):
+                model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype_name))
+            with torch.no_grad():
+                # As in recipes/causal_lm/tiny.py: a frozen head at the default init (std 0.02) caps the logits so low
+                # that LoRA cannot fit anything; std 0.1 behaves like a pretrained head.
+                model.lm_head.weight.mul_(5.0)
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+        else:
+            config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         patch = (shape.get("vision") or {}).get("patch_size", VISION["patch_size"])
         image_processor(patch, *pixels).save_pretrained(tmp)
         for name, content in processor_files(kind, patch, pixels).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     return Path(target)
+
+
+# The rotary settings of the published configs the offline table (estimate_table.py) was read from.
+RANDOM_VL_ROPE = {"qwen3-vl": dict(rope_theta=5e6, mrope_section=(24, 20, 20)),
+                  "qwen2.5-vl": dict(rope_theta=1e6, mrope_section=(16, 24, 24))}
+TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size")
+
+
+def random_vl_shape(arch_key):
+    """(kind, vl_config keyword arguments, (min_pixels, max_pixels)) of a vision-language shape of the offline table."""
+    entry = VL_ARCHITECTURES[arch_key]
+    kind = "qwen3-vl" if entry["vision"]["model_type"] == "qwen3_vl" else "qwen2.5-vl"
+    text = {k: v for k, v in entry["text"].items() if k in TEXT_KEYS}
+    text["max_position_embeddings"] = 32768
+    vision = {k: v for k, v in entry["vision"].items() if k != "model_type"}
+    shape = dict(text=text, vision=vision, tie_word_embeddings=entry["text"].get("tie_word_embeddings", False),
+                 **RANDOM_VL_ROPE[kind])
+    return kind, shape, (entry["pixels"]["min_pixels"], entry["pixels"]["max_pixels"])
+
+
+SHAPES = VL_ARCHITECTURES  # the recipe table's `random` part: the random:<shape> names this recipe builds
+
+
+def build(arch_key, target):
+    return build_random_vl_directory(arch_key, target)
+
+
+def build_random_vl_directory(arch_key, target):
+    """`random:<vision-language shape>`: config.json, the tiny VL tokenizer and the processor files with the model's
+    patch size and pixel bounds, no weights (the trainer builds the model where it trains)."""
+    kind, shape, pixels = random_vl_shape(arch_key)
+    return build_vl_directory(kind, target, shape, pixels, weights=False)
