@@ -1,8 +1,8 @@
 """The tiny mixture of experts through the real launchers on 2 processes: LoRA and full fine-tunes under ZeRO-2 and
-ZeRO-3 with routing that sends each rank's tokens to different experts (tests/e2e/disjoint_routing.py), the loss
-falling, the router's balance in the history and tensorboard; the ZeRO-3 runs are killed with SIGKILL midway and
-resumed, and must end with ZeRO-2's losses, all under timeouts so that a hang fails; the LoRA adapter loads with
-peft, merges with the merge tool and changes the outputs."""
+ZeRO-3 (and FSDP2) with routing that sends each rank's tokens to different experts (tests/e2e/disjoint_routing.py),
+the loss falling, the router's balance in the history and tensorboard; the ZeRO-3 runs are killed with SIGKILL
+midway and resumed, and must end with ZeRO-2's losses, all under timeouts so that a hang fails; the LoRA adapter
+loads with peft, merges with the merge tool and changes the outputs."""
 import json
 
 import pytest
@@ -23,13 +23,20 @@ RUNS = {  # name: (launcher, arguments); each rank routes to its own experts (6 
     "full-z2": ("train_full.sh", ["configs/tiny_moe_full.yaml", "--zero", "2"]),
     "full-z3": ("train_full.sh", ["configs/tiny_moe_full.yaml", "--zero", "3"]),
 }
+# FSDP2 (each decoder layer, MoE block included, one unit): the first 5 steps, inside the 5 warm-up steps where
+# the learning rate does not depend on the run's length, against ZeRO-2's
+FSDP2 = ["--engine", "fsdp2", "--zero", "3", "--max_steps", "5", "--eval_steps", "5", "--save_steps", "5",
+         "--logging_steps", "1"]
+FSDP2_RUNS = {"lora-fsdp2": ("train_lora.sh", [*RUNS["lora-z3"][1], *FSDP2]),
+              "full-fsdp2": ("train_full.sh", [*RUNS["full-z3"][1], *FSDP2])}
 KILL_AT_STEP = 6
 TIMEOUT = 240  # a run that hangs fails here instead of blocking CI
 
 
 def launch(name, out):
-    script, args = RUNS[name]
-    return run_launcher(script, *args, *STEPS, "--output_dir", out, "--run_name", name, env=ROUTING,
+    script, args = RUNS[name] if name in RUNS else FSDP2_RUNS[name]
+    steps = STEPS if name in RUNS else []  # the FSDP2 runs' own steps
+    return run_launcher(script, *args, *steps, "--output_dir", out, "--run_name", name, env=ROUTING,
                         timeout=TIMEOUT)
 
 
@@ -109,6 +116,21 @@ def test_zero3_with_each_rank_on_other_experts_resumes_after_sigkill_with_zero2s
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got[step], expected[step])
     assert history["metadata"]["zero_stage"] == 3
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fsdp2_with_each_rank_on_other_experts_takes_zero2s_steps(moe_runs, mode):
+    """engine: fsdp2 (zero_stage 3 on GPUs by default): each decoder layer, its MoE block whole, is one unit; the
+    ranks routing to different experts run to the end within the timeout with ZeRO-2's losses."""
+    proc, run_dir = moe_runs(f"{mode}-fsdp2")
+    assert_ok(proc)
+    assert "(4 Qwen3MoeDecoderLayer, 1 Embedding, 1 Linear)" in proc.stdout
+    assert read_history(run_dir)["metadata"]["engine"]["engine"] == "fsdp2"
+    _, reference = moe_runs(f"{mode}-z2")
+    expected, got = losses_by_step(reference), losses_by_step(run_dir)
+    assert sorted(got) == list(range(1, 6))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got[step], expected[step])
 
 
 @pytest.fixture(scope="module")
