@@ -19,7 +19,10 @@ Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps th
   ours-gc     ours with gradient checkpointing forced on (compare with hf-gc at equal memory)
   ours-mb2x   ours with twice the micro-batch and half the accumulation (same tokens per optimizer step)
   ours-qlora  QLoRA (NF4, double quant) with our defaults: step time against `ours`
-  ours-z3     LoRA under ZeRO-3 with our defaults (zero3_gather: layer, compiled layers): step time against ours
+  ours-z3     LoRA under DeepSpeed ZeRO-3 (engine: deepspeed, zero3_gather: layer, compiled layers): against ours
+  ours-fsdp2  LoRA sharded by FSDP2 (zero_stage 3, engine: fsdp2, compiled layers): step time against ours
+  ours-qlora-fsdp2  QLoRA sharded by FSDP2 (4-bit weights stored in bf16): step time against ours-qlora
+  ours-full-fsdp2   full fine-tune of --full-model sharded by FSDP2 (fp32 masters): MFU
   ours-z3-keep    ours-z3 with stage3_max_live_parameters / max_reuse_distance 1e11 (nothing re-gathered in backward)
   ours-z3-prefetch  ours-z3 with stage3_prefetch_bucket_size 1e9
   ours-z3-module  LoRA under ZeRO-3 gathered module by module, eager (the trainer before zero3_gather)
@@ -66,11 +69,15 @@ from finetune_launcher.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 WARMUP = 3
 CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
          "ours-z3", "ours-z3-keep", "ours-z3-prefetch", "ours-z3-module", "ours-full", "ours-full-deepspeed",
-         "ours-full-bucket5e8", "ours-packed", "ours-packed-flex", "ours-grouped", "ours-grouped-gc")
+         "ours-full-bucket5e8", "ours-packed", "ours-packed-flex", "ours-fsdp2", "ours-qlora-fsdp2",
+         "ours-full-fsdp2", "ours-grouped", "ours-grouped-gc")
 PACKED_EXAMPLES = 3000  # Dolly-like examples written for the packed cases (about 1,700 rows of 2048 tokens)
 # each case's step time against another's: (case, against, key, what the ratio says)
 STEP_RATIOS = (("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
-               ("ours-z3", "ours", "step_time_vs_zero2", "LoRA ZeRO-3 step time / ZeRO-2 (both defaults)"),
+               ("ours-z3", "ours", "step_time_vs_zero2", "LoRA DeepSpeed ZeRO-3 step time / unsharded"),
+               ("ours-fsdp2", "ours", "step_time_vs_unsharded", "LoRA FSDP2 step time / unsharded"),
+               ("ours-qlora-fsdp2", "ours-qlora", "step_time_vs_unsharded", "QLoRA FSDP2 step time / unsharded"),
+               ("ours-full-fsdp2", "ours-full", "step_time_vs_unsharded", "full FSDP2 step time / one-process ddp"),
                ("ours-z3-keep", "ours", "step_time_vs_zero2", "LoRA ZeRO-3, nothing re-gathered / ZeRO-2"),
                ("ours-z3-prefetch", "ours", "step_time_vs_zero2", "LoRA ZeRO-3, 1e9 prefetch / ZeRO-2"),
                ("ours-z3-module", "ours-eager", "step_time_vs_zero2", "LoRA ZeRO-3 per module / ZeRO-2, both eager"),
@@ -278,12 +285,17 @@ def runners(args, corpus, packed_corpus=None):
         "ours-mb2x": lambda t: run_ours(args, corpus, "ours-mb2x", t, micro_batch_size=2 * args.micro_batch,
                                         gradient_accumulation_steps=max(1, args.grad_accum // 2)),
         "ours-qlora": lambda t: run_ours(args, corpus, "ours-qlora", t, mode="qlora"),
-        "ours-z3": lambda t: run_ours(args, corpus, "ours-z3", t, zero_stage=3),
+        "ours-z3": lambda t: run_ours(args, corpus, "ours-z3", t, zero_stage=3, engine="deepspeed"),
+        "ours-fsdp2": lambda t: run_ours(args, corpus, "ours-fsdp2", t, zero_stage=3, engine="fsdp2"),
+        "ours-qlora-fsdp2": lambda t: run_ours(args, corpus, "ours-qlora-fsdp2", t, mode="qlora", zero_stage=3,
+                                               engine="fsdp2"),
+        "ours-full-fsdp2": lambda t: run_ours(args, corpus, "ours-full-fsdp2", t, **full, zero_stage=3, engine="fsdp2"),
         "ours-z3-keep": lambda t: run_ours(args, corpus, "ours-z3-keep", t, zero_stage=3,
                                            deepspeed_config=z3_keep()),
         "ours-z3-prefetch": lambda t: run_ours(args, corpus, "ours-z3-prefetch", t, zero_stage=3,
                                                deepspeed_config=z3_prefetch()),
         "ours-z3-module": lambda t: run_ours(args, corpus, "ours-z3-module", t, zero_stage=3, zero3_gather="module",
+                                             engine="deepspeed",
                                              compile_layers=False),
         "ours-full": lambda t: run_ours(args, corpus, "ours-full", t, **full),
         "ours-full-deepspeed": lambda t: run_ours(args, corpus, "ours-full-deepspeed", t, **full, engine="deepspeed"),
