@@ -1,6 +1,6 @@
-"""Shared by the GPU benchmark scripts (bench/gpu_matrix.py, bench/bench.py): a synthetic corpus that fills every
-row, running a case through `bash launch/train_<mode>.sh`, reading what the trainer measured, and the estimator's
-prediction for the same run."""
+"""Shared by the GPU benchmark scripts (bench/gpu_matrix.py, bench/bench.py, bench/scaling.py, bench/big_runs.py): a
+synthetic corpus that fills every row, the models built before the cases, running a case through
+`bash launch/train_<mode>.sh`, reading what the trainer measured, and the estimator's prediction for the same run."""
 import json
 import os
 import platform
@@ -16,6 +16,9 @@ sys.path.insert(0, str(REPO))
 
 from finetune_launcher.console import ascii_safe  # noqa: E402
 
+# NVLink multicast stays off wherever the ranks run (the device machines' rule: a program that uses it can put a
+# host's shared GPUs out of service for a day or more).
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega red green blue cat dog bird fish "
          "river mountain cloud stone tree leaf wind rain north south east west one two three four five six seven "
          "eight nine ten run jump swim read write sing open close").split()
@@ -108,7 +111,7 @@ def run_launcher(config, out_dir, nproc, extra=(), timeout=600, log_name="train.
     with open(log, "w", encoding="utf-8") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        proc = start_case(cmd, stdout=f, env={**os.environ, **(env or {})})
+        proc = start_case(cmd, stdout=f, env={**os.environ, **MULTICAST_OFF, **(env or {})})
         try:
             code = wait_for(proc, history_file, t0 + timeout, stop_after_step)
         finally:
@@ -207,6 +210,38 @@ def session_members(sid):
             except OSError:  # gone meanwhile
                 pass
     return members
+
+
+def build_models(models):
+    """Build the `random:` shapes' directories (config and tokenizer: the trainer builds the weights where it trains)
+    and the `builtin:` models before any case, so no case's time or timeout includes them. In a fresh Python, so this
+    process never starts CUDA. Returns the seconds it took."""
+    t0 = time.time()
+    code = ("import sys; from finetune_launcher.models.references import resolve_model_path; "
+            "[resolve_model_path(m) for m in sys.argv[1:]]")
+    subprocess.run([sys.executable, "-c", code, *dict.fromkeys(models)], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    return time.time() - t0
+
+
+def this_machine_gpus():
+    """The GPUs of this machine (nvidia-smi, without starting CUDA here): 0 on a CPU machine."""
+    from finetune_launcher.config.machine import detect
+
+    return detect().gpus
+
+
+def prediction(config, nproc, device, margin=0.0):
+    """The estimator's cold figures for a case (step time, tokens/s over all ranks, peak GiB per GPU with `margin`,
+    whether that fits the GPU, host memory per node), or the reason it gave none."""
+    try:
+        result = predict(config, nproc, device, {}, margin=margin)
+    except Exception as error:  # noqa: BLE001 - a case the estimator cannot model is reported, not fatal
+        return {"error": ascii_safe(f"{type(error).__name__}: {error}")}
+    return {"device": device.name, "step_time_s": round(result.step_time_s, 4),
+            "tokens_per_s": round(result.tokens_per_s, 1), "peak_gib": round(result.peak_bytes / 2**30, 2),
+            "fits": result.fits, "params_trainable": result.counts.trainable,
+            "host_gib_per_node": round(result.host_bytes / 2**30, 1)}  # CPU offload's states
 
 
 def launch_decisions(log):
