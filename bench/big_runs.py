@@ -215,12 +215,13 @@ def resume_runs(args, saved, nproc, timeout_left):
             rows.append(dict(row, skipped=f"the {engine} engine's checkpoints resume on the same number of "
                                           f"processes only (use engine fsdp2 or ddp)"))
             continue
-        timeout = timeout_left()
-        if timeout is None:
-            rows.append(dict(row, skipped="skipped: the budget is spent"))
+        timeout, source = timeout_left(), Path(args.work_dir) / saved["case"] / "run"
+        if timeout is None or not (source / "checkpoints" / f"step-{half}").is_dir():
+            rows.append(dict(row, skipped="skipped: the budget is spent" if timeout is None else
+                             f"skipped: the run wrote no checkpoint {source / 'checkpoints' / f'step-{half}'}"))
             continue
         out = Path(args.work_dir) / f"{saved['case']}-resume-{procs}"
-        link_checkpoint(Path(args.work_dir) / saved["case"] / "run", out / "run", half)
+        link_checkpoint(source, out / "run", half)
         config = dict(saved["config"], gradient_accumulation_steps=saved["config"]["gradient_accumulation_steps"]
                       * nproc // procs)
         print(f"{saved['case']}: resume of step {half} on {procs} ...", flush=True)
@@ -236,8 +237,6 @@ def resume_runs(args, saved, nproc, timeout_left):
 def link_checkpoint(run_dir, new_run_dir, step):
     """A new run directory whose only checkpoint is `step` of `run_dir` (hard links: no copy of the bytes)."""
     source = run_dir / "checkpoints" / f"step-{step}"
-    if not source.is_dir():
-        raise FileNotFoundError(f"no checkpoint {source}")
     target = new_run_dir / "checkpoints"
     shutil.rmtree(new_run_dir, ignore_errors=True)
     shutil.copytree(source, target / source.name, copy_function=os.link)

@@ -142,8 +142,8 @@ def render(rows, table, args, device_name):
     for t in table:
         verdict = "-" if t["met"] is None else ("met" if t["met"] else "MISSED")
         lines.append(f"{t['engine']:<12} {number(t['tokens_per_s_1'], 11, ',.0f')} "
-                     f"{number(t['tokens_per_s_2'], 11, ',.0f')} {number(t['scaling'], 7, '.2f')}x "
-                     f"{t['target']:6.2f}x {verdict:>8} {number(t['predicted_scaling'], 8, '.2f')}x")
+                     f"{number(t['tokens_per_s_2'], 11, ',.0f')} {times(t['scaling'], 8)} "
+                     f"{times(t['target'], 7)} {verdict:>8} {times(t['predicted_scaling'], 9)}")
     lines.append(f"device {device_name}; weak scaling: per GPU micro-batch {args.micro_batch} x accumulation "
                  f"{args.grad_accum}, seq {args.seq_len}; LoRA/QLoRA {args.model} r={args.lora_r}, full "
                  f"{args.full_model}; {args.steps} steps, median after {args.warmup}; peak = max reserved over GPUs")
@@ -154,6 +154,10 @@ def render(rows, table, args, device_name):
 
 def number(value, width, spec):
     return f"{value:{width}{spec}}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+
+def times(value, width):
+    return number(value, width - 1, ".2f") + "x" if isinstance(value, (int, float)) else f"{'-':>{width}}"
 
 
 def cases_of(engines):

@@ -122,3 +122,11 @@ def test_a_deepspeed_checkpoint_is_not_resumed_on_another_count(tmp_path, monkey
     assert rows[0]["run"] == "resume on 2" and "skipped" not in rows[0]
     assert rows[1]["run"] == "resume on 1" and "same number of processes only" in rows[1]["skipped"]
     json.dumps(rows)  # what goes into the JSON
+
+
+def test_a_run_that_wrote_no_checkpoint_is_not_resumed(tmp_path, monkeypatch):
+    args = big_runs.parse_args(["--steps", "4", "--work-dir", str(tmp_path)])
+    monkeypatch.setattr(big_runs, "measure", lambda *a, **k: pytest.fail("nothing to resume was launched"))
+    saved = {"case": "c", "engine": "fsdp2 (auto: ...)", "config": {"gradient_accumulation_steps": 1}}
+    rows = big_runs.resume_runs(args, saved, 2, lambda: 100)
+    assert all("wrote no checkpoint" in row["skipped"] and "step-2" in row["skipped"] for row in rows)
