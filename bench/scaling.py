@@ -86,12 +86,12 @@ def pin_checkpointing(config):
     return dict(config, gradient_checkpointing=bool(resolved.gradient_checkpointing))
 
 
-def run_case(args, config, engine, gpus, timeout, device):
+def run_case(args, config, engine, gpus, timeout, device_for):
     out = Path(args.work_dir) / f"{engine}-{gpus}gpu"
     code, history, wall, log = run_launcher(config, out, gpus, extra=("--launcher", "torchrun"), timeout=timeout,
                                             stop_after_step=args.steps)
     row = {"case": f"{engine} x{gpus}", "engine": engine, "gpus": gpus, "exit_code": code, "wall_s": round(wall, 1),
-           "config": config, "predicted": prediction(config, gpus, device(gpus))}
+           "config": config, "predicted": prediction(config, gpus, device_for(gpus))}
     got = measured(history, args.warmup, last=args.steps) if history and code == 0 else None
     if got is None:
         return dict(row, error=log_tail(log))
