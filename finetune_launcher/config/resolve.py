@@ -50,7 +50,7 @@ def resolve_run_config(config_path=None, overrides=None, procs_per_node=None, nn
     if facts.experts and recipe.experts:
         decisions["experts"] = resolve_experts(values, facts.experts)
     values["engine"], decisions["engine"] = resolve_engine(values, machine, world)
-    values["compile_layers"], decisions["compile_layers"] = resolve_compile(values, machine)
+    values["compile_layers"], decisions["compile_layers"] = resolve_compile(values, machine, facts)
     check_cross_fields(values, source, sources)
     deepspeed = ds.fill_auto(ds_data, values, world, facts.hidden_size, largest_adapter(values, facts),
                              machine.on_gpu)
@@ -248,9 +248,10 @@ def fsdp2_problem(values, world):
 ENGINE_PROBLEMS = {"ddp": ddp_problem, "fsdp2": fsdp2_problem}
 
 
-def resolve_compile(values, machine):
+def resolve_compile(values, machine, facts=None):
     """`compile_layers: auto` -> on for CUDA GPUs with torch >= 2.5, for recipes with decoder layers, outside
-    ZeRO-3 with zero3_gather: module (whose hooks gather parameters inside each layer's forward)."""
+    ZeRO-3 with zero3_gather: module (whose hooks gather parameters inside each layer's forward), and not for a
+    mixture of experts (`facts`: the model's ModelFacts)."""
     setting = values["compile_layers"]
     if setting is False:
         return False, "off (set in the run config)"
@@ -261,6 +262,10 @@ def resolve_compile(values, machine):
         return True, "on (set in the run config)"
     if problem:
         return False, f"off (auto: {problem})"
+    if facts is not None and facts.experts and machine.on_gpu:
+        return False, ("off (auto: a mixture-of-experts layer's grouped GEMM failed under inductor on an H200 with "
+                       "torch 2.11, 'Invalid strides/sizes' in _grouped_mm: docs/benchmarks.md, issue 30; "
+                       "compile_layers: true tries it)")
     if not machine.on_gpu:
         return False, "off (auto: on CUDA GPUs only; inductor's CPU compile of a layer takes about a minute)"
     return True, "on (auto: CUDA GPU, torch >= 2.5)"

@@ -3,7 +3,7 @@ code: what torch.autograd.graph.saved_tensors_hooks sees), and the short-lived b
 import math
 from dataclasses import dataclass
 
-from finetune_launcher.estimate.model_states import NF4_BYTES_PER_PARAM, dtype_bytes, lora_dtype_bytes
+from finetune_launcher.estimate.model_states import NF4_BYTES_PER_PARAM, dtype_bytes, fsdp2_unit_bytes, lora_dtype_bytes
 from finetune_launcher.estimate.parameters import layer_linears, lora_target_names
 
 ZERO3_MAX_LIVE_PARAMETERS = int(1e9)  # DeepSpeed's default, and ds_configs/zero3.json's
@@ -188,7 +188,9 @@ def transient_terms(arch, spec, counts, precision, one_layer):
         terms = {"logits_gradients": 8 * shape.tokens * arch.vocab_size}
     if spec.gradient_checkpointing:
         terms["recomputed_layer"] = one_layer
-    if spec.zero_stage == 3:
+    if spec.engine == "fsdp2":  # the unit running and the one prefetched, gathered in the compute dtype
+        terms["fsdp2_gathered_units"] = 2 * fsdp2_unit_bytes(arch, counts, e)
+    elif spec.zero_stage == 3:
         terms["zero3_gathered_parameters"] = zero3_live_bytes(spec, counts, e)
     return terms
 

@@ -9,6 +9,7 @@ PACKED_FILL = 0.95  # fraction of a packed row holding real tokens (best-fit pac
 UNPACKED_FILL = 0.6
 WARMUP_STEPS = 2  # steps excluded from measured step times (first-step allocation, lazy init)
 PRECISIONS = ("bf16", "fp16", "fp32")
+ENGINES = ("deepspeed", "ddp", "fsdp2")
 
 
 class EstimateError(ValueError):
@@ -38,6 +39,7 @@ class RunSpec:
     overlap_comm: bool = False
     liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy outside ZeRO-3)
     compile_layers: bool = False  # regional torch.compile of the decoder layers (as resolved)
+    engine: str = "deepspeed"   # deepspeed | ddp (replicated, as ZeRO-2) | fsdp2 (sharded units, fp32 masters)
     zero3_gather: str = "layer"  # ZeRO-3 gathers a decoder layer at once, or module by module
     moe_lora_kernel: str = "peft"  # a mixture of experts' LoRA: peft keeps a full-size expert weight per layer
     num_epochs: float = 1.0
@@ -93,6 +95,9 @@ class RunSpec:
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got '{self.precision}'; 'auto' is "
                             f"decided when the run config is resolved)")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {', '.join(ENGINES)} (got '{self.engine}'; 'auto' is decided "
+                            f"when the run config is resolved)")
         if self.recipe not in recipe_table.names():
             problems.append(f"recipe must be one of {', '.join(recipe_table.names())} (got '{self.recipe}')")
         if self.images_per_row < 0:

@@ -24,11 +24,15 @@ def lora_dtype_bytes(spec, e):
     """peft creates adapters in fp32. DeepSpeed casts every parameter to the compute dtype unless the model was
     built inside zero.Init (ZeRO-3 LoRA): then the adapters stay fp32. A 4-bit model is not built inside zero.Init,
     so QLoRA's adapters are cast (both measured with DeepSpeed 0.19)."""
+    if spec.engine == "fsdp2":
+        return e  # FSDP2 computes the adapters in the run's dtype (their fp32 masters are the sharded parameters)
     return 4 if spec.zero_stage == 3 and spec.mode == "lora" else e
 
 
 def zero3_partitions_at_load(spec):
-    return spec.zero_stage == 3 and spec.mode != "qlora"
+    """DeepSpeed's zero.Init partitions as the model loads; a 4-bit model, and every model under FSDP2 (sharded
+    once loaded), is loaded whole by each rank first."""
+    return spec.zero_stage == 3 and spec.mode != "qlora" and spec.engine != "fsdp2"
 
 
 def nf4_tensor_bytes(numel):
@@ -50,7 +54,10 @@ def quantized_bytes(counts):
 
 def weight_bytes(spec, counts, e):
     """Parameter bytes held by one rank at the optimizer step: whole under ZeRO-2, 1/N under ZeRO-3 (small
-    "persistent" parameters are partitioned too at that point: measured)."""
+    "persistent" parameters are partitioned too at that point: measured) and FSDP2, whose shards of what trains are
+    the fp32 master weights (a full fine-tune's weights: 4 bytes each; the optimizer term then holds Adam only)."""
+    if spec.engine == "fsdp2":
+        return fsdp2_weight_bytes(spec, counts, e)
     lora = counts.lora * lora_dtype_bytes(spec, e)
     base = counts.total - counts.lora  # (with peft's trainable copies of modules_to_save, in the compute dtype)
     if spec.mode == "qlora":
@@ -62,11 +69,30 @@ def weight_bytes(spec, counts, e):
     return base * e + lora
 
 
+def fsdp2_weight_bytes(spec, counts, e):
+    frozen = counts.total - counts.trainable
+    if spec.mode == "qlora":
+        packed, state = quantized_bytes(counts)  # quant_state stays whole on every rank
+        return (packed + (frozen - counts.quantized) * e + counts.trainable * 4) / spec.world_size + state
+    return (frozen * e + counts.trainable * 4) / spec.world_size
+
+
+def fsdp2_unit_bytes(arch, counts, e):
+    """One FSDP2 unit gathered in the compute dtype: the largest of a decoder layer and the embedding or head."""
+    layer = (counts.total - counts.largest_module) / max(1, arch.num_hidden_layers)
+    return max(layer, counts.largest_module) * e
+
+
 def gradient_bytes(spec, arch, counts, e):
     """(bytes in the backward phase, bytes during the optimizer step) on one rank. Backward: the rank's gradient
     partition in the compute dtype and the reduce bucket(s). Step: ZeRO-2 frees both and holds the fp32 copy of
     the partition; ZeRO-3 keeps them and adds the fp32 copy (both measured in DeepSpeed 0.19)."""
     partition = counts.trainable / spec.world_size
+    if spec.engine == "fsdp2":
+        # the sharded fp32 gradients; while a unit's reduce-scatter runs, its unsharded gradients in the compute
+        # dtype and their fp32 copy for the reduce (what trains of one unit)
+        unit = fsdp2_unit_bytes(arch, counts, 1) * (counts.trainable / counts.total) * (e + 4)
+        return partition * 4 + unit, partition * 4 + unit
     buckets = reduce_bucket(spec, arch) * e * (2 if spec.overlap_comm and spec.zero_stage == 2 else 1)
     if spec.offload:
         return buckets, 0.0  # the partition gradients go to pinned CPU buffers
@@ -78,7 +104,8 @@ def gradient_bytes(spec, arch, counts, e):
 def optimizer_bytes(spec, counts):
     if spec.offload:
         return 0.0
-    return counts.trainable / spec.world_size * (MASTER_BYTES + ADAM_STATE_BYTES)
+    masters = 0 if spec.engine == "fsdp2" else MASTER_BYTES  # FSDP2's masters are the weights themselves
+    return counts.trainable / spec.world_size * (masters + ADAM_STATE_BYTES)
 
 
 def host_bytes_per_node(spec, counts, e):

@@ -27,6 +27,10 @@ EAGER_LAYER_HOST_S = 0.004
 # waits for; measured 0.54-0.75 ms per module and pass on one H200 (docs/benchmarks.md, gpu_matrix). On the CPU the
 # gloo gather term already holds it (calibrated in docs/estimation.md).
 ZERO3_FETCH_S = 0.00065
+# FSDP2's gather, copy-out and reshard of one unit per pass as the host sees it: (0.560 - 0.524) s per step over
+# 34 units x 2 passes x 2 micro-batches, LoRA on the Llama-3-8B shape against the unsharded step on one H200
+# (docs/benchmarks.md, issue 29)
+FSDP2_UNIT_S = 0.00026
 # Liger's kernels remove memory-bound passes (norms, SwiGLU, RoPE, fp32 logits): Llama-3-8B shape LoRA, no
 # checkpointing, one H200: 0.828 s/step with HF's modules, 0.62-0.72 with Liger's (docs/benchmarks.md).
 LIGER_MFU_GAIN = 1.25
@@ -84,7 +88,9 @@ def comm_seconds(spec, device, counts, e, interconnect):
         return 0.0, {}
     busbw = device.intra_busbw_gbps if spec.nnodes == 1 else inter_node_busbw(device, interconnect)
     factor = (w - 1) / w / (busbw * 1e9)
-    grads = counts.trainable * e * factor * spec.gradient_accumulation_steps  # reduce-scatter after every backward
+    # reduce-scatter after every backward; FSDP2 LoRA skips it until the step's last micro-batch
+    reduces = 1 if spec.engine == "fsdp2" and spec.mode != "full" else spec.gradient_accumulation_steps
+    grads = counts.trainable * e * factor * reduces
     params = counts.trainable * e * factor if spec.zero_stage == 2 else 0.0  # all-gather of updated parameters
     gather = 0.0
     if spec.zero_stage == 3:
@@ -203,6 +209,8 @@ def zero3_fetch_seconds(arch, spec, device, passes):
     every pass of every micro-batch."""
     if spec.zero_stage != 3 or device.kind == "cpu":
         return 0.0
+    if spec.engine == "fsdp2":  # one unit per decoder layer, the embedding and the head
+        return FSDP2_UNIT_S * (arch.num_hidden_layers + 2) * passes * spec.gradient_accumulation_steps
     per_layer = 1 if spec.zero3_gather == "layer" else len(layer_linears(arch))
     modules = per_layer * arch.num_hidden_layers + 2
     return ZERO3_FETCH_S * modules * passes * spec.gradient_accumulation_steps

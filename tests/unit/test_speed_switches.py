@@ -99,3 +99,12 @@ def test_zero3_whole_layer_gather_makes_the_first_layers_input_require_grad_even
     assert kwargs["hidden_states"].requires_grad
     with torch.no_grad():
         assert _hidden_states_require_grad(layer, (frozen_input,), {}) is None
+
+
+def test_compile_auto_leaves_a_mixture_of_experts_eager_on_gpus_and_true_still_compiles():
+    """Inductor's grouped GEMM of the MoE experts failed on an H200 with torch 2.11 (issue 30): auto keeps an MoE's
+    layers eager there and says why; a dense model still compiles; true is kept."""
+    moe = resolved(model="builtin:tiny-qwen3-moe")
+    assert moe.compile_layers is False and "grouped GEMM failed under inductor" in moe.decisions["compile_layers"]
+    assert resolved(model="builtin:tiny-qwen3-moe", compile_layers=True).compile_layers is True
+    assert resolved().compile_layers is True
