@@ -205,11 +205,9 @@ def auto_sharded_engine(values, world):
     problem = fsdp2_problem(values, world)
     if problem:
         return "deepspeed", f"auto: zero_stage 3 on DeepSpeed, as {problem}"
-    if values["mode"] == "qlora":
-        return "deepspeed", ("auto: zero_stage 3 QLoRA on DeepSpeed until FSDP2's sharding of NF4 weights is measured "
-                             "on GPUs (bitsandbytes #1945; engine: fsdp2 opts in)")
     return "fsdp2", ("auto: zero_stage 3 on FSDP2 (fully_shard per layer, torch's collectives without per-module "
-                     "Python hooks: 1.06x the unsharded step against ZeRO-3's 1.81x, docs/benchmarks.md)")
+                     "Python hooks: 1.07x the unsharded step for LoRA and 1.04x for QLoRA on one H200, against "
+                     "DeepSpeed ZeRO-3's 1.81x, docs/benchmarks.md)")
 
 
 def recipe_engines(values):

@@ -92,9 +92,10 @@ class RunConfig:
     router_aux_loss_coef: float = key(None, {"type": ["number", "null"], "minimum": 0},
                                       "MoE: weight of the router's load-balancing loss in the training loss; null: "
                                       "the model config's router_aux_loss_coef", identity=True)
-    moe_lora_kernel: str = key("peft", {"enum": ["peft", "grouped"]},
-                               "MoE LoRA on the fused experts: peft (adds the adapter to the whole expert weight "
-                               "per forward) or grouped (x.A.B per expert through grouped GEMMs; same values)")
+    moe_lora_kernel: str = key("grouped", {"enum": ["peft", "grouped"]},
+                               "MoE LoRA on the fused experts: grouped (x.A.B per expert through grouped GEMMs, "
+                               "no full-size copy) or peft (adds the adapter to the whole expert weight per "
+                               "forward; same values)")
     bnb_4bit_quant_storage: str = key("auto", {"enum": ["auto", "uint8", "bfloat16", "float16", "float32"]},
                                       "QLoRA: the 4-bit weights' storage dtype; auto: the compute dtype where "
                                       "they are sharded (ZeRO-3, FSDP2), else uint8", identity=True)

@@ -41,7 +41,7 @@ class RunSpec:
     compile_layers: bool = False  # regional torch.compile of the decoder layers (as resolved)
     engine: str = "deepspeed"   # deepspeed | ddp (replicated, as ZeRO-2) | fsdp2 (sharded units, fp32 masters)
     zero3_gather: str = "layer"  # ZeRO-3 gathers a decoder layer at once, or module by module
-    moe_lora_kernel: str = "peft"  # a mixture of experts' LoRA: peft keeps a full-size expert weight per layer
+    moe_lora_kernel: str = "grouped"  # a mixture of experts' LoRA: peft keeps a full-size expert weight per layer
     num_epochs: float = 1.0
     max_steps: int = None
     # vision-language: the processor's pixel bounds (None: the model's own), what of the vision tower trains
