@@ -78,8 +78,10 @@ def fsdp2_weight_bytes(spec, counts, e):
 
 
 def fsdp2_unit_bytes(arch, counts, e):
-    """One FSDP2 unit gathered in the compute dtype: the largest of a decoder layer and the embedding or head."""
-    layer = (counts.total - counts.largest_module) / max(1, arch.num_hidden_layers)
+    """One FSDP2 unit gathered in the compute dtype: the largest of a decoder layer and the embedding or head (a
+    UNet's block: its largest module, as the model has no decoder layers)."""
+    layers = getattr(arch, "num_hidden_layers", 0)
+    layer = (counts.total - counts.largest_module) / layers if layers else 0
     return max(layer, counts.largest_module) * e
 
 

@@ -199,7 +199,8 @@ def render_table(result):
     rows = [
         ("model", f"{s.model} ({result.arch.source})"),
         ("mode", f"{s.mode}{f' r={s.lora_r}' if s.mode != 'full' else ''}, ZeRO-{s.zero_stage}"
-                 f"{' + offload' if s.offload else ''}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"),
+                 f"{' + offload' if s.offload else ''} on the {s.engine} engine, checkpointing "
+                 f"{'on' if s.gradient_checkpointing else 'off'}"),
         ("ranks", f"{s.procs_per_node} per node x {s.nnodes} node(s) of {result.device.name}"),
         ("batch", f"micro {s.micro_batch_size} x {result.row} x accum {s.gradient_accumulation_steps} x "
                   f"{s.world_size} ranks"),

@@ -219,9 +219,10 @@ def test_submit_refuses_a_time_limit_shorter_than_the_checkpoint_warning():
 
 
 def test_preflight_at_submit_refuses_a_run_that_cannot_fit_before_it_queues(tmp_path):
-    """Qwen3-30B full ZeRO-3 on one node of 8 x 80 GB: the model states alone exceed the GPU."""
+    """Qwen3-30B full fine-tune on DeepSpeed ZeRO-3 on one node of 8 x 80 GB: the model states alone exceed the
+    GPU (FSDP2, engine auto's choice there, fits)."""
     args = ["--config", "configs/qwen3-30b_full_zero3.yaml", "--nodes", "1", "--gpus-per-node", "8", "--gpu",
-            "H100-80GB", "--output_dir", str(tmp_path)]
+            "H100-80GB", "--output_dir", str(tmp_path), "--engine", "deepspeed"]
     refused = subprocess.run([sys.executable, "-m", "finetune_launcher.submit", *args], cwd=REPO, env=job_env(os.environ),
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 4, refused.stdout + refused.stderr
