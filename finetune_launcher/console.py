@@ -2,9 +2,11 @@
 import os
 import sys
 import time
+from collections.abc import Mapping
+from typing import TextIO
 
 
-def make_console_safe():
+def make_console_safe() -> None:
     """Unencodable characters (from any library) are escaped instead of raising UnicodeEncodeError, so a GBK or
     ASCII console cannot kill a finished run; library progress bars are turned off (ours is ASCII)."""
     for stream in (sys.stdout, sys.stderr):
@@ -23,26 +25,26 @@ def make_console_safe():
     hf_logging.set_verbosity_error()
 
 
-def is_main_process():
+def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def say(message):
+def say(message: str) -> None:
     """Print on rank 0 only, ASCII-safe."""
     if is_main_process():
         print(ascii_safe(message), flush=True)
 
 
-def warn(message):
+def warn(message: str) -> None:
     if is_main_process():
         print(ascii_safe(f"WARNING: {message}"), file=sys.stderr, flush=True)
 
 
-def ascii_safe(text):
+def ascii_safe(text: object) -> str:
     return str(text).encode("ascii", "backslashreplace").decode("ascii")
 
 
-def format_duration(seconds):
+def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
@@ -55,7 +57,7 @@ class Progress:
     """`step 120/300 [########..........] 40% loss 1.234 lr 2.0e-04 0.52 s/step ETA 0:01:33` on rank 0.
     On a terminal the line redraws in place; in a log file one line is written every `every` steps."""
 
-    def __init__(self, total_steps, start_step=0, every=10, stream=None):
+    def __init__(self, total_steps: int, start_step: int = 0, every: int = 10, stream: TextIO | None = None) -> None:
         self.total, self.start, self.every = total_steps, start_step, every
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -63,7 +65,7 @@ class Progress:
         self.first = None  # (step, time) of the first update: the rate is measured from there
         self.enabled = is_main_process()
 
-    def eta_seconds(self, step):
+    def eta_seconds(self, step: int) -> float | None:
         """Seconds left at the rate since the first step ended, so the first step's one-off costs (compiling the
         layers, CUDA and allocator warm-up) do not inflate the estimate; from the start while only one is done."""
         now = time.time()
@@ -75,7 +77,7 @@ class Progress:
             return None
         return (now - since) / (step - since_step) * (self.total - step)
 
-    def line(self, step, metrics):
+    def line(self, step: int, metrics: Mapping[str, object]) -> str:
         width = 20
         filled = int(width * step / max(1, self.total))
         bar = "#" * filled + "." * (width - filled)
@@ -85,7 +87,7 @@ class Progress:
         parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")
         return ascii_safe(" ".join(parts))
 
-    def update(self, step, metrics):
+    def update(self, step: int, metrics: Mapping[str, object]) -> None:
         if not self.enabled:
             return
         if self.first is None and step > self.start:
@@ -97,7 +99,7 @@ class Progress:
             self.stream.write(self.line(step, metrics) + "\n")
             self.stream.flush()
 
-    def close(self):
+    def close(self) -> None:
         if self.enabled and self.tty:
             self.stream.write("\n")
             self.stream.flush()

@@ -4,10 +4,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def current_umask():
+def current_umask() -> int:
     """The process umask, read without changing it where Linux shows it (/proc/self/status); elsewhere set and
     restored at once."""
     try:
@@ -22,7 +23,7 @@ def current_umask():
     return mask
 
 
-def atomic_write_text(path, text):
+def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `path` through a temporary file in the same directory, renamed into place. The file gets the mode an
     ordinary open() would give it (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
@@ -41,7 +42,7 @@ def atomic_write_text(path, text):
         raise
 
 
-def apply_umask(directory):
+def apply_umask(directory: str | Path) -> None:
     """Give `directory` and everything in it the modes an ordinary open() / mkdir() would (0666 / 0777 less the
     umask). Some writers make private 0600 files (mkstemp; safetensors' save_file since 0.8), and the weights in
     best/, final/ or a merged model are meant to be shared like any other output."""
@@ -53,11 +54,11 @@ def apply_umask(directory):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def atomic_write_json(path, data):
+def atomic_write_json(path: str | Path, data: object) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def replace_dir(tmp_dir, final_dir):
+def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
     """Move a fully written `tmp_dir` to `final_dir`, replacing any previous one."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
@@ -70,7 +71,7 @@ def replace_dir(tmp_dir, final_dir):
         shutil.rmtree(old)
 
 
-def fresh_tmp_dir(final_dir):
+def fresh_tmp_dir(final_dir: str | Path) -> Path:
     final_dir = Path(final_dir)
     tmp = final_dir.with_name(f".tmp-{final_dir.name}")
     if tmp.exists():
@@ -79,7 +80,7 @@ def fresh_tmp_dir(final_dir):
 
 
 @contextlib.contextmanager
-def built_into(target):
+def built_into(target: str | Path) -> Iterator[Path]:
     """`with built_into(target) as tmp:` write a directory into `tmp` (a sibling of `target`); on success it replaces
     `target` at once with shared modes (the umask's, not mkdtemp's private ones), on failure it is removed and
     `target` is left as it was."""

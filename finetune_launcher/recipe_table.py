@@ -11,6 +11,7 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 MODES = ("full", "lora", "qlora")
 ENGINES = ("deepspeed", "ddp", "fsdp2")
@@ -80,18 +81,18 @@ class Recipe:
     builtins: object = field(default_factory=dict)  # name -> Builtin: the models it builds itself (builtin:NAME)
     modules: object = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("embedded", "defaults", "builtins", "modules"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
-    def launcher_for(self, mode):
+    def launcher_for(self, mode: str) -> str:
         return self.launcher or f"train_{mode}.sh"
 
-    def key_names(self):
+    def key_names(self) -> tuple[str, ...]:
         return tuple(key.name for key in self.keys)
 
 
-def _causal_lm():
+def _causal_lm() -> Recipe:
     return Recipe(
         name="causal_lm", package="finetune_launcher.recipes.causal_lm",
         summary="causal language models (full, LoRA, QLoRA) on instruction, chat or text data",
@@ -104,7 +105,7 @@ def _causal_lm():
         modules={"train": "recipe:run", "rows": "data:prepare_rows", "estimate": "estimate", "after": "after"})
 
 
-def _vision_language():
+def _vision_language() -> Recipe:
     return Recipe(
         name="vision_language", package="finetune_launcher.recipes.vision_language",
         summary="image-text-to-text models (Qwen3-VL, Qwen2.5-VL) on image + text conversations",
@@ -128,7 +129,7 @@ def _vision_language():
                  "after": "after", "random": "tiny"})
 
 
-def _diffusion():
+def _diffusion() -> Recipe:
     return Recipe(
         name="diffusion", package="finetune_launcher.recipes.diffusion",
         summary="Stable Diffusion UNets (LoRA, QLoRA, full) on captioned pictures, VAE and text encoder frozen",
@@ -178,13 +179,13 @@ class UnknownRecipe(ValueError):
     """A recipe name the table does not list."""
 
 
-def register(recipe):
+def register(recipe: Recipe) -> Recipe:
     """Add (or replace) a recipe; for recipes kept outside this repository (see the module doc)."""
     RECIPES[recipe.name] = recipe
     return recipe
 
 
-def load_plugins():
+def load_plugins() -> None:
     """Import the modules that register recipes from outside the repository (once per process)."""
     global _plugins_loaded
     if _plugins_loaded:
@@ -198,24 +199,24 @@ def load_plugins():
         entry.load()
 
 
-def recipes():
+def recipes() -> tuple[Recipe, ...]:
     """Every recipe, in the order `recipe: auto` asks them."""
     load_plugins()
     return tuple(RECIPES.values())
 
 
-def names():
+def names() -> tuple[str, ...]:
     return tuple(recipe.name for recipe in recipes())
 
 
-def get(name):
+def get(name: str) -> Recipe:
     load_plugins()
     if name not in RECIPES:
         raise UnknownRecipe(f"unknown recipe '{name}'; known: {', '.join(RECIPES)}")
     return RECIPES[name]
 
 
-def detect(facts):
+def detect(facts: ModelFacts) -> Recipe:
     """The recipe `recipe: auto` picks for a model with these ModelFacts."""
     for recipe in recipes():
         if recipe.detect is not None and recipe.detect(facts):
@@ -223,28 +224,29 @@ def detect(facts):
     return get(DEFAULT)
 
 
-def owner_of(key):
+def owner_of(key: str) -> Recipe | None:
     """The recipe that declares run-config key `key`, or None for a shared key."""
     return next((recipe for recipe in recipes() if key in recipe.key_names()), None)
 
 
-def recipe_keys():
+def recipe_keys() -> dict[str, Key]:
     """Every recipe's own keys: name -> Key."""
     return {key.name: key for recipe in recipes() for key in recipe.keys}
 
 
-def builtins():
+def builtins() -> dict[str, tuple[Recipe, Builtin]]:
     """Every recipe's own models: name -> (recipe, Builtin)."""
     return {name: (recipe, builtin) for recipe in recipes() for name, builtin in recipe.builtins.items()}
 
 
-def with_launcher(launcher):
+def with_launcher(launcher: str) -> tuple[Recipe, ...]:
     """The recipes a shell launcher (launch/<launcher>) starts."""
     return tuple(recipe for recipe in recipes() if recipe.launcher == launcher)
 
 
-def part(recipe, role):
-    """Import the recipe's module for `role` (see Recipe); "module:function" gives the function."""
+def part(recipe: str | Recipe, role: str) -> Any:
+    """Import the recipe's module for `role` (see Recipe); "module:function" gives the function; None when the
+    recipe has no such part."""
     recipe = get(recipe) if isinstance(recipe, str) else recipe
     if role not in recipe.modules:
         return None

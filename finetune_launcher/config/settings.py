@@ -7,9 +7,11 @@ and whether it is part of the training identity), a recipe's own key as a `Key` 
 schema the YAML and the command line are validated against, `ftl keys` and the checkpoints' identity all come
 from these declarations."""
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from finetune_launcher import recipe_table
 from finetune_launcher.recipe_table import Key
@@ -17,20 +19,20 @@ from finetune_launcher.recipe_table import Key
 NUMBER_OR_NULL = {"type": ["number", "null"]}
 
 
-def key(default, schema, help="", identity=False):
+def key(default: object, schema: Mapping[str, Any], help: str = "", identity: bool = False) -> Any:
     """A shared run-config key (a RunConfig field) with its schema, help and training-identity flag."""
     metadata = {"schema": schema, "help": help, "identity": identity}
     return field(default=default, metadata=metadata)
 
 
-def built(default=None, factory=None):
+def built(default: object = None, factory: Callable[[], object] | None = None) -> Any:
     """A field resolved at build time (not a config key)."""
     if factory is not None:
         return field(default_factory=factory, metadata={"built": True})
     return field(default=default, metadata={"built": True})
 
 
-def freeze(value):
+def freeze(value: Any) -> Any:
     """Lists -> tuples and dicts -> read-only mappings, all the way down."""
     if isinstance(value, dict):
         return MappingProxyType({k: freeze(v) for k, v in value.items()})
@@ -39,7 +41,7 @@ def freeze(value):
     return value
 
 
-def thaw(value):
+def thaw(value: Any) -> Any:
     """The plain (JSON-ready, mutable) copy of a frozen value."""
     if isinstance(value, (dict, MappingProxyType)):
         return {k: thaw(v) for k, v in value.items()}
@@ -172,11 +174,11 @@ class RunConfig:
     sources: object = built(factory=dict)    # key -> "yaml" | "command line" (keys not listed: defaults)
     decisions: object = built(factory=dict)  # derived key -> why it has its value
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, freeze(getattr(self, f.name)))
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         """The run's recipe's own keys read like the shared ones (cfg.resolution)."""
         options = self.__dict__.get("recipe_options") or {}
         if name in options:
@@ -184,29 +186,29 @@ class RunConfig:
         raise AttributeError(f"RunConfig has no key '{name}'")
 
     @property
-    def run_dir(self):
+    def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
 
     @property
-    def lora(self):
+    def lora(self) -> bool:
         return self.mode in ("lora", "qlora")
 
-    def deepspeed_dict(self):
+    def deepspeed_dict(self) -> dict[str, Any]:
         """A mutable copy for deepspeed.initialize (which writes into the dict it is given)."""
         return thaw(self.deepspeed)
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         """Every key (the recipe's own ones beside the shared ones) and built field as plain JSON-ready values
         (history metadata, the estimator's input, the file the ranks read)."""
         values = {f.name: thaw(getattr(self, f.name)) for f in fields(self) if f.name != "recipe_options"}
         values.update(thaw(self.recipe_options))
         return values
 
-    def to_json(self):
+    def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data):
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
         own = {name for name in recipe_table.get(data["recipe"]).key_names()} if "recipe" in data else set()
         known = {f.name for f in fields(cls)} - {"recipe_options"}
         unknown = sorted(set(data) - known - own)
@@ -216,11 +218,11 @@ class RunConfig:
         return cls(**{k: v for k, v in data.items() if k in known}, recipe_options=options)
 
     @classmethod
-    def from_json_file(cls, path):
+    def from_json_file(cls, path: str | Path) -> "RunConfig":
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def shared_keys():
+def shared_keys() -> tuple[Key, ...]:
     """The shared keys as recipe-table Keys (name, default, schema, help, identity)."""
     return tuple(Key(f.name, f.default, f.metadata["schema"], f.metadata["help"], f.metadata["identity"])
                  for f in fields(RunConfig) if "schema" in f.metadata)
@@ -230,12 +232,12 @@ CONFIG_KEYS = tuple(k.name for k in shared_keys())
 DEFAULTS = {k.name: k.default for k in shared_keys()}
 
 
-def all_keys():
+def all_keys() -> dict[str, Key]:
     """Every key a run config may give: the shared ones and every recipe's own (name -> Key)."""
     return {**{k.name: k for k in shared_keys()}, **recipe_table.recipe_keys()}
 
 
-def run_config_schema():
+def run_config_schema() -> dict[str, Any]:
     """The JSON schema of a run config (YAML + command line), built from the declarations."""
     properties = {name: dict(k.schema, description=k.help) if k.help else dict(k.schema)
                   for name, k in all_keys().items()}
@@ -245,13 +247,13 @@ def run_config_schema():
             "properties": properties}
 
 
-def identity_keys(recipe):
+def identity_keys(recipe: str) -> tuple[str, ...]:
     """The keys that change what a run of `recipe` trains: a checkpoint continues automatically only when all of
     them match (checkpoint.training_identity adds the data files' fingerprints)."""
     own = tuple(k.name for k in recipe_table.get(recipe).keys if k.identity)
     return tuple(k.name for k in shared_keys() if k.identity) + own + ("world_size",)
 
 
-def replace_settings(config, **changes):
+def replace_settings(config: RunConfig, **changes: Any) -> RunConfig:
     """A new RunConfig with `changes` (for tests and the estimator's what-ifs; the run's own config stays as built)."""
     return RunConfig.from_dict({**config.as_dict(), **changes})
