@@ -5,7 +5,9 @@ import hashlib
 import json
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,6 +16,10 @@ from finetune_launcher.config.settings import identity_keys
 from finetune_launcher.distributed import barrier
 from finetune_launcher.engines import full_state_dict
 from finetune_launcher.fsutil import apply_umask, atomic_write_json, atomic_write_text, fresh_tmp_dir, replace_dir
+
+if TYPE_CHECKING:
+    from finetune_launcher.config.settings import RunConfig
+    from finetune_launcher.task import Engine
 
 LATEST = "latest"
 IDENTITY_FILE = "run_settings.json"
@@ -24,7 +30,7 @@ BATCH_LAYOUT = ("world_size", "micro_batch_size", "gradient_accumulation_steps")
 
 # ---------------------------------------------------------------- what a checkpoint was trained with
 
-def training_identity(cfg):
+def training_identity(cfg: "RunConfig") -> dict[str, Any]:
     """The settings that change what is trained (config.identity_keys: the keys declared so) plus a fingerprint of each
     local data file, so an edited dataset is not continued silently either. The engine's checkpoint format too (listed
     only when it is not DeepSpeed's: older checkpoints match); for engines whose checkpoints load on any number of
@@ -41,7 +47,7 @@ def training_identity(cfg):
     return identity
 
 
-def with_global_batch(identity, values=None):
+def with_global_batch(identity: Mapping[str, Any], values: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`identity` with its batch layout (processes x micro-batch x accumulation) replaced by the global batch: the
     rows of a step are the same whichever way they are split (the samplers deal them from the global order)."""
     values = values or identity
@@ -51,7 +57,7 @@ def with_global_batch(identity, values=None):
     return identity
 
 
-def file_fingerprint(path):
+def file_fingerprint(path: Path) -> str:
     stat = path.stat()
     if stat.st_size > HASHED_BYTES:
         return f"size {stat.st_size}, modified {int(stat.st_mtime)}"
@@ -62,7 +68,7 @@ def file_fingerprint(path):
     return f"sha256 {digest.hexdigest()[:16]}"
 
 
-def resume_differences(checkpoint, identity):
+def resume_differences(checkpoint: str | Path, identity: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """[(key, value in the checkpoint, value now)] for every training setting that differs. A checkpoint without a
     record of its settings (written by an older version) is compared on nothing. Between engines only the engine is
     named, not the batch layout each records its own way."""
@@ -81,13 +87,13 @@ def resume_differences(checkpoint, identity):
     return ([("engine", saved_engine, engine)] if saved_engine != engine else []) + differences
 
 
-def without_batch_layout(identity):
+def without_batch_layout(identity: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in identity.items() if k not in (*BATCH_LAYOUT, "global_batch_size")}
 
 
 # ---------------------------------------------------------------- training state (resume)
 
-def resume_problem(cfg, checkpoint, total_steps):
+def resume_problem(cfg: "RunConfig", checkpoint: Path, total_steps: int) -> str | None:
     """Why checkpoint `checkpoint` should not be continued silently, or None. A checkpoint at the last step of a
     run that did not finish (killed or requeued while it saved final/) is not a problem: resuming finishes it."""
     differences = resume_differences(checkpoint, training_identity(cfg))
@@ -108,7 +114,7 @@ def resume_problem(cfg, checkpoint, total_steps):
     return None
 
 
-def finished_history(run_dir):
+def finished_history(run_dir: str | Path) -> dict[str, Any] | None:
     """The history of the run in `run_dir` when it wrote final/ and marked itself completed, else None."""
     try:
         history = json.loads((Path(run_dir) / "training_history.json").read_text())
@@ -117,14 +123,14 @@ def finished_history(run_dir):
     return history if history.get("status") == "completed" else None
 
 
-def rng_state():
+def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -132,7 +138,8 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_training_state(engine, root, step, client_state, rank, keep, adapters_only, identity):
+def save_training_state(engine: "Engine", root: str | Path, step: int, client_state: dict, rank: int, keep: int,
+                        adapters_only: bool, identity: Mapping[str, Any]) -> Path:
     """Write checkpoints/step-N atomically (all ranks call), then point `latest` at it and prune old ones.
     `identity`: the run's training settings (training_identity), kept beside the state for resume checks."""
     root = Path(root)
@@ -158,18 +165,18 @@ def save_training_state(engine, root, step, client_state, rank, keep, adapters_o
     return final
 
 
-def list_checkpoints(root):
+def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def prune_checkpoints(root, keep):
+def prune_checkpoints(root: str | Path, keep: int) -> None:
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(root):
+def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint `latest` points at, or None. A half-written .tmp directory is never returned."""
     pointer = Path(root) / LATEST
     if not pointer.exists():
@@ -178,7 +185,7 @@ def latest_checkpoint(root):
     return path if path.is_dir() else None
 
 
-def load_training_state(engine, path, rank, adapters_only):
+def load_training_state(engine: "Engine", path: str | Path, rank: int, adapters_only: bool) -> dict[str, Any]:
     _, client_state = engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
                                              load_lr_scheduler_states=False,
                                              load_module_strict=not adapters_only)
@@ -190,13 +197,14 @@ def load_training_state(engine, path, rank, adapters_only):
 
 # ---------------------------------------------------------------- best/ and final/ weights
 
-def save_training_info(out_dir, info):
+def save_training_info(out_dir: str | Path, info: Mapping[str, Any]) -> None:
     """training_info.json beside saved weights: what the tools after training read (base model, mode, recipe)."""
     atomic_write_json(Path(out_dir) / "training_info.json", info)
     apply_umask(out_dir)
 
 
-def save_weights(engine, model, tokenizer, out_dir, mode, rank, info):
+def save_weights(engine: "Engine", model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, mode: str, rank: int,
+                 info: Mapping[str, Any]) -> Path:
     """Write `out_dir` (best/ or final/) atomically: adapters for LoRA/QLoRA, the whole model for full.
     All ranks must call it (sharded engines gather collectively)."""
     out_dir = Path(out_dir)

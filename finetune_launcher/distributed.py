@@ -2,6 +2,7 @@
 the recipes use (sums of counts and losses, barriers)."""
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,16 +16,16 @@ class RankContext:
     device: torch.device
 
     @property
-    def is_main(self):
+    def is_main(self) -> bool:
         return self.rank == 0
 
 
-def dist_env():
+def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the launcher's environment (torchrun, deepspeed, accelerate, srun)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def init_distributed():
+def init_distributed() -> RankContext:
     """Start the process group (NCCL on GPUs, gloo on the CPU; a world of one without a launcher)."""
     import deepspeed
 
@@ -39,20 +40,20 @@ def init_distributed():
     return RankContext(rank, world, local_rank, device)
 
 
-def shutdown_distributed():
+def shutdown_distributed() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def free_port():
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _all_reduce(values, device, op):
+def _all_reduce(values: Sequence[float | torch.Tensor], device: torch.device, op: str) -> list[float]:
     """Floats or 0-d tensors (left on the device until here) reduced over all ranks, in float64 so token counts
     stay exact. With one process, host numbers stay on the host (no copy to the GPU and back, no sync)."""
     if world_size() == 1 and not any(torch.is_tensor(v) for v in values):
@@ -60,7 +61,7 @@ def _all_reduce(values, device, op):
     return reduced_tensor(values, device, op).tolist()
 
 
-def reduced_tensor(values, device, op="SUM"):
+def reduced_tensor(values: Sequence[float | torch.Tensor], device: torch.device, op: str = "SUM") -> torch.Tensor:
     """The reduction of `values` as one float64 tensor on `device`, not yet copied to the host: the caller decides
     when to synchronise."""
     import torch.distributed as dist
@@ -71,21 +72,21 @@ def reduced_tensor(values, device, op="SUM"):
     return tensor
 
 
-def world_size():
+def world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def all_reduce_sum(values, device):
+def all_reduce_sum(values: Sequence[float | torch.Tensor], device: torch.device) -> list[float]:
     return _all_reduce(values, device, "SUM")
 
 
-def all_reduce_max(values, device):
+def all_reduce_max(values: Sequence[float | torch.Tensor], device: torch.device) -> list[float]:
     return _all_reduce(values, device, "MAX")
 
 
-def barrier():
+def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():

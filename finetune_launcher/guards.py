@@ -3,8 +3,15 @@ nothing to learn from, and the stop signals of a preemption (which end the run c
 import math
 import signal
 from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from finetune_launcher.config.settings import RunConfig
+    from finetune_launcher.task import Engine
 
 
 class TrainingError(RuntimeError):
@@ -14,14 +21,14 @@ class TrainingError(RuntimeError):
 class StopSignal:
     """Remembers a SIGTERM / SIGUSR1 (Slurm preemption, `kill`); the loop checkpoints and exits 0 at the next step."""
 
-    def __init__(self):
-        self.received = None
+    def __init__(self) -> None:
+        self.received: int | None = None
 
     @classmethod
-    def install(cls):
+    def install(cls) -> "StopSignal":
         stop = cls()
 
-        def handler(signum, _frame):
+        def handler(signum: int, _frame: FrameType | None) -> None:
             stop.received = signum
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -45,15 +52,15 @@ class NanGradient(torch.autograd.Function):
     overflow in the backward pass."""
 
     @staticmethod
-    def forward(ctx, loss):
+    def forward(ctx: Any, loss: torch.Tensor) -> torch.Tensor:
         return loss.clone()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad * float("nan")
 
 
-def with_debug_faults(loss, cfg, step):
+def with_debug_faults(loss: torch.Tensor, cfg: "RunConfig", step: int) -> torch.Tensor:
     """The loss as the debug_nan_* keys ask for it at `step` (tests of the guards), else unchanged."""
     if cfg.debug_nan_at_step == step:
         loss = loss * float("nan")
@@ -62,13 +69,13 @@ def with_debug_faults(loss, cfg, step):
     return loss
 
 
-def nothing_to_learn(step, unit):
+def nothing_to_learn(step: int, unit: str) -> TrainingError:
     return TrainingError(
         f"step {step}: no {unit} in this optimizer step has a label (all labels are -100), so the loss would be 0.0 "
         f"and nothing would be learned. Check the prompt length against max_length and the dataset's field names")
 
 
-def nonfinite(step, what, value, last_checkpoint):
+def nonfinite(step: int, what: str, value: float | None, last_checkpoint: Path | None) -> TrainingError:
     kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
         "no checkpoint was saved before this step"
     return TrainingError(
@@ -77,16 +84,16 @@ def nonfinite(step, what, value, last_checkpoint):
         f"fix the cause and rerun (it resumes from there)")
 
 
-def is_finite(value):
+def is_finite(value: float | None) -> bool:
     return value is None or math.isfinite(value)
 
 
-def fp16_skipped_step(engine):
+def fp16_skipped_step(engine: "Engine") -> bool:
     """With fp16 loss scaling an overflow skips the step and lowers the scale: expected, not fatal."""
     return bool(getattr(engine, "fp16_enabled", lambda: False)()) and not engine.was_step_applied()
 
 
-def fp16_loss_scale(engine):
+def fp16_loss_scale(engine: "Engine") -> float | None:
     """The dynamic loss scale DeepSpeed's fp16 optimizer holds after this step (a Python number: no sync), or None
     outside fp16."""
     if not getattr(engine, "fp16_enabled", lambda: False)():

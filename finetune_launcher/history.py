@@ -2,9 +2,14 @@
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from finetune_launcher.fsutil import atomic_write_json
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HISTORY_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s",
                   "nonpad_fraction")
@@ -14,13 +19,13 @@ class History:
     """One record per logged step (eval_loss added on eval steps) plus run metadata; rewritten atomically on each
     change so a reader (plot tool, estimator) can follow a run in progress."""
 
-    def __init__(self, path, metadata, enabled=True):
+    def __init__(self, path: str | Path, metadata: dict[str, Any], enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self.data = {"metadata": metadata, "records": [], "evals": [], "saves": [], "best": None,
                      "stop_reason": None, "stopped_early_at": None, "status": "running"}
 
-    def resume_from(self, step):
+    def resume_from(self, step: int) -> None:
         """Keep what happened up to `step` (the checkpoint being resumed); later records will be written again."""
         if not self.path.exists():
             return
@@ -32,14 +37,14 @@ class History:
         self.data["best"] = best if best and best["step"] <= step else None
         self.data["metadata"]["resumed_at_steps"] = previous["metadata"].get("resumed_at_steps", []) + [step]
 
-    def log_save(self, step, what, seconds):
+    def log_save(self, step: int, what: str, seconds: float) -> None:
         """How long a checkpoint or a best/final save took (a 32B ZeRO-3 gather is minutes, worth knowing)."""
         self.data.setdefault("saves", []).append({"step": step, "what": what, "seconds": round(seconds, 3)})
 
-    def log_step(self, record):
+    def log_step(self, record: dict[str, Any]) -> None:
         self.data["records"].append(record)
 
-    def log_eval(self, step, eval_loss, extra=None):
+    def log_eval(self, step: int, eval_loss: float, extra: Mapping[str, Any] | None = None) -> None:
         entry = {"step": step, "eval_loss": eval_loss, **(extra or {})}
         self.data["evals"].append(entry)
         for record in reversed(self.data["records"]):
@@ -47,15 +52,15 @@ class History:
                 record["eval_loss"] = eval_loss
                 break
 
-    def set(self, key, value):
+    def set(self, key: str, value: object) -> None:
         self.data[key] = value
 
-    def save(self):
+    def save(self) -> None:
         if self.enabled:
             atomic_write_json(self.path, _finite_or_text(self.data))
 
 
-def _finite_or_text(value):
+def _finite_or_text(value: Any) -> Any:
     """JSON has no NaN/Infinity: store them as strings so the file stays valid and the fact stays visible."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -66,7 +71,7 @@ def _finite_or_text(value):
     return value
 
 
-def flat_scalars(metrics, prefix=""):
+def flat_scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts and lists of numbers as one level of scalars: {"a": {"b": [1, 2]}} -> {"a/b/0": 1, "a/b/1": 2}."""
     flat = {}
     for key, value in metrics.items():
@@ -84,7 +89,8 @@ class MetricSinks:
     wandb when asked for; none at all for `report_to: none`), rank 0 only; training_history.json is written either
     way."""
 
-    def __init__(self, log_dir, report_to, run_name, config, enabled=True):
+    def __init__(self, log_dir: str | Path, report_to: Sequence[str], run_name: str, config: dict[str, Any],
+                 enabled: bool = True) -> None:
         import importlib.util
 
         self.writers = []
@@ -102,7 +108,7 @@ class MetricSinks:
                              config=config, dir=str(wandb_dir))
             self.writers.append(("wandb", run))
 
-    def log(self, step, metrics):
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         clean = {k: v for k, v in flat_scalars(metrics).items() if isinstance(v, (int, float)) and v is not None}
         for kind, writer in self.writers:
             if kind == "tb":
@@ -111,7 +117,7 @@ class MetricSinks:
             else:
                 writer.log(clean, step=step)
 
-    def log_image(self, step, tag, image):
+    def log_image(self, step: int, tag: str, image: "np.ndarray") -> None:
         """An HWC uint8 picture (e.g. the sample grid)."""
         for kind, writer in self.writers:
             if kind == "tb":
@@ -121,7 +127,7 @@ class MetricSinks:
 
                 writer.log({tag: wandb.Image(image)}, step=step)
 
-    def close(self):
+    def close(self) -> None:
         for kind, writer in self.writers:
             if kind == "tb":
                 writer.close()
@@ -129,7 +135,7 @@ class MetricSinks:
                 writer.finish()
 
 
-def check_sinks_available(report_to):
+def check_sinks_available(report_to: Sequence[str]) -> None:
     """Fail before any model is loaded when a sink the resolved report_to names is not installed."""
     import importlib.util
 
@@ -140,19 +146,19 @@ def check_sinks_available(report_to):
                           "(or remove wandb from report_to)")
 
 
-def load_history(path):
+def load_history(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no history file at {path}")
     return json.loads(path.read_text())
 
 
-def curve_panels(history):
+def curve_panels(history: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, list[int], list[float], str]]]]:
     """What training_curves.png plots: [(title, [(label, steps, values, style)])], one entry per panel. The third
     panel is the throughput the history records (tokens/s for language models, images/s for diffusion)."""
     records = history.get("records", [])
 
-    def series(rows, key):
+    def series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         return [p[0] for p in points], [p[1] for p in points]
 
@@ -166,12 +172,12 @@ def curve_panels(history):
             (f"{unit}/s", [("", *series(records, rate), "-")] if rate else [])]
 
 
-def throughput_key(records):
+def throughput_key(records: Sequence[Mapping[str, Any]]) -> str | None:
     """The "<unit>_per_s" key the loop wrote (finetune_launcher/loop.py: the task's throughput unit), or None."""
     return next((key for record in records for key in record if key.endswith("_per_s")), None)
 
 
-def plot_history(history, png_path):
+def plot_history(history: Mapping[str, Any], png_path: str | Path) -> str | Path:
     """Training and eval loss, learning rate and throughput against step, as one PNG. Works mid-run."""
     import matplotlib
 

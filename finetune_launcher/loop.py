@@ -5,7 +5,10 @@ import contextlib
 import math
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,7 +104,9 @@ def resume(engine: Engine, cfg: RunConfig, ctx: RankContext, schedule: LRSchedul
 
 
 class Trainer:
-    def __init__(self, cfg, ctx, task, engine, schedule, tracker, history, sinks, total_steps, watch):
+    def __init__(self, cfg: RunConfig, ctx: RankContext, task: Task, engine: Engine, schedule: LRSchedule,
+                 tracker: EvalTracker, history: History, sinks: MetricSinks, total_steps: int,
+                 watch: Watchers) -> None:
         self.c, self.ctx, self.task, self.engine = cfg, ctx, task, engine
         self.schedule, self.tracker, self.history, self.sinks = schedule, tracker, history, sinks
         self.total_steps, self.stop, self.estimate_log = total_steps, watch.stop, watch.estimate
@@ -111,7 +116,7 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self, start_step):
+    def run(self, start_step: int) -> Outcome:
         progress = Progress(self.total_steps, start_step, every=self.c.logging_steps)
         say(f"training {self.total_steps - start_step} steps ({self.task.steps_per_epoch} per epoch) -> "
             f"{self.c.run_dir}")
@@ -146,14 +151,14 @@ class Trainer:
         progress.close()
         return self.finish(step, stop_reason)
 
-    def log_step(self, step, record):
+    def log_step(self, step: int, record: dict[str, Any]) -> None:
         if step % self.c.logging_steps == 0 or step == 1 or step == self.total_steps:
             record.update(self.peak_memory())
             record.update(self.task.step_metrics(step))
             self.history.log_step(record)
             self.sinks.log(step, {f"train/{k}": v for k, v in record.items() if k != "step"})
 
-    def train_step(self, step):
+    def train_step(self, step: int) -> dict[str, Any]:
         engine, task = self.engine, self.task
         t0 = time.time()
         lr = self.schedule.lr_at(step)
@@ -193,7 +198,7 @@ class Trainer:
             record.update(loss_scale=scale, step_skipped=fp16_skipped_step(engine))
         return record
 
-    def batches_of(self, step):
+    def batches_of(self, step: int) -> StepBatches:
         """This rank's micro-batches of `step` (a pure function of the step: prefetched ones are reused)."""
         prefetched, self.prefetched = self.prefetched, None
         if prefetched and prefetched[0] == step:
@@ -201,7 +206,7 @@ class Trainer:
         epoch, step_in_epoch = divmod(step - 1, self.task.steps_per_epoch)
         return self.task.micro_batches(epoch, step_in_epoch)
 
-    def step_values(self, loss_sum, units):
+    def step_values(self, loss_sum: torch.Tensor, units: float) -> tuple[float, float | None]:
         """(mean loss over all ranks, grad norm or None) with one device-to-host copy: the step's only sync."""
         grad_norm = self.engine.get_global_grad_norm()
         loss_total = reduced_tensor([loss_sum], self.ctx.device)[0]
@@ -210,7 +215,7 @@ class Trainer:
         total, norm = torch.stack([loss_total, norm]).tolist()
         return total / units, None if grad_norm is None else norm
 
-    def peak_memory(self):
+    def peak_memory(self) -> dict[str, float]:
         """The largest GPU memory peak over the ranks since the run started (GiB), on CUDA; on logged steps only
         (a collective and a host sync)."""
         if self.ctx.device.type != "cuda":
@@ -220,19 +225,19 @@ class Trainer:
                                              self.ctx.device)
         return {"peak_memory_allocated_gib": round(allocated, 3), "peak_memory_reserved_gib": round(reserved, 3)}
 
-    def last_checkpoint(self):
+    def last_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.c.run_dir / "checkpoints")
 
     # ------------------------------------------------------------ evaluation and stopping rules
 
-    def evaluate_baseline(self):
+    def evaluate_baseline(self) -> None:
         loss = self.task.evaluate(self.engine)
         if loss is None:
             return
         self.history.log_eval(0, loss, {"baseline": True, **self.eval_extras(0)})
         say(f"eval step 0 (before training): loss {loss:.4f} (the base model; best/ is the best eval after it)")
 
-    def evaluate_and_track(self, step):
+    def evaluate_and_track(self, step: int) -> str | None:
         eval_loss = self.task.evaluate(self.engine)
         if eval_loss is None:
             return None
@@ -252,14 +257,14 @@ class Trainer:
             say(f"stopping: {event['stop_reason']}")
         return event["stop_reason"]
 
-    def best_note(self, eval_loss):
+    def best_note(self, eval_loss: float) -> str:
         """best/ is chosen among the evals of trained weights: the step-0 eval is the base model's, shown beside."""
         baseline = next((e["eval_loss"] for e in self.history.data["evals"] if e.get("baseline")), None)
         if baseline is not None and baseline < eval_loss:
             return f"best since training started -> best/; the base model's {baseline:.4f} at step 0 is lower"
         return "best since training started -> best/"
 
-    def eval_extras(self, step):
+    def eval_extras(self, step: int) -> dict[str, Any]:
         """What the task adds at an eval (e.g. sample images): pictures go to tensorboard, the rest to the history."""
         extras = dict(self.task.after_eval(self.engine, step))
         for tag, image in extras.pop("images", {}).items():
@@ -268,7 +273,7 @@ class Trainer:
 
     # ------------------------------------------------------------ saving
 
-    def save_weights(self, name, step, eval_loss=None):
+    def save_weights(self, name: str, step: int, eval_loss: float | None = None) -> None:
         info = {"step": step, "eval_loss": eval_loss, "mode": self.c.mode, "recipe": self.c.recipe,
                 "base_model": self.c.model, "run_name": self.c.run_name, "max_length": self.c.max_length,
                 "dataset_format": self.task.stats.get("format")}
@@ -276,12 +281,12 @@ class Trainer:
             self.task.save_weights(self.engine, self.c.run_dir / name, info)
 
     @contextlib.contextmanager
-    def timed_save(self, step, what):
+    def timed_save(self, step: int, what: str) -> Iterator[None]:
         t0 = time.time()
         yield
         self.history.log_save(step, what, time.time() - t0)
 
-    def save_state(self, step):
+    def save_state(self, step: int) -> None:
         """A training-state checkpoint of `step`, once: a stop rule or a signal on a save step does not save it
         again (a ZeRO-3 save of a 32B model takes minutes)."""
         if self.saved_state_at == step:
@@ -293,7 +298,7 @@ class Trainer:
                                 identity=training_identity(self.c))
         self.saved_state_at = step
 
-    def finish(self, step, stop_reason):
+    def finish(self, step: int, stop_reason: str | None) -> Outcome:
         evals = self.history.data["evals"]
         if not any(e["step"] == step for e in evals):
             stop_reason = self.evaluate_and_track(step) or stop_reason
@@ -315,12 +320,12 @@ class Trainer:
 
     # ------------------------------------------------------------ preemption (SIGTERM / SIGUSR1)
 
-    def stop_requested(self):
+    def stop_requested(self) -> bool:
         """Every rank must agree to stop at the same step (a signal may reach one rank first)."""
         flag, = all_reduce_sum([1.0 if self.stop.received else 0.0], self.ctx.device)
         return flag > 0
 
-    def finish_preempted(self, step, progress):
+    def finish_preempted(self, step: int, progress: Progress) -> Outcome:
         progress.close()
         self.history.set("status", "preempted")
         self.history.set("stop_reason", f"signal received: checkpoint saved at step {step}; resume continues it")

@@ -1,15 +1,21 @@
 """What every rank does around its recipe: start the process group, run the recipe the resolved config names (its
 `train` part in the recipe table), leave the process group on every path."""
+from typing import TYPE_CHECKING
+
 import torch
 
 from finetune_launcher import recipe_table
-from finetune_launcher.config import ConfigError
+from finetune_launcher.config import ConfigError, RunConfig
 from finetune_launcher.distributed import init_distributed, shutdown_distributed
 from finetune_launcher.estimate import log_estimate_vs_measured
 from finetune_launcher.guards import StopSignal, Watchers
 from finetune_launcher.history import check_sinks_available
 
-def run(cfg):
+if TYPE_CHECKING:
+    from finetune_launcher.loop import Outcome
+
+
+def run(cfg: RunConfig) -> "Outcome":
     """Train the resolved run config `cfg` on this rank; returns the loop's Outcome."""
     check_sinks_available(cfg.report_to)
     # Before the (long) model load: a preemption then still ends in a clean exit.

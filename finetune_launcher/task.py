@@ -4,9 +4,13 @@ collated, counted on the host and copied to the device); a recipe writes the oth
 collated and counted, its loss, its eval, and how best/ and final/ are saved."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from finetune_launcher.config.settings import RunConfig
+    from finetune_launcher.distributed import RankContext
 
 
 @dataclass
@@ -41,20 +45,20 @@ class Task(Protocol):
     def micro_batches(self, epoch: int, step_in_epoch: int) -> StepBatches:
         """This rank's share of one optimizer step, on the device."""
 
-    def loss(self, engine: Any, batch: dict, normaliser: float) -> torch.Tensor:
+    def loss(self, engine: "Engine", batch: dict, normaliser: float) -> torch.Tensor:
         """(sum of the unit losses in `batch`) / normaliser, a scalar tensor."""
 
-    def evaluate(self, engine: Any) -> float | None:
+    def evaluate(self, engine: "Engine") -> float | None:
         """A deterministic eval loss over the whole eval split (every rank runs the same number of forwards), or
         None without eval data."""
 
-    def after_eval(self, engine: Any, step: int) -> dict:
+    def after_eval(self, engine: "Engine", step: int) -> dict:
         """Extras for the history at an eval (e.g. sample images under "images"), may be {}."""
 
     def step_metrics(self, step: int) -> dict:
         """Extras for a logged step's record (e.g. an MoE router's expert load), may be {}; every rank calls it."""
 
-    def save_weights(self, engine: Any, out_dir: Path, info: dict) -> None:
+    def save_weights(self, engine: "Engine", out_dir: Path, info: dict) -> None:
         """best/ and final/: the usual whole artefacts; all ranks call it."""
 
 
@@ -65,7 +69,7 @@ class Engine(Protocol):
     optimizer: torch.optim.Optimizer
     world_size: int
 
-    def __call__(self, *args, **kwargs) -> Any: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> None: ...
     def get_global_grad_norm(self) -> Any: ...
@@ -87,7 +91,7 @@ class StepTask:
     unit = "token"
     throughput = "tokens"
 
-    def __init__(self, cfg, ctx, sampler: Sampler, stats: dict):
+    def __init__(self, cfg: "RunConfig", ctx: "RankContext", sampler: Sampler, stats: dict) -> None:
         self.c, self.ctx, self.sampler, self.stats = cfg, ctx, sampler, stats
 
     @property
@@ -117,7 +121,7 @@ class StepTask:
         return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items()}
 
-    def after_eval(self, engine, step: int) -> dict:
+    def after_eval(self, engine: Engine, step: int) -> dict:
         return {}
 
     def step_metrics(self, step: int) -> dict:
