@@ -8,9 +8,16 @@ replacement, or, when the source is too small, all of its records as often as th
 fresh draw each epoch).
 """
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from finetune_launcher.data.records import DataError
+
+if TYPE_CHECKING:
+    from finetune_launcher.config.settings import RunConfig
+
+Record = TypeVar("Record")
 
 TOLERANCE = 1e-6
 
@@ -21,11 +28,11 @@ class Mixture:
     counts: dict        # source name -> records taken from it
     repeated: dict      # source name -> records beyond the source's size (drawn again), 0 when none
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, dict[str, int]]:
         return {"counts": dict(self.counts), "repeated": dict(self.repeated)}
 
 
-def mix_sources(sources, fractions, seed):
+def mix_sources(sources: Sequence[tuple[str, Sequence[Any]]], fractions: Sequence[float], seed: int) -> Mixture:
     """sources: [(name, records)], main source first; fractions: one per source, each in (0, 1], summing to 1."""
     check_fractions(sources, fractions)
     (main_name, main), others = sources[0], sources[1:]
@@ -43,13 +50,13 @@ def mix_sources(sources, fractions, seed):
     return Mixture([r for _, r in records], counts, repeated)
 
 
-def draw(pool, n, rng):
+def draw(pool: Sequence[Record], n: int, rng: random.Random) -> list[Record]:
     """n records of pool: without replacement when n <= len(pool); else whole passes plus a draw for the rest."""
     passes, rest = divmod(n, len(pool))
     return list(pool) * passes + rng.sample(list(pool), rest)
 
 
-def check_fractions(sources, fractions):
+def check_fractions(sources: Sequence[tuple[str, Sequence[Any]]], fractions: Sequence[float]) -> None:
     names = [name for name, _ in sources]
     if len(fractions) != len(sources):
         raise DataError(f"dataset mixture: {len(sources)} datasets ({', '.join(names)}) but {len(fractions)} "
@@ -67,7 +74,8 @@ def check_fractions(sources, fractions):
                         f"the mixed set and must sum to 1 (e.g. 0.7 and 0.3)")
 
 
-def mix_for_run(cfg, main, load_source):
+def mix_for_run(cfg: "RunConfig", main: list[Record],
+                load_source: Callable[[str], Sequence[Record]]) -> tuple[list[Record], dict[str, Any] | None]:
     """The run's training records with cfg.mix_datasets mixed in: `main` (the main dataset's records, after its eval
     split) plus `load_source(path)` for each mixed dataset, at the fractions the config gives (the main dataset
     makes up the rest). Returns (records, counts for the history, or None without a mixture)."""

@@ -11,14 +11,18 @@ import json
 import os
 import pickle
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from finetune_launcher.errors import DataError
 from finetune_launcher.fsutil import built_into
+
+if TYPE_CHECKING:
+    from finetune_launcher.config.settings import RunConfig
 
 PREPARED_ENV = "FTL_PREPARED_DATA"  # the launcher's prepared data directory, for the ranks
 FORMAT = "finetune-launcher prepared data 1"
@@ -38,11 +42,12 @@ class PreparedData:
 class RowStore(Sequence):
     """Rows kept column-wise: `store[i]` is row i as a dict of lists, like the rows it was made from."""
 
-    def __init__(self, columns, offsets, other=None):
+    def __init__(self, columns: Mapping[str, np.ndarray], offsets: np.ndarray,
+                 other: list[dict[str, Any]] | None = None) -> None:
         self.columns, self.offsets, self.other = columns, offsets, other
 
     @classmethod
-    def from_rows(cls, rows):
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> "RowStore":
         rows = list(rows)
         names = [name for name in TOKEN_FIELDS if rows and name in rows[0]]
         lengths = np.array([len(row[names[0]]) for row in rows] if names else [0] * len(rows), dtype=np.int64)
@@ -52,10 +57,15 @@ class RowStore(Sequence):
         other = [{k: v for k, v in row.items() if k not in names} for row in rows]
         return cls(columns, offsets, other if any(other) else None)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
@@ -64,35 +74,35 @@ class RowStore(Sequence):
             row.update(self.other[index])
         return row
 
-    def length(self, index):
+    def length(self, index: int) -> int:
         return int(self.offsets[index + 1] - self.offsets[index])
 
-    def save(self, directory, name):
+    def save(self, directory: Path, name: str) -> dict[str, Any]:
         for column, values in self.columns.items():
             np.save(directory / f"{name}.{column}.npy", values)
         np.save(directory / f"{name}.offsets.npy", self.offsets)
         return {"columns": list(self.columns), "other": self.other}
 
     @classmethod
-    def load(cls, directory, name, description):
+    def load(cls, directory: Path, name: str, description: Mapping[str, Any]) -> "RowStore":
         columns = {column: np.load(directory / f"{name}.{column}.npy", mmap_mode="r")
                    for column in description["columns"]}
         return cls(columns, np.load(directory / f"{name}.offsets.npy"), description["other"])
 
 
-def row_length(rows, index):
+def row_length(rows: Sequence[Mapping[str, Any]], index: int) -> int:
     """Tokens of row `index` of a RowStore or a list of row dicts."""
     return rows.length(index) if isinstance(rows, RowStore) else len(rows[index]["input_ids"])
 
 
-def storable(rows):
+def storable(rows: Sequence[Any]) -> Sequence[Any]:
     """Rows of dicts with token lists become a RowStore; anything else (a recipe's own collection) is kept as is."""
     if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "input_ids" in rows[0]:
         return RowStore.from_rows(rows)
     return rows
 
 
-def save_prepared(prepared, directory):
+def save_prepared(prepared: PreparedData, directory: str | Path) -> Path:
     """Write `prepared` into `directory` atomically (another node's launcher may write the same one)."""
     with built_into(directory) as tmp:
         parts = {}
@@ -105,7 +115,7 @@ def save_prepared(prepared, directory):
     return Path(directory)
 
 
-def load_prepared(directory):
+def load_prepared(directory: str | Path) -> PreparedData:
     directory = Path(directory)
     with open(directory / "prepared.pkl", "rb") as f:
         saved = pickle.load(f)
@@ -116,13 +126,14 @@ def load_prepared(directory):
     return PreparedData(rows["train_rows"], rows["eval_rows"], saved["stats"], saved["extras"])
 
 
-def prepared_dir(cfg, identity):
+def prepared_dir(cfg: "RunConfig", identity: Mapping[str, Any]) -> Path:
     """Where the launch keeps the prepared data of a run with this training identity."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(cfg.run_dir) / "prepared" / key
 
 
-def prepare_once(cfg, identity, prepare):
+def prepare_once(cfg: "RunConfig", identity: Mapping[str, Any],
+                 prepare: Callable[["RunConfig"], PreparedData]) -> tuple[PreparedData, Path]:
     """The run's PreparedData and its directory: loaded when an earlier launch of the same identity wrote it, else
     `prepare(cfg)` and written. Older prepared data of the run (another identity) is removed."""
     directory = prepared_dir(cfg, identity)
@@ -136,7 +147,7 @@ def prepare_once(cfg, identity, prepare):
     return prepared, directory
 
 
-def require_one_step(rows, cfg, stats=None):
+def require_one_step(rows: int, cfg: "RunConfig", stats: Mapping[str, Any] | None = None) -> None:
     """DataError unless there are enough training rows for one optimizer step on every rank. The message names
     what would make it fit: with packing, several examples share a row, so a smaller micro-batch may not help."""
     needed = cfg.world_size * cfg.micro_batch_size * cfg.gradient_accumulation_steps
@@ -156,7 +167,7 @@ def require_one_step(rows, cfg, stats=None):
     raise DataError(f"{cfg.dataset}: {rows} training rows, fewer than one optimizer step needs ({shape}); {fix}")
 
 
-def rank_rows(cfg, prepare):
+def rank_rows(cfg: "RunConfig", prepare: Callable[["RunConfig"], PreparedData]) -> PreparedData:
     """The run's PreparedData on a rank: what the launcher prepared (PREPARED_ENV names its directory; the rows are
     memory-mapped, so a rank reads only those it is dealt), else prepared here (a rank started without our
     launcher); either way checked to hold one optimizer step."""

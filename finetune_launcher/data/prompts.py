@@ -5,7 +5,7 @@ CONTEXT_TEMPLATE = "### Context:\n{context}\n\n"
 RESPONSE_HEADER = "### Response:\n"
 
 
-def render_instruction_prompt(instruction, context=""):
+def render_instruction_prompt(instruction: str, context: str = "") -> str:
     """The prompt part of an instruction example; the response follows it directly."""
     prompt = INSTRUCTION_TEMPLATE.format(instruction=instruction.strip())
     if context and context.strip():

@@ -4,7 +4,9 @@ one error is raised: it names the first bad line and how many there are (BadLine
 import contextlib
 import json
 import random
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from finetune_launcher.errors import DataError  # noqa: F401 (re-exported)
 
@@ -14,6 +16,7 @@ FORMAT_FIELDS = {
     "chat": (("messages",), ()),
     "text": (("text",), ()),
 }
+Item = TypeVar("Item")
 
 
 class BadLines:
@@ -21,21 +24,21 @@ class BadLines:
     bad line and how many there are (a file is fixed in one pass, not one line per run). Each entry is the first
     problem of a line, keyed by its "file:line"."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.found = {}
 
-    def add(self, where, message):
+    def add(self, where: str, message: str) -> None:
         self.found.setdefault(where, message)
 
     @contextlib.contextmanager
-    def checking(self, where):
+    def checking(self, where: str) -> Iterator[None]:
         """Record a DataError raised in the block as the problem of `where` ("file:line"), and go on."""
         try:
             yield
         except DataError as error:
             self.add(where, str(error))
 
-    def raise_first(self):
+    def raise_first(self) -> None:
         """DataError naming the first bad line (and the others' line numbers), if any line was bad."""
         if not self.found:
             return
@@ -48,13 +51,13 @@ class BadLines:
         raise DataError(first)
 
 
-def _file_and_line(where):
+def _file_and_line(where: str) -> tuple[str, int]:
     file, _, line = where.rpartition(":")
     return (file, int(line)) if line.isdigit() else (where, 0)
 
 
 @contextlib.contextmanager
-def checked_lines(bad_lines=None):
+def checked_lines(bad_lines: BadLines | None = None) -> Iterator[BadLines]:
     """The BadLines to gather a file's problems in: `bad_lines` when the caller gathers across several checks
     (and raises itself), else a new one raised at the end of the block."""
     if bad_lines is not None:
@@ -65,7 +68,7 @@ def checked_lines(bad_lines=None):
     bad_lines.raise_first()
 
 
-def read_jsonl(path, bad_lines=None):
+def read_jsonl(path: str | Path, bad_lines: BadLines | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, record) from a JSONL file; malformed lines are skipped and gathered in `bad_lines`
     (else raised, the first of them with their count, once the file is read)."""
     path = Path(path)
@@ -88,7 +91,8 @@ def read_jsonl(path, bad_lines=None):
             yield number, record
 
 
-def load_records(source, split="train", bad_lines=None):
+def load_records(source: str | Path, split: str = "train",
+                 bad_lines: BadLines | None = None) -> tuple[list[dict[str, Any]], list[int], str]:
     """Return (records, line_numbers, source_name). Local .jsonl is read line by line (exact error locations; bad
     lines gathered in `bad_lines`, see read_jsonl); other local files and hub names go through `datasets`."""
     path = Path(source)
@@ -114,13 +118,13 @@ def load_records(source, split="train", bad_lines=None):
     return records, list(range(1, len(records) + 1)), str(source)
 
 
-def _looks_like_jsonl(path):
+def _looks_like_jsonl(path: Path) -> bool:
     with open(path, encoding="utf-8") as f:
         first = f.read(1)
     return first == "{"
 
 
-def detect_format(record, source, line=1):
+def detect_format(record: Mapping[str, Any], source: str, line: int = 1) -> str:
     """The format whose required fields `record` (of line `line`) has."""
     keys = set(record)
     for name, (required, _) in FORMAT_FIELDS.items():
@@ -131,7 +135,8 @@ def detect_format(record, source, line=1):
                     f"Expected one of -- {expected}. Rename the fields or set dataset_format")
 
 
-def check_fields(records, line_numbers, fmt, source, bad_lines=None):
+def check_fields(records: Sequence[Mapping[str, Any]], line_numbers: Sequence[int], fmt: str, source: str,
+                 bad_lines: BadLines | None = None) -> None:
     """Every record has the fields of `fmt`, of the right types; problems gathered in `bad_lines` (else raised, the
     first bad line with the count of bad lines)."""
     with checked_lines(bad_lines) as bad:
@@ -140,7 +145,7 @@ def check_fields(records, line_numbers, fmt, source, bad_lines=None):
                 _check_record(record, fmt, f"{source}:{number}")
 
 
-def _check_record(record, fmt, where):
+def _check_record(record: Mapping[str, Any], fmt: str, where: str) -> None:
     required, optional = FORMAT_FIELDS[fmt]
     missing = [k for k in required if k not in record]
     if missing:
@@ -154,7 +159,8 @@ def _check_record(record, fmt, where):
             raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
 
 
-def checked_records(source, fmt, model, split="train", max_examples=None):
+def checked_records(source: str | Path, fmt: str, model: str, split: str = "train",
+                    max_examples: int | None = None) -> tuple[list[dict[str, Any]], list[int], str, str]:
     """(records, line numbers, source name, format) of a text model's data file (its first `max_examples` records,
     when set), every line read and checked: one DataError naming the first bad line and how many there are. `fmt`
     "auto" detects the format from the first record. A file of image rows is refused, naming `model`."""
@@ -172,7 +178,7 @@ def checked_records(source, fmt, model, split="train", max_examples=None):
     return records, lines, name, fmt
 
 
-def refuse_images(records, lines, source, model):
+def refuse_images(records: Sequence[Mapping[str, Any]], lines: Sequence[int], source: str, model: str) -> None:
     """A text-only model never sees a picture: it would train on "<image>" as text with the images dropped. Image
     rows (an `images` or `videos` list, LLaMA-Factory's format, or image items in a message's content, TRL's) are
     refused, naming the first of them, how many there are and the model."""
@@ -184,7 +190,7 @@ def refuse_images(records, lines, source, model):
                         f"data, or remove the images from it")
 
 
-def has_images(record):
+def has_images(record: Mapping[str, Any]) -> bool:
     if any(record.get(key) for key in ("images", "videos")):
         return True
     messages = record.get("messages")
@@ -193,7 +199,7 @@ def has_images(record):
                for content in contents if isinstance(content, list) for item in content)
 
 
-def _check_messages(messages, where):
+def _check_messages(messages: object, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, message in enumerate(messages):
@@ -205,7 +211,7 @@ def _check_messages(messages, where):
         raise DataError(f"{where}: no assistant message, so nothing to learn from this conversation")
 
 
-def seeded_split(items, fraction, seed):
+def seeded_split(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
     """(kept, held out): a seeded `fraction` of `items` (at least one) held out, both in their original order."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)

@@ -5,7 +5,9 @@ Formats: dolly (instruction/context/response), alpaca (instruction/input/output)
 content; loss on assistant turns only), text (plain language modelling, cut into fixed blocks).
 """
 import bisect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +15,9 @@ from finetune_launcher.data.mixture import mix_for_run
 from finetune_launcher.data.prepared import PreparedData
 from finetune_launcher.data.prompts import render_instruction_prompt
 from finetune_launcher.data.records import DataError, checked_records, seeded_split
+
+if TYPE_CHECKING:
+    from finetune_launcher.config.settings import RunConfig
 
 IGNORE_INDEX = -100
 
@@ -38,19 +43,19 @@ class DataStats:
     mixture: dict = None  # per mixed dataset: examples taken (mix_datasets)
     notes: list = field(default_factory=list)
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 # ---------------------------------------------------------------- tokenising
 
-def instruction_pair(record, fmt):
+def instruction_pair(record: Mapping[str, Any], fmt: str) -> tuple[str, str]:
     if fmt == "dolly":
         return render_instruction_prompt(record["instruction"], record.get("context") or ""), record["response"]
     return render_instruction_prompt(record["instruction"], record.get("input") or ""), record["output"]
 
 
-def tokenize_instructions(records, fmt, tokenizer):
+def tokenize_instructions(records: Sequence[Mapping[str, Any]], fmt: str, tokenizer: Any) -> list[Example]:
     pairs = [instruction_pair(r, fmt) for r in records]
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
     responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
@@ -64,7 +69,7 @@ def tokenize_instructions(records, fmt, tokenizer):
     return examples
 
 
-def tokenize_chat(record, tokenizer):
+def tokenize_chat(record: Mapping[str, Any], tokenizer: Any) -> Example:
     """Loss on assistant contents only: each message's tokens are the difference between successive renders."""
     messages = record["messages"]
     input_ids, labels, rendered = [], [], ""
@@ -85,7 +90,7 @@ def tokenize_chat(record, tokenizer):
     return Example(input_ids, labels)
 
 
-def tokenize_text_blocks(records, tokenizer, block_size):
+def tokenize_text_blocks(records: Sequence[Mapping[str, Any]], tokenizer: Any, block_size: int) -> list[Example]:
     """Language modelling: concatenate documents (EOS between) and cut into full blocks."""
     texts = [r["text"] for r in records if r["text"] and r["text"].strip()]
     stream = []
@@ -96,7 +101,7 @@ def tokenize_text_blocks(records, tokenizer, block_size):
     return [Example(b, list(b)) for b in blocks]
 
 
-def truncate(examples, max_length, stats):
+def truncate(examples: Sequence[Example], max_length: int, stats: DataStats) -> list[Example]:
     kept = []
     for example in examples:
         if len(example.input_ids) > max_length:
@@ -113,7 +118,7 @@ def truncate(examples, max_length, stats):
 
 # ---------------------------------------------------------------- packing and batching
 
-def pack_examples(examples, capacity):
+def pack_examples(examples: Sequence[Example], capacity: int) -> list[list[Example]]:
     """Best-fit-decreasing bin packing: a list of rows, each a list of examples with total length <= capacity."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     free, bins = [], []  # free: sorted list of (remaining capacity, bin index)
@@ -131,7 +136,7 @@ def pack_examples(examples, capacity):
     return bins
 
 
-def row_from_examples(examples):
+def row_from_examples(examples: Sequence[Example]) -> dict[str, list[int]]:
     """One packed row: concatenated ids, labels with each example's first token unsupervised, restarting positions."""
     input_ids, labels, position_ids = [], [], []
     for example in examples:
@@ -141,12 +146,13 @@ def row_from_examples(examples):
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-def make_rows(examples, max_length, packing):
+def make_rows(examples: Sequence[Example], max_length: int, packing: bool) -> list[dict[str, list[int]]]:
     groups = pack_examples(examples, max_length) if packing else [[e] for e in examples]
     return [row_from_examples(g) for g in groups]
 
 
-def collate(rows, pad_id, packed, pad_to_multiple=8):
+def collate(rows: Sequence[Mapping[str, Any]], pad_id: int, packed: bool,
+            pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
     """Right-pad rows into tensors. Packed rows carry position_ids (no attention mask: transformers derives the
     block-diagonal mask from the restarting positions); padded rows carry an attention mask."""
     width = max(len(r["input_ids"]) for r in rows)
@@ -167,18 +173,18 @@ def collate(rows, pad_id, packed, pad_to_multiple=8):
     return batch
 
 
-def supervised_tokens(batch):
+def supervised_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     """Tokens that contribute to the loss (labels are shifted inside the model: position 0 never counts)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def nonpad_fraction(rows, width):
+def nonpad_fraction(rows: Sequence[Mapping[str, Any]], width: int) -> float:
     return sum(len(r["input_ids"]) for r in rows) / max(1, width * len(rows))
 
 
 # ---------------------------------------------------------------- the dataset a run trains on
 
-def prepare_data(cfg, tokenizer):
+def prepare_data(cfg: "RunConfig", tokenizer: Any) -> PreparedData:
     """Read, check, tokenise, truncate, split and pack, following the run config. Raises DataError with the
     cause when nothing trainable is left."""
     stats = DataStats()
@@ -210,7 +216,7 @@ def prepare_data(cfg, tokenizer):
                         {"pad_id": pad_id, "packed": packed})
 
 
-def tokenize_file(path, tokenizer, cfg, stats):
+def tokenize_file(path: str, tokenizer: Any, cfg: "RunConfig", stats: DataStats) -> list[Example]:
     """The examples of a dataset mixed into the run (its own format, detected as for the main dataset)."""
     records, _, source, fmt = checked_records(path, "auto", cfg.model)
     if not records:
@@ -218,7 +224,8 @@ def tokenize_file(path, tokenizer, cfg, stats):
     return tokenize_records(records, fmt, tokenizer, cfg.max_length, stats)
 
 
-def split_eval(records, lines, fmt, cfg):
+def split_eval(records: list[dict[str, Any]], lines: list[int], fmt: str,
+               cfg: "RunConfig") -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """(train records, eval records or None): the eval_dataset file, else a seeded eval_fraction of the records."""
     if cfg.eval_dataset:
         return records, checked_records(cfg.eval_dataset, fmt, cfg.model)[0]
@@ -227,7 +234,8 @@ def split_eval(records, lines, fmt, cfg):
     return seeded_split(records, cfg.eval_fraction, cfg.seed)
 
 
-def tokenize_records(records, fmt, tokenizer, max_length, stats):
+def tokenize_records(records: Sequence[Mapping[str, Any]], fmt: str, tokenizer: Any, max_length: int,
+                     stats: DataStats) -> list[Example]:
     """Records of format `fmt` -> Examples, as training tokenises them: instruction and chat records with the prompt
     masked out of the labels, truncated to `max_length` (truncated and dropped examples counted in `stats`, a
     DataStats); text records concatenated and cut into `max_length` blocks."""
