@@ -2,12 +2,19 @@
 (finetune_launcher/engines/plain.py), or with `engine: fsdp2` torch's FSDP2 (finetune_launcher/engines/fsdp2.py);
 each with a torch AdamW (or DeepSpeed's CPU Adam with optimizer offload on GPUs). `full_state_dict` gives the savers
 whole weights whichever engine holds them."""
+from collections.abc import Iterable
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from finetune_launcher.config.settings import RunConfig
+    from finetune_launcher.task import Engine
 
-def build_engine(model, cfg, device=None, world_size=1):
+
+def build_engine(model: torch.nn.Module, cfg: "RunConfig", device: torch.device | None = None,
+                 world_size: int = 1) -> "Engine":
     """`device` and `world_size` (the rank's) are needed by the ddp and fsdp2 engines only."""
     if cfg.engine == "ddp":
         from finetune_launcher.engines.plain import PlainEngine
@@ -38,7 +45,7 @@ def build_engine(model, cfg, device=None, world_size=1):
     return engine
 
 
-def engine_name(cfg):
+def engine_name(cfg: "RunConfig") -> str:
     if cfg.engine == "ddp":
         return "ddp engine"
     if cfg.engine == "fsdp2":
@@ -46,7 +53,7 @@ def engine_name(cfg):
     return f"ZeRO-{cfg.zero_stage}{' + offload' if cfg.offload else ''}"
 
 
-def full_state_dict(engine, trainable_only):
+def full_state_dict(engine: "Engine", trainable_only: bool) -> dict[str, torch.Tensor] | None:
     """The model's weights as whole CPU tensors on rank 0 (None on the other ranks), by the model's own parameter
     names: the trainable ones only (adapters), or the whole state dict. Every rank calls it (sharded engines gather)."""
     if hasattr(engine, "full_state_dict"):
@@ -70,7 +77,7 @@ def full_state_dict(engine, trainable_only):
         return {name: p.detach().cpu().clone() for name, p in trainable.items()} if main else None
 
 
-def gather_whole_layers(model):
+def gather_whole_layers(model: torch.nn.Module) -> None:
     """ZeRO-3 gathers each decoder layer's parameters in one hook before the layer runs (DeepSpeed's leaf modules,
     as FSDP wraps per layer) instead of one hook and gather per linear: about 15 times fewer on every pass, and no
     hook inside a layer, so the layer can be compiled. Models without decoder layers (a UNet) keep per-module
@@ -84,7 +91,7 @@ def gather_whole_layers(model):
         layer.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True)
 
 
-def gather_whole_moe_blocks(model):
+def gather_whole_moe_blocks(model: torch.nn.Module) -> None:
     """ZeRO-3 gathers each sparse MoE block (router + experts) as one unit, also with zero3_gather: module. Ranks
     route their tokens to different experts; gathered expert by expert, each rank would ask for other parameters
     and the collectives would not match (DeepSpeed #5066, #7461: a hang). Inside a leaf decoder layer this changes
@@ -98,7 +105,8 @@ def gather_whole_moe_blocks(model):
         block.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True)
 
 
-def _hidden_states_require_grad(module, args, kwargs):
+def _hidden_states_require_grad(module: torch.nn.Module, args: tuple[Any, ...],
+                                kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """DeepSpeed reduces a leaf layer's gradients and releases its parameters from a full backward hook, which fires
     once the gradient of the layer's input is computed, or, for an input without grad (the first layer after frozen
     embeddings), as soon as the output's gradient arrives: before the layer's own backward, whose LoRA gradients then
@@ -115,12 +123,12 @@ def _hidden_states_require_grad(module, args, kwargs):
     return None
 
 
-def torch_adamw(params, cfg):
+def torch_adamw(params: Iterable[torch.Tensor], cfg: "RunConfig") -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              weight_decay=cfg.weight_decay, fused=torch.cuda.is_available())
 
 
-def engine_facts(engine):
+def engine_facts(engine: "Engine") -> dict[str, Any]:
     """What the engine really runs (recorded in the history, asserted by tests): ZeRO stage, offload, precision."""
     offload = engine.zero_offload_optimizer() if hasattr(engine, "zero_offload_optimizer") else None
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"

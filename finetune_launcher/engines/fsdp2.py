@@ -13,7 +13,9 @@ does); the clip runs over the sharded gradients and leaves the norm on the devic
 Checkpoints go through torch.distributed.checkpoint (DCP), which reshards on load: a run saved on 2 processes
 resumes on 1 and the reverse. best/ and final/ get whole tensors from `full_state_dict` (gathered to rank 0)."""
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,14 @@ from finetune_launcher.console import say
 from finetune_launcher.dtypes import torch_dtype
 from finetune_launcher.errors import ConfigError
 
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
+
+    from finetune_launcher.config.settings import RunConfig
+
 STATE_FILE = "fsdp2_engine.pt"  # beside DCP's files: the loop's client state
 DCP_METADATA = ".metadata"
 
@@ -29,7 +39,9 @@ DCP_METADATA = ".metadata"
 class FSDP2Engine:
     kind = "fsdp2"
 
-    def __init__(self, model, cfg, make_optimizer, device, world_size, same_start_everything=False):
+    def __init__(self, model: torch.nn.Module, cfg: "RunConfig",
+                 make_optimizer: Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer], device: torch.device,
+                 world_size: int, same_start_everything: bool = False) -> None:
         """`same_start_everything`: broadcast every weight from rank 0, not only the trainable ones (a random-init
         model differs by rank)."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -56,17 +68,17 @@ class FSDP2Engine:
 
     # ------------------------------------------------------------ the step
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
-    def at_boundary(self):
+    def at_boundary(self) -> bool:
         return (self.micro_step + 1) % self.accumulation == 0
 
-    def backward(self, loss):
+    def backward(self, loss: torch.Tensor) -> None:
         self.module.set_requires_gradient_sync(self.reduce_every_micro_batch or self.at_boundary())
         (loss / self.accumulation).backward()  # DeepSpeed's 1/accumulation (the reduce-scatter averages over ranks)
 
-    def step(self):
+    def step(self) -> None:
         if self.at_boundary():
             clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
@@ -75,36 +87,36 @@ class FSDP2Engine:
             self.optimizer.zero_grad(set_to_none=True)
         self.micro_step += 1
 
-    def get_global_grad_norm(self):
+    def get_global_grad_norm(self) -> torch.Tensor | None:
         """The last step's grad norm as a device tensor (the loop reads it with the loss, in one sync)."""
         return self._global_grad_norm
 
-    def train(self):
+    def train(self) -> None:
         self.module.train()
 
-    def eval(self):
+    def eval(self) -> None:
         self.module.eval()
 
     # ------------------------------------------------------------ what the loop and the history ask
 
-    def zero_optimization_stage(self):
+    def zero_optimization_stage(self) -> int:
         return 3  # parameters, gradients and optimizer states sharded, as ZeRO-3 shards them
 
-    def bfloat16_enabled(self):
+    def bfloat16_enabled(self) -> bool:
         return self.dtype == torch.bfloat16
 
-    def fp16_enabled(self):
+    def fp16_enabled(self) -> bool:
         return False
 
-    def zero_offload_optimizer(self):
+    def zero_offload_optimizer(self) -> bool:
         return False
 
-    def was_step_applied(self):
+    def was_step_applied(self) -> bool:
         return True
 
     # ------------------------------------------------------------ weights and checkpoints
 
-    def full_state_dict(self, trainable_only):
+    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         """Whole tensors in the run's precision on rank 0 (None on the others), gathered one at a time: the
         trainable weights only, or the whole state dict. Every rank calls it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -115,7 +127,8 @@ class FSDP2Engine:
             return None
         return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest=False, exclude_frozen_parameters=True):
+    def save_checkpoint(self, save_dir: str | Path, tag: str, client_state: dict[str, Any], save_latest: bool = False,
+                        exclude_frozen_parameters: bool = True) -> None:
         import torch.distributed.checkpoint as dcp
 
         path = Path(save_dir) / tag
@@ -123,8 +136,9 @@ class FSDP2Engine:
         if dist.get_rank() == 0:
             torch.save({"format": "finetune-launcher fsdp2 engine 1", "client_state": client_state}, path / STATE_FILE)
 
-    def load_checkpoint(self, load_dir, tag, load_optimizer_states=True, load_lr_scheduler_states=False,
-                        load_module_strict=False):
+    def load_checkpoint(self, load_dir: str | Path, tag: str, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = False,
+                        load_module_strict: bool = False) -> tuple[str, dict[str, Any]]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -140,14 +154,14 @@ class FSDP2Engine:
                        optim_state_dict=state["optimizer"], options=self.state_options(adapters_only))
         return str(path), torch.load(path / STATE_FILE, weights_only=False)["client_state"]
 
-    def sharded_state(self, adapters_only):
+    def sharded_state(self, adapters_only: bool) -> dict[str, dict[str, Any]]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optimizer = get_state_dict(self.module, self.optimizer, options=self.state_options(adapters_only))
         return {"model": model, "optimizer": optimizer}
 
     @staticmethod
-    def state_options(adapters_only):
+    def state_options(adapters_only: bool) -> "StateDictOptions":
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         return StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
@@ -155,7 +169,7 @@ class FSDP2Engine:
 
 # ---------------------------------------------------------------- the units
 
-def sharding_units(model):
+def sharding_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The submodules sharded as units of their own (the caller shards the root last): transformer blocks, a UNet's
     down, mid and up blocks, and each transformers model's input embeddings and output head (both left to the root
     when they share one weight)."""
@@ -171,7 +185,7 @@ def sharding_units(model):
     return units
 
 
-def outermost_transformers_models(model):
+def outermost_transformers_models(model: torch.nn.Module) -> list["PreTrainedModel"]:
     from transformers import PreTrainedModel
 
     found = []
@@ -182,7 +196,7 @@ def outermost_transformers_models(model):
     return [module for _, module in found]
 
 
-def embeddings_and_head(pretrained):
+def embeddings_and_head(pretrained: "PreTrainedModel") -> list[torch.nn.Module]:
     try:
         embeddings, head = pretrained.get_input_embeddings(), pretrained.get_output_embeddings()
     except (AttributeError, NotImplementedError):
@@ -192,7 +206,8 @@ def embeddings_and_head(pretrained):
     return [m for m in (embeddings, head) if m is not None and next(m.parameters(), None) is not None]
 
 
-def shard_unit(unit, model, mesh, dtype, same_start_everything):
+def shard_unit(unit: torch.nn.Module, model: torch.nn.Module, mesh: "DeviceMesh", dtype: torch.dtype,
+               same_start_everything: bool) -> None:
     """Bring the unit's own weights (those no inner unit holds yet) to the same start on every rank and to their
     dtypes -- fp32 what trains, the compute dtype what is frozen -- then shard it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -211,7 +226,7 @@ def shard_unit(unit, model, mesh, dtype, same_start_everything):
     fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=unit is not model)
 
 
-def is_sharded(param):
+def is_sharded(param: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor)
@@ -219,26 +234,26 @@ def is_sharded(param):
 
 # ---------------------------------------------------------------- bitsandbytes 4-bit weights (QLoRA)
 
-def is_4bit(param):
+def is_4bit(param: torch.Tensor) -> bool:
     return type(param).__name__ == "Params4bit"
 
 
-def four_bit_modules(model):
+def four_bit_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
 
 
-def four_bit_states(model):
+def four_bit_states(model: torch.nn.Module) -> dict[torch.nn.Module, tuple[int, Any]]:
     """{module: (a checksum of its packed NF4 bytes, its quantization state)} before sharding. The storage dtype is a
     float type only so FSDP can shard it: its bytes are not numbers. Sharding turns the weight into a plain tensor
     without bitsandbytes' quantization state."""
     return {m: (bytes_checksum(m.weight.data), m.weight.quant_state) for m in four_bit_modules(model)}
 
 
-def bytes_checksum(tensor):
+def bytes_checksum(tensor: torch.Tensor) -> int:
     return int(tensor.detach().contiguous().view(torch.uint8).sum(dtype=torch.int64))
 
 
-def prepare_4bit_weights(model, states):
+def prepare_4bit_weights(model: torch.nn.Module, states: Mapping[torch.nn.Module, tuple[int, Any]]) -> None:
     """Gather each unit holding NF4 weights once: check that sharding kept their bytes (bitsandbytes #1945 reports
     NaN bit patterns of packed bf16 storage rewritten on some paths), and give the gathered parameter -- FSDP keeps
     that object for the whole run -- its quantization state, so bitsandbytes does not wrap it anew at every forward
@@ -263,11 +278,11 @@ def prepare_4bit_weights(model, states):
         unit.reshard()
 
 
-def owning_units(model):
+def owning_units(model: torch.nn.Module) -> dict[torch.nn.Module, "FSDPModule"]:
     """{module: the innermost FSDP unit whose subtree holds it} (outer units come first in modules())."""
     from torch.distributed.fsdp import FSDPModule
 
-    owners = {}
+    owners: dict[torch.nn.Module, FSDPModule] = {}
     for unit in [m for m in model.modules() if isinstance(m, FSDPModule)]:
         owners.update({sub: unit for sub in unit.modules()})
     return owners

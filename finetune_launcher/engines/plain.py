@@ -7,12 +7,19 @@ clip, the fused AdamW and the copy back are multi-tensor kernels with the grad n
 
 It answers the loop (finetune_launcher/loop.py) and the checkpoints (finetune_launcher/checkpoint.py) like a DeepSpeed engine does:
 forward, backward, step, get_global_grad_norm, optimizer, save_checkpoint / load_checkpoint, the facts."""
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from finetune_launcher.errors import ConfigError
 from finetune_launcher.dtypes import torch_dtype
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from finetune_launcher.config.settings import RunConfig
 
 STATE_FILE = "plain_engine.pt"
 
@@ -20,7 +27,9 @@ STATE_FILE = "plain_engine.pt"
 class PlainEngine:
     kind = "ddp"
 
-    def __init__(self, model, cfg, make_optimizer, device, world_size):
+    def __init__(self, model: torch.nn.Module, cfg: "RunConfig",
+                 make_optimizer: Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer], device: torch.device,
+                 world_size: int) -> None:
         self.module, self.device, self.world_size = model, device, world_size
         self.dtype = torch_dtype(cfg.precision)
         self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
@@ -42,20 +51,20 @@ class PlainEngine:
 
     # ------------------------------------------------------------ the step
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.ddp is None:
             return self.module(*args, **kwargs)
         # DDP reduces in the backward of a forward made while this is set: only at the accumulation boundary
         self.ddp.require_backward_grad_sync = self.at_boundary() and self.module.training
         return self.ddp(*args, **kwargs)
 
-    def at_boundary(self):
+    def at_boundary(self) -> bool:
         return (self.micro_step + 1) % self.accumulation == 0
 
-    def backward(self, loss):
+    def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()  # DeepSpeed's 1/accumulation (DDP averages over ranks)
 
-    def step(self):
+    def step(self) -> None:
         if not self.at_boundary():
             self.micro_step += 1
             return
@@ -72,36 +81,36 @@ class PlainEngine:
             p.grad = None
         self.micro_step += 1
 
-    def get_global_grad_norm(self):
+    def get_global_grad_norm(self) -> torch.Tensor | None:
         """The last step's grad norm as a device tensor (the loop reads it with the loss, in one sync)."""
         return self._global_grad_norm
 
-    def train(self):
+    def train(self) -> None:
         self.module.train()
 
-    def eval(self):
+    def eval(self) -> None:
         self.module.eval()
 
     # ------------------------------------------------------------ what the loop and the history ask
 
-    def zero_optimization_stage(self):
+    def zero_optimization_stage(self) -> int:
         return 0
 
-    def bfloat16_enabled(self):
+    def bfloat16_enabled(self) -> bool:
         return self.dtype == torch.bfloat16
 
-    def fp16_enabled(self):
+    def fp16_enabled(self) -> bool:
         return False
 
-    def zero_offload_optimizer(self):
+    def zero_offload_optimizer(self) -> bool:
         return False
 
-    def was_step_applied(self):
+    def was_step_applied(self) -> bool:
         return True
 
     # ------------------------------------------------------------ weights and checkpoints (replicated: rank 0 writes)
 
-    def full_state_dict(self, trainable_only):
+    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         """The weights as CPU tensors on rank 0 (None on the others): the trainable ones only, or the whole state
         dict (see finetune_launcher.engines.full_state_dict)."""
         import torch.distributed as dist
@@ -112,7 +121,8 @@ class PlainEngine:
             return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest=False, exclude_frozen_parameters=True):
+    def save_checkpoint(self, save_dir: str | Path, tag: str, client_state: dict[str, Any], save_latest: bool = False,
+                        exclude_frozen_parameters: bool = True) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized() and dist.get_rank() != 0:
@@ -124,8 +134,9 @@ class PlainEngine:
         path.mkdir(parents=True, exist_ok=True)
         torch.save(state, path / STATE_FILE)
 
-    def load_checkpoint(self, load_dir, tag, load_optimizer_states=True, load_lr_scheduler_states=False,
-                        load_module_strict=False):
+    def load_checkpoint(self, load_dir: str | Path, tag: str, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = False,
+                        load_module_strict: bool = False) -> tuple[str, dict[str, Any]]:
         path = Path(load_dir) / tag / STATE_FILE
         if not path.is_file():
             raise ConfigError(f"{Path(load_dir)}: no {tag}/{STATE_FILE}; this checkpoint was written by the DeepSpeed "
@@ -145,7 +156,7 @@ class PlainEngine:
         return str(path), state["client_state"]
 
 
-def cast_floating_parameters(model, dtype):
+def cast_floating_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """As DeepSpeed does in bf16/fp16 mode: every floating parameter in the run's dtype (peft keeps adapters in fp32,
     k-bit preparation upcasts norms); buffers (rotary frequencies) stay as they are."""
     for p in model.parameters():
@@ -153,7 +164,7 @@ def cast_floating_parameters(model, dtype):
             p.data = p.data.to(dtype)
 
 
-def broadcast_from_rank0(params, world_size):
+def broadcast_from_rank0(params: Iterable[torch.Tensor], world_size: int) -> None:
     import torch.distributed as dist
 
     if world_size > 1:
@@ -161,7 +172,7 @@ def broadcast_from_rank0(params, world_size):
             dist.broadcast(p.data, src=0)
 
 
-def wrap_ddp(model, device):
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> "DistributedDataParallel":
     """DDP over the trainable parameters (frozen ones get no buckets); weights were broadcast already, and buffers
     are the same on every rank by construction."""
     from torch.nn.parallel import DistributedDataParallel

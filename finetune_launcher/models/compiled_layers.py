@@ -12,7 +12,7 @@ from finetune_launcher.console import say
 BACKEND_ENV = "FTL_COMPILE_BACKEND"  # inductor unless set (the CPU tests use aot_eager: same graphs, no codegen)
 
 
-def decoder_layers(model):
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's decoder layers: transformers' GradientCheckpointingLayer modules, outermost only."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -25,7 +25,7 @@ def decoder_layers(model):
     return [module for _, module in found]
 
 
-def compile_decoder_layers(model, hooks_outside=False):
+def compile_decoder_layers(model: torch.nn.Module, hooks_outside: bool = False) -> int:
     """Compile every decoder layer of `model` (a whole model, or a VL model's language model) in place
     (`nn.Module.compile`: modules, parameter names and state_dict keys stay as they are); returns how many. Call it
     after LoRA is added, so the adapters are inside the compiled graph. `hooks_outside` (ZeRO-3, whose hooks on the

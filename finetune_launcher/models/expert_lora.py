@@ -10,6 +10,8 @@ The adapter's parameters are peft's own (the ParamWrappers' lora_A / lora_B), so
 values are the same either way."""
 import types
 import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,8 +20,16 @@ from finetune_launcher.errors import ConfigError
 from finetune_launcher.models.experts import experts_modules, lora_targets
 from finetune_launcher.models.prepare import lora_config
 
+if TYPE_CHECKING:
+    from peft.tuners.lora.layer import ParamWrapper
 
-def add_expert_lora(model, cfg, targets, task_type):
+    from finetune_launcher.config.settings import RunConfig
+
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # (A, B^T, scaling): see lora_factors
+
+
+def add_expert_lora(model: torch.nn.Module, cfg: "RunConfig", targets: str | Sequence[str],
+                    task_type: str | None) -> torch.nn.Module:
     """get_peft_model for an MoE model: `targets` ("all-linear" or names) as linear-layer and expert-weight
     targets. peft's LoRA on the experts takes no dropout, so lora_dropout applies to the linear layers' LoRA only."""
     from peft import get_peft_model
@@ -39,7 +49,7 @@ def add_expert_lora(model, cfg, targets, task_type):
     return model
 
 
-def linear_lora_dropout(model, probability):
+def linear_lora_dropout(model: torch.nn.Module, probability: float) -> None:
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
     for module in model.modules():
@@ -48,7 +58,8 @@ def linear_lora_dropout(model, probability):
                 module.lora_dropout[adapter] = torch.nn.Dropout(p=probability)
 
 
-def prepare_kbit_keeping_experts(model, use_gradient_checkpointing, gradient_checkpointing_kwargs):
+def prepare_kbit_keeping_experts(model: torch.nn.Module, use_gradient_checkpointing: bool,
+                                 gradient_checkpointing_kwargs: dict[str, Any] | None) -> torch.nn.Module:
     """peft's prepare_model_for_kbit_training for an MoE model, except that the experts' fused weights stay in the
     compute dtype: bitsandbytes leaves them 16-bit (it quantizes nn.Linear only), and peft's upcast of every 16-bit
     parameter to fp32 would double the largest part of the model. Norms, embeddings and the head go to fp32 as
@@ -65,7 +76,7 @@ def prepare_kbit_keeping_experts(model, use_gradient_checkpointing, gradient_che
 
 # ---------------------------------------------------------------- moe_lora_kernel: grouped
 
-def use_grouped_expert_lora(model):
+def use_grouped_expert_lora(model: torch.nn.Module) -> int:
     """Route the LoRA of every experts module through grouped GEMMs on the activations; returns how many. Each
     experts module's outermost ParamWrapper gets the forward below; the nested ones (one per fused weight) and the
     experts module are then only read."""
@@ -80,7 +91,7 @@ def use_grouped_expert_lora(model):
     return len(outermost)
 
 
-def check_supported(experts):
+def check_supported(experts: torch.nn.Module) -> None:
     layout = {"has_gate": True, "has_bias": False, "is_transposed": False}
     differs = [name for name, value in layout.items() if getattr(experts, name, None) is not value]
     if differs or getattr(experts, "has_post_expert_norm", False) or getattr(experts, "_is_expert_parallel", False):
@@ -89,7 +100,8 @@ def check_supported(experts):
                           f"({', '.join(differs) or 'expert norm or expert parallel'}); use moe_lora_kernel: peft")
 
 
-def grouped_lora_forward(self, hidden_states, top_k_index, top_k_weights, **kwargs):
+def grouped_lora_forward(self: "ParamWrapper", hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """The forward of an experts module's outermost peft ParamWrapper under `moe_lora_kernel: grouped`."""
     chain = [self]
     while type(chain[-1].base_layer) is type(self):
@@ -101,7 +113,7 @@ def grouped_lora_forward(self, hidden_states, top_k_index, top_k_weights, **kwar
     return grouped_experts(experts, adapters, hidden_states, top_k_index, top_k_weights)
 
 
-def lora_factors(wrapper):
+def lora_factors(wrapper: "ParamWrapper") -> LoraFactors:
     """(A [experts, r, in], B^T [experts, r, out], scaling) of a ParamWrapper's active adapter (peft's layout:
     lora_A.weight [experts * r, in], expert-major; lora_B.weight [out, r * experts], expert-minor)."""
     adapter = wrapper.active_adapters[0]
@@ -111,7 +123,8 @@ def lora_factors(wrapper):
             wrapper.scaling[adapter])
 
 
-def grouped_experts(experts, adapters, hidden_states, top_k_index, top_k_weights):
+def grouped_experts(experts: torch.nn.Module, adapters: Mapping[str, LoraFactors], hidden_states: torch.Tensor,
+                    top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' grouped_mm experts forward (integrations/moe.py) with each fused weight's LoRA added on the
     activations: rows sorted by expert, one grouped GEMM per weight and two per adapter."""
     num_top_k, (num_tokens, hidden_dim) = top_k_index.size(-1), hidden_states.shape
@@ -129,7 +142,8 @@ def grouped_experts(experts, adapters, hidden_states, top_k_index, top_k_weights
     return out[order].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
-def lora_linear(rows, weight, adapter, offsets):
+def lora_linear(rows: torch.Tensor, weight: torch.Tensor, adapter: LoraFactors | None,
+                offsets: torch.Tensor) -> torch.Tensor:
     """rows @ W_e^T (+ scaling * rows @ A_e^T @ B_e^T) for each row's expert e; W: [experts, out, in]."""
     from transformers.integrations.moe import _grouped_mm
 
@@ -141,7 +155,7 @@ def lora_linear(rows, weight, adapter, offsets):
     return out + scaling * grouped_mm(low, b_t.to(weight.dtype), offsets)
 
 
-def grouped_mm(rows, weight, offsets):
+def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """transformers' grouped GEMM; its loop over experts where a row is not a multiple of 16 bytes (a LoRA rank
     below 8 in bf16), which the CUDA kernel refuses."""
     from transformers.integrations.moe import _grouped_mm

@@ -5,7 +5,13 @@ intermediate]). What a run needs to know of them: which modules are the experts 
 targets reach the experts (peft's `target_parameters`: `target_modules` reaches nn.Linear layers only).
 
 The launcher's part (`resolve_experts`) imports no torch; the rest runs on the ranks."""
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
 from finetune_launcher.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 EXPERTS = "experts"          # the module that holds the experts' fused weights, in every MoE block
 ROUTER = "gate"              # the router's module name in Qwen/Mixtral MoE blocks
@@ -19,7 +25,7 @@ EXPERT_TARGETS = {"experts": FUSED, "gate_up_proj": (GATE_UP,), "down_proj": ("d
 
 # ---------------------------------------------------------------- before launch (no torch)
 
-def resolve_experts(values, experts):
+def resolve_experts(values: Mapping[str, Any], experts: int) -> str:
     """The launcher's header line for a model with `experts` experts per MoE block (what trains, what is stored
     how); refuses the router as a LoRA target."""
     lora = values["mode"] in ("lora", "qlora")
@@ -38,33 +44,33 @@ def resolve_experts(values, experts):
     return line
 
 
-def reaches_experts(targets):
+def reaches_experts(targets: str | Sequence[str]) -> bool:
     """Whether `lora_target_modules` puts LoRA on the experts of an MoE model."""
     return targets == "all-linear" or any(expert_weights(t) for t in targets)
 
 
-def expert_weights(target):
+def expert_weights(target: str) -> tuple[str, ...]:
     """The fused expert weights a LoRA target name means (e.g. gate_proj -> gate_up_proj), () for other names."""
     return EXPERT_TARGETS.get(_short(target), ())
 
 
-def router_refusal(model):
+def router_refusal(model: str) -> str:
     return (f"key 'lora_target_modules': '{ROUTER}' is the router of {model}'s MoE blocks (mlp.gate): it stays "
             f"frozen, as the norms do (a trained router sends tokens to experts the adapter was not trained "
             f"with); remove it, or train every weight with mode: full")
 
 
-def is_router(target):
+def is_router(target: str) -> bool:
     return target.rsplit(".", 1)[-1] == ROUTER
 
 
-def _short(name):
+def _short(name: str) -> str:
     return name.rsplit(".", 1)[-1] if name.startswith(EXPERTS + ".") else name
 
 
 # ---------------------------------------------------------------- on the ranks
 
-def experts_modules(model):
+def experts_modules(model: "torch.nn.Module") -> list[tuple[str, "torch.nn.Module"]]:
     """(name, module) of each experts module: a module named `experts` that holds 3D parameters itself."""
     found = []
     for name, module in model.named_modules():
@@ -75,17 +81,17 @@ def experts_modules(model):
     return found
 
 
-def is_moe(model):
+def is_moe(model: "torch.nn.Module") -> bool:
     return bool(experts_modules(model))
 
 
-def moe_blocks(model):
+def moe_blocks(model: "torch.nn.Module") -> list["torch.nn.Module"]:
     """The sparse MoE blocks (router + experts): the parents of the experts modules."""
     names = {name.rpartition(".")[0] for name, _ in experts_modules(model)}
     return [module for name, module in model.named_modules() if name in names]
 
 
-def expert_parameters(model):
+def expert_parameters(model: "torch.nn.Module") -> list[str]:
     """The names of the experts' 3D parameters (e.g. gate_up_proj, down_proj), in the model's order."""
     names = []
     for _, module in experts_modules(model):
@@ -95,7 +101,7 @@ def expert_parameters(model):
     return names
 
 
-def linear_names(model):
+def linear_names(model: "torch.nn.Module") -> list[str]:
     """The leaf names of the nn.Linear layers outside the experts and routers (peft's "all-linear", which also leaves
     the output layer out)."""
     import torch
@@ -110,7 +116,7 @@ def linear_names(model):
     return sorted(names)
 
 
-def lora_targets(model, requested, rank, alpha):
+def lora_targets(model: "torch.nn.Module", requested: str | Sequence[str], rank: int, alpha: float) -> dict[str, Any]:
     """peft LoraConfig arguments for `requested` ("all-linear" or a list of names) on an MoE model: target_modules
     for the nn.Linear layers, target_parameters for the experts' fused weights. gate_up_proj holds two projections
     side by side: its LoRA gets rank 2r and alpha 2 alpha (rank_pattern / alpha_pattern), so each projection keeps

@@ -3,15 +3,27 @@ it loads, 16-bit or NF4, a `random:` shape built where it trains), the LoRA conf
 NF4 for modules that transformers does not load, such as a diffusers UNet), the ZeRO-3 init context, parameter
 counting, and keeping bitsandbytes from repacking 4-bit weights for its CPU kernels."""
 import copy
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from finetune_launcher.dtypes import torch_dtype
 from finetune_launcher.models.references import is_random
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations import HfDeepSpeedConfig
 
-def lora_config(cfg, target_modules, task_type=None, modules_to_save=None, target_parameters=None, **extra):
+    from finetune_launcher.config.settings import RunConfig
+
+
+def lora_config(cfg: "RunConfig", target_modules: str | Sequence[str], task_type: str | None = None,
+                modules_to_save: list[str] | None = None, target_parameters: Sequence[str] | None = None,
+                **extra: Any) -> "LoraConfig":
     """peft's LoraConfig with the run's rank, alpha and dropout for `target_modules` (peft's forms: "all-linear", a
     list of names, or a regex); `target_parameters` names parameters (such as MoE experts' fused weights) that
     take LoRA without being nn.Linear modules; `extra`: more LoraConfig fields (rank_pattern, lora_dropout, ...)."""
@@ -25,7 +37,7 @@ def lora_config(cfg, target_modules, task_type=None, modules_to_save=None, targe
                       modules_to_save=modules_to_save, bias="none", task_type=task_type, **extra)
 
 
-def nf4_config(precision, quant_storage, skip_modules=None):
+def nf4_config(precision: str, quant_storage: str, skip_modules: Sequence[str] | None = None) -> "BitsAndBytesConfig":
     """transformers' BitsAndBytesConfig: NF4 with double quantisation, computing in `precision`, storing the 4-bit
     weights as `quant_storage` (the run's resolved bnb_4bit_quant_storage); `skip_modules` stay in the compute
     dtype."""
@@ -37,7 +49,8 @@ def nf4_config(precision, quant_storage, skip_modules=None):
                               llm_int8_skip_modules=list(skip_modules) if skip_modules else None)
 
 
-def quantize_linears(module, compute_dtype, storage_dtype, device):
+def quantize_linears(module: torch.nn.Module, compute_dtype: torch.dtype, storage_dtype: torch.dtype,
+                     device: torch.device) -> torch.nn.Module:
     """Replace every nn.Linear under `module` by bitsandbytes' Linear4bit holding its weight in NF4 (double quant,
     `storage_dtype`), quantized on `device` now, as transformers' loader builds them; the 16-bit weight is released.
     For models transformers does not load (diffusers refuses to quantize without a GPU) and random: shapes."""
@@ -51,7 +64,8 @@ def quantize_linears(module, compute_dtype, storage_dtype, device):
     return module
 
 
-def linear_to_4bit(bnb, linear, compute_dtype, storage, device):
+def linear_to_4bit(bnb: Any, linear: torch.nn.Linear, compute_dtype: torch.dtype, storage: torch.dtype,
+                   device: torch.device) -> torch.nn.Module:
     quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                                   quant_storage=storage, device="meta")
@@ -63,7 +77,7 @@ def linear_to_4bit(bnb, linear, compute_dtype, storage, device):
     return quantized
 
 
-def disable_cpu_weight_repacking(model):
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
     """bitsandbytes repacks 4-bit weights in place for its CPU inference kernel on the first no-grad forward (our
     evals). The repacked layout breaks saving (state_dict asserts uint8 storage) and ZeRO-3 sharding; training
     never needs it."""
@@ -72,13 +86,13 @@ def disable_cpu_weight_repacking(model):
             module.support_avx512bf16_for_cpu = False
 
 
-def loads_partitioned(cfg):
+def loads_partitioned(cfg: "RunConfig") -> bool:
     """Whether the model is partitioned as it loads: DeepSpeed's zero.Init under ZeRO-3. Otherwise each rank loads
     it whole (QLoRA: onto its device, where bitsandbytes quantizes)."""
     return cfg.zero_stage == 3 and cfg.engine == "deepspeed"
 
 
-def zero3_init_context(cfg):
+def zero3_init_context(cfg: "RunConfig") -> "HfDeepSpeedConfig | None":
     """Keep the returned object alive as long as the model: while it exists, transformers builds models inside
     DeepSpeed's zero.Init (see loads_partitioned). None otherwise."""
     if not loads_partitioned(cfg):
@@ -88,7 +102,7 @@ def zero3_init_context(cfg):
     return HfDeepSpeedConfig(cfg.deepspeed_dict())
 
 
-def count_parameters(model):
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; ZeRO-3 partitioned parameters report their full size (ds_numel), 4-bit
     weights their unpacked size."""
     trainable = total = 0
@@ -105,7 +119,9 @@ def count_parameters(model):
 
 # ---------------------------------------------------------------- loading
 
-def load_base_model(cfg, path, auto_class, device, quantization=None):
+def load_base_model(cfg: "RunConfig", path: str | Path, auto_class: type[Any], device: torch.device,
+                    quantization: "BitsAndBytesConfig | None" = None
+                    ) -> tuple[torch.nn.Module, "HfDeepSpeedConfig | None"]:
     """(model, keepalive): the run's model from `path` through transformers' `auto_class`, in the run's precision,
     partitioned as it loads where loads_partitioned says so (keep `keepalive` as long as the model), NF4 with
     `quantization` (a BitsAndBytesConfig) for QLoRA; a `random:` shape is built where it trains, its QLoRA layers
@@ -128,7 +144,8 @@ def load_base_model(cfg, path, auto_class, device, quantization=None):
     return model, keepalive
 
 
-def random_model(path, auto_class, kwargs, device, partitioned):
+def random_model(path: str | Path, auto_class: type[Any], kwargs: dict[str, Any], device: torch.device,
+                 partitioned: bool) -> torch.nn.Module:
     """A random-init model of a real shape, built where it trains: under zero.Init (`partitioned`) it is partitioned
     as it is created; otherwise it is created directly on this rank's device."""
     from transformers import AutoConfig
@@ -140,7 +157,8 @@ def random_model(path, auto_class, kwargs, device, partitioned):
         return auto_class.from_config(model_config, **kwargs)
 
 
-def random_4bit_model(path, auto_class, quant_config, device, attn_implementation):
+def random_4bit_model(path: str | Path, auto_class: type[Any], quant_config: "BitsAndBytesConfig",
+                      device: torch.device, attn_implementation: str) -> torch.nn.Module:
     """A random-init model of the shape at `path` (config.json only) with its decoder layers' linear layers in NF4
     (`quant_config`'s compute and storage dtypes), built on `device` one decoder layer at a time: everything outside
     the decoder layers (embeddings, norm, lm_head, a vision tower) is built whole in the compute dtype, then each
@@ -172,7 +190,7 @@ def random_4bit_model(path, auto_class, quant_config, device, attn_implementatio
     return model
 
 
-def mark_4bit(model, quant_config):
+def mark_4bit(model: torch.nn.Module, quant_config: "BitsAndBytesConfig") -> None:
     """What transformers sets on a model it loads in 4 bits (peft and the HF Trainer read it)."""
     model.config.quantization_config = quant_config
     model.is_quantized, model.is_loaded_in_4bit, model.quantization_method = True, True, "bitsandbytes"
@@ -188,7 +206,7 @@ def mark_4bit(model, quant_config):
 
 
 @contextmanager
-def default_dtype(dtype):
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -15,11 +15,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, TextIO
 
 from finetune_launcher import recipe_table
 from finetune_launcher.errors import ConfigError
 from finetune_launcher.fsutil import apply_umask, built_into
 from finetune_launcher.resources import PACKAGE_DIR
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 BUILTIN_PREFIX = "builtin:"
 RANDOM_PREFIX = "random:"
@@ -32,7 +37,7 @@ class ModelReferenceError(ConfigError):
     """A `builtin:` or `random:` name that does not exist; the message lists the known ones."""
 
 
-def cache_root():
+def cache_root() -> Path:
     """FTL_CACHE_DIR, else .cache/ in the checkout, else ~/.cache/finetune-launcher for an installed package."""
     if os.environ.get("FTL_CACHE_DIR"):
         return Path(os.environ["FTL_CACHE_DIR"]).expanduser()
@@ -42,17 +47,17 @@ def cache_root():
     return Path("~/.cache/finetune-launcher").expanduser()
 
 
-def is_builtin(model_ref):
+def is_builtin(model_ref: object) -> bool:
     return isinstance(model_ref, str) and model_ref.startswith(BUILTIN_PREFIX)
 
 
-def is_random(model_ref):
+def is_random(model_ref: object) -> bool:
     return isinstance(model_ref, str) and model_ref.startswith(RANDOM_PREFIX)
 
 
 
 
-def resolve_model_path(model_ref):
+def resolve_model_path(model_ref: str) -> str:
     """Map `builtin:NAME` and `random:ARCH` to their built directories (building them once, under a lock all ranks
     share); return anything else unchanged."""
     if is_random(model_ref):
@@ -74,7 +79,8 @@ def resolve_model_path(model_ref):
     return str(target)
 
 
-def _build_outside_process_group(builder, *args, module="finetune_launcher.models.references"):
+def _build_outside_process_group(builder: str, *args: str,
+                                 module: str = "finetune_launcher.models.references") -> None:
     """Run `builder(*args)` from `module` in a fresh Python when torch.distributed is up. Whichever rank holds the
     cache lock builds, but transformers' save_pretrained silently skips the weights and config.json on every rank
     but 0 once a process group exists, which left a cache entry with only tokenizer files."""
@@ -94,7 +100,7 @@ def _build_outside_process_group(builder, *args, module="finetune_launcher.model
         raise RuntimeError(f"building {args[-1]} into the model cache failed:\n{proc.stderr[-4000:]}")
 
 
-def _locked(path):
+def _locked(path: Path) -> TextIO:
     """An exclusive lock beside `path` (a file object: use with `with`; closing it releases the lock)."""
     import fcntl
 
@@ -104,7 +110,7 @@ def _locked(path):
     return lock
 
 
-def random_shape_config(arch_key):
+def random_shape_config(arch_key: str) -> "PretrainedConfig":
     """A transformers config of the exact shape of a real architecture (from the estimator's offline table)."""
     from transformers import AutoConfig
 
@@ -127,7 +133,7 @@ def random_shape_config(arch_key):
     return AutoConfig.for_model(model_type, **{**values, **fields, **CONFIG_VALUES.get(arch_key, {})})
 
 
-def recipe_random_shapes():
+def recipe_random_shapes() -> dict[str, ModuleType]:
     """{architecture: the recipe's `random` part that builds it} (recipe table)."""
     found = {}
     for recipe in recipe_table.recipes():
@@ -136,7 +142,7 @@ def recipe_random_shapes():
     return found
 
 
-def build_random_shape(arch_key):
+def build_random_shape(arch_key: str) -> Path:
     """config.json + the tiny tokenizer (ids < 1024 are valid in every real vocabulary); no weights. A shape a
     recipe adds (its `random` part, e.g. a vision-language model's) is built by that recipe's part."""
     target = cache_root() / "models" / f"random-{arch_key}-{RANDOM_VERSION}"

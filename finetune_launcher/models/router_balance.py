@@ -7,13 +7,23 @@ and the engine then averages micro-batches and ranks, so the step's loss is sum(
 The auxiliary loss is a mean over the micro-batch's routed tokens already: it is added to each micro-batch's loss
 once, times the coefficient, and not divided by the token count, so the step optimises the token-mean loss plus
 coefficient x the mean of the micro-batches' auxiliary losses (what transformers' own loss does per forward)."""
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from finetune_launcher.console import warn
 
+if TYPE_CHECKING:
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    from finetune_launcher.config.settings import RunConfig
+    from finetune_launcher.distributed import RankContext
+
 
 class RouterBalance:
-    def __init__(self, coefficient, num_experts, top_k, device, is_main):
+    def __init__(self, coefficient: float, num_experts: int, top_k: int, device: torch.device,
+                 is_main: bool) -> None:
         self.coefficient, self.num_experts, self.top_k = coefficient, num_experts, top_k
         self.device, self.is_main = device, is_main
         self.counts = None  # [layers, experts] tokens routed since the last log, on the device (no host sync)
@@ -21,7 +31,7 @@ class RouterBalance:
         self.forwards = 0
 
     @classmethod
-    def for_model(cls, model, cfg, ctx):
+    def for_model(cls, model: torch.nn.Module, cfg: "RunConfig", ctx: "RankContext") -> "RouterBalance | None":
         """The balance of `model`'s routers, or None for a dense model. Takes the coefficient from the run config
         (router_aux_loss_coef), else from the model's config, and stops transformers from adding the auxiliary
         loss itself (it is added here, kept out of the logged loss)."""
@@ -37,7 +47,7 @@ class RouterBalance:
                 module.router_aux_loss_coef = 0.0
         return cls(coefficient, int(experts), int(config.num_experts_per_tok), ctx.device, ctx.is_main)
 
-    def loss(self, output):
+    def loss(self, output: "MoeCausalLMOutputWithPast") -> torch.Tensor:
         """The micro-batch's training loss from the model's output (run with output_router_logits=True): the token
         loss plus coefficient x the auxiliary loss. Its value is the token loss alone (what the history logs and
         eval measures); its gradient has both."""
@@ -46,7 +56,7 @@ class RouterBalance:
         return output.loss + self.coefficient * (aux - aux.detach())
 
     @torch.no_grad()
-    def record(self, router_logits, aux_loss):
+    def record(self, router_logits: Sequence[torch.Tensor], aux_loss: torch.Tensor) -> None:
         logits = torch.stack([layer.to(self.device) for layer in router_logits])  # [layers, tokens, experts]
         chosen = logits.topk(self.top_k, dim=-1).indices.reshape(len(router_logits), -1)
         if self.counts is None:
@@ -55,7 +65,7 @@ class RouterBalance:
         self.aux_sum += aux_loss.detach().double()
         self.forwards += 1
 
-    def metrics(self, step):
+    def metrics(self, step: int) -> dict[str, Any]:
         """aux_loss (mean over the interval's forwards) and expert_load {busiest, idlest} per layer (shares of the
         layer's routed tokens: 1/experts each when balanced), summed over all ranks since the last call; warns
         about experts that got no token. Every rank calls it (a collective)."""
@@ -80,7 +90,7 @@ class RouterBalance:
                                 "idlest": [round(v, 4) for v in share.min(dim=1).values.tolist()]}}
 
 
-def warn_idle(counts, step):
+def warn_idle(counts: torch.Tensor, step: int) -> None:
     idle = {layer: [e for e in range(counts.shape[1]) if counts[layer, e] == 0] for layer in range(counts.shape[0])}
     idle = {layer: experts for layer, experts in idle.items() if experts}
     if idle:
