@@ -42,7 +42,7 @@ def time_to_first_step(repo, extra, work):
     cmd = ["bash", str(Path(repo) / "launch" / "train_lora.sh"), "--output_dir", str(run_dir), "--run_name", "r",
            "--no-preflight", "--max_steps", "20", "--eval_steps", "1000", "--save_steps", "1000", *extra]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         while proc.poll() is None:
