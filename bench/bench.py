@@ -44,12 +44,12 @@ Mixture of experts (issue 30, one H200, ~7 minutes: `bash bench/moe_h200.sh`):
     python bench/bench.py --model random:qwen3-30b-a3b --seq-len 2048 --micro-batch 1 --grad-accum 4 \
         --cases ours-grouped,hf-gc,ours,hf-liger --profile ours-grouped,hf-gc --budget 450 --json OUT.json
 --profile CASE[,CASE]: those cases run 3 more steps under torch.profiler (not measured); the summary (wall vs kernel
-time, GPU busy fraction, top kernels and CPU ops, syncs and launches: finetune_launcher/profiling.py) goes into the case's row.
-FLOP accounting (MFU = model FLOPs per second / the GPU's dense bf16 peak from finetune_launcher/estimate/gpu_table.json): per token
-6N (full) or 4N (LoRA: forward 2N, input gradients 2N; frozen weights get no weight gradient) with N all
-parameters (a mixture of experts: the weights one token multiplies, its active experts, router and lm_head), plus
-attention 12 x layers x seq x the attention width (heads x head_dim; PaLM's convention, no causal discount);
-recomputation by gradient checkpointing is not counted.
+time, GPU busy fraction, top kernels and CPU ops, syncs and launches: finetune_launcher/profiling.py) goes into the
+case's row. FLOP accounting (MFU = model FLOPs per second / the GPU's dense bf16 peak from
+finetune_launcher/estimate/gpu_table.json): per token 6N (full) or 4N (LoRA: forward 2N, input gradients 2N; frozen
+weights get no weight gradient) with N all parameters (a mixture of experts: the weights one token multiplies, its
+active experts, router and lm_head), plus attention 12 x layers x seq x the attention width (heads x head_dim;
+PaLM's convention, no causal discount); recomputation by gradient checkpointing is not counted.
 """
 import argparse
 import json
@@ -327,7 +327,8 @@ def prepare_models(args, cases):
     """Build the random shapes' directories (config and tokenizer: the trainer builds the weights where it trains,
     QLoRA's 4-bit ones too) before any case, so no case's time or timeout includes them."""
     t0 = time.time()
-    code = "import sys; from finetune_launcher.models.references import resolve_model_path; [resolve_model_path(m) for m in sys.argv[1:]]"
+    code = ("import sys; from finetune_launcher.models.references import resolve_model_path; "
+            "[resolve_model_path(m) for m in sys.argv[1:]]")
     models = [args.model] + ([args.full_model] if any(c.startswith("ours-full") for c in cases) else [])
     subprocess.run([sys.executable, "-c", code, *models], cwd=REPO, check=True,
                    env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -239,7 +239,8 @@ def main():
     if args.model:  # random:ARCH: its directory (config, tokenizer, processor) now, the weights where it trains
         import subprocess
 
-        subprocess.run([sys.executable, "-c", "import sys; from finetune_launcher.models.references import resolve_model_path; "
+        subprocess.run([sys.executable, "-c",
+                        "import sys; from finetune_launcher.models.references import resolve_model_path; "
                         "resolve_model_path(sys.argv[1])", args.model], cwd=REPO, check=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
         model_dir = args.model

@@ -9,8 +9,9 @@ import sys
 
 MODULES = ["torch", "deepspeed", "deepspeed.ops.op_builder.all_ops", "deepspeed.runtime.zero.muon.muon_optimizer",
            "peft", "torch.utils.tensorboard", "matplotlib.pyplot", "transformers", "liger_kernel.transformers",
-           "triton", "bitsandbytes", "diffusers", "finetune_launcher.rank", "finetune_launcher.recipes.causal_lm.recipe",
-           "finetune_launcher.recipes.vision_language.recipe", "finetune_launcher.recipes.diffusion.recipe", "finetune_launcher.recipes.vision_language.model",
+           "triton", "bitsandbytes", "diffusers", "finetune_launcher.rank",
+           "finetune_launcher.recipes.causal_lm.recipe", "finetune_launcher.recipes.vision_language.recipe",
+           "finetune_launcher.recipes.diffusion.recipe", "finetune_launcher.recipes.vision_language.model",
            "finetune_launcher.recipes.diffusion.model", "finetune_launcher.engines", "finetune_launcher.loop"]
 
 

@@ -12,11 +12,12 @@ model shape, same data, same tokens per optimizer step.
 
 Prints and writes: median step time after the warm-up, tokens/s, peak GPU memory and the loss of every step. With
 --vl-data (a vision-language model directory, bench/bench_vl.py): AutoModelForImageTextToText and its processor,
-the rows and micro-batches our VL recipe makes (finetune_launcher/data), LoRA on the language model's linears; tokens/s counts
-the non-pad tokens of each step, image tokens included, as our trainer does. A `random:` vision-language shape is
-built on the GPU as our trainer builds it (with --qlora its language model's layers in NF4 as they are made:
-finetune_launcher/recipes/causal_lm/model.py random_4bit_model), then HF's QLoRA recipe: peft's prepare_model_for_kbit_training, LoRA,
-the Trainer with --fp16 (autocast and its GradScaler; the scale of every step is recorded) or bf16.
+the rows and micro-batches our VL recipe makes (finetune_launcher/data), LoRA on the language model's linears;
+tokens/s counts the non-pad tokens of each step, image tokens included, as our trainer does. A `random:`
+vision-language shape is built on the GPU as our trainer builds it (with --qlora its language model's layers in NF4
+as they are made: finetune_launcher/recipes/causal_lm/model.py random_4bit_model), then HF's QLoRA recipe: peft's
+prepare_model_for_kbit_training, LoRA, the Trainer with --fp16 (autocast and its GradScaler; the scale of every step
+is recorded) or bf16.
 """
 import argparse
 import json
@@ -109,7 +110,8 @@ def build_vl(args, rows_needed):
     from finetune_launcher.recipes.vision_language.batching import VLCollator
     from finetune_launcher.models.prepare import random_4bit_model
     from finetune_launcher.models.references import is_random, resolve_model_path
-    from finetune_launcher.recipes.vision_language.model import load_processor, lora_target_pattern, meta_layout, module_layout
+    from finetune_launcher.recipes.vision_language.model import (load_processor, lora_target_pattern, meta_layout,
+                                                                  module_layout)
 
     dtype = compute_dtype(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"

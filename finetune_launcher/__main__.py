@@ -1,5 +1,5 @@
-"""python -m finetune_launcher --config CONFIG [--key value ...]   (normally started by launch/train_*.sh through torchrun, with
---resolved FILE: the run config the launcher resolved once for every rank)"""
+"""python -m finetune_launcher --config CONFIG [--key value ...]   (normally started by launch/train_*.sh through
+torchrun, with --resolved FILE: the run config the launcher resolved once for every rank)"""
 import os
 import sys
 

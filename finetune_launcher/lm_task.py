@@ -28,7 +28,8 @@ class LanguageModelTask(StepTask):
         """`sampler` deals indices of `rows`; `collate_rows(rows)` -> a batch dict; `saver`: the tokenizer or
         processor saved beside the weights."""
         super().__init__(cfg, ctx, sampler, stats)
-        self.model, self.saver, self.rows, self.eval_rows, self.collate_rows = model, saver, rows, eval_rows, collate_rows
+        self.model, self.saver, self.collate_rows = model, saver, collate_rows
+        self.rows, self.eval_rows = rows, eval_rows
 
     def collate(self, group: Sequence[int], epoch: int, step_in_epoch: int, micro: int) -> dict:
         return self.collate_rows([self.rows[i] for i in group])

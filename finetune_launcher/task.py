@@ -1,7 +1,8 @@
 """The contracts of the shared training loop (loop.py): it trains a recipe's `Task`, which draws each step's
-micro-batches from a `Sampler`, on an `Engine` (DeepSpeed's, or one of finetune_launcher/engines/). `StepTask` is the half every task shares (micro-batches from the sampler,
-collated, counted on the host and copied to the device); a recipe writes the other half: how a micro-batch is
-collated and counted, its loss, its eval, and how best/ and final/ are saved."""
+micro-batches from a `Sampler`, on an `Engine` (DeepSpeed's, or one of finetune_launcher/engines/). `StepTask` is
+the half every task shares (micro-batches from the sampler, collated, counted on the host and copied to the device);
+a recipe writes the other half: how a micro-batch is collated and counted, its loss, its eval, and how best/ and
+final/ are saved."""
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable

@@ -140,12 +140,13 @@ def run_launcher(script, *args, env=None, timeout=300, umask=None, fresh=False):
 
 
 def assert_ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                                  f"STDERR:\n{proc.stderr[-6000:]}")
 
 
 def launch_here(capsys, *args, launcher=("--mode", "lora")):
-    """finetune_launcher.launch's main in this process (what launch/train_lora.sh execs; launch/train_diffusion.sh passes
-    --recipe diffusion), for checks that end before any rank starts; returns a CompletedProcess-like result."""
+    """finetune_launcher.launch's main in this process (what launch/train_lora.sh execs; launch/train_diffusion.sh
+    passes --recipe diffusion), for checks that end before any rank starts; returns a CompletedProcess-like result."""
     from types import SimpleNamespace
 
     from finetune_launcher.launch.cli import main

@@ -1,10 +1,10 @@
 """Real launches for the tests without a fresh interpreter for each. A forkserver per test worker imports the
 launcher and everything its ranks import once (torch, transformers, peft, DeepSpeed, diffusers: about 8 CPU-seconds
-a launch otherwise); each launch is a child forked from it that runs `finetune_launcher.launch`'s main with the arguments
-`launch/<script>` passes (read from the script itself), in the test's environment and working directory, its
-output in files. The launcher code, the checks, the forked ranks and the exit code are the real ones; what differs
-from `bash launch/train_*.sh` is only the interpreter start, so the tests that check the shell scripts, the console
-encoding, the umask or signals to the launcher process run them as a user would (tests.conftest.run_launcher
+a launch otherwise); each launch is a child forked from it that runs `finetune_launcher.launch`'s main with the
+arguments `launch/<script>` passes (read from the script itself), in the test's environment and working directory,
+its output in files. The launcher code, the checks, the forked ranks and the exit code are the real ones; what
+differs from `bash launch/train_*.sh` is only the interpreter start, so the tests that check the shell scripts, the
+console encoding, the umask or signals to the launcher process run them as a user would (tests.conftest.run_launcher
 decides)."""
 import multiprocessing
 import os
@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 IMPORT_TIME_ENV = ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LC_CTYPE", "LANG", "HF_HUB_OFFLINE",
                    "TRANSFORMERS_OFFLINE", "HF_HOME")
 # the launcher's modules, then what its ranks import (the same list the launcher imports before it forks)
-PRELOAD = ["tests.forkserver_init", "finetune_launcher.launch.cli", "finetune_launcher.launch.commands", "finetune_launcher.launch.prechecks",
-           "finetune_launcher.launch.preflight", "finetune_launcher.launch.signals",
+PRELOAD = ["tests.forkserver_init", "finetune_launcher.launch.cli", "finetune_launcher.launch.commands",
+           "finetune_launcher.launch.prechecks", "finetune_launcher.launch.preflight",
+           "finetune_launcher.launch.signals",
            *(module for name in recipe_table.names() for module in rank_modules(name)), *RANK_IMPORTS]
 _context = None
 

@@ -1,6 +1,7 @@
 """Where a run config comes from: the YAML file and the command line. One parser splits a command line into a
-config path, launcher options and run-config overrides; the merged values are validated against the keys' declared schemas (config/settings.py, the recipe table).
-Every error names the file and the key and says how to fix it; unknown keys are errors."""
+config path, launcher options and run-config overrides; the merged values are validated against the keys' declared
+schemas (config/settings.py, the recipe table). Every error names the file and the key and says how to fix it;
+unknown keys are errors."""
 import difflib
 import json
 from pathlib import Path
@@ -15,8 +16,9 @@ YAML, COMMAND_LINE = "yaml", "command line"
 LEVELS = {None: 0, YAML: 1, COMMAND_LINE: 2}  # a later source overrides an earlier one
 
 # Launcher-friendly spellings of a few keys.
-OVERRIDE_ALIASES = {"zero": "zero_stage", "lr": "learning_rate", "epochs": "num_epochs", "deepspeed": "deepspeed_config",
-                    "batch_size": "micro_batch_size", "grad_accum": "gradient_accumulation_steps"}
+OVERRIDE_ALIASES = {"zero": "zero_stage", "lr": "learning_rate", "epochs": "num_epochs",
+                    "deepspeed": "deepspeed_config", "batch_size": "micro_batch_size",
+                    "grad_accum": "gradient_accumulation_steps"}
 REPORT_TO_SINKS = ("tensorboard", "wandb")
 
 
@@ -194,7 +196,8 @@ def validate_schema(config, source):
         if error.validator == "required":
             lines.append(f"{error.message}: add it")
         elif key == "recipe":
-            lines.append(f"key 'recipe': unknown recipe {error.instance!r}{_suggest(str(error.instance), error.validator_value)}; "
+            hint = _suggest(str(error.instance), error.validator_value)
+            lines.append(f"key 'recipe': unknown recipe {error.instance!r}{hint}; "
                          f"known: {', '.join(error.validator_value)} (a recipe kept outside the package is registered "
                          f"with FTL_RECIPES=<module>)")
         else:

@@ -5,8 +5,9 @@ gradients and optimizer states there (a few hundred MB), yet registers a Python 
 compute in the run's dtype with fp32 master copies for the optimizer (as DeepSpeed's bf16 mode does), and the
 clip, the fused AdamW and the copy back are multi-tensor kernels with the grad norm left on the device.
 
-It answers the loop (finetune_launcher/loop.py) and the checkpoints (finetune_launcher/checkpoint.py) like a DeepSpeed engine does:
-forward, backward, step, get_global_grad_norm, optimizer, save_checkpoint / load_checkpoint, the facts."""
+It answers the loop (finetune_launcher/loop.py) and the checkpoints (finetune_launcher/checkpoint.py) like a
+DeepSpeed engine does: forward, backward, step, get_global_grad_norm, optimizer, save_checkpoint / load_checkpoint,
+the facts."""
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any

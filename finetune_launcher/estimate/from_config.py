@@ -15,7 +15,8 @@ from finetune_launcher.estimate.inputs import GIB, EstimateError, RunSpec
 from finetune_launcher.estimate.report import preflight_text
 
 MACHINE_FIELDS = ("procs_per_node", "nnodes", "gpu")  # given by the caller: the machine estimated for
-DECIDED_KEYS = ("recipe", "precision", "liger_kernel", "gradient_checkpointing", "compile_layers")  # "auto" resolved before
+# "auto" resolved before
+DECIDED_KEYS = ("recipe", "precision", "liger_kernel", "gradient_checkpointing", "compile_layers")
 
 
 def spec_from_config(config, nproc, nnodes, gpu=None):

@@ -1,9 +1,9 @@
 """The launcher behind launch/train_*.sh. Before any training process starts it resolves the run config once (YAML,
 overrides, schema, DeepSpeed file, derived choices), checks the model, the dataset and the checkpoint to resume, and
 runs the pre-flight estimate; any problem is one message and exit 2 (4 for a run that will not fit). Then it starts
-the ranks, each reading the resolved config: forked from this process on one CPU node (finetune_launcher.launch.forked), or
-with torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's own code. SIGTERM or SIGUSR1 sent to
-it reach the training ranks (see finetune_launcher.launch.signals).
+the ranks, each reading the resolved config: forked from this process on one CPU node
+(finetune_launcher.launch.forked), or with torchrun, accelerate or DeepSpeed's runner; it exits with the trainer's
+own code. SIGTERM or SIGUSR1 sent to it reach the training ranks (see finetune_launcher.launch.signals).
 
 usage: ftl train [--mode lora|qlora|full] [--recipe NAME] [CONFIG.yaml] [launcher options] [--key value ...]
        (the same: python -m finetune_launcher.launch ..., bash launch/train_<mode>.sh [CONFIG.yaml] ...)
@@ -208,8 +208,8 @@ def fork_ranks(cfg, options, resolved, env, code_file):
     from finetune_launcher.launch.forked import rank_environments
     from finetune_launcher.launch.signals import fork_and_report
 
-    print(ascii_safe(f"+ fork {cfg.procs_per_node} rank(s) of: {shlex.quote(sys.executable)} -m finetune_launcher --resolved "
-                     f"{resolved}  (torchrun's environment, master port chosen here)"), flush=True)
+    print(ascii_safe(f"+ fork {cfg.procs_per_node} rank(s) of: {shlex.quote(sys.executable)} -m finetune_launcher "
+                     f"--resolved {resolved}  (torchrun's environment, master port chosen here)"), flush=True)
     if options.get("--dry-run"):
         return exit_codes.OK
     envs = rank_environments(env, cfg.procs_per_node, options.get("--master-port") or free_port())

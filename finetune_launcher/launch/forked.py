@@ -17,15 +17,15 @@ from finetune_launcher.rank_imports import RANK_IMPORTS, leave_out_bitsandbytes
 from finetune_launcher.launch import LaunchError
 from finetune_launcher.launch.lifetime import die_with_parent, libc
 
-RANK_THREADS_ENV = "FTL_RANK_OMP_NUM_THREADS"
-RANK_ENTRY = "finetune_launcher.__main__"  # what `python -m finetune_launcher` runs  # the caller's OMP_NUM_THREADS, kept for the ranks
+RANK_THREADS_ENV = "FTL_RANK_OMP_NUM_THREADS"  # the caller's OMP_NUM_THREADS, kept for the ranks
+RANK_ENTRY = "finetune_launcher.__main__"  # what `python -m finetune_launcher` runs
 
 
 def compute_single_threaded():
     """Keep this process's OpenMP to one thread (call it before torch is imported; the ranks get the caller's
-    OMP_NUM_THREADS back, see finetune_launcher.launch.commands.launch_env). The launcher computes nothing in parallel, and must
-    not: libgomp's thread pool does not survive a fork, so a rank forked after the launcher had run a parallel region
-    on several threads would hang at its own first one."""
+    OMP_NUM_THREADS back, see finetune_launcher.launch.commands.launch_env). The launcher computes nothing in
+    parallel, and must not: libgomp's thread pool does not survive a fork, so a rank forked after the launcher had
+    run a parallel region on several threads would hang at its own first one."""
     os.environ.setdefault(RANK_THREADS_ENV, os.environ.get("OMP_NUM_THREADS", ""))
     os.environ["OMP_NUM_THREADS"] = "1"
 

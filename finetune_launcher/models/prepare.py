@@ -164,7 +164,8 @@ def random_4bit_model(path: str | Path, auto_class: type[Any], quant_config: "Bi
     the decoder layers (embeddings, norm, lm_head, a vision tower) is built whole in the compute dtype, then each
     layer is made, initialised, its linears quantised and its 16-bit weights freed before the next. At most one
     layer's 16-bit weights exist beside the 4-bit model, so no checkpoint on disk is needed (a 32B shape's 65 GB would
-    not fit the device's disk). Marked as transformers marks a 4-bit load, so peft and the HF Trainer treat it as one."""
+    not fit the device's disk). Marked as transformers marks a 4-bit load, so peft and the HF Trainer treat it as
+    one."""
     from transformers import AutoConfig
 
     dtype, storage = quant_config.bnb_4bit_compute_dtype, quant_config.bnb_4bit_quant_storage

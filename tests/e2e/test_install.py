@@ -54,8 +54,8 @@ def installed(tmp_path_factory):
     python = fresh_venv(root / "venv")
     wheel, = wheels.glob("finetune_launcher-*.whl")
     # --ignore-installed: the test environment seen through the .pth may hold an editable install of the package
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)], check=True,
-                   capture_output=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)],
+                   check=True, capture_output=True)
     return python.parent, python
 
 

@@ -1,6 +1,6 @@
 """The model cache is built by whichever rank gets its lock first, after the process group exists (a plain
-`torchrun -m finetune_launcher` on a fresh machine). transformers then writes weights only on rank 0: a build by rank 1 once
-left a cache entry with tokenizer files only, and every later load failed."""
+`torchrun -m finetune_launcher` on a fresh machine). transformers then writes weights only on rank 0: a build by
+rank 1 once left a cache entry with tokenizer files only, and every later load failed."""
 import subprocess
 import sys
 

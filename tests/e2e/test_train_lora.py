@@ -24,7 +24,8 @@ def test_default_run_exits_zero_on_an_ascii_console(default_lora_run):
 def test_eval_loss_falls_as_far_as_the_readme_says(default_lora_run):
     """README: "eval loss falls from about A to about B": the start within 10% of A, the end at most 10% above B."""
     _, run_dir = default_lora_run
-    promised = re.search(r"eval loss falls from about (\d+(?:\.\d+)?) to about (\d+(?:\.\d+)?)", (REPO / "README.md").read_text())
+    promised = re.search(r"eval loss falls from about (\d+(?:\.\d+)?) to about (\d+(?:\.\d+)?)",
+                         (REPO / "README.md").read_text())
     start, end = float(promised.group(1)), float(promised.group(2))
     evals = read_history(run_dir)["evals"]
     assert evals[0]["step"] == 0, "the baseline eval runs before training"

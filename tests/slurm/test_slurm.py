@@ -223,14 +223,14 @@ def test_preflight_at_submit_refuses_a_run_that_cannot_fit_before_it_queues(tmp_
     GPU (FSDP2, engine auto's choice there, fits)."""
     args = ["--config", "configs/qwen3-30b_full_zero3.yaml", "--nodes", "1", "--gpus-per-node", "8", "--gpu",
             "H100-80GB", "--output_dir", str(tmp_path), "--engine", "deepspeed"]
-    refused = subprocess.run([sys.executable, "-m", "finetune_launcher.submit", *args], cwd=REPO, env=job_env(os.environ),
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run([sys.executable, "-m", "finetune_launcher.submit", *args], cwd=REPO,
+                             env=job_env(os.environ), capture_output=True, text=True, timeout=60)
     assert refused.returncode == 4, refused.stdout + refused.stderr
     assert "DOES NOT FIT" in refused.stderr and "nothing was submitted" in refused.stderr, refused.stderr
     assert "suggested fix" in refused.stderr and refused.stdout == ""
     assert not (tmp_path / "qwen3-30b_full_zero3").exists()
-    forced = subprocess.run([sys.executable, "-m", "finetune_launcher.submit", *args, "--force", "--launcher", "accelerate",
-                             "--dry-run"], cwd=REPO, env=job_env(os.environ), capture_output=True, text=True,
+    forced = subprocess.run([sys.executable, "-m", "finetune_launcher.submit", *args, "--force",
+                             "--launcher", "accelerate", "--dry-run"], cwd=REPO, env=job_env(os.environ), capture_output=True, text=True,
                             timeout=60)
     assert forced.returncode == 0, forced.stderr
     assert "FTL_ARGS=(--mode full --launcher accelerate --force " in forced.stdout, forced.stdout

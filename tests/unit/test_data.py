@@ -5,8 +5,8 @@ import pytest
 from finetune_launcher.config import RunConfig
 from finetune_launcher.data.prompts import render_instruction_prompt
 from finetune_launcher.data.records import DataError, detect_format
-from finetune_launcher.data.text import (IGNORE_INDEX, Example, collate, make_rows, pack_examples, prepare_data, tokenize_chat,
-                             tokenize_instructions)
+from finetune_launcher.data.text import (IGNORE_INDEX, Example, collate, make_rows, pack_examples, prepare_data,
+                                         tokenize_chat, tokenize_instructions)
 
 
 def config_for(path, **extra):

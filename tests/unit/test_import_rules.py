@@ -99,5 +99,6 @@ def test_the_recipe_table_imports_nothing_of_the_package_and_no_torch():
 def test_nothing_on_a_rank_imports_the_launcher():
     rank = {name: targets for name, targets in imports().items()
             if any(name == f"{PACKAGE}.{part}" or name.startswith(f"{PACKAGE}.{part}.") for part in RANK_SIDE)}
-    offenders = {name: sorted(t for t in targets if t.startswith(f"{PACKAGE}.launch")) for name, targets in rank.items()}
+    offenders = {name: sorted(t for t in targets if t.startswith(f"{PACKAGE}.launch"))
+                 for name, targets in rank.items()}
     assert {k: v for k, v in offenders.items() if v} == {}

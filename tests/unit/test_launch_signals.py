@@ -1,7 +1,8 @@
-"""SIGTERM / SIGUSR1 sent to the launcher (finetune_launcher.launch) reach the training ranks, not the launcher tool between
-them; inside a Slurm step the launcher ignores both. Run with a stand-in for torchrun: a tool that starts two
-"ranks" in sessions of their own (as torchrun does), each with a handler installed only after a delay (the trainer's
-imports) and a helper child that handles the signals too (like a forked data loader worker) and must not get them."""
+"""SIGTERM / SIGUSR1 sent to the launcher (finetune_launcher.launch) reach the training ranks, not the launcher tool
+between them; inside a Slurm step the launcher ignores both. Run with a stand-in for torchrun: a tool that starts
+two "ranks" in sessions of their own (as torchrun does), each with a handler installed only after a delay (the
+trainer's imports) and a helper child that handles the signals too (like a forked data loader worker) and must not
+get them."""
 import os
 import signal
 import subprocess
@@ -108,8 +109,8 @@ def test_the_trainer_records_its_code_for_the_launcher(tmp_path, monkeypatch):
     assert exit_for_launcher(3, False) == 0 and (tmp_path / "code").read_text() == "3\n"
 
 
-# The default on one node: ranks forked from the launcher (finetune_launcher.launch.forked), here with a stand-in for the
-# trainer's main that installs its handler after a delay (its model load) and records what reached it.
+# The default on one node: ranks forked from the launcher (finetune_launcher.launch.forked), here with a stand-in
+# for the trainer's main that installs its handler after a delay (its model load) and records what reached it.
 FORKED_LAUNCHER = r"""
 import os, signal, sys, tempfile, time
 import finetune_launcher.__main__ as trainer

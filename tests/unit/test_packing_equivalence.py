@@ -6,7 +6,8 @@ from finetune_launcher.data.text import IGNORE_INDEX, Example, collate, make_row
 
 
 def _examples(tokenizer):
-    texts = [("### Instruction:\nSort.\n\n### Response:\n", "1 2 3"), ("### Instruction:\nSay hi.\n\n### Response:\n", "hi"),
+    texts = [("### Instruction:\nSort.\n\n### Response:\n", "1 2 3"),
+             ("### Instruction:\nSay hi.\n\n### Response:\n", "hi"),
              ("### Instruction:\nReverse the words.\n\n### Context:\nred blue\n\n### Response:\n", "blue red")]
     examples = []
     for prompt, response in texts:

@@ -19,7 +19,8 @@ def test_bitsandbytes_looks_absent_outside_qlora(monkeypatch, mode, left_out):
 
 
 def test_peft_loads_without_bitsandbytes_after_it_is_left_out():
-    code = ("import sys; from types import SimpleNamespace; from finetune_launcher.rank_imports import leave_out_bitsandbytes; "
+    code = ("import sys; from types import SimpleNamespace; "
+            "from finetune_launcher.rank_imports import leave_out_bitsandbytes; "
             "leave_out_bitsandbytes(SimpleNamespace(mode='lora')); import peft.tuners.lora; "
             "from peft.import_utils import is_bnb_available; "
             "assert not is_bnb_available() and sys.modules['bitsandbytes'] is None; "

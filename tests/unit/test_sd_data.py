@@ -13,8 +13,8 @@ from PIL import Image
 from tests.conftest import REPO
 from finetune_launcher.data.records import DataError
 from finetune_launcher.data.sampling import ShardedSampler
-from finetune_launcher.recipes.diffusion.data import (eval_batches, image_to_pixels, load_image_captions, read_imagefolder,
-                                                      training_batch)
+from finetune_launcher.recipes.diffusion.data import (eval_batches, image_to_pixels, load_image_captions,
+                                                      read_imagefolder, training_batch)
 
 SHIPPED = REPO / "data" / "tiny_sd"
 

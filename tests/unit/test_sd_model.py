@@ -10,8 +10,8 @@ from finetune_launcher import recipe_table
 from finetune_launcher.recipes.diffusion.data import eval_batches, load_image_captions, training_batch
 from finetune_launcher.recipes.diffusion.model import (DiffusionModelError, fuse_lora_into_pipeline, load_diffusion,
                                     save_diffusion_lora)
-from finetune_launcher.recipes.diffusion.objective import (LatentCache, ObjectiveError, latent_parameters, per_sample_loss,
-                                              training_loss, validation_loss)
+from finetune_launcher.recipes.diffusion.objective import (LatentCache, ObjectiveError, latent_parameters,
+                                                           per_sample_loss, training_loss, validation_loss)
 from finetune_launcher.recipes.diffusion.sampling import sample_images, save_grid
 from finetune_launcher.models.references import resolve_model_path
 from finetune_launcher.recipes.diffusion.tiny import build_tiny_sd

@@ -201,7 +201,8 @@ def test_max_and_min_pixels_bound_the_image_tokens(tiny_vl_path, tmp_path):
 
     image = copy_image(tmp_path)  # 64x64
     path = write_rows(tmp_path / "d.jsonl", [image_row(image)])
-    for bounds, tokens in (({}, 16), ({"max_pixels": 32 * 32}, 4), ({"min_pixels": 128 * 128, "max_pixels": 128 * 128}, 64)):
+    cases = (({}, 16), ({"max_pixels": 32 * 32}, 4), ({"min_pixels": 128 * 128, "max_pixels": 128 * 128}, 64))
+    for bounds, tokens in cases:
         processor = load_processor(vl_settings(**bounds))
         (row,), _ = load_vl_rows(path, processor, 512)
         batch = VLCollator(processor)([row])

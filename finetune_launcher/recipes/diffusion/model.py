@@ -3,11 +3,11 @@ encoder frozen (optionally LoRA on the text encoder), and the LoRA saved in diff
 
 QLoRA: diffusers' BitsAndBytesConfig refuses to load without a GPU, so the UNet is loaded in the compute dtype and
 its nn.Linear layers are replaced by bitsandbytes' Linear4bit (NF4, double quant, the resolved storage dtype),
-quantized when moved to the device: the same path on the CPU and on CUDA. Then peft's k-bit preparation (base frozen, non-4-bit weights upcast
-to fp32) and LoRA adapters in fp32.
-ZeRO-3: diffusers' from_pretrained knows no zero.Init (unlike transformers with HfDeepSpeedConfig); the UNet is
-loaded whole on each rank and DeepSpeed partitions it when the engine is built. diffusers' own training scripts do
-the same, and keep the frozen VAE out of zero.Init so it can run outside the engine.
+quantized when moved to the device: the same path on the CPU and on CUDA. Then peft's k-bit preparation (base
+frozen, non-4-bit weights upcast to fp32) and LoRA adapters in fp32. ZeRO-3: diffusers' from_pretrained knows no
+zero.Init (unlike transformers with HfDeepSpeedConfig); the UNet is loaded whole on each rank and DeepSpeed
+partitions it when the engine is built. diffusers' own training scripts do the same, and keep the frozen VAE out of
+zero.Init so it can run outside the engine.
 """
 from dataclasses import dataclass
 from pathlib import Path

@@ -2,9 +2,9 @@
 epsilon or v-prediction target from the scheduler's config, per-sample MSE with optional min-SNR weighting and
 noise offset; a deterministic validation loss; and sample images for fixed prompts and seeds as one PNG grid.
 
-`model` below is a finetune_launcher.recipes.diffusion.model.DiffusionModel, or the DeepSpeed engine wrapping one (called as
-model(noisy_latents, timesteps, input_ids) -> prediction). Random numbers come from CPU generators seeded by the
-caller, so a step's noise is the same on any device and after a resume.
+`model` below is a finetune_launcher.recipes.diffusion.model.DiffusionModel, or the DeepSpeed engine wrapping one
+(called as model(noisy_latents, timesteps, input_ids) -> prediction). Random numbers come from CPU generators seeded
+by the caller, so a step's noise is the same on any device and after a resume.
 """
 import hashlib
 import json

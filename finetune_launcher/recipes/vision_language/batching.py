@@ -1,5 +1,5 @@
-"""Micro-batches of vision-language rows (from finetune_launcher/recipes/vision_language/data.py, whose docstring says why batches are
-length-grouped rather than packed, and why a micro-batch without images gets a blank one)."""
+"""Micro-batches of vision-language rows (from finetune_launcher/recipes/vision_language/data.py, whose docstring says
+why batches are length-grouped rather than packed, and why a micro-batch without images gets a blank one)."""
 import torch
 
 from finetune_launcher.data.prepared import row_length

@@ -4,8 +4,8 @@ QLoRA), top to bottom: setup (processor, image + text rows, model, engine), the 
     bash launch/train_lora.sh configs/tiny_vl_lora.yaml     (train_qlora.sh, train_full.sh; --zero 3, ...)
 
 The vision tower and its merger stay frozen unless train_merger / lora_vision say otherwise; micro-batches are
-length-grouped (finetune_launcher/recipes/vision_language/data.py says why not packed) and a micro-batch without any image carries a
-blank one, so every rank runs the vision tower at every step (ZeRO-3 gathers are collective).
+length-grouped (finetune_launcher/recipes/vision_language/data.py says why not packed) and a micro-batch without any
+image carries a blank one, so every rank runs the vision tower at every step (ZeRO-3 gathers are collective).
 """
 from finetune_launcher.console import say, warn
 from finetune_launcher.data.prepared import rank_rows
