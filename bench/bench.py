@@ -53,16 +53,15 @@ PaLM's convention, no causal discount); recomputation by gradient checkpointing 
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlib import (REPO, launch_decisions, log_tail, measured, predict, run_hf_baseline,  # noqa: E402
-                            run_launcher, versions, write_instruction_corpus, write_json, write_text_corpus)
+from bench.benchlib import (REPO, build_models, launch_decisions, log_tail, measured, predict,  # noqa: E402
+                            record_case, run_hf_baseline, run_launcher, versions, write_instruction_corpus, write_json,
+                            write_text_corpus)
 from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 from finetune_launcher.profiling import PROFILE_ENV, STEPS_ENV  # noqa: E402
 
@@ -324,15 +323,9 @@ def packed_corpus(args):
 
 
 def prepare_models(args, cases):
-    """Build the random shapes' directories (config and tokenizer: the trainer builds the weights where it trains,
-    QLoRA's 4-bit ones too) before any case, so no case's time or timeout includes them."""
-    t0 = time.time()
-    code = ("import sys; from finetune_launcher.models.references import resolve_model_path; "
-            "[resolve_model_path(m) for m in sys.argv[1:]]")
+    """The random shapes' directories before any case (QLoRA's 4-bit weights too are built where it trains)."""
     models = [args.model] + ([args.full_model] if any(c.startswith("ours-full") for c in cases) else [])
-    subprocess.run([sys.executable, "-c", code, *models], cwd=REPO, check=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
-    print(f"models ready ({time.time() - t0:.0f} s)", flush=True)
+    print(f"models ready ({build_models(models):.0f} s)", flush=True)
 
 
 def reuse(args):
@@ -382,14 +375,7 @@ def main():
             print(f"[{i}/{len(cases)}] {name}: {rows[-1]['skipped']}", flush=True)
             continue
         print(f"[{i}/{len(cases)}] {name} ... ({time.time() - started:.0f} s so far)", flush=True)
-        row = run[name](int(min(args.case_timeout, left)))
-        rows.append(row)
-        status = (f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_time_s']:.3f} s/step" if "tokens_per_s" in row
-                  else f"FAILED (exit {row['exit_code']})\n{row.get('error', '')}")
-        print(ascii_safe(f"[{i}/{len(cases)}] {name}: {status} ({row['wall_s']:.0f} s)"), flush=True)
-        if args.json:
-            write_json({"command": " ".join(sys.argv), "partial": True, "device": device.name, "settings": vars(args),
-                        "cases": rows}, args.json)
+        record_case(rows, run[name](int(min(args.case_timeout, left))), f"[{i}/{len(cases)}] {name}", args, device)
     rows = add_ratios(add_estimates(rows, device), args, device)
     print(ascii_safe(render(rows, args, device)))
     if args.json:

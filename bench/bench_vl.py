@@ -24,7 +24,6 @@ Beside `ours`: the estimator's cold prediction for that run config.
 """
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlib import (REPO, launch_decisions, log_tail, measured, one_token_words, predict,  # noqa: E402
-                            run_hf_baseline, run_launcher, versions, write_json)
+from bench.benchlib import (REPO, build_models, launch_decisions, log_tail, measured, one_token_words,  # noqa: E402
+                            predict, record_case, run_hf_baseline, run_launcher, versions, write_json)
 from finetune_launcher.console import ascii_safe, make_console_safe  # noqa: E402
 
 WARMUP = 3
@@ -237,12 +236,7 @@ def main():
 
     device = detect_device(1)
     if args.model:  # random:ARCH: its directory (config, tokenizer, processor) now, the weights where it trains
-        import subprocess
-
-        subprocess.run([sys.executable, "-c",
-                        "import sys; from finetune_launcher.models.references import resolve_model_path; "
-                        "resolve_model_path(sys.argv[1])", args.model], cwd=REPO, check=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        build_models([args.model])
         model_dir = args.model
     else:
         model_dir = build_model(args)
@@ -253,13 +247,7 @@ def main():
     for name in args.cases.split(","):
         row = run_ours(args, model_dir, args.case_timeout) if name == "ours" else \
             run_hf(args, model_dir, name, args.case_timeout)
-        rows.append(row)
-        status = (f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_time_s']:.3f} s/step" if "tokens_per_s" in row
-                  else f"FAILED (exit {row['exit_code']})\n{row.get('error', '')}")
-        print(ascii_safe(f"{name}: {status} ({row['wall_s']:.0f} s)"), flush=True)
-        if args.json:
-            write_json({"command": " ".join(sys.argv), "partial": True, "device": device.name, "settings": vars(args),
-                        "cases": rows}, args.json)
+        record_case(rows, row, name, args, device)
     rows = add_estimates(rows, device)
     by_name = {r["case"]: r for r in rows}
     for r in rows:

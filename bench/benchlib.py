@@ -224,6 +224,18 @@ def build_models(models):
     return time.time() - t0
 
 
+def record_case(rows, row, label, args, device):
+    """Add a finished case's row, print its one-line result and rewrite the partial --json, so a run cut short by its
+    time limit still leaves every finished case behind."""
+    rows.append(row)
+    status = (f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_time_s']:.3f} s/step" if "tokens_per_s" in row
+              else f"FAILED (exit {row['exit_code']})\n{row.get('error', '')}")
+    print(ascii_safe(f"{label}: {status} ({row['wall_s']:.0f} s)"), flush=True)
+    if args.json:
+        write_json({"command": " ".join(sys.argv), "partial": True, "device": device.name, "settings": vars(args),
+                    "cases": rows}, args.json)
+
+
 def this_machine_gpus():
     """The GPUs of this machine (nvidia-smi, without starting CUDA here): 0 on a CPU machine."""
     from finetune_launcher.config.machine import detect

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from finetune_launcher.console import say
-from finetune_launcher.dtypes import torch_dtype
+from finetune_launcher.engines.torch_engine import TorchEngine
 from finetune_launcher.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ STATE_FILE = "fsdp2_engine.pt"  # beside DCP's files: the loop's client state
 DCP_METADATA = ".metadata"
 
 
-class FSDP2Engine:
+class FSDP2Engine(TorchEngine):
     kind = "fsdp2"
 
     def __init__(self, model: torch.nn.Module, cfg: "RunConfig",
@@ -46,9 +46,7 @@ class FSDP2Engine:
         model differs by rank)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        self.module, self.device, self.world_size = model, device, world_size
-        self.dtype = torch_dtype(cfg.precision)
-        self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
+        super().__init__(model, cfg, device, world_size)
         # Skipping the reduce-scatter keeps a micro-batch's gradients unsharded (fp32) until the step's last one:
         # a few MB of adapters, but for a full fine-tune the whole model's, which sharding exists to avoid.
         self.reduce_every_micro_batch = cfg.mode == "full"
@@ -63,16 +61,8 @@ class FSDP2Engine:
             f"{'es' if world_size > 1 else ''} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params)
-        self.micro_step = 0
-        self._global_grad_norm = None
 
     # ------------------------------------------------------------ the step
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    def at_boundary(self) -> bool:
-        return (self.micro_step + 1) % self.accumulation == 0
 
     def backward(self, loss: torch.Tensor) -> None:
         self.module.set_requires_gradient_sync(self.reduce_every_micro_batch or self.at_boundary())
@@ -80,39 +70,14 @@ class FSDP2Engine:
 
     def step(self) -> None:
         if self.at_boundary():
-            clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm(), foreach=True)
             self._global_grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.micro_step += 1
 
-    def get_global_grad_norm(self) -> torch.Tensor | None:
-        """The last step's grad norm as a device tensor (the loop reads it with the loss, in one sync)."""
-        return self._global_grad_norm
-
-    def train(self) -> None:
-        self.module.train()
-
-    def eval(self) -> None:
-        self.module.eval()
-
-    # ------------------------------------------------------------ what the loop and the history ask
-
     def zero_optimization_stage(self) -> int:
         return 3  # parameters, gradients and optimizer states sharded, as ZeRO-3 shards them
-
-    def bfloat16_enabled(self) -> bool:
-        return self.dtype == torch.bfloat16
-
-    def fp16_enabled(self) -> bool:
-        return False
-
-    def zero_offload_optimizer(self) -> bool:
-        return False
-
-    def was_step_applied(self) -> bool:
-        return True
 
     # ------------------------------------------------------------ weights and checkpoints
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune_launcher.engines.torch_engine import TorchEngine
 from finetune_launcher.errors import ConfigError
-from finetune_launcher.dtypes import torch_dtype
 
 if TYPE_CHECKING:
     from torch.nn.parallel import DistributedDataParallel
@@ -25,15 +25,13 @@ if TYPE_CHECKING:
 STATE_FILE = "plain_engine.pt"
 
 
-class PlainEngine:
+class PlainEngine(TorchEngine):
     kind = "ddp"
 
     def __init__(self, model: torch.nn.Module, cfg: "RunConfig",
                  make_optimizer: Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer], device: torch.device,
                  world_size: int) -> None:
-        self.module, self.device, self.world_size = model, device, world_size
-        self.dtype = torch_dtype(cfg.precision)
-        self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
+        super().__init__(model, cfg, device, world_size)
         cast_floating_parameters(model, self.dtype)
         model.to(device)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -47,8 +45,6 @@ class PlainEngine:
                 master.grad = torch.zeros_like(master)
         self.optimizer = make_optimizer(self.masters)
         self.ddp = wrap_ddp(model, device) if world_size > 1 else None
-        self.micro_step = 0
-        self._global_grad_norm = None
 
     # ------------------------------------------------------------ the step
 
@@ -58,9 +54,6 @@ class PlainEngine:
         # DDP reduces in the backward of a forward made while this is set: only at the accumulation boundary
         self.ddp.require_backward_grad_sync = self.at_boundary() and self.module.training
         return self.ddp(*args, **kwargs)
-
-    def at_boundary(self) -> bool:
-        return (self.micro_step + 1) % self.accumulation == 0
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()  # DeepSpeed's 1/accumulation (DDP averages over ranks)
@@ -72,8 +65,7 @@ class PlainEngine:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.masters is not self.params:
             torch._foreach_copy_([m.grad for m in self.masters], grads)
-        clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        self._global_grad_norm = torch.nn.utils.clip_grad_norm_(self.masters, clip, foreach=True)
+        self._global_grad_norm = torch.nn.utils.clip_grad_norm_(self.masters, self.clip_norm(), foreach=True)
         self.optimizer.step()
         if self.masters is not self.params:
             with torch.no_grad():
@@ -82,32 +74,8 @@ class PlainEngine:
             p.grad = None
         self.micro_step += 1
 
-    def get_global_grad_norm(self) -> torch.Tensor | None:
-        """The last step's grad norm as a device tensor (the loop reads it with the loss, in one sync)."""
-        return self._global_grad_norm
-
-    def train(self) -> None:
-        self.module.train()
-
-    def eval(self) -> None:
-        self.module.eval()
-
-    # ------------------------------------------------------------ what the loop and the history ask
-
     def zero_optimization_stage(self) -> int:
         return 0
-
-    def bfloat16_enabled(self) -> bool:
-        return self.dtype == torch.bfloat16
-
-    def fp16_enabled(self) -> bool:
-        return False
-
-    def zero_offload_optimizer(self) -> bool:
-        return False
-
-    def was_step_applied(self) -> bool:
-        return True
 
     # ------------------------------------------------------------ weights and checkpoints (replicated: rank 0 writes)
 

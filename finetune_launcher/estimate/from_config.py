@@ -11,7 +11,7 @@ from finetune_launcher.console import ascii_safe
 from finetune_launcher.estimate.calibration import load_calibration
 from finetune_launcher.estimate.devices import detect_device, resolve_device
 from finetune_launcher.estimate.estimator import estimate, estimate_part
-from finetune_launcher.estimate.inputs import GIB, EstimateError, RunSpec
+from finetune_launcher.estimate.inputs import EstimateError, RunSpec
 from finetune_launcher.estimate.report import preflight_text
 
 MACHINE_FIELDS = ("procs_per_node", "nnodes", "gpu")  # given by the caller: the machine estimated for

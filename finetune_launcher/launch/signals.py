@@ -7,7 +7,6 @@ import functools
 import os
 import signal
 import subprocess
-import sys
 
 from finetune_launcher.launch.forked import start_forked_ranks
 from finetune_launcher.launch.lifetime import die_with_parent, libc

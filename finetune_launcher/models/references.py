@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from finetune_launcher import recipe_table
 from finetune_launcher.errors import ConfigError
-from finetune_launcher.fsutil import apply_umask, built_into
+from finetune_launcher.fsutil import built_into
 from finetune_launcher.resources import PACKAGE_DIR
 
 if TYPE_CHECKING:

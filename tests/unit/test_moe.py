@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune_launcher.errors import ConfigError
 from tests.conftest import assert_refused_before_launch, launch_here, resolve
 
 MOE_LORA = "configs/tiny_moe_lora.yaml"
