@@ -38,18 +38,23 @@ def _corpus_lines():
 
 
 def train_tokenizer(vocab_size):
+    return train_bpe_tokenizer(_corpus_lines(), vocab_size, SPECIAL_TOKENS, eos="<|endoftext|>", pad="<|endoftext|>",
+                               chat_template=TINY_CHAT_TEMPLATE)
+
+
+def train_bpe_tokenizer(lines, vocab_size, special_tokens, eos, pad, chat_template):
+    """A byte-level BPE tokenizer trained on `lines` (the embedded models' own; no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(_corpus_lines(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", bos_token=None)
-    fast.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.train_from_iterator(lines, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=pad, bos_token=None)
+    fast.chat_template = chat_template
     return fast
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from finetune_launcher.fsutil import built_into
 from finetune_launcher.resources import resource
-from finetune_launcher.recipes.causal_lm.tiny import _corpus_lines
+from finetune_launcher.recipes.causal_lm.tiny import _corpus_lines, train_bpe_tokenizer
 from finetune_launcher.recipes.vision_language.estimate_table import VL_ARCHITECTURES
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -55,19 +55,8 @@ def _vl_corpus_lines():
 
 
 def train_vl_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(_vl_corpus_lines(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None)
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return train_bpe_tokenizer(_vl_corpus_lines(), VOCAB_SIZE, SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>",
+                               chat_template=CHAT_TEMPLATE)
 
 
 def vl_config(kind, tokenizer, text=None, vision=None, rope_theta=10000.0, mrope_section=(8, 4, 4),
