@@ -69,20 +69,12 @@ def build(config, kernel, args, device, dtype):
 
 def step(model, batch, device):
     """(seconds, bytes kept for the backward beyond the parameters, logits, LoRA gradients)."""
-    import torch
+    from finetune_launcher.profiling import kept_for_backward
 
     model.zero_grad(set_to_none=True)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in params:
-            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     sync(device)
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with kept_for_backward(model) as kept:
         out = model(**batch)
     out.loss.backward()
     sync(device)

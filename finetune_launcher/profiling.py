@@ -3,7 +3,8 @@ steps, summarised into one small JSON: wall time against the time the GPU ran ke
 kernels and the CPU-side ops that cost most, and the host-device synchronisations and launches counted.
 
 The trainer profiles when FTL_PROFILE_JSON names the output file (rank 0 only), over the steps FTL_PROFILE_STEPS
-("first-last", default "4-6"); tools/hf_baseline.py uses the same summary."""
+("first-last", default "4-6"); tools/hf_baseline.py uses the same summary. `kept_for_backward` measures what
+autograd keeps for the backward (the estimator's activation terms are checked against it)."""
 import contextlib
 import json
 import os
@@ -56,6 +57,22 @@ class StepProfiler:
         self.profile.__exit__(None, None, None)
         write_summary(self.path, summarize(self.profile, wall, self.last - self.first + 1))
         self.profile = None
+
+
+@contextlib.contextmanager
+def kept_for_backward(module):
+    """Counts the bytes autograd keeps for the backward of what runs inside the block, each storage once and
+    `module`'s parameters left out. Yields a dict (storage -> bytes): sum its values after the block."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield kept
 
 
 def synchronize():

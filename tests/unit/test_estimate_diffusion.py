@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import peak_of
+from finetune_launcher.profiling import kept_for_backward
 from finetune_launcher.estimate import RunSpec, calibrate_from_history, estimate
 from finetune_launcher.recipes.diffusion.estimate import load_pipeline
 from finetune_launcher.recipes.diffusion.estimate_meta import lora_counts, pipeline_counts
@@ -76,21 +77,13 @@ def real_step(checkpointing, dropout, flops=False):
         unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad])
-    skip = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-    sizes = {}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in skip:
-            sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     counter = FlopCounterMode(display=False)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         with torch.no_grad():
             latents = vae.encode(torch.randn(2, 3, 64, 64)).latent_dist.sample()
             states = text(torch.zeros(2, 77, dtype=torch.long))[0]
         with counter if flops else torch.enable_grad():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with kept_for_backward(unet) as sizes:
                 prediction = unet(latents, torch.tensor([10, 500]), states).sample
             forward = counter.get_total_flops()
             torch.nn.functional.mse_loss(prediction, torch.randn_like(prediction)).backward()

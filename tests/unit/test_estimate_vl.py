@@ -67,17 +67,11 @@ def test_image_tokens_equal_the_image_processor(patch, size, bounds):
 
 def saved_bytes(module, *inputs):
     """Bytes autograd keeps for backward in one forward (each storage once, parameters left out)."""
-    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    sizes = {}
+    from finetune_launcher.profiling import kept_for_backward
 
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in skip:
-            sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with kept_for_backward(module) as kept:
         module(*inputs)
-    return sum(sizes.values())
+    return sum(kept.values())
 
 
 @pytest.mark.parametrize("train_merger", [False, True])

@@ -256,16 +256,10 @@ def test_the_estimate_counts_the_adapter_the_trainer_adds(tiny_moe_path, targets
     assert count_params(load_architecture(tiny_moe_path), spec).lora == trained
 
 
-def kept_for_backward(model, inputs):
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
+def kept_bytes(model, inputs):
+    from finetune_launcher.profiling import kept_for_backward
 
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in params:
-            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with kept_for_backward(model) as kept:
         model(**inputs)
     return sum(kept.values())
 
@@ -279,8 +273,8 @@ def test_the_estimate_counts_the_expert_weight_peft_keeps_for_the_backward(tiny_
     from finetune_launcher.estimate.activations import activation_shape, expert_lora_weight_bytes
 
     inputs = batch(rows=2, length=128)
-    measured = (kept_for_backward(with_lora(tiny_moe_path, moe_lora_kernel="peft"), inputs)
-                - kept_for_backward(with_lora(tiny_moe_path, moe_lora_kernel="grouped"), inputs))
+    measured = (kept_bytes(with_lora(tiny_moe_path, moe_lora_kernel="peft"), inputs)
+                - kept_bytes(with_lora(tiny_moe_path, moe_lora_kernel="grouped"), inputs))
     arch = load_architecture(tiny_moe_path)
     spec = RunSpec(model=tiny_moe_path, mode="lora", lora_r=4, lora_dropout=0.0, max_length=128, micro_batch_size=2,
                    precision="fp32", moe_lora_kernel="peft")
