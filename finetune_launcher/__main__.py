@@ -44,7 +44,15 @@ def main(argv=None):
         return fail(error, exit_codes.TRAINING_STOPPED), False
 
 
+# The error that stopped this rank, kept to the process's end: through its traceback it holds the failed step's
+# engine and model. Freed after the process group is gone (and a peer may have exited already), a DDP model's C++
+# teardown can block forever (seen on gloo: a rank that printed its error never exited). The rank ends with
+# os._exit (exit_codes.exit_without_teardown), so nothing is freed.
+_stopped_by = []
+
+
 def fail(error, code):
+    _stopped_by.append(error)
     if is_main_process():
         print(ascii_safe(f"error: {error}"), file=sys.stderr, flush=True)
     return code

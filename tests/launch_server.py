@@ -11,7 +11,9 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from finetune_launcher import recipe_table
@@ -56,9 +58,13 @@ def start(script, args, env, out_dir):
     return child
 
 
-def kill(child):
-    """SIGKILL the launcher and its ranks at once (a node failure), then reap the launcher."""
+def kill(child, first=None):
+    """SIGKILL the launcher and its ranks at once (a node failure), then reap the launcher. With `first` (SIGABRT:
+    each process prints its Python stack, tests/forkserver_init.py) that signal goes to them a second before."""
     try:
+        if first is not None:
+            os.killpg(child.pid, first)
+            time.sleep(1)
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
@@ -73,9 +79,10 @@ def launch(script, args, env, timeout):
         child.join(timeout)
         timed_out = child.is_alive()
         if timed_out:
-            kill(child)
+            kill(child, first=signal.SIGABRT)  # where it hangs, in the stacks its processes print
         out, err = ((Path(scratch) / name).read_text(errors="replace") for name in ("stdout", "stderr"))
         if timed_out:
+            print(f"STDOUT (tail):\n{out[-4000:]}\nSTDERR (tail, with the stacks):\n{err[-12000:]}", file=sys.stderr)
             raise subprocess.TimeoutExpired(shown, timeout, out, err)
         return subprocess.CompletedProcess(shown, child.exitcode, out, err)
 
