@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 import subprocess
+import time
 
 from finetune_launcher.launch.forked import start_forked_ranks
 from finetune_launcher.launch.lifetime import die_with_parent, libc
@@ -19,7 +20,7 @@ def run_and_report(cmd, env, code_file):
     turns every failure into 1, and the ranks exit 0 after an error they all saw alike). SIGTERM / SIGUSR1 received
     meanwhile are passed to the training ranks (see StopForwarder)."""
     env = dict(env, FTL_EXIT_CODE_FILE=str(code_file))
-    with StopForwarder() as forwarder:
+    with StopForwarder(code_file) as forwarder:
         returncode = forwarder.run(cmd, env)
     return trainer_exit_code(returncode, code_file, forwarder)
 
@@ -28,7 +29,7 @@ def fork_and_report(resolved, envs, code_file):
     """As run_and_report, for ranks forked from this process (finetune_launcher.launch.forked): `envs` maps each local
     rank to its environment."""
     envs = {rank: dict(env, FTL_EXIT_CODE_FILE=str(code_file)) for rank, env in envs.items()}
-    with StopForwarder() as forwarder:
+    with StopForwarder(code_file) as forwarder:
         returncode = forwarder.watch(start_forked_ranks(resolved, envs))
     # Here a failure is a rank's own (no launcher tool between): it wins over what the others recorded.
     return returncode or trainer_exit_code(returncode, code_file, forwarder)
@@ -44,7 +45,8 @@ def trainer_exit_code(returncode, code_file, forwarder):
         # After a stop signal the launcher tool itself may report a failure (it was signalled too: the whole process
         # group, or Slurm) although the ranks saved their checkpoint and exited 0: the trainer's code wins then.
         trainer_code = int(words[0])
-        if returncode == 0 or trainer_code != 0 or forwarder.received or "preempted" in words:
+        if (returncode == 0 or trainer_code != 0 or forwarder.received or forwarder.killed_lingering
+                or "preempted" in words):
             return trainer_code
     return returncode
 
@@ -79,11 +81,15 @@ class StopForwarder:
 
     POLL_S = 0.5
     GRACE_S = 10  # after a forked rank fails, how long the others get to end by themselves before SIGTERM / SIGKILL
+    LINGER_S = 60  # after local rank 0 recorded the run's exit code, how long the other ranks get to exit
 
-    def __init__(self):
+    def __init__(self, code_file=None):
         self.received = []   # signal numbers, in the order they came
         self.sent = {}       # signal number -> pids of the ranks it has been passed to
         self.previous = {}
+        self.code_file = code_file
+        self.ended_at = None  # when the code file appeared (monotonic seconds)
+        self.killed_lingering = False
 
     def install(self):
         slurm = in_slurm_step()
@@ -119,6 +125,8 @@ class StopForwarder:
                     except subprocess.TimeoutExpired:
                         if self.sent:
                             self.forward(training_ranks(proc.pid))
+                        if self.lingering():
+                            self.kill_lingering(training_ranks(proc.pid))
             except BaseException:  # KeyboardInterrupt included, as subprocess.run does
                 proc.kill()
                 raise
@@ -132,13 +140,44 @@ class StopForwarder:
             while not ranks.join(timeout=self.POLL_S, grace_period=self.GRACE_S):
                 if self.sent:
                     self.forward(ranks.pids())
+                if self.lingering():  # only the living: an exited rank's pid may be another process's by now
+                    self.kill_lingering([process.pid for process in ranks.processes if process.is_alive()])
         except mp.ProcessExitedException as failed:
+            if self.killed_lingering:
+                return 0  # the code the ranks recorded decides
             return failed.exit_code if failed.exit_code > 0 else 128 - failed.exit_code
         except BaseException:
             for process in ranks.processes:
                 process.kill()
             raise
         return 0
+
+    def lingering(self):
+        """Whether the ranks still running should have exited: local rank 0 recorded the run's exit code (the last
+        thing it does) LINGER_S ago. Every rank ends at the same step, so such a rank is stuck (seen: a C++ teardown
+        blocked on gloo, fixed in finetune_launcher.__main__) and would hold the job's machines forever."""
+        if self.killed_lingering or self.code_file is None:
+            return False
+        if self.ended_at is None:
+            if not os.path.exists(self.code_file):
+                return False
+            self.ended_at = time.monotonic()
+        return time.monotonic() - self.ended_at >= self.LINGER_S
+
+    def kill_lingering(self, ranks):
+        """SIGKILL the rank PIDs `ranks` that are still running, saying so."""
+        killed = []
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                continue
+        self.killed_lingering = True
+        if killed:
+            print(f"[launch] the run ended (local rank 0 exited), but rank process(es) "
+                  f"{', '.join(map(str, sorted(killed)))} had not exited {self.LINGER_S} s later: killed them",
+                  flush=True)
 
     def forward(self, ranks):
         """Pass each signal received to each of the rank PIDs `ranks` that has not had it, once it catches it."""

@@ -117,14 +117,19 @@ import finetune_launcher.__main__ as trainer
 from finetune_launcher.launch.forked import rank_environments
 from finetune_launcher.launch.signals import StopForwarder, fork_and_report
 
-out, delay, crash = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "crash"
+out, delay, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 StopForwarder.GRACE_S = 1
+StopForwarder.LINGER_S = 1
 
 def stand_in(argv):
     rank = os.environ["LOCAL_RANK"]
     open(os.path.join(out, "forked" + rank), "w").close()
-    if crash and rank == "1":
+    if mode == "crash" and rank == "1":
         raise RuntimeError("a bug in rank 1")
+    if mode == "stuck":  # a guard stopped the run (code 3) on both ranks; rank 1 then never exits
+        if rank == "1":
+            time.sleep(600)
+        return 3, False
     time.sleep(delay)
     got = []
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -168,6 +173,40 @@ def test_a_crashed_forked_rank_shows_its_traceback_and_stops_the_others(tmp_path
     assert proc.returncode == 1, out
     assert "RuntimeError: a bug in rank 1" in out and "Traceback" in out, out
     assert (tmp_path / "rank0").read_text().startswith("SIGTERM"), "the surviving rank is stopped, as torchrun does"
+
+
+def test_a_rank_stuck_after_the_run_ended_is_killed_and_the_runs_code_kept(tmp_path):
+    """Rank 0 ended the run (a guard: exit code 3) but rank 1 never exits (as a rank stuck in a teardown did): the
+    launcher kills it LINGER_S later (1 s here) and exits with the run's code, instead of waiting forever."""
+    proc = start_forked(tmp_path, delay=0, mode="stuck")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out
+    assert "had not exited 1 s later: killed them" in out, out
+
+
+def test_a_stuck_rank_under_the_launcher_tool_is_killed_and_the_runs_code_kept(tmp_path):
+    """As above under a launcher tool (a stand-in for torchrun): rank 0 records code 3 and exits, rank 1 hangs."""
+    tool = tmp_path / "tool.py"
+    tool.write_text(STUCK_TOOL)
+    launcher = LAUNCHER.replace("from finetune_launcher.launch.signals import run_and_report",
+                                "from finetune_launcher.launch.signals import run_and_report, StopForwarder; "
+                                "StopForwarder.LINGER_S = 1")
+    proc = subprocess.run([sys.executable, "-c", launcher, sys.executable, str(tool)], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "had not exited 1 s later: killed them" in proc.stdout, proc.stdout + proc.stderr
+
+
+STUCK_TOOL = r"""
+import os, subprocess, sys
+RANK = ("import os, time\n"
+        "if os.environ['LOCAL_RANK'] == '0':\n"
+        "    open(os.environ['FTL_EXIT_CODE_FILE'], 'w').write('3\\n')\n"
+        "else:\n"
+        "    time.sleep(600)\n")
+ranks = [subprocess.Popen([sys.executable, "-c", RANK], env=dict(os.environ, LOCAL_RANK=str(i))) for i in range(2)]
+sys.exit(max(abs(r.wait()) for r in ranks))
+"""
 
 
 THREADED_PARENT = r"""
