@@ -38,6 +38,7 @@ Cases (default: all but hf, ours-mb2x and ours-full-bucket5e8; --budget keeps th
   ours-grouped  ours with moe_lora_kernel: grouped (a mixture of experts: the experts' LoRA on the activations
               through grouped GEMMs instead of peft's full-size weight per forward)
   ours-grouped-gc  ours-grouped with gradient checkpointing forced on
+  ours-grouped-compiled  ours-grouped with compile_layers: true (each layer compiled, its experts left eager)
 Beside each of our cases: the estimator's cold prediction for the same run config (step time, and peak memory
 without the margin against the reserved peak), as the launcher's pre-flight makes it.
 Mixture of experts (issue 30, one H200, ~7 minutes: `bash bench/moe_h200.sh`):
@@ -69,7 +70,7 @@ WARMUP = 3
 CASES = ("hf-gc", "hf-liger", "hf", "ours", "ours-deepspeed", "ours-eager", "ours-gc", "ours-mb2x", "ours-qlora",
          "ours-z3", "ours-z3-keep", "ours-z3-prefetch", "ours-z3-module", "ours-full", "ours-full-deepspeed",
          "ours-full-bucket5e8", "ours-packed", "ours-packed-flex", "ours-fsdp2", "ours-qlora-fsdp2",
-         "ours-full-fsdp2", "ours-grouped", "ours-grouped-gc")
+         "ours-full-fsdp2", "ours-grouped", "ours-grouped-gc", "ours-grouped-compiled")
 PACKED_EXAMPLES = 3000  # Dolly-like examples written for the packed cases (about 1,700 rows of 2048 tokens)
 # each case's step time against another's: (case, against, key, what the ratio says)
 STEP_RATIOS = (("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time / our LoRA step time"),
@@ -83,7 +84,9 @@ STEP_RATIOS = (("ours-qlora", "ours", "step_time_vs_ours_lora", "QLoRA step time
                ("ours-full", "ours-full-deepspeed", "step_time_vs_deepspeed",
                 "full fine-tune step time, ddp / deepspeed"),
                ("ours-grouped", "ours", "step_time_vs_peft_kernel",
-                "MoE LoRA step time, moe_lora_kernel grouped / peft"))
+                "MoE LoRA step time, moe_lora_kernel grouped / peft"),
+               ("ours-grouped-compiled", "ours-grouped", "step_time_vs_eager_layers",
+                "MoE LoRA step time, layers compiled (experts eager) / eager layers"))
 # tokens/s of a case against another's: (case, against, key, what the ratio says)
 RATE_RATIOS = (("ours-packed", "ours", "tokens_per_s_vs_text_blocks", "packed (SDPA) tokens/s / text blocks"),
                ("ours-packed-flex", "ours", "tokens_per_s_vs_text_blocks", "packed (flex) tokens/s / text blocks"),
@@ -306,6 +309,8 @@ def runners(args, corpus, packed_corpus=None):
         "ours-grouped": lambda t: run_ours(args, corpus, "ours-grouped", t, moe_lora_kernel="grouped"),
         "ours-grouped-gc": lambda t: run_ours(args, corpus, "ours-grouped-gc", t, moe_lora_kernel="grouped",
                                               gradient_checkpointing=True),
+        "ours-grouped-compiled": lambda t: run_ours(args, corpus, "ours-grouped-compiled", t,
+                                                    moe_lora_kernel="grouped", compile_layers=True),
     }
 
 

@@ -4,7 +4,8 @@
 # frozen), seq 2048.
 #  1. bench/moe_kernels.py: two full-size layers, the experts' LoRA through peft (the adapter folded into the whole
 #     expert weight per forward) and through grouped GEMMs: step time, memory kept for the backward, same values.
-#  2. bench/bench.py: ours (moe_lora_kernel grouped, then peft's) against HF Trainer + PEFT on the same targets
+#  2. bench/bench.py: ours (moe_lora_kernel grouped, eager and with compiled layers whose experts stay eager, then
+#     peft's) against HF Trainer + PEFT on the same targets
 #     (transformers' default experts path; with checkpointing: without it peft keeps a full-size expert weight per
 #     layer for the backward, 54 GiB) and with Liger where it applies; MFU on the active parameters (4N active +
 #     attention); three profiled steps of the first ours and HF cases.
@@ -19,5 +20,6 @@ if [ "$#" -eq 0 ]; then
     timeout 120 "$PYTHON" bench/moe_kernels.py --layers 2 --seq-len 2048 --json "$OUT/moe_kernels_h200.json" || true
 fi
 exec "$PYTHON" bench/bench.py --model random:qwen3-30b-a3b --seq-len 2048 --micro-batch 1 --grad-accum 4 \
-    --steps 6 --cases ours-grouped,hf-gc,ours,hf-liger --profile ours-grouped,hf-gc --budget 420 \
+    --steps 6 --cases ours-grouped,ours-grouped-compiled,hf-gc,ours,hf-liger \
+    --profile ours-grouped,ours-grouped-compiled,hf-gc --budget 420 \
     --case-timeout 240 --json "$OUT/moe_h200.json" "$@"

@@ -263,7 +263,8 @@ def resolve_compile(values, machine, facts=None):
     if facts is not None and facts.experts and machine.on_gpu:
         return False, ("off (auto: a mixture-of-experts layer's grouped GEMM failed under inductor on an H200 with "
                        "torch 2.11, 'Invalid strides/sizes' in _grouped_mm: docs/benchmarks.md, issue 30; "
-                       "compile_layers: true tries it)")
+                       "compile_layers: true compiles attention, norms and router with the experts left eager, "
+                       "not yet measured on a GPU)")
     if not machine.on_gpu:
         return False, "off (auto: on CUDA GPUs only; inductor's CPU compile of a layer takes about a minute)"
     return True, "on (auto: CUDA GPU, torch >= 2.5)"
