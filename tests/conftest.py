@@ -61,7 +61,7 @@ def vl_settings(**overrides):
                     gradient_checkpointing=False, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                     lora_target_modules="all-linear", bnb_4bit_quant_storage="uint8", attn_implementation="sdpa",
                     trust_remote_code=False, train_merger=False, lora_vision=False, max_pixels=None, min_pixels=None,
-                    compile_layers=False)
+                    compile_layers=False, engine="deepspeed", world_size=1)
     settings.update(overrides)
     return SimpleNamespace(**settings)
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from finetune_launcher.console import say
+from finetune_launcher.distributed import all_reduce_sum
 from finetune_launcher.engines.torch_engine import TorchEngine
 from finetune_launcher.errors import ConfigError
 
@@ -43,7 +44,7 @@ class FSDP2Engine(TorchEngine):
                  make_optimizer: Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer], device: torch.device,
                  world_size: int, same_start_everything: bool = False) -> None:
         """`same_start_everything`: broadcast every weight from rank 0, not only the trainable ones (a random-init
-        model differs by rank)."""
+        model differs by rank; under models.prepare.loads_on_rank0 the other ranks hold meta tensors)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         super().__init__(model, cfg, device, world_size)
@@ -52,6 +53,10 @@ class FSDP2Engine(TorchEngine):
         self.reduce_every_micro_batch = cfg.mode == "full"
         mesh = init_device_mesh(device.type, (world_size,))
         quantized = four_bit_states(model)
+        on_meta = 0
+        if same_start_everything and world_size > 1:
+            on_meta = int(all_reduce_sum([sum(p.is_meta for p in model.parameters())], device)[0])
+            same_buffers(model, mesh.device_type)
         units = sharding_units(model)
         kinds = Counter(type(unit).__name__ for unit in units)
         for unit in [*units, model]:
@@ -59,6 +64,9 @@ class FSDP2Engine(TorchEngine):
         prepare_4bit_weights(model, quantized)
         say(f"fsdp2: {len(units)} units and the root sharded over {world_size} process"
             f"{'es' if world_size > 1 else ''} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})")
+        if on_meta:
+            say(f"fsdp2: the weights were loaded by rank 0 only; the other ranks built the model on the meta device "
+                f"and got rank 0's values for their {on_meta} weight tensors as each unit was sharded")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params)
 
@@ -177,6 +185,7 @@ def shard_unit(unit: torch.nn.Module, model: torch.nn.Module, mesh: "DeviceMesh"
     dtypes -- fp32 what trains, the compute dtype what is frozen -- then shard it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    materialize_meta_parameters(unit, mesh.device_type)
     own = [p for p in unit.parameters() if not is_sharded(p)]
     for param in own:
         if (param.requires_grad or same_start_everything) and not is_4bit(param):
@@ -189,6 +198,33 @@ def shard_unit(unit: torch.nn.Module, model: torch.nn.Module, mesh: "DeviceMesh"
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # The root's weights are needed again as soon as the backward starts: kept gathered after the forward.
     fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=unit is not model)
+
+
+def materialize_meta_parameters(unit: torch.nn.Module, device_type: str) -> None:
+    """Memory on the device for the meta-device parameters of `unit` (a rank that built the model on the meta
+    device, models.prepare.loads_on_rank0): new Parameters, a tied one shared as before; their values come from
+    rank 0's broadcast in shard_unit."""
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in unit.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in made:
+                made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device=device_type),
+                                                     requires_grad=param.requires_grad)
+            module._parameters[name] = made[id(param)]
+
+
+def same_buffers(model: torch.nn.Module, device_type: str) -> None:
+    """Every buffer (RoPE's inv_freq, ...) on the device with rank 0's values; a meta buffer (a rank that built the
+    model on the meta device) gets its memory here."""
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is None:
+                continue
+            value = torch.empty_like(buffer, device=device_type) if buffer.is_meta else buffer.to(device_type)
+            dist.broadcast(value, src=0)
+            module._buffers[name] = value
 
 
 def is_sharded(param: torch.Tensor) -> bool:

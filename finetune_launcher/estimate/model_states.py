@@ -111,13 +111,22 @@ def optimizer_bytes(spec, counts):
 
 
 def host_bytes_per_node(spec, counts, e):
-    """Host (CPU) memory per node beyond the processes themselves: offloaded states, and for QLoRA under ZeRO-3
-    the whole model each rank loads (not built inside zero.Init) before DeepSpeed partitions it."""
+    """Host (CPU) memory per node beyond the processes themselves: offloaded states, and the whole model where it
+    is loaded before it is sharded: by each rank for QLoRA under ZeRO-3 (not built inside zero.Init), by rank 0
+    alone under FSDP2 with 16-bit weights (the others build it on the meta device: models.prepare.loads_on_rank0),
+    counted here on every node as the most any node holds."""
     per_rank = 0.0
     if spec.offload:
         per_rank += counts.trainable / spec.world_size * (MASTER_BYTES + ADAM_STATE_BYTES + 4)
         if spec.zero_stage == 3:
             per_rank += counts.total * e / spec.world_size
+    loading = 0.0
     if spec.zero_stage == 3 and not zero3_partitions_at_load(spec):
-        per_rank += weight_bytes(replace(spec, zero_stage=2), counts, e)
-    return per_rank * spec.procs_per_node
+        whole = weight_bytes(replace(spec, zero_stage=2, engine="deepspeed"), counts, e)  # as loaded, unsharded
+        loading = whole if loads_on_rank0(spec) else whole * spec.procs_per_node
+    return per_rank * spec.procs_per_node + loading
+
+
+def loads_on_rank0(spec):
+    """As models.prepare.loads_on_rank0, for a RunSpec."""
+    return spec.engine == "fsdp2" and spec.mode != "qlora" and spec.world_size > 1

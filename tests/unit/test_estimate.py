@@ -33,6 +33,19 @@ def test_total_steps_follow_the_trainer_arithmetic():
     assert r.total_time_h == pytest.approx(r.total_steps * r.step_time_s / 3600)
 
 
+def test_host_memory_holds_a_model_loaded_whole_once_per_rank_that_loads_it():
+    """Before sharding, the whole 16-bit model sits in host memory where a rank loads it: under FSDP2 rank 0 alone
+    (the others build it on the meta device), under ZeRO-3 QLoRA every rank (4-bit, quantised as it loads)."""
+    fsdp2 = estimate(spec(zero_stage=3, engine="fsdp2"))
+    weights_gib = fsdp2.counts.total * 2 / 2**30
+    assert fsdp2.host_bytes / 2**30 == pytest.approx(weights_gib, rel=0.01), "once per node, not once per rank"
+    one_process = estimate(spec(zero_stage=3, engine="fsdp2", procs_per_node=1))
+    assert one_process.host_bytes == pytest.approx(fsdp2.host_bytes), "8 processes hold what one does"
+    qlora, qlora_one = (estimate(spec(zero_stage=3, mode="qlora", procs_per_node=n)) for n in (8, 1))
+    assert qlora.host_bytes == pytest.approx(8 * qlora_one.host_bytes), "every QLoRA rank holds its own 4-bit copy"
+    assert qlora_one.host_bytes < fsdp2.host_bytes / 2, "in 4 bits"
+
+
 # ------------------------------------------------------------------ inputs and errors
 
 def test_unknown_model_lists_the_known_ones():
