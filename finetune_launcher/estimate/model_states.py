@@ -3,6 +3,8 @@ backward, optimizer step), the optimizer's fp32 master weights and Adam moments,
 import math
 from dataclasses import replace
 
+from finetune_launcher.models.references import is_random
+
 NF4_BLOCK = 64            # weights per absmax (bitsandbytes' blocksize for 4-bit)
 NESTED_BLOCK = 256        # absmax values per fp32 absmax of the double quantisation
 # Per tensor: the NF4 code book (16 fp32), the nested code book (256 fp32) and the nested offset (one fp32).
@@ -120,8 +122,8 @@ def host_bytes_per_node(spec, counts, e):
         per_rank += counts.trainable / spec.world_size * (MASTER_BYTES + ADAM_STATE_BYTES + 4)
         if spec.zero_stage == 3:
             per_rank += counts.total * e / spec.world_size
-    loading = 0.0
-    if spec.zero_stage == 3 and not zero3_partitions_at_load(spec):
+    loading = 0.0  # a `random:` shape is built on the GPU (16-bit, or NF4 one layer at a time): nothing loaded
+    if spec.zero_stage == 3 and not zero3_partitions_at_load(spec) and not is_random(spec.model):
         whole = weight_bytes(replace(spec, zero_stage=2, engine="deepspeed"), counts, e)  # as loaded, unsharded
         loading = whole if loads_on_rank0(spec) else whole * spec.procs_per_node
     return per_rank * spec.procs_per_node + loading

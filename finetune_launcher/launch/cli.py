@@ -157,11 +157,14 @@ def run_preflight(cfg, options):
     """(the exit code that refuses the run or None to go on, the estimate or None)."""
     if options.get("--no-preflight"):
         return None, None
-    from finetune_launcher.launch.preflight import preflight
+    from finetune_launcher.launch.preflight import host_memory_refusal, preflight
 
     verdict = preflight(cfg)
-    if verdict is not None and not verdict.fits and not options.get("--force"):
-        print(ascii_safe(f"error: {verdict.refusal}"), file=sys.stderr)
+    if verdict is None or options.get("--force"):
+        return None, verdict
+    refusal = verdict.refusal or host_memory_refusal(verdict)
+    if refusal:
+        print(ascii_safe(f"error: {refusal}"), file=sys.stderr)
         return exit_codes.WONT_FIT, verdict
     return None, verdict
 

@@ -46,6 +46,23 @@ def test_host_memory_holds_a_model_loaded_whole_once_per_rank_that_loads_it():
     assert qlora_one.host_bytes < fsdp2.host_bytes / 2, "in 4 bits"
 
 
+def test_a_run_whose_host_memory_cannot_fit_the_machine_is_refused_before_launch():
+    """ZeRO-3 QLoRA of a 32B model on 8 H100s: each rank loads the 4-bit model whole before DeepSpeed partitions it
+    (about 8 x 18 GB on the node); a 128 GiB node cannot hold that, a 1 TiB one can; FSDP2 with 16-bit weights,
+    loaded by rank 0 alone, fits the 128 GiB node; a `random:` shape is built on the GPUs and loads nothing."""
+    from finetune_launcher.launch.preflight import host_memory_refusal
+
+    qlora = estimate(spec(model="Qwen/Qwen2.5-32B-Instruct", mode="qlora", zero_stage=3))
+    refusal = host_memory_refusal(qlora, total_bytes=128 * 2**30)
+    assert refusal and "host memory per node" in refusal and "--force" in refusal, refusal
+    refusal.encode("ascii")
+    assert host_memory_refusal(qlora, total_bytes=2**40) is None
+    lora = estimate(spec(model="Qwen/Qwen2.5-32B-Instruct", mode="lora", zero_stage=3, engine="fsdp2"))
+    assert host_memory_refusal(lora, total_bytes=128 * 2**30) is None
+    random_shape = estimate(spec(model="random:qwen2.5-32b", mode="qlora", zero_stage=3))
+    assert random_shape.host_bytes == 0 and host_memory_refusal(random_shape, total_bytes=16 * 2**30) is None
+
+
 # ------------------------------------------------------------------ inputs and errors
 
 def test_unknown_model_lists_the_known_ones():
