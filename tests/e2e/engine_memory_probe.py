@@ -12,8 +12,8 @@
   the trainer feeds them; its maximum is the rank's peak of live tensor bytes. Under ZeRO-3 the counter's level
   drifts from run to run by up to about 10% of the peak (seen 115-128 MB on the same combination): a varying
   number of the main thread's allocations (a few dozen of about 2,000, made while loading) never show their free,
-  although no Python-reachable tensor holds them. Such bytes only ever add, so the peak is the smallest of
-  PEAK_REPEATS measurements.
+  although no Python-reachable tensor holds them. Such bytes only ever add, so a ZeRO-3 peak is the smallest of
+  PEAK_REPEATS measurements (ZeRO-2's moved by under 2% between runs, seen: one measurement).
 
 Prints one JSON line per combination on rank 0:
 {"combo", "measured": [per rank: {weights, gradients, optimizer, unclaimed[, peak]}], "estimated": {...}}.
@@ -166,7 +166,7 @@ def measure_combo(mode, zero, flags, world):
         from torch.profiler import ProfilerActivity, profile
 
         peaks = []
-        for _ in range(PEAK_REPEATS):
+        for _ in range(PEAK_REPEATS if zero == 3 else 1):
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
                 train_two_steps(config, world, measured, peak)
             peaks.append(peak_of(profiler))
