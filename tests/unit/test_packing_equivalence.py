@@ -68,22 +68,27 @@ def _dense_flex_attention(query, key, value, score_mod=None, block_mask=None, en
     return torch.softmax(scores, dim=-1) @ value
 
 
+def _flex_and_sdpa_on_packed_and_padded(model_path, tokenizer):
+    """(the tiny model with FlexAttention, the same with SDPA, the examples packed in rows, the same padded)."""
+    from transformers import AutoModelForCausalLM
+
+    flex, sdpa = (AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=kind, dtype=torch.float32)
+                  for kind in ("flex_attention", "sdpa"))
+    examples = _examples(tokenizer)
+    packed = collate(make_rows(examples, 512, packing=True), tokenizer.pad_token_id, True)
+    padded = collate(make_rows(examples, 512, packing=False), tokenizer.pad_token_id, False)
+    return flex, sdpa, packed, padded
+
+
 def test_flex_attention_packed_rows_give_the_padded_batch_loss_and_gradients(tiny_model_path, tiny_tokenizer,
                                                                              monkeypatch):
     """attn_implementation: flex_attention: transformers builds a document mask (a BlockMask) from the restarting
     position ids. With the kernel's maths evaluated densely from that BlockMask (FlexAttention has no CPU backward),
     the packed row gives the loss and gradients of the padded SDPA batch; and without the restarting positions the
     same path would leak across examples."""
-    from transformers import AutoModelForCausalLM
-
     monkeypatch.setattr("transformers.integrations.flex_attention.compile_friendly_flex_attention",
                         _dense_flex_attention)
-    flex = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="flex_attention",
-                                                dtype=torch.float32)
-    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="sdpa", dtype=torch.float32)
-    examples = _examples(tiny_tokenizer)
-    packed = collate(make_rows(examples, 512, packing=True), tiny_tokenizer.pad_token_id, True)
-    padded = collate(make_rows(examples, 512, packing=False), tiny_tokenizer.pad_token_id, False)
+    flex, sdpa, packed, padded = _flex_and_sdpa_on_packed_and_padded(tiny_model_path, tiny_tokenizer)
     packed_loss, packed_grads = _loss_and_grads(flex, packed)
     padded_loss, padded_grads = _loss_and_grads(sdpa, padded)
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
@@ -96,14 +101,7 @@ def test_flex_attention_packed_rows_give_the_padded_batch_loss_and_gradients(tin
 def test_flex_attention_kernel_packed_row_gives_the_padded_batch_loss(tiny_model_path, tiny_tokenizer):
     """The real FlexAttention kernel (compiled by inductor for the CPU, forward only: it has no CPU backward) on the
     packed row gives the padded SDPA batch's loss."""
-    from transformers import AutoModelForCausalLM
-
-    flex = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="flex_attention",
-                                                dtype=torch.float32)
-    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="sdpa", dtype=torch.float32)
-    examples = _examples(tiny_tokenizer)
-    packed = collate(make_rows(examples, 512, packing=True), tiny_tokenizer.pad_token_id, True)
-    padded = collate(make_rows(examples, 512, packing=False), tiny_tokenizer.pad_token_id, False)
+    flex, sdpa, packed, padded = _flex_and_sdpa_on_packed_and_padded(tiny_model_path, tiny_tokenizer)
     tokens = int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
     with torch.no_grad():
         flex_loss = flex(**packed, num_items_in_batch=tokens, use_cache=False).loss
