@@ -23,6 +23,11 @@ STEP_OVERHEAD_S = {"gpu": 0.02, "cpu": 0.02}
 # 28 layers x 2 passes), 5.0-6.1 ms on the issue-20 host (micro-batch 4 against 8). The smaller is the floor: a step
 # is never faster than its launches. (Diffusion keeps LAYER_OVERHEAD_S per UNet block.)
 EAGER_LAYER_HOST_S = 0.004
+# Of an eager MoE layer's dispatched operations, the share its experts module runs (the grouped LoRA kernel): 42 of
+# 169 in a forward of the tiny Qwen3-MoE layer, counted on the CPU. Compiled layers leave the experts eager
+# (models/compiled_layers.py keep_experts_eager), so that share of EAGER_LAYER_HOST_S stays on the host per layer
+# and pass. A proxy, not a GPU measurement.
+EAGER_EXPERTS_SHARE = 0.25
 # ZeRO-3 on GPUs: each partitioned module is gathered and released by Python hooks on every pass, time the GPU
 # waits for; measured 0.54-0.75 ms per module and pass on one H200 (docs/benchmarks.md, gpu_matrix). On the CPU the
 # gloo gather term already holds it (calibrated in docs/estimation.md).
@@ -172,7 +177,8 @@ def step_time(arch, spec, device, counts, activations_per_layer, calibration, in
         terms["vision_s"] = sum(arch.vision.flops(spec).values()) * accum / (peak * mfu)
     compute_bound = sum(terms.values())
     # compiled layers: a few fused kernels per layer, the launching thread stays ahead (GPU busy 91-95% measured)
-    terms["overhead_s"] = (STEP_OVERHEAD_S["gpu"] if layers_compiled_on_gpu(spec, device) else
+    terms["overhead_s"] = (compiled_overhead_seconds(arch, spec, passes, compute_bound)
+                           if layers_compiled_on_gpu(spec, device) else
                            overhead_seconds(arch, spec, device, passes, compute_bound)) + \
         zero3_fetch_seconds(arch, spec, device, passes)
     comm, comm_detail = comm_seconds(spec, device, counts, e, interconnect)
@@ -190,6 +196,16 @@ def step_time(arch, spec, device, counts, activations_per_layer, calibration, in
             "tokens_per_rank_step": tokens, "cold_s": cold, "calibrated_s": calibrated,
             "calibration_factor": factor, "device_bound_s": compute_bound,
             "calibration_key": calibration_key(device, precision)}
+
+
+def compiled_overhead_seconds(arch, spec, passes, compute_bound):
+    """Compiled layers on a GPU: the per-step constant, and for a mixture of experts the host time of the experts
+    left eager, where it exceeds the compute it runs ahead of."""
+    if not arch.is_moe:
+        return STEP_OVERHEAD_S["gpu"]
+    experts = EAGER_EXPERTS_SHARE * EAGER_LAYER_HOST_S * arch.num_hidden_layers * passes * \
+        spec.gradient_accumulation_steps
+    return STEP_OVERHEAD_S["gpu"] + max(0.0, experts - compute_bound)
 
 
 def overhead_seconds(arch, spec, device, passes, compute_bound):

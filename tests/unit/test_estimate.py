@@ -63,6 +63,23 @@ def test_a_run_whose_host_memory_cannot_fit_the_machine_is_refused_before_launch
     assert random_shape.host_bytes == 0 and host_memory_refusal(random_shape, total_bytes=16 * 2**30) is None
 
 
+def test_compiled_moe_layers_keep_the_eager_experts_host_time():
+    """compile_layers on a mixture of experts leaves the experts eager: where a step's compute is short (seq 256)
+    their host time shows in the overhead, and it grows with the layers x passes x micro-batches it repeats for; a
+    dense model's compiled layers cost only the per-step constant."""
+    from finetune_launcher.estimate.step_time import STEP_OVERHEAD_S
+
+    def overhead(model, accumulation):
+        return estimate(spec(model=model, mode="lora", procs_per_node=1, gpu="H200", max_length=256,
+                             gradient_accumulation_steps=accumulation, compile_layers=True, engine="ddp",
+                             liger_kernel=False)).timing["terms"]["overhead_s"]
+
+    assert overhead("Qwen/Qwen2.5-7B-Instruct", 4) == pytest.approx(STEP_OVERHEAD_S["gpu"])
+    moe, moe_longer = overhead("random:qwen3-30b-a3b", 4), overhead("random:qwen3-30b-a3b", 8)
+    assert moe > STEP_OVERHEAD_S["gpu"] + 0.05
+    assert moe_longer - STEP_OVERHEAD_S["gpu"] > 1.5 * (moe - STEP_OVERHEAD_S["gpu"])
+
+
 # ------------------------------------------------------------------ inputs and errors
 
 def test_unknown_model_lists_the_known_ones():
