@@ -22,8 +22,7 @@ def build_engine(model: torch.nn.Module, cfg: "RunConfig", device: torch.device 
         return PlainEngine(model, cfg, partial(torch_adamw, cfg=cfg), device, world_size)
     if cfg.engine == "fsdp2":
         from finetune_launcher.engines.fsdp2 import FSDP2Engine
-        from finetune_launcher.models.prepare import loads_on_rank0
-        from finetune_launcher.models.references import is_random
+        from finetune_launcher.models.references import is_random, loads_on_rank0
 
         return FSDP2Engine(model, cfg, partial(torch_adamw, cfg=cfg), device, world_size,
                            same_start_everything=is_random(cfg.model) or loads_on_rank0(cfg))

@@ -44,7 +44,7 @@ class FSDP2Engine(TorchEngine):
                  make_optimizer: Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer], device: torch.device,
                  world_size: int, same_start_everything: bool = False) -> None:
         """`same_start_everything`: broadcast every weight from rank 0, not only the trainable ones (a random-init
-        model differs by rank; under models.prepare.loads_on_rank0 the other ranks hold meta tensors)."""
+        model differs by rank; under models.references.loads_on_rank0 the other ranks hold meta tensors)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         super().__init__(model, cfg, device, world_size)
@@ -202,7 +202,7 @@ def shard_unit(unit: torch.nn.Module, model: torch.nn.Module, mesh: "DeviceMesh"
 
 def materialize_meta_parameters(unit: torch.nn.Module, device_type: str) -> None:
     """Memory on the device for the meta-device parameters of `unit` (a rank that built the model on the meta
-    device, models.prepare.loads_on_rank0): new Parameters, a tied one shared as before; their values come from
+    device, models.references.loads_on_rank0): new Parameters, a tied one shared as before; their values come from
     rank 0's broadcast in shard_unit."""
     made: dict[int, torch.nn.Parameter] = {}
     for module in unit.modules():

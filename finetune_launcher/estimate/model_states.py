@@ -3,7 +3,7 @@ backward, optimizer step), the optimizer's fp32 master weights and Adam moments,
 import math
 from dataclasses import replace
 
-from finetune_launcher.models.references import is_random
+from finetune_launcher.models.references import is_random, loads_on_rank0
 
 NF4_BLOCK = 64            # weights per absmax (bitsandbytes' blocksize for 4-bit)
 NESTED_BLOCK = 256        # absmax values per fp32 absmax of the double quantisation
@@ -115,7 +115,7 @@ def optimizer_bytes(spec, counts):
 def host_bytes_per_node(spec, counts, e):
     """Host (CPU) memory per node beyond the processes themselves: offloaded states, and the whole model where it
     is loaded before it is sharded: by each rank for QLoRA under ZeRO-3 (not built inside zero.Init), by rank 0
-    alone under FSDP2 with 16-bit weights (the others build it on the meta device: models.prepare.loads_on_rank0),
+    alone under FSDP2 with 16-bit weights (the others build it on the meta device: models.references.loads_on_rank0),
     counted here on every node as the most any node holds."""
     per_rank = 0.0
     if spec.offload:
@@ -128,7 +128,3 @@ def host_bytes_per_node(spec, counts, e):
         loading = whole if loads_on_rank0(spec) else whole * spec.procs_per_node
     return per_rank * spec.procs_per_node + loading
 
-
-def loads_on_rank0(spec):
-    """As models.prepare.loads_on_rank0, for a RunSpec."""
-    return spec.engine == "fsdp2" and spec.mode != "qlora" and spec.world_size > 1

@@ -12,7 +12,7 @@ import torch
 
 from finetune_launcher.distributed import dist_env
 from finetune_launcher.dtypes import torch_dtype
-from finetune_launcher.models.references import is_random
+from finetune_launcher.models.references import is_random, loads_on_rank0
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -91,15 +91,6 @@ def loads_partitioned(cfg: "RunConfig") -> bool:
     """Whether the model is partitioned as it loads: DeepSpeed's zero.Init under ZeRO-3. Otherwise each rank loads
     it whole (QLoRA: onto its device, where bitsandbytes quantizes), unless loads_on_rank0(cfg)."""
     return cfg.zero_stage == 3 and cfg.engine == "deepspeed"
-
-
-def loads_on_rank0(cfg: "RunConfig") -> bool:
-    """FSDP2 over several processes, 16-bit weights: rank 0 loads the weights (or builds the `random:` shape), the
-    other ranks build the model from its config on the meta device (no memory, no reading of the checkpoint), and
-    FSDP2Engine gives them every buffer and each unit's weights by broadcast from rank 0 as it shards the unit. The
-    first node's host memory then holds the model once, the others' not at all, instead of once per rank (a 32B
-    model: 65 GB, not 8 x 65 GB on an 8-GPU node)."""
-    return cfg.engine == "fsdp2" and cfg.mode != "qlora" and cfg.world_size > 1
 
 
 def zero3_init_context(cfg: "RunConfig") -> "HfDeepSpeedConfig | None":

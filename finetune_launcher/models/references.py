@@ -55,6 +55,16 @@ def is_random(model_ref: object) -> bool:
     return isinstance(model_ref, str) and model_ref.startswith(RANDOM_PREFIX)
 
 
+def loads_on_rank0(run: object) -> bool:
+    """Whether a run (a RunConfig, or the estimator's RunSpec: engine, mode, world_size) is FSDP2 over several
+    processes with 16-bit weights: rank 0 loads the weights (or builds the `random:` shape), the other ranks build
+    the model from its config on the meta device (no memory, no reading of the checkpoint), and FSDP2Engine gives
+    them every buffer and each unit's weights by broadcast from rank 0 as it shards the unit. The first node's host
+    memory then holds the model once, the others' not at all, instead of once per rank (a 32B model: 65 GB, not
+    8 x 65 GB on an 8-GPU node)."""
+    return run.engine == "fsdp2" and run.mode != "qlora" and run.world_size > 1
+
+
 
 
 def resolve_model_path(model_ref: str) -> str:
